@@ -1,0 +1,61 @@
+"""The one exception hierarchy of aradia.
+
+Every failure a user can cause or meet (bad input, a guest that lies, a QEMU that went away) is an
+``AradiaError``; the CLI turns each into one line and exit status 2. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class AradiaError(Exception):
+    """Base class of every error aradia raises on purpose."""
+
+
+class NotAttached(AradiaError):
+    """The VM could not be reached, or went away while attached."""
+
+
+class Busy(AradiaError):
+    """The VM's QMP socket or GDB stub is already held by another client."""
+
+
+class NotRAM(AradiaError):
+    """A guest-physical address is not backed by RAM (or by the dump)."""
+
+    def __init__(self, address: int, size: int = 1, detail: str = "") -> None:
+        self.address = address
+        self.size = size
+        msg = f"guest-physical address {address:#x} is not RAM"
+        if size > 1:
+            msg = f"guest-physical range {address:#x}+{size:#x} is not RAM"
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+class PageFault(AradiaError):
+    """A guest-virtual address has no valid translation."""
+
+    def __init__(self, vaddr: int, root: int, level: str = "") -> None:
+        self.vaddr = vaddr
+        self.root = root
+        where = f" at {level}" if level else ""
+        super().__init__(f"virtual address {vaddr:#x} is not mapped (page-table root {root:#x}{where})")
+
+
+class GuestDataCorrupt(AradiaError):
+    """Guest data does not make sense (cycles, wild pointers, absurd lengths)."""
+
+
+class DumpFormatError(AradiaError):
+    """A dump file is truncated, corrupt or of an unknown format."""
+
+
+class UnsupportedKernel(AradiaError):
+    """The guest kernel (or its layout) is one aradia cannot interpret."""
+
+
+class ProtocolError(AradiaError):
+    """A peer (QMP, GDB stub) answered something the protocol does not allow."""
+
+
+class GuestError(AradiaError):
+    """A test/launcher-level failure: a guest did not boot or a guest command failed."""

@@ -1,0 +1,1 @@
+"""Linux semantics recovered from guest memory."""

@@ -1,0 +1,1 @@
+"""Machine layer: QEMU control, vCPUs, page-table walks and guest images."""

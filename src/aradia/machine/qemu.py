@@ -1,0 +1,235 @@
+"""Control of one running QEMU through its QMP socket: state, pause/resume epochs, vCPUs, RAM map.
+
+Freshness rule (used by every cache above this layer): :meth:`Qemu.stamp` returns a token that stays
+equal only while the guest is paused and has not run since; it returns ``None`` while the guest runs.
+Pause and resume go through this object (it is the one QMP client QEMU allows) and every STOP/RESUME
+event (also those caused by a GDB stub client) bumps the epoch, so a cache keyed by the stamp can never
+serve data from before the guest last ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aradia.errors import AradiaError, NotAttached, ProtocolError
+from aradia.machine.mtree import FlatRange, ram_ranges
+from aradia.machine.registers import parse_info_registers
+from aradia.proto.qmp import QMPClient, QMPCommandError, QMPEvent
+from aradia.sources.base import PhysicalMemory, Segment
+from aradia.sources.procmem import ProcMemory
+from aradia.sources.sharedfile import SharedFileMemory
+
+_GPA2HVA = re.compile(r"is\s+(0x[0-9a-fA-F]+)")
+
+
+@dataclass(frozen=True)
+class VCpu:
+    """One virtual CPU as QEMU lists it."""
+
+    index: int
+    thread_id: int
+    qom_path: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class RamBackend:
+    """A memory backend QEMU uses for guest RAM (``query-memdev``)."""
+
+    id: str
+    size: int
+    share: bool
+    mem_path: str | None
+
+
+class Qemu:
+    """One QEMU, reached through its QMP socket (the only QMP client QEMU allows at a time)."""
+
+    def __init__(self, qmp_path: str, *, greeting_timeout: float = 3.0) -> None:
+        self.qmp = QMPClient(qmp_path, greeting_timeout=greeting_timeout)
+        self.path = qmp_path
+        self.pid = self.qmp.pid
+        self._state_lock = threading.Lock()
+        self.epoch = 0
+        self._running = True
+        self.shutdown_seen = False
+        self.qmp.on_event(self._on_event)
+        self._refresh_state()
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """QEMU's version from the QMP greeting."""
+        return self.qmp.version
+
+    # --- run state and epochs ----------------------------------------------------------------
+    def _on_event(self, ev: QMPEvent) -> None:
+        with self._state_lock:
+            if ev.name == "STOP":
+                self._running = False
+                self.epoch += 1
+            elif ev.name == "RESUME":
+                self._running = True
+                self.epoch += 1
+            elif ev.name in ("SHUTDOWN", "RESET"):
+                self.shutdown_seen = ev.name == "SHUTDOWN"
+                self.epoch += 1
+
+    def _refresh_state(self) -> str:
+        st = self.qmp.execute("query-status")
+        status = str(st.get("status", "unknown"))
+        with self._state_lock:
+            running = status == "running"
+            if running != self._running:
+                self.epoch += 1
+            self._running = running
+        return status
+
+    def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``debug``, ``shutdown``, ...)."""
+        return self._refresh_state()
+
+    @property
+    def running(self) -> bool:
+        """Whether the guest's vCPUs run (as last seen through QMP)."""
+        return self._running
+
+    def stamp(self) -> tuple[int, int] | None:
+        """Freshness token: equal while the guest stays paused in one epoch, ``None`` while it runs."""
+        with self._state_lock:
+            return None if self._running else (id(self), self.epoch)
+
+    def pause(self) -> None:
+        """Stop all vCPUs (QMP ``stop`` returns once they are stopped)."""
+        self.qmp.execute("stop")
+        with self._state_lock:
+            if self._running:
+                self._running = False
+                self.epoch += 1
+
+    def resume(self) -> None:
+        """Let the vCPUs run again. Caches keyed by the old stamp are invalid from this moment."""
+        with self._state_lock:
+            # Mark running before QEMU resumes so no reader can take a stamp that outlives the pause.
+            self._running = True
+            self.epoch += 1
+        self.qmp.execute("cont")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Pause for the block (a consistent point-in-time view); resume after it if it was running."""
+        was_running = self._refresh_state() == "running"
+        if was_running:
+            self.pause()
+        try:
+            yield
+        finally:
+            if was_running and self.qmp.alive:
+                self.resume()
+
+    # --- vCPUs ---------------------------------------------------------------------------------
+    def vcpus(self) -> list[VCpu]:
+        """The guest's vCPUs."""
+        out = []
+        for c in self.qmp.execute("query-cpus-fast"):
+            out.append(VCpu(int(c["cpu-index"]), int(c.get("thread-id", 0)), str(c.get("qom-path", "")),
+                            str(c.get("target", c.get("arch", "")))))
+        return out
+
+    def registers(self) -> dict[int, dict[str, int]]:
+        """Registers of every vCPU (general purpose, rip, rflags, cr0-cr4, efer, segment bases)."""
+        text = self.qmp.hmp("info registers -a")
+        regs = parse_info_registers(text)
+        if not regs:
+            raise ProtocolError(f"cannot parse QEMU's 'info registers' output: {text[:120]!r}")
+        return regs
+
+    # --- RAM map -------------------------------------------------------------------------------
+    def ram_backends(self) -> list[RamBackend]:
+        """The memory backends that hold guest RAM, with their file paths where shared."""
+        out = []
+        for m in self.qmp.execute("query-memdev"):
+            mid = m.get("id")
+            if not mid:
+                continue
+            path = None
+            with contextlib.suppress(QMPCommandError):
+                path = self.qmp.execute("qom-get", {"path": f"/objects/{mid}", "property": "mem-path"})
+            out.append(RamBackend(str(mid), int(m.get("size", 0)), bool(m.get("share")),
+                                  str(path) if path else None))
+        return out
+
+    def ram_map(self) -> list[FlatRange]:
+        """Guest-physical RAM ranges with their backing region and offset (``info mtree -f``)."""
+        backends = {b.id for b in self.ram_backends()} or {"pc.ram"}
+        return ram_ranges(self.qmp.hmp("info mtree -f"), backends)
+
+    def gpa2hva(self, gpa: int) -> int:
+        """Host virtual address in QEMU of guest-physical ``gpa``."""
+        text = self.qmp.hmp(f"gpa2hva {gpa:#x}")
+        m = _GPA2HVA.search(text)
+        if not m:
+            raise ProtocolError(f"gpa2hva {gpa:#x}: {text.strip()}")
+        return int(m[1], 16)
+
+    def memory(self, path: str = "auto") -> PhysicalMemory:
+        """Open guest RAM through ``path``: ``shared-file``, ``proc-mem``, ``gdb`` or ``auto``.
+
+        ``auto`` prefers the shared RAM file (an mmap), then ``/proc/<pid>/mem``, then the GDB stub
+        (which also works when QEMU runs on another host).
+        """
+        ranges = self.ram_map()
+        errors: list[str] = []
+        order = ["shared-file", "proc-mem", "gdb"] if path == "auto" else [path]
+        for p in order:
+            try:
+                if p == "shared-file":
+                    return self._shared_file_memory(ranges)
+                if p == "proc-mem":
+                    return self._proc_memory(ranges)
+                if p == "gdb":
+                    return self._gdb_memory(ranges)
+                raise AradiaError(f"unknown memory path {p!r} (shared-file, proc-mem, gdb, auto)")
+            except NotAttached as e:
+                errors.append(f"{p}: {e}")
+        raise NotAttached("no way to read guest RAM: " + "; ".join(errors))
+
+    def _shared_file_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
+        backends = {b.id: b for b in self.ram_backends()}
+        files = {b.mem_path for b in backends.values() if b.share and b.mem_path}
+        regions = {r.region for r in ranges}
+        if len(regions) != 1 or len(files) != 1:
+            raise NotAttached("guest RAM is not one shared memory-backend-file")
+        path = files.pop()
+        if not os.path.isfile(path):
+            raise NotAttached(f"guest RAM file {path} is not a file on this host")
+        return SharedFileMemory(path, [Segment(r.start, r.size, r.offset) for r in ranges])
+
+    def _proc_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
+        if not self.pid or not os.path.exists(f"/proc/{self.pid}/mem"):
+            raise NotAttached("QEMU is not a process on this host")
+        return ProcMemory(self.pid, [Segment(r.start, r.size, self.gpa2hva(r.start)) for r in ranges])
+
+    def _gdb_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
+        from aradia.machine.gdbstub import open_gdb_memory
+
+        return open_gdb_memory(self, [Segment(r.start, r.size, r.start) for r in ranges])
+
+    # --- other ---------------------------------------------------------------------------------
+    def dump_guest_memory(self, path: str, *, paging: bool = False, detach: bool = False) -> None:
+        """Ask QEMU itself to write an ELF dump to ``path`` (on QEMU's host)."""
+        self.qmp.execute("dump-guest-memory", {"paging": paging, "protocol": f"file:{path}",
+                                               "detach": detach}, timeout=600)
+
+    def close(self) -> None:
+        """Drop the QMP connection; the guest keeps running."""
+        self.qmp.close()
+
+    def check_alive(self) -> None:
+        """Raise :class:`NotAttached` if QEMU is gone."""
+        if not self.qmp.alive or (self.pid and not os.path.exists(f"/proc/{self.pid}")):
+            raise NotAttached(f"QEMU behind {self.path} has exited")

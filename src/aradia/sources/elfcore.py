@@ -1,0 +1,408 @@
+"""ELF core memory dumps: QEMU ``dump-guest-memory`` output, kdump ``/proc/vmcore`` copies, and ours.
+
+Each ``PT_LOAD`` maps guest-physical ``[p_paddr, p_paddr + p_memsz)``; its first ``p_filesz`` bytes
+are at file offset ``p_offset`` and the rest read as zeros. Segments whose ``p_paddr`` cannot be a
+physical address (``/proc/kcore``'s ``-1``, beyond 2**52) are skipped and listed in ``warnings``.
+
+Overlapping segments are allowed only when they agree: QEMU's ``paging=true`` dumps point several
+virtual mappings at one file copy of a physical range (same address-to-offset relation), and kdump
+vmcores carry the kernel text twice (a second copy whose bytes are equal). Any other overlap is a
+:class:`~aradia.errors.DumpFormatError`.
+
+``PT_NOTE`` notes are parsed into :class:`Note`; the ``VMCOREINFO`` note text, the per-CPU
+``QEMU`` notes (``QEMUCPUState``: general registers, segments, cr0..cr4) and ``CORE``/``NT_PRSTATUS``
+notes are decoded for x86.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from aradia.errors import DumpFormatError
+from aradia.sources.base import PhysicalMemory, Segment
+from aradia.sources.raw import MappedFile, PathLike
+
+PT_LOAD = 1
+PT_NOTE = 4
+ET_CORE = 4
+EM_386 = 3
+EM_X86_64 = 62
+NT_PRSTATUS = 1
+PN_XNUM = 0xFFFF
+
+MAX_PHDRS = 1 << 20  # far above any real dump (QEMU: one per RAM block or mapping)
+MAX_NOTES = 1 << 16
+MAX_NOTE_BYTES = 64 << 20
+MAX_PADDR = 1 << 52  # x86-64 architectural limit of physical addresses
+MAX_OVERLAP_CHECKS = 1 << 16
+MAX_COMPARE_BYTES = 4 << 30  # bytes compared to accept overlapping copies (kdump kernel text)
+_CMP_CHUNK = 4 << 20
+ZERO_BACKING = -1  # Segment.backing of a p_memsz > p_filesz tail: reads as zeros
+
+_SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
+_GPR_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rip", "rflags",
+)  # fmt: skip
+#: x86-64 ``struct user_regs_struct`` order (the ``pr_reg`` of NT_PRSTATUS).
+PRSTATUS64_REGS = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+    "rsi", "rdi", "orig_rax", "rip", "cs", "rflags", "rsp", "ss", "fs_base", "gs_base",
+    "ds", "es", "fs", "gs",
+)  # fmt: skip
+PRSTATUS64_PID_OFFSET = 32
+PRSTATUS64_REG_OFFSET = 112
+PRSTATUS64_SIZE = 336
+_PRSTATUS32_REGS = (
+    ("ebx", "I"), ("ecx", "I"), ("edx", "I"), ("esi", "I"), ("edi", "I"), ("ebp", "I"), ("eax", "I"),
+    ("ds", "H"), ("", "H"), ("es", "H"), ("", "H"), ("fs", "H"), ("", "H"), ("gs", "H"), ("", "H"),
+    ("orig_eax", "I"), ("eip", "I"), ("cs", "H"), ("", "H"), ("eflags", "I"), ("esp", "I"),
+    ("ss", "H"), ("", "H"),
+)  # fmt: skip
+_PRSTATUS32_FMT = "<" + "".join(f for _, f in _PRSTATUS32_REGS)
+_PRSTATUS32_PID_OFFSET = 24
+_PRSTATUS32_REG_OFFSET = 72
+
+#: ``QEMUCPUState`` (QEMU ``target/i386/arch_dump.c``, version 1): version, size, 18 GPRs,
+#: 10 segments (selector, limit, flags, pad: u32; base: u64), cr[5]; newer QEMUs append
+#: kernel_gs_base and announce it through ``size``.
+QEMU_CPUSTATE_FMT = "<II18Q" + "IIIIQ" * 10 + "5Q"
+QEMU_CPUSTATE_SIZE = struct.calcsize(QEMU_CPUSTATE_FMT)  # 432
+QEMU_CPUSTATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Note:
+    """One ELF note: ``name`` (without the trailing NUL), ``type`` and raw ``desc`` bytes."""
+
+    name: str
+    type: int
+    desc: bytes
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    """A ``PT_LOAD`` program header as found in the file."""
+
+    index: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+
+
+@dataclass
+class _Piece:
+    gpa: int
+    size: int
+    off: int  # file offset, or ZERO_BACKING
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class ElfCore(PhysicalMemory):
+    """Guest-physical memory of an ELF core file, read through a memory mapping.
+
+    ``strict=False`` accepts a truncated file: segments are kept up to the end of the file and
+    what was dropped is described in :attr:`warnings`. Other corruption always raises
+    :class:`DumpFormatError`.
+    """
+
+    kind = "elf"
+    writable = False
+
+    def __init__(self, path: PathLike, *, strict: bool = True) -> None:
+        self.path = Path(path)
+        self.strict = strict
+        #: Human-readable notes about skipped or truncated parts of the file.
+        self.warnings: list[str] = []
+        self._file = MappedFile(path)
+        try:
+            self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+        super().__init__(self._build_segments())
+
+    # --- public metadata ------------------------------------------------------------------------
+    @property
+    def vmcoreinfo(self) -> str | None:
+        """Text of the first ``VMCOREINFO`` note, or None when the dump has none."""
+        for n in self.notes:
+            if n.name == "VMCOREINFO":
+                return n.desc.rstrip(b"\0").decode("utf-8", "replace")
+        return None
+
+    @property
+    def cpu_states(self) -> list[dict[str, int]]:
+        """Registers from QEMU's per-CPU ``QEMU`` notes, one dict per vCPU in note order.
+
+        Keys: the 16 GPRs, ``rip``, ``rflags``, ``cr0``..``cr4``, each segment's selector
+        (``cs``) plus ``cs_base``, ``cs_limit``, ``cs_flags`` (likewise ds es fs gs ss ldt tr gdt
+        idt), and ``kernel_gs_base`` when the QEMU wrote it.
+        """
+        out = []
+        for n in self.notes:
+            if n.name == "QEMU" and n.type == 0:
+                regs = parse_qemu_cpustate(n.desc)
+                if regs is not None:
+                    out.append(regs)
+        return out
+
+    @property
+    def prstatus(self) -> list[dict[str, int]]:
+        """Registers and ``pid`` from ``CORE``/``NT_PRSTATUS`` notes (x86-64 and i386 layouts)."""
+        out = []
+        for n in self.notes:
+            if n.name == "CORE" and n.type == NT_PRSTATUS:
+                regs = parse_prstatus(n.desc, self.machine)
+                if regs is not None:
+                    out.append(regs)
+        return out
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self._file.close()
+
+    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
+        if seg.backing < 0:
+            return bytes(size)
+        start = seg.backing + offset
+        return self._file.map[start : start + size]
+
+    # --- parsing --------------------------------------------------------------------------------
+    def _fail(self, msg: str) -> DumpFormatError:
+        return DumpFormatError(f"{self.path}: {msg}")
+
+    def _parse(self) -> None:
+        m, fsize = self._file.map, self._file.size
+        if fsize < 16 or m[:4] != b"\x7fELF":
+            raise self._fail("not an ELF file")
+        ei_class, ei_data = m[4], m[5]
+        if ei_class not in (1, 2):
+            raise self._fail(f"bad ELF class {ei_class}")
+        if ei_data not in (1, 2):
+            raise self._fail(f"bad ELF data encoding {ei_data}")
+        self.elf64 = ei_class == 2
+        e = "<" if ei_data == 1 else ">"
+        self._endian = e
+        hdr_fmt = e + ("HHIQQQIHHHHHH" if self.elf64 else "HHIIIIIHHHHHH")
+        if fsize < 16 + struct.calcsize(hdr_fmt):
+            raise self._fail("truncated ELF header")
+        (e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize, e_phentsize, e_phnum,
+         e_shentsize, e_shnum, _shstrndx) = struct.unpack_from(hdr_fmt, m, 16)  # fmt: skip
+        if e_type != ET_CORE:
+            raise self._fail(f"ELF file is not a core dump (e_type {e_type}, expected {ET_CORE})")
+        self.machine = e_machine
+        if e_phnum == PN_XNUM:
+            e_phnum = self._extended_phnum(e_shoff, e_shentsize, e_shnum)
+        ph_fmt = e + ("IIQQQQQQ" if self.elf64 else "IIIIIIII")
+        ph_size = struct.calcsize(ph_fmt)
+        if e_phnum == 0:
+            raise self._fail("ELF core has no program headers")
+        if e_phnum > MAX_PHDRS:
+            raise self._fail(f"absurd program header count {e_phnum}")
+        if e_phentsize < ph_size:
+            raise self._fail(f"program header entry size {e_phentsize} is smaller than {ph_size}")
+        if e_phoff + e_phnum * e_phentsize > fsize:
+            raise self._fail(
+                f"truncated: {e_phnum} program headers at {e_phoff:#x} end past the end of the file "
+                f"({fsize:#x} bytes)"
+            )
+        self.loads: list[LoadSegment] = []
+        self.notes: list[Note] = []
+        for i in range(e_phnum):
+            f = struct.unpack_from(ph_fmt, m, e_phoff + i * e_phentsize)
+            if self.elf64:
+                p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = f
+            else:
+                p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _pflags, _align = f
+            if p_type == PT_LOAD:
+                self.loads.append(LoadSegment(i, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
+            elif p_type == PT_NOTE:
+                self._parse_notes(i, p_offset, p_filesz)
+
+    def _extended_phnum(self, shoff: int, shentsize: int, shnum: int) -> int:
+        """``e_phnum == PN_XNUM``: the real count is ``sh_info`` of section header 0."""
+        sh_size = 64 if self.elf64 else 40
+        info_off = 44 if self.elf64 else 28
+        if shoff == 0 or shentsize < sh_size or shoff + sh_size > self._file.size:
+            raise self._fail("e_phnum is PN_XNUM but section header 0 is missing or truncated")
+        (n,) = struct.unpack_from(self._endian + "I", self._file.map, shoff + info_off)
+        return int(n)
+
+    def _parse_notes(self, index: int, offset: int, size: int) -> None:
+        fsize = self._file.size
+        if size > MAX_NOTE_BYTES:
+            raise self._fail(f"PT_NOTE {index}: absurd size {size:#x}")
+        if offset + size > fsize:
+            msg = f"PT_NOTE {index} at {offset:#x}+{size:#x} ends past the end of the file ({fsize:#x})"
+            if self.strict:
+                raise self._fail("truncated: " + msg)
+            self.warnings.append(msg + "; parsed the part that is present")
+            size = max(0, fsize - offset)
+        data = self._file.map[offset : offset + size]
+        pos = 0
+        e = self._endian
+        while pos + 12 <= len(data):
+            if len(self.notes) >= MAX_NOTES:
+                raise self._fail(f"more than {MAX_NOTES} ELF notes")
+            namesz, descsz, ntype = struct.unpack_from(e + "III", data, pos)
+            name_at = pos + 12
+            desc_at = name_at + _align4(namesz)
+            end = desc_at + _align4(descsz)
+            if desc_at + descsz > len(data):
+                msg = f"PT_NOTE {index}: note at +{pos:#x} (namesz {namesz}, descsz {descsz}) overruns"
+                if self.strict:
+                    raise self._fail(msg + " its segment")
+                self.warnings.append(msg + " its segment; later notes dropped")
+                return
+            name = data[name_at : name_at + namesz].split(b"\0", 1)[0].decode("latin-1")
+            self.notes.append(Note(name, ntype, data[desc_at : desc_at + descsz]))
+            pos = end
+
+    def _build_segments(self) -> list[Segment]:
+        fsize = self._file.size
+        pieces: list[_Piece] = []
+        for ld in self.loads:
+            where = f"PT_LOAD {ld.index} (guest-physical {ld.paddr:#x}+{ld.memsz:#x})"
+            if ld.memsz == 0:
+                continue
+            if ld.paddr >= MAX_PADDR:
+                self.warnings.append(f"{where}: not a usable physical address; skipped")
+                continue
+            if ld.paddr + ld.memsz > MAX_PADDR:
+                raise self._fail(f"{where}: absurd size, ends past the 2**52 physical address limit")
+            if ld.filesz > ld.memsz:
+                raise self._fail(f"{where}: p_filesz {ld.filesz:#x} exceeds p_memsz")
+            filesz, memsz = ld.filesz, ld.memsz
+            if ld.offset + filesz > fsize:
+                msg = (
+                    f"{where}: data at file offset {ld.offset:#x}+{filesz:#x} ends past the end of "
+                    f"the file ({fsize:#x} bytes)"
+                )
+                if self.strict:
+                    raise self._fail("truncated: " + msg)
+                kept = max(0, fsize - ld.offset) if ld.offset < fsize else 0
+                self.warnings.append(f"{msg}; kept {kept:#x} bytes, dropped {memsz - kept:#x}")
+                filesz = memsz = kept
+            if filesz:
+                pieces.append(_Piece(ld.paddr, filesz, ld.offset))
+            if memsz > filesz:
+                pieces.append(_Piece(ld.paddr + filesz, memsz - filesz, ZERO_BACKING))
+        return [Segment(p.gpa, p.size, p.off) for p in self._resolve_overlaps(pieces)]
+
+    def _resolve_overlaps(self, pieces: list[_Piece]) -> list[_Piece]:
+        """Merge pieces into a sorted, non-overlapping list; overlaps must agree (module docstring)."""
+        pieces.sort(key=lambda p: (p.gpa, -p.size))
+        out: list[_Piece] = []
+        max_end = 0
+        checks = 0
+        compare_budget = [MAX_COMPARE_BYTES]
+        for p in pieces:
+            if out and p.gpa < max_end:
+                lo, hi = p.gpa, min(p.end, max_end)
+                j = len(out) - 1
+                while j >= 0 and out[j].end > lo:
+                    r = out[j]
+                    a, b = max(lo, r.gpa), min(hi, r.end)
+                    if a < b:
+                        checks += 1
+                        if checks > MAX_OVERLAP_CHECKS:
+                            raise self._fail("too many overlapping PT_LOAD segments")
+                        self._check_agree(r, p, a, b, compare_budget)
+                    j -= 1
+                if p.end <= max_end:
+                    continue
+                cut = max_end - p.gpa
+                p = _Piece(max_end, p.size - cut, p.off + cut if p.off >= 0 else ZERO_BACKING)
+            if out and out[-1].end == p.gpa and _continues(out[-1], p):
+                out[-1] = _Piece(out[-1].gpa, out[-1].size + p.size, out[-1].off)
+            else:
+                out.append(p)
+            max_end = max(max_end, p.end)
+        return out
+
+    def _check_agree(self, r: _Piece, p: _Piece, a: int, b: int, budget: list[int]) -> None:
+        """Raise unless pieces ``r`` and ``p`` hold the same bytes over ``[a, b)``."""
+        if r.off >= 0 and p.off >= 0 and r.off - r.gpa == p.off - p.gpa:
+            return  # same file bytes: an alias, e.g. QEMU paging=true mappings
+        if r.off < 0 and p.off < 0:
+            return
+        budget[0] -= b - a
+        if budget[0] < 0:
+            raise self._fail("overlapping PT_LOAD segments too large to verify")
+        m = self._file.map
+        for s in range(a, b, _CMP_CHUNK):
+            n = min(_CMP_CHUNK, b - s)
+            x = bytes(n) if r.off < 0 else m[r.off + s - r.gpa : r.off + s - r.gpa + n]
+            y = bytes(n) if p.off < 0 else m[p.off + s - p.gpa : p.off + s - p.gpa + n]
+            if x != y:
+                raise self._fail(
+                    f"overlapping PT_LOAD segments disagree about guest-physical {s:#x}..{s + n:#x}"
+                )
+
+
+def _continues(a: _Piece, b: _Piece) -> bool:
+    if a.off < 0 or b.off < 0:
+        return a.off < 0 and b.off < 0
+    return a.off + a.size == b.off
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def parse_qemu_cpustate(desc: bytes) -> dict[str, int] | None:
+    """Decode a ``QEMU`` note's ``QEMUCPUState``; None when too short or of an unknown version."""
+    if len(desc) < QEMU_CPUSTATE_SIZE:
+        return None
+    f = struct.unpack_from(QEMU_CPUSTATE_FMT, desc)
+    version, size = f[0], f[1]
+    if version != QEMU_CPUSTATE_VERSION:
+        return None
+    regs = dict(zip(_GPR_NAMES, f[2:20], strict=True))
+    pos = 20
+    for name in _SEG_NAMES:
+        selector, limit, flags, _pad, base = f[pos : pos + 5]
+        regs[name] = selector
+        regs[f"{name}_limit"] = limit
+        regs[f"{name}_flags"] = flags
+        regs[f"{name}_base"] = base
+        pos += 5
+    for i in range(5):
+        regs[f"cr{i}"] = f[pos + i]
+    if size >= QEMU_CPUSTATE_SIZE + 8 and len(desc) >= QEMU_CPUSTATE_SIZE + 8:
+        (regs["kernel_gs_base"],) = struct.unpack_from("<Q", desc, QEMU_CPUSTATE_SIZE)
+    return regs
+
+
+def parse_prstatus(desc: bytes, machine: int) -> dict[str, int] | None:
+    """Decode an ``NT_PRSTATUS`` note for x86-64 or i386; None for other machines or short notes."""
+    if machine == EM_X86_64:
+        end = PRSTATUS64_REG_OFFSET + 8 * len(PRSTATUS64_REGS)
+        if len(desc) < end:
+            return None
+        regs = dict(
+            zip(PRSTATUS64_REGS, struct.unpack_from(f"<{len(PRSTATUS64_REGS)}Q", desc,
+                                                    PRSTATUS64_REG_OFFSET), strict=True)
+        )  # fmt: skip
+        (regs["pid"],) = struct.unpack_from("<I", desc, PRSTATUS64_PID_OFFSET)
+        return regs
+    if machine == EM_386:
+        if len(desc) < _PRSTATUS32_REG_OFFSET + struct.calcsize(_PRSTATUS32_FMT):
+            return None
+        vals = struct.unpack_from(_PRSTATUS32_FMT, desc, _PRSTATUS32_REG_OFFSET)
+        regs = {name: v for (name, _), v in zip(_PRSTATUS32_REGS, vals, strict=True) if name}
+        (regs["pid"],) = struct.unpack_from("<I", desc, _PRSTATUS32_PID_OFFSET)
+        return regs
+    return None
+
+
+__all__ = ["ElfCore", "LoadSegment", "Note", "parse_prstatus", "parse_qemu_cpustate"]

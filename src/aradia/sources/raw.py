@@ -1,0 +1,88 @@
+"""Flat raw memory images: guest-physical address ``base + offset`` is file offset ``offset``.
+
+Every dump reader here maps its file with :mod:`mmap`, so reading a page is one slice of the mapping
+(no system call per read) and the OS page cache does the rest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from pathlib import Path
+
+from aradia.errors import AradiaError, DumpFormatError
+from aradia.sources.base import PhysicalMemory, Segment
+
+PathLike = str | os.PathLike[str]
+
+
+class MappedFile:
+    """A read-only memory mapping of a whole regular, non-empty file."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise DumpFormatError(f"{self.path}: cannot open dump: {e.strerror or e}") from e
+        if stat.S_ISDIR(st.st_mode):
+            raise DumpFormatError(f"{self.path}: is a directory, not a memory dump")
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
+            raise DumpFormatError(f"{self.path}: not a regular file")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise DumpFormatError(f"{self.path}: cannot open dump: {e.strerror or e}") from e
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            if size == 0:
+                raise DumpFormatError(f"{self.path}: empty file, not a memory dump")
+            try:
+                self.map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise DumpFormatError(f"{self.path}: cannot map dump: {e}") from e
+        finally:
+            os.close(fd)
+        self.size = size
+
+    def close(self) -> None:
+        """Unmap the file; later reads raise :class:`AradiaError` instead of touching freed memory."""
+        if not isinstance(self.map, ClosedMap):
+            old, self.map = self.map, ClosedMap(self.path)
+            old.close()
+
+
+class ClosedMap:
+    """Stands in for a closed mapping so a read after ``close`` is a clear error, at no cost before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getitem__(self, key: object) -> bytes:
+        raise AradiaError(f"{self.path}: dump is closed")
+
+    def __len__(self) -> int:
+        return 0
+
+
+class RawDump(PhysicalMemory):
+    """A flat raw image: one RAM segment ``[base, base + filesize)`` backed by the whole file."""
+
+    kind = "raw"
+    writable = False
+
+    def __init__(self, path: PathLike, *, base: int = 0) -> None:
+        if base < 0:
+            raise DumpFormatError(f"negative base address {base:#x} for raw image")
+        self.path = Path(path)
+        self._file = MappedFile(path)
+        super().__init__([Segment(base, self._file.size, 0)])
+
+    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
+        start = seg.backing + offset
+        return self._file.map[start : start + size]
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self._file.close()

@@ -1,0 +1,208 @@
+"""The handle a user holds: one object per VM, live (QMP) or a dump.
+
+``attach("qmp:/run/vm1/qmp.sock")`` or ``open_dump("mem.elf")`` give a :class:`VM` with physical and
+virtual memory access, pause/resume (live), vCPU registers and the freshness stamp every cache uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aradia.errors import AradiaError, NotAttached
+from aradia.machine.paging import Translation, Translator
+from aradia.machine.qemu import Qemu
+from aradia.sources.base import PhysicalMemory, Range
+
+CR4_LA57 = 1 << 12
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """The registers of one vCPU that address translation and a first look need."""
+
+    index: int
+    rip: int
+    rsp: int
+    cr3: int
+    cr4: int
+    cpl: int
+    regs: dict[str, int]
+
+    @property
+    def la57(self) -> bool:
+        """Whether the vCPU uses 5-level paging."""
+        return bool(self.cr4 & CR4_LA57)
+
+
+def _cpu_state(index: int, regs: dict[str, int]) -> CpuState:
+    cpl = regs.get("cpl", regs.get("cs", 0) & 3)
+    return CpuState(index, regs.get("rip", 0), regs.get("rsp", 0), regs.get("cr3", 0), regs.get("cr4", 0),
+                    cpl, regs)
+
+
+class VM:
+    """Guest memory, vCPUs and run control of one VM (a live QEMU or a dump)."""
+
+    def __init__(self, memory: PhysicalMemory, *, machine: Qemu | None = None, spec: str = "",
+                 dump_cpus: list[dict[str, int]] | None = None) -> None:
+        self.memory = memory
+        self.machine = machine
+        self.spec = spec
+        self._dump_cpus = dump_cpus or []
+        self._static = (id(self), 0)
+        self.translator = Translator(memory, self.stamp)
+
+    # --- identity and state ----------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        """True for a running QEMU, False for a dump."""
+        return self.machine is not None
+
+    def status(self) -> str:
+        """``running``, ``paused`` (and QEMU's other run states) for a live VM; ``dump`` for a dump."""
+        return self.machine.status() if self.machine else "dump"
+
+    def stamp(self) -> object | None:
+        """Freshness token (see :meth:`aradia.machine.qemu.Qemu.stamp`); constant for a dump."""
+        return self.machine.stamp() if self.machine else self._static
+
+    def pause(self) -> None:
+        """Stop the guest's vCPUs."""
+        self._need_live("pause").pause()
+
+    def resume(self) -> None:
+        """Let the guest run again."""
+        self._need_live("resume").resume()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[VM]:
+        """A consistent point-in-time view: pause for the block (no-op on a dump)."""
+        if self.machine is None:
+            yield self
+            return
+        with self.machine.paused():
+            yield self
+
+    def _need_live(self, what: str) -> Qemu:
+        if self.machine is None:
+            raise AradiaError(f"cannot {what} a dump")
+        return self.machine
+
+    # --- physical memory -------------------------------------------------------------------------
+    def read(self, paddr: int, size: int) -> bytes:
+        """Read guest-physical memory."""
+        return self.memory.read(paddr, size)
+
+    def write(self, paddr: int, data: bytes) -> None:
+        """Write guest-physical memory."""
+        self.memory.write(paddr, data)
+
+    def ranges(self) -> list[Range]:
+        """Guest-physical RAM ranges."""
+        return self.memory.ranges()
+
+    # --- vCPUs -------------------------------------------------------------------------------------
+    def cpus(self) -> list[CpuState]:
+        """Register state of every vCPU (live: now; dump: as saved in the dump)."""
+        if self.machine is not None:
+            return [_cpu_state(i, r) for i, r in sorted(self.machine.registers().items())]
+        return [_cpu_state(i, r) for i, r in enumerate(self._dump_cpus)]
+
+    def cpu(self, index: int = 0) -> CpuState:
+        """One vCPU's state."""
+        for c in self.cpus():
+            if c.index == index:
+                return c
+        raise AradiaError(f"no vCPU {index}")
+
+    def kernel_root(self) -> tuple[int, bool]:
+        """A page-table root that maps the kernel (CR3 of vCPU 0) and whether it is 5-level."""
+        for c in self.cpus():
+            if c.cr3:
+                return c.cr3, c.la57
+        raise AradiaError("no vCPU has paging enabled (CR3 is 0): the guest has not booted a 64-bit kernel")
+
+    # --- virtual memory ----------------------------------------------------------------------------
+    def _root(self, cr3: int | None, la57: bool | None) -> tuple[int, bool]:
+        if cr3 is None:
+            return self.kernel_root()
+        if la57 is None:
+            la57 = any(c.la57 for c in self.cpus())
+        return cr3, la57
+
+    def translate(self, vaddr: int, cr3: int | None = None, la57: bool | None = None) -> Translation:
+        """Translate a guest-virtual address (default root: vCPU 0's CR3)."""
+        root, l5 = self._root(cr3, la57)
+        return self.translator.translate(root, vaddr, la57=l5)
+
+    def read_virt(self, vaddr: int, size: int, cr3: int | None = None, la57: bool | None = None) -> bytes:
+        """Read guest-virtual memory through the page tables at ``cr3``."""
+        root, l5 = self._root(cr3, la57)
+        return self.translator.read(root, vaddr, size, la57=l5)
+
+    def write_virt(self, vaddr: int, data: bytes, cr3: int | None = None, la57: bool | None = None) -> None:
+        """Write guest-virtual memory through the page tables at ``cr3``."""
+        root, l5 = self._root(cr3, la57)
+        self.translator.write(root, vaddr, data, la57=l5)
+
+    # --- life cycle --------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """A summary: spec, source kind, run state, RAM ranges, vCPUs."""
+        out: dict[str, Any] = {
+            "spec": self.spec,
+            "memory_path": self.memory.kind,
+            "state": self.status(),
+            "ram": [{"start": r.start, "end": r.end, "size": r.size} for r in self.ranges()],
+            "ram_bytes": self.memory.size,
+        }
+        if self.machine:
+            out["qemu_pid"] = self.machine.pid
+            out["qemu_version"] = ".".join(map(str, self.machine.version))
+        out["vcpus"] = [{"index": c.index, "rip": c.rip, "cr3": c.cr3, "cpl": c.cpl, "la57": c.la57}
+                        for c in self.cpus()]
+        return out
+
+    def close(self) -> None:
+        """Release memory mappings and connections (the guest keeps running)."""
+        with contextlib.suppress(Exception):
+            self.memory.close()
+        if self.machine:
+            self.machine.close()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(spec: str, *, memory: str = "auto") -> VM:
+    """Attach to a VM: ``qmp:PATH`` for a live QEMU, otherwise a dump file path.
+
+    ``memory`` picks the live path to guest RAM: ``shared-file``, ``proc-mem``, ``gdb`` or ``auto``.
+    """
+    if spec.startswith("qmp:"):
+        path = spec[4:]
+        machine = Qemu(path)
+        try:
+            mem = machine.memory(memory)
+        except BaseException:
+            machine.close()
+            raise
+        return VM(mem, machine=machine, spec=spec)
+    return open_dump(spec)
+
+
+def open_dump(path: str) -> VM:
+    """Open a dump (raw, ELF core or LiME) as a VM."""
+    from aradia.sources.dumpfile import open_dump as open_file
+
+    if not os.path.exists(path):
+        raise NotAttached(f"no such dump file or VM spec: {path} (live VMs are qmp:PATH)")
+    mem = open_file(path)
+    cpus = list(getattr(mem, "cpu_states", None) or [])
+    return VM(mem, spec=path, dump_cpus=cpus)
