@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and memory dumps.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def vm_parser(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def vm_parser(name: str, func: Callable[[argparse.Namespace], int],
+                  help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--vm", required=True, metavar="SPEC", help="qmp:PATH of a live QEMU, or a dump file")
         sp.add_argument("--memory", default="auto", choices=["auto", "shared-file", "proc-mem", "gdb"],

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aradia.errors import ProtocolError
 
 _ENTRY = re.compile(
-    r"^\s*(?P<start>[0-9a-fA-F]+)-(?P<end>[0-9a-fA-F]+)\s+\(prio\s+-?\d+,\s*(?P<type>[a-z/]+)\):\s+"
+    r"^\s*(?P<start>[0-9a-fA-F]+)-(?P<end>[0-9a-fA-F]+)\s+\(prio\s+-?\d+,\s*(?P<type>[^)]+)\):\s+"
     r"(?P<name>.+?)(?:\s+@(?P<off>[0-9a-fA-F]+))?(?:\s+KVM)?(?:\s+\[[^\]]*\])*\s*$"
 )
 _AS = re.compile(r'^\s*AS\s+"(?P<name>[^"]+)"')
@@ -56,7 +56,7 @@ def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
             continue
         if m := _ENTRY.match(line):
             ranges.append(
-                FlatRange(int(m["start"], 16), int(m["end"], 16), m["type"], m["name"].strip(),
+                FlatRange(int(m["start"], 16), int(m["end"], 16), m["type"].split()[0], m["name"].strip(),
                           int(m["off"], 16) if m["off"] else 0)
             )
     for view_names, view_ranges in views:

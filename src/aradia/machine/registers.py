@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 _CPU = re.compile(r"^CPU#(\d+)", re.M)
-_PAIR = re.compile(r"\b([A-Z][A-Z0-9]*)=([0-9a-fA-F]+)\b")
+_PAIR = re.compile(r"\b([A-Z][A-Z0-9]*) ?=([0-9a-fA-F]+)\b")
 _SEG = re.compile(r"^(ES|CS|SS|DS|FS|GS|LDT|TR)\s*=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M)
 _TABLE = re.compile(r"^(GDT|IDT)\s*=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M)
 _SKIP = re.compile(r"^(FPR|XMM|YMM|ZMM|ST|FCW|FSW|FTW|MXCSR|DR)\d*")

@@ -41,8 +41,8 @@ MAX_COMPARE_BYTES = 4 << 30  # bytes compared to accept overlapping copies (kdum
 _CMP_CHUNK = 4 << 20
 ZERO_BACKING = -1  # Segment.backing of a p_memsz > p_filesz tail: reads as zeros
 
-_SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
-_GPR_NAMES = (
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
+GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
     "rip", "rflags",
@@ -125,10 +125,10 @@ class ElfCore(PhysicalMemory):
         self._file = MappedFile(path)
         try:
             self._parse()
+            super().__init__(self._build_segments())
         except BaseException:
             self._file.close()
             raise
-        super().__init__(self._build_segments())
 
     # --- public metadata ------------------------------------------------------------------------
     @property
@@ -367,9 +367,9 @@ def parse_qemu_cpustate(desc: bytes) -> dict[str, int] | None:
     version, size = f[0], f[1]
     if version != QEMU_CPUSTATE_VERSION:
         return None
-    regs = dict(zip(_GPR_NAMES, f[2:20], strict=True))
+    regs = dict(zip(GPR_NAMES, f[2:20], strict=True))
     pos = 20
-    for name in _SEG_NAMES:
+    for name in SEGMENT_NAMES:
         selector, limit, flags, _pad, base = f[pos : pos + 5]
         regs[name] = selector
         regs[f"{name}_limit"] = limit

@@ -17,19 +17,38 @@ from aradia.sources.base import PhysicalMemory, Segment
 PathLike = str | os.PathLike[str]
 
 
+def check_dump_path(path: PathLike) -> None:
+    """Raise :class:`DumpFormatError` unless ``path`` names an existing regular file or device."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DumpFormatError(f"{path}: cannot open dump: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise DumpFormatError(f"{path}: is a directory, not a memory dump")
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
+        raise DumpFormatError(f"{path}: not a regular file")
+
+
+def read_magic(path: PathLike, n: int = 8) -> bytes:
+    """The first ``n`` bytes of a dump file (fewer if it is shorter); clear errors for bad paths."""
+    check_dump_path(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise DumpFormatError(f"{path}: cannot read dump: {e.strerror or e}") from e
+
+
 class MappedFile:
-    """A read-only memory mapping of a whole regular, non-empty file."""
+    """A read-only memory mapping of a whole regular, non-empty file.
+
+    The file must not shrink while mapped (the kernel would kill the process with SIGBUS on a read
+    past the new end): do not open a dump that is still being written.
+    """
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            raise DumpFormatError(f"{self.path}: cannot open dump: {e.strerror or e}") from e
-        if stat.S_ISDIR(st.st_mode):
-            raise DumpFormatError(f"{self.path}: is a directory, not a memory dump")
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
-            raise DumpFormatError(f"{self.path}: not a regular file")
+        check_dump_path(self.path)
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -39,7 +58,7 @@ class MappedFile:
             if size == 0:
                 raise DumpFormatError(f"{self.path}: empty file, not a memory dump")
             try:
-                self.map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                self.map: mmap.mmap | ClosedMap = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise DumpFormatError(f"{self.path}: cannot map dump: {e}") from e
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from aradia.errors import NotAttached
 from aradia.sources.base import PhysicalMemory, Segment
@@ -22,9 +22,11 @@ class SharedFileMemory(PhysicalMemory):
     kind = "shared-file"
     writable = True
 
-    def __init__(self, path: str, segments: Iterable[Segment], *, writable: bool = True) -> None:
+    def __init__(self, path: str, segments: Iterable[Segment], *, writable: bool = True,
+                 alive: Callable[[], bool] | None = None) -> None:
         super().__init__(segments)
         self.path = path
+        self._alive = alive
         self.writable = writable
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -40,6 +42,21 @@ class SharedFileMemory(PhysicalMemory):
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
+
+    def _check(self) -> None:
+        # The mapping outlives QEMU: without this a read after QEMU exited would return stale RAM.
+        if self._alive is not None and not self._alive():
+            raise NotAttached(f"the QEMU using {self.path} has exited")
+
+    def read(self, paddr: int, size: int) -> bytes:
+        """Read guest-physical memory (a slice of the shared mapping)."""
+        self._check()
+        return super().read(paddr, size)
+
+    def write(self, paddr: int, data: bytes) -> None:
+        """Write guest-physical memory into the shared mapping."""
+        self._check()
+        super().write(paddr, data)
 
     def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
         start = seg.backing + offset

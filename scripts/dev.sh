@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up everything aradia needs on a fresh Debian 12/13 machine, then run one target:
+#   bash scripts/dev.sh demo   - boot the default 6.1 guest and show what aradia sees
+#   bash scripts/dev.sh test   - the whole test suite against real guests
+#   bash scripts/dev.sh setup  - only set up
+# Idempotent: a second run installs nothing and reuses the cached guests (~/.cache/aradia).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${1:-setup}
+shift || true
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+# System packages: QEMU, a C toolchain with static glibc (guest helper programs), an ssh client.
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v gcc >/dev/null || need+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v sshpass >/dev/null || need+=(sshpass)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+# The Python environment.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# Test guests (Debian kernels + busybox/bash/dropbear initramfs), cached after the first build.
+case "$target" in
+  demo) .venv/bin/python -m aradia.machine.images 6.1 ;;
+  test) .venv/bin/python -m aradia.machine.images 5.10 6.1 6.12 ;;
+esac
+
+case "$target" in
+  setup) echo "set up; activate with: . .venv/bin/activate" ;;
+  demo) exec .venv/bin/aradia demo "$@" ;;
+  test)
+    .venv/bin/ruff check src tests bench
+    exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: $0 [setup|demo|test]" >&2; exit 2 ;;
+esac
