@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from bare_qemu import bare_qemu
 
 from aradia.errors import Busy, NotAttached, NotRAM, ProtocolError
 from aradia.machine.mtree import parse_flatview, ram_ranges
 from aradia.machine.qemu import Qemu
 from aradia.machine.registers import parse_info_registers
 from aradia.proto.qmp import QMPClient
+from bare_qemu import bare_qemu
 
 DATA = Path(__file__).parent / "data"
 GiB = 1 << 30

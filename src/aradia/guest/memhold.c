@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef MAP_FIXED_NOREPLACE
@@ -126,6 +127,22 @@ static void serve(FILE *in)
                 }
             }
             printf("mismatch %lu %ld\nok\n", count, first);
+        } else if (!strcmp(cmd, "spin")) {
+            /* Busy-loop in user mode touching the region so a host can catch this process on a vCPU
+             * (its CR3 is then in the vCPU's registers). */
+            struct timespec t0, t;
+            if (sscanf(line, "%*s %lu", &len) != 1 || len > 600) {
+                printf("err bad spin\n");
+            } else {
+                unsigned long sum = 0;
+                clock_gettime(CLOCK_MONOTONIC, &t0);
+                do {
+                    for (unsigned long i = 0; i < 4096; i++)
+                        sum += ((volatile unsigned char *)region)[(i * 4096) % region_size];
+                    clock_gettime(CLOCK_MONOTONIC, &t);
+                } while ((unsigned long)(t.tv_sec - t0.tv_sec) < len);
+                printf("spun %lu\nok\n", sum & 1);
+            }
         } else if (!strcmp(cmd, "pages")) {
             print_pages();
             printf("ok\n");

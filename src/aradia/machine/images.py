@@ -251,11 +251,14 @@ class _PrivateApt:
         self.suite = suite
         for sub in ("lists/partial", "cache/archives/partial"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        keyrings = [k for k in ("debian-archive-keyring.gpg", "debian-archive-removed-keys.gpg")
-                    if (_KEYRING_DIR / k).exists()]
+        # The archive keyring, plus the suite's own keyrings should a later keyring package have
+        # moved an old suite's keys out of the main one.
+        keyrings = [_KEYRING_DIR / "debian-archive-keyring.gpg",
+                    *sorted(_KEYRING_DIR.glob(f"debian-archive-{suite}-*.gpg"))]
+        keyrings = [k for k in keyrings if k.exists()]
         if not keyrings:
             raise GuestError("the Debian archive keyring is missing: install debian-archive-keyring")
-        signed_by = ",".join(str(_KEYRING_DIR / k) for k in keyrings)
+        signed_by = ",".join(str(k) for k in keyrings)
         lines = [
             f"deb [signed-by={signed_by}] {_MIRROR} {suite} main",
             f"deb [signed-by={signed_by}] {_MIRROR} {suite}-updates main",
@@ -762,3 +765,26 @@ while :; do
     sleep 1
 done
 """
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m aradia.machine.images [SERIES...]``: build (or find cached) guest images."""
+    import sys
+    import time
+
+    for series in argv or ["6.1"]:
+        started = time.monotonic()
+        try:
+            image = build_guest(series, progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+        except GuestError as exc:
+            print(f"aradia: building the {series} guest failed: {exc}", file=sys.stderr)
+            return 2
+        print(f"{series}: {image.release} ({image.package} {image.package_version})"
+              f" in {time.monotonic() - started:.1f}s -> {image.initrd_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

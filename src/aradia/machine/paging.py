@@ -26,12 +26,14 @@ or bump the stamp. Only translations are cached, never data: every read goes to 
 
 from __future__ import annotations
 
+import bisect
 import struct
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault
-from aradia.sources.base import PhysicalMemory
+from aradia.sources.base import PhysicalMemory, Range
 
 PAGE = 4096
 MASK64 = (1 << 64) - 1
@@ -40,13 +42,17 @@ P, RW, US, PS = 0x1, 0x2, 0x4, 0x80
 NX = 1 << 63
 SIZE_4K, SIZE_2M, SIZE_1G = 1 << 12, 1 << 21, 1 << 30
 LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
-DEFAULT_MAX_TABLES = 1 << 18
+DEFAULT_MAX_TABLES = 1 << 16
+DEFAULT_MAX_ENTRIES = 1 << 20
+_PRESENT = bytes(b & 1 for b in range(256))
 _TABLE_STRUCT = struct.Struct("<512Q")
 
 
-@dataclass(frozen=True, slots=True)
-class Translation:
-    """Where a virtual address lives: ``paddr`` and its page's size and effective permissions."""
+class Translation(NamedTuple):
+    """Where a virtual address lives: ``paddr`` and its page's size and effective permissions.
+
+    (A named tuple: cheap to create on the cached fast path.)
+    """
 
     paddr: int
     page_size: int
@@ -60,8 +66,7 @@ class Translation:
         return self.paddr & ~(self.page_size - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):
     """A run of virtual memory ``[vaddr, vaddr + size)`` mapped contiguously to ``paddr``."""
 
     vaddr: int
@@ -203,87 +208,110 @@ def mappings(
     end: int = 1 << 64,
     *,
     max_tables: int = DEFAULT_MAX_TABLES,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Iterator[Mapping]:
     """Mapped runs of ``[start, end)`` (unsigned addresses), in address order.
 
     Adjacent pages are merged while both virtual and physical addresses continue and the
-    permissions agree. Page-table pages and data pages outside RAM are skipped (a corrupt or
-    MMIO entry is reported as nothing rather than as something bogus). Visiting more than
-    ``max_tables`` tables raises :class:`GuestDataCorrupt` (loops in the tables).
+    permissions agree. Page-table pages outside RAM are skipped, and data pages are clipped to
+    RAM (a corrupt or MMIO entry is reported as nothing rather than as something bogus; a 1 GiB
+    page over the legacy VGA hole yields the RAM on both sides). An entry pointing back to a table
+    on its own path (a recursive self-map) is not followed. Visiting more than
+    ``max_tables`` tables or ``max_entries`` present entries raises :class:`GuestDataCorrupt`
+    (tables shared many times over); the defaults allow ~4 GiB of 4 KiB mappings and bound the
+    time to a few seconds.
     """
     levels = 5 if la57 else 4
-    visited = 0
+    ram = mem.ranges()
+    ram_starts = [r.start for r in ram]
+    budget = [max_tables, max_entries]
 
-    def table_entries(paddr: int) -> tuple[int, ...] | None:
-        nonlocal visited
-        visited += 1
-        if visited > max_tables:
-            raise GuestDataCorrupt(
-                f"page tables at root {root:#x} need more than {max_tables} table visits: loop or corrupt"
-            )
+    def over(what: str, limit: int) -> GuestDataCorrupt:
+        return GuestDataCorrupt(
+            f"page tables at root {root:#x} need more than {limit} {what}: loop or corrupt tables"
+        )
+
+    # The run being merged: vaddr, paddr, size, flags (bit 0 = writable, 1 = user, 2 = nx).
+    rv = rp = rn = 0
+    rf = -1
+    ram_lo = ram_hi = 0  # the RAM range the last leaf fell in (most leaves hit it again)
+    # Explicit DFS stack of tables being scanned: [entries, present-map, next index, level, vbase,
+    # flags, table paddr]. Tables outside RAM are skipped.
+    stack: list[list] = []  # type: ignore[type-arg]
+
+    def push(table: int, level: int, vbase: int, flags: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise over("table visits", max_tables)
         try:
-            return _TABLE_STRUCT.unpack(mem.read(paddr, PAGE))
+            data = mem.read(table, PAGE)
         except NotRAM:
-            return None
-
-    # Items are (paddr, level, canonical vaddr, flags); level 0 marks a leaf page, whose size is kept
-    # in flags >> 3. Flags bit 0 = writable, bit 1 = user, bit 2 = nx (effective so far).
-    def children(table: int, level: int, vbase: int, flags: int) -> Iterator[tuple[int, int, int, int]]:
-        entries = table_entries(table)
-        if entries is None:
             return
-        shift = 12 + 9 * (level - 1)
+        present = data[0::8].translate(_PRESENT)  # byte i is 1 iff entry i has P set
+        stack.append([_TABLE_STRUCT.unpack(data), present, present.find(1), level, vbase, flags, table])
+
+    push(root & ADDR_MASK, levels, 0, 0b011)
+    while stack:
+        top = stack[-1]
+        entries, present, i, level, vbase, flags, _ = top
+        if i < 0:
+            stack.pop()
+            continue
+        top[2] = present.find(1, i + 1)
+        budget[1] -= 1
+        if budget[1] < 0:
+            raise over("page-table entries", max_entries)
+        e = entries[i]
+        shift = 3 + 9 * level
         size = 1 << shift
-        for i, e in enumerate(entries):
-            if not e & P:
-                continue
-            v = vbase + (i << shift)
-            if level == levels:
-                v = _sign_extend(v, la57)
-            if v + size <= start or v >= end:
-                continue
-            f = (flags & (0b100 | (2 if e & US else 0) | (1 if e & RW else 0))) | (4 if e & NX else 0)
-            if level == 1 or (e & PS and level <= 3):
-                yield (e & ADDR_MASK & ~(size - 1), 0, v, f | (size << 3))
-            elif not e & PS:
-                yield (e & ADDR_MASK, level - 1, v, f)
-
-    run: list[int] | None = None  # [vaddr, paddr, size, flags] of the run being merged
-    pending = [children(root & ADDR_MASK, levels, 0, 0b011)]
-    while pending:
-        item = next(pending[-1], None)
-        if item is None:
-            pending.pop()
+        v = vbase + (i << shift)
+        if level == levels:
+            v = _sign_extend(v, la57)
+        if v >= end or v + size <= start:
             continue
-        paddr, level, v, f = item
-        if level:
-            pending.append(children(paddr, level, v, f))
+        f = (flags & (0b100 | (2 if e & US else 0) | (1 if e & RW else 0))) | (4 if e & NX else 0)
+        if not (level == 1 or (e & PS and level <= 3)):
+            sub = e & ADDR_MASK
+            if not e & PS and not any(t[6] == sub for t in stack):
+                push(sub, level - 1, v, f)
             continue
-        size, flags = f >> 3, f & 7
         lo, hi = max(v, start), min(v + size, end)
-        paddr += lo - v
-        if not mem.is_ram(paddr, hi - lo):
-            continue
-        if run is not None and run[0] + run[2] == lo and run[1] + run[2] == paddr and run[3] == flags:
-            run[2] += hi - lo
-            continue
-        if run is not None:
-            yield _mapping(run)
-        run = [lo, paddr, hi - lo, flags]
-    if run is not None:
-        yield _mapping(run)
+        pa = (e & ADDR_MASK & ~(size - 1)) + lo - v
+        if ram_lo <= pa and pa + (hi - lo) <= ram_hi:
+            parts: list[tuple[int, int]] = [(pa, pa + hi - lo)]
+        else:
+            parts = list(_ram_parts(ram_starts, ram, pa, pa + hi - lo))
+            if len(parts) == 1:
+                k = bisect.bisect_right(ram_starts, pa) - 1
+                ram_lo, ram_hi = ram[k].start, ram[k].end
+        for plo, phi in parts:
+            vlo, n = lo + plo - pa, phi - plo
+            if rf == f and rv + rn == vlo and rp + rn == plo:
+                rn += n
+                continue
+            if rf >= 0:
+                yield Mapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
+            rv, rp, rn, rf = vlo, plo, n, f
+    if rf >= 0:
+        yield Mapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
 
 
-def _mapping(run: list[int]) -> Mapping:
-    v, p, n, f = run
-    return Mapping(v, p, n, bool(f & 1), bool(f & 2), bool(f & 4))
+def _ram_parts(starts: list[int], ram: list[Range], lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The parts of physical ``[lo, hi)`` that are RAM."""
+    i = max(0, bisect.bisect_right(starts, lo) - 1)
+    while i < len(ram) and ram[i].start < hi:
+        a, b = max(lo, ram[i].start), min(hi, ram[i].end)
+        if a < b:
+            yield a, b
+        i += 1
 
 
 class Translator:
     """A page-table walker that caches walks under the freshness rule of the module docstring.
 
     ``stamp()`` returns a token equal while memory cannot change, or None while the guest runs.
-    For a dump pass a constant, e.g. ``lambda: 0``.
+    For a dump pass a constant, e.g. ``lambda: 0``. Safe to share between threads: a walk that
+    straddles an invalidation or a stamp change is returned but not cached.
     """
 
     def __init__(
@@ -300,47 +328,66 @@ class Translator:
         self._max_tables = max_tables
         self._cache_stamp: object | None = None
         # (root, la57, vaddr >> page shift) -> Translation of the page's first byte, one dict per size
-        self._pages: dict[int, dict[tuple[int, bool, int], Translation]] = {12: {}, 21: {}, 30: {}}
+        self._p4k: dict[tuple[int, bool, int], Translation] = {}
+        self._p2m: dict[tuple[int, bool, int], Translation] = {}
+        self._p1g: dict[tuple[int, bool, int], Translation] = {}
+        self._pages = {12: self._p4k, 21: self._p2m, 30: self._p1g}
         self._tables: dict[int, bytes] = {}
+        self._gen = 0  # bumped by every invalidation
+        self._lock = threading.Lock()  # guards inserts against concurrent invalidation
         self.hits = 0
         self.walks = 0
 
     def invalidate(self) -> None:
         """Forget every cached walk and page-table page."""
+        with self._lock:
+            self._invalidate_locked()
+            self._cache_stamp = None
+
+    def _invalidate_locked(self) -> None:
+        self._gen += 1
         for d in self._pages.values():
             d.clear()
         self._tables.clear()
-        self._cache_stamp = None
 
     def _fresh(self) -> bool:
         """Apply the stamp rule; True when the cache may be used for this access."""
         s = self._stamp()
         if s is None:
-            if self._tables or self._cache_stamp is not None:
+            if self._cache_stamp is not None or self._tables or self._p4k:
                 self.invalidate()
             return False
         if s != self._cache_stamp:
-            self.invalidate()
-            self._cache_stamp = s
+            with self._lock:
+                self._invalidate_locked()
+                self._cache_stamp = s
         return True
 
-    def _cached_entry(self, table: int, index: int) -> int:
-        data = self._tables.get(table)
-        if data is None:
-            try:
-                data = self.mem.read(table, PAGE)
-            except NotRAM:
-                return int.from_bytes(self.mem.read(table + 8 * index, 8), "little")
-            if len(self._tables) >= self._max_tables:
-                self.invalidate_pages()
-            self._tables[table] = data
-        return int.from_bytes(data[8 * index : 8 * index + 8], "little")
+    def _entry_reader(self, gen: int) -> EntryReader:
+        """Entry reader for one walk: table pages are cached only while ``gen`` is current."""
+
+        def read_entry(table: int, index: int) -> int:
+            data = self._tables.get(table)
+            if data is None:
+                try:
+                    data = self.mem.read(table, PAGE)
+                except NotRAM:
+                    return int.from_bytes(self.mem.read(table + 8 * index, 8), "little")
+                with self._lock:
+                    if len(self._tables) >= self._max_tables:
+                        # Drop the walks too: every cached walk's tables must stay in _tables so
+                        # that write() can tell when it modifies one.
+                        self._invalidate_locked()
+                    elif gen == self._gen:
+                        self._tables[table] = data
+            return int.from_bytes(data[8 * index : 8 * index + 8], "little")
+
+        return read_entry
 
     def invalidate_pages(self) -> None:
-        """Drop cached walks and tables but keep the stamp (used when the cache is full)."""
-        s = self._cache_stamp
-        self.invalidate()
-        self._cache_stamp = s
+        """Drop cached walks and tables but keep the stamp (after a write that may hit tables)."""
+        with self._lock:
+            self._invalidate_locked()
 
     def translate(self, root: int, vaddr: int, *, la57: bool = False) -> Translation:
         """Translate ``vaddr`` through the tables at ``root`` (CR3), from the cache when fresh."""
@@ -354,22 +401,35 @@ class Translator:
         if not self._fresh():
             self.walks += 1
             return _walk(_reader(self.mem), root, v, la57)
-        for shift, d in self._pages.items():
+        t = self._p4k.get((root, la57, v >> 12))
+        if t is not None:
+            self.hits += 1
+            return Translation(t.paddr | (v & 0xFFF), 4096, t.writable, t.user, t.nx)
+        for shift, d in ((21, self._p2m), (30, self._p1g)):
             t = d.get((root, la57, v >> shift))
             if t is not None:
                 self.hits += 1
-                return Translation(t.paddr | (v & ((1 << shift) - 1)), t.page_size, t.writable, t.user, t.nx)
+                return Translation(t.paddr | (v & ((1 << shift) - 1)), 1 << shift, t.writable, t.user, t.nx)
         self.walks += 1
-        t = _walk(self._cached_entry, root, v, la57)
+        gen, stamp = self._gen, self._cache_stamp
+        t = _walk(self._entry_reader(gen), root, v, la57)
+        # Keep the result only if nothing was invalidated meanwhile (another thread, or the guest
+        # ran and paused again during the walk): a walk must not outlive its stamp.
+        if self._stamp() != stamp:
+            return t
         shift = t.page_size.bit_length() - 1
-        d = self._pages[shift]
-        if len(d) >= self._max_entries:
-            d.clear()
-        d[(root, la57, v >> shift)] = Translation(t.page_paddr, t.page_size, t.writable, t.user, t.nx)
+        with self._lock:
+            if gen == self._gen:
+                d = self._pages[shift]
+                if len(d) >= self._max_entries:
+                    d.clear()
+                d[(root, la57, v >> shift)] = Translation(t.page_paddr, t.page_size, t.writable, t.user, t.nx)
         return t
 
     def read(self, root: int, vaddr: int, size: int, *, la57: bool = False) -> bytes:
         """Read guest-virtual memory (data is always read fresh; only translations are cached)."""
+        if 0 < size <= PAGE - (vaddr & 0xFFF):  # within one page: one translation, one read
+            return self.mem.read(self.translate(root, vaddr, la57=la57).paddr, size)
         r = root & ADDR_MASK
         plan = _plan(lambda v: self._translate(r, v, la57), root, vaddr, size, la57)
         if len(plan) == 1:

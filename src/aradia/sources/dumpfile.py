@@ -2,7 +2,9 @@
 
 ``\\x7fELF`` -> :class:`~aradia.sources.elfcore.ElfCore`; LiME magic (``EMiL`` on disk) ->
 :class:`~aradia.sources.lime.LimeDump`; any other non-empty regular file is a flat raw image
-(:class:`~aradia.sources.raw.RawDump`).
+(:class:`~aradia.sources.raw.RawDump`) -- except files that start with the magic of a format known
+not to be a flat image (kdump-compressed, makedumpfile flattened, Windows crash dumps, QEMU
+migration streams), which would otherwise be misread silently as RAM.
 """
 
 from __future__ import annotations
@@ -17,17 +19,30 @@ from aradia.sources.raw import PathLike, RawDump, read_magic
 
 ELF_MAGIC = b"\x7fELF"
 LIME_MAGIC_BYTES = struct.pack("<I", LIME_MAGIC)
+#: Leading bytes of formats that are not flat images and that aradia does not read.
+UNSUPPORTED_MAGIC = {
+    b"KDUMP   ": "kdump-compressed dump (makedumpfile or QEMU format=kdump-*); convert it with "
+    "'makedumpfile -E' or dump with QEMU's default ELF format",
+    b"DISKDUMP": "diskdump-compressed dump; convert it with 'makedumpfile -E'",
+    b"makedumpfile": "makedumpfile flattened dump; rearrange it with 'makedumpfile -R' first",
+    b"PAGEDU64": "Windows crash dump (QEMU format=win-dmp)",
+    b"PAGEDUMP": "Windows crash dump",
+    b"QEVM": "QEMU migration/savevm stream, not a memory dump",
+}
 
 
 def dump_format(path: PathLike) -> str:
     """``"elf"``, ``"lime"`` or ``"raw"`` for the dump at ``path`` (DumpFormatError if unusable)."""
-    head = read_magic(path, 4)
+    head = read_magic(path, 16)
     if not head:
         raise DumpFormatError(f"{path}: empty file, not a memory dump")
-    if head == ELF_MAGIC:
+    if head.startswith(ELF_MAGIC):
         return "elf"
-    if head == LIME_MAGIC_BYTES:
+    if head.startswith(LIME_MAGIC_BYTES):
         return "lime"
+    for magic, what in UNSUPPORTED_MAGIC.items():
+        if head.startswith(magic):
+            raise DumpFormatError(f"{path}: unsupported format: {what}")
     return "raw"
 
 

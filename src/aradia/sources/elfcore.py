@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aradia.errors import DumpFormatError
-from aradia.sources.base import PhysicalMemory, Segment
-from aradia.sources.raw import MappedFile, PathLike
+from aradia.sources.base import Segment
+from aradia.sources.raw import MappedFile, MappedMemory, PathLike
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -106,12 +106,18 @@ class _Piece:
         return self.gpa + self.size
 
 
-class ElfCore(PhysicalMemory):
+class ElfCore(MappedMemory):
     """Guest-physical memory of an ELF core file, read through a memory mapping.
 
     ``strict=False`` accepts a truncated file: segments are kept up to the end of the file and
     what was dropped is described in :attr:`warnings`. Other corruption always raises
     :class:`DumpFormatError`.
+
+    Attributes: ``notes`` (every :class:`Note`, in file order), ``loads`` (the ``PT_LOAD``
+    headers as found), ``machine`` (``e_machine``: 62 x86-64, 3 i386 -- QEMU writes EM_386 while
+    the guest is not in long mode), ``elf64`` and ``warnings``. QEMU notes of an unknown
+    ``QEMUCPUState`` version and short PRSTATUS notes are left out of :attr:`cpu_states` and
+    :attr:`prstatus` (they stay in ``notes``).
     """
 
     kind = "elf"
@@ -165,16 +171,6 @@ class ElfCore(PhysicalMemory):
                 if regs is not None:
                     out.append(regs)
         return out
-
-    def close(self) -> None:
-        """Unmap the file."""
-        self._file.close()
-
-    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
-        if seg.backing < 0:
-            return bytes(size)
-        start = seg.backing + offset
-        return self._file.map[start : start + size]
 
     # --- parsing --------------------------------------------------------------------------------
     def _fail(self, msg: str) -> DumpFormatError:

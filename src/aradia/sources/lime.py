@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 
 from aradia.errors import AradiaError, DumpFormatError
-from aradia.sources.base import PhysicalMemory, Segment
-from aradia.sources.raw import MappedFile, PathLike
+from aradia.sources.base import Segment
+from aradia.sources.raw import MappedFile, MappedMemory, PathLike
 
 LIME_MAGIC = 0x4C694D45
 LIME_VERSION = 1
@@ -21,7 +21,7 @@ MAX_RANGES = 1 << 20
 MAX_PADDR = 1 << 52
 
 
-class LimeDump(PhysicalMemory):
+class LimeDump(MappedMemory):
     """Guest-physical memory of a LiME file, read through a memory mapping.
 
     ``strict=False`` accepts a file whose last range is cut short: the present part is kept and
@@ -86,11 +86,3 @@ class LimeDump(PhysicalMemory):
             segments.append(Segment(s_addr, size, data_at))
             pos = data_at + size
         return segments
-
-    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
-        start = seg.backing + offset
-        return self._file.map[start : start + size]
-
-    def close(self) -> None:
-        """Unmap the file."""
-        self._file.close()

@@ -1,0 +1,125 @@
+"""Guest-physical memory through QEMU's GDB stub (``Qqemu.PhyMemMode:1``).
+
+The slowest source (tens of MB/s) but it needs nothing from the host besides the stub, it works on
+a running VM and its writes invalidate code TCG already translated. On a running VM each call stops
+the VM, reads and continues it; on a paused VM (QMP ``stop``, a breakpoint) it only reads.
+
+The stub does not report physical addresses that are not RAM (it reads zeros), so the RAM map is
+needed: the caller passes it (it knows it from QMP) or it is probed with HMP ``info memdev`` and
+``info mtree -f`` run through the stub's ``qRcmd``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from aradia.errors import ProtocolError
+from aradia.proto.gdbrsp import GdbClient
+from aradia.sources.base import PhysicalMemory, Segment
+
+_ENTRY = re.compile(r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+)\s+\(prio\s+-?\d+,\s*([a-z]+)[^)]*\):\s+(\S+)")
+_MEMDEV = re.compile(r"^\s*memory backend:\s*(\S+)", re.M)
+
+
+def parse_mtree_ram(mtree: str, memdevs: Iterable[str] = ()) -> list[Segment]:
+    """The guest-RAM segments of the ``memory`` flat view of HMP ``info mtree -f``.
+
+    RAM is what the memory backends (``memdevs``) back, including the read-only shadowed BIOS
+    areas (``rom`` lines of the same region); device RAM (``vga.vram``) is not guest RAM. With no
+    backend names the region that backs most ``ram`` is taken.
+    """
+    entries: list[tuple[int, int, str, str]] = []
+    in_memory = False
+    for line in mtree.splitlines()[:200000]:
+        if line.startswith("FlatView"):
+            if entries:
+                break
+            in_memory = False
+        elif re.match(r'^\s*AS\s+"memory"', line):
+            in_memory = True
+        elif in_memory and (m := _ENTRY.match(line)):
+            start, end = int(m[1], 16), int(m[2], 16)
+            if end >= start:
+                entries.append((start, end - start + 1, m[3], m[4]))
+    if not entries:
+        raise ProtocolError('no flat view of address space "memory" in QEMU\'s "info mtree -f" output')
+    names = set(memdevs)
+    if not names:
+        totals: dict[str, int] = {}
+        for _, size, kind, name in entries:
+            if kind == "ram":
+                totals[name] = totals.get(name, 0) + size
+        names = {max(totals, key=lambda n: totals[n])} if totals else set()
+    segs: list[Segment] = []
+    for start, size, kind, name in entries:
+        if name not in names or kind not in ("ram", "rom", "ramd", "romd"):
+            continue
+        if segs and segs[-1].end == start:
+            segs[-1] = Segment(segs[-1].gpa, segs[-1].size + size, segs[-1].gpa)
+        else:
+            segs.append(Segment(start, size, start))
+    if not segs:
+        raise ProtocolError(f"QEMU's memory map shows no RAM backed by {sorted(names)}")
+    return segs
+
+
+def probe_ram_segments(client: GdbClient) -> list[Segment]:
+    """Ask QEMU (HMP through the stub) for the guest-physical RAM map."""
+    memdevs = _MEMDEV.findall(client.monitor("info memdev"))
+    return parse_mtree_ram(client.monitor("info mtree -f"), memdevs)
+
+
+class GdbMemory(PhysicalMemory):
+    """Guest-physical memory read and written through a :class:`GdbClient`.
+
+    Each segment's ``backing`` is its guest-physical address. If connecting the client paused a
+    running VM, the VM is continued here; afterwards every call leaves the VM as it found it.
+    """
+
+    kind = "gdb"
+    writable = True
+
+    def __init__(self, client: GdbClient, segments: Iterable[Segment] | None = None, *,
+                 own_client: bool = False) -> None:
+        super().__init__(probe_ram_segments(client) if segments is None else segments)
+        self.client = client
+        self._own = own_client
+        client.restore_run_state()
+
+    @classmethod
+    def connect(cls, address: str | tuple[str, int], segments: Iterable[Segment] | None = None,
+                **client_options: float) -> GdbMemory:
+        """Connect to a stub and wrap it; :meth:`close` then closes the connection too."""
+        client = GdbClient(address, **client_options)  # type: ignore[arg-type]
+        try:
+            return cls(client, segments, own_client=True)
+        except BaseException:
+            client.close()
+            raise
+
+    def read(self, paddr: int, size: int) -> bytes:
+        """Read guest-physical bytes; the VM is stopped at most once for the whole read."""
+        if size <= 0 or not self.is_ram(paddr, size):
+            return super().read(paddr, size)  # NotRAM (or b"") without stopping the VM
+        with self.client.halted():
+            return super().read(paddr, size)
+
+    def write(self, paddr: int, data: bytes) -> None:
+        """Write guest-physical bytes; the VM is stopped at most once for the whole write."""
+        if not data or not self.is_ram(paddr, len(data)):
+            super().write(paddr, data)
+            return
+        with self.client.halted():
+            super().write(paddr, data)
+
+    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
+        return self.client.read_memory(seg.backing + offset, size, physical=True)
+
+    def _write_backing(self, seg: Segment, offset: int, data: bytes) -> None:
+        self.client.write_memory(seg.backing + offset, data, physical=True)
+
+    def close(self) -> None:
+        """Close the client if this source opened it."""
+        if self._own:
+            self.client.close()

@@ -1,0 +1,101 @@
+"""Shared fixtures: real guests built by aradia (cached on disk) and booted under QEMU.
+
+Fixtures for test modules:
+
+* ``guest_image`` (session): ``guest_image("6.1")`` -> :class:`GuestImage`, built once and cached.
+* ``boot_guest`` (session): ``with boot_guest("6.1", **launch_kwargs) as g:`` boots a guest and
+  always stops it; boot times are collected and printed in the terminal summary.
+* ``launch_guest`` (module): ``launch_guest("6.1", **launch_kwargs)`` -> a booted :class:`Guest`
+  that is stopped when the module's tests are done.
+* ``guest`` (module): one booted guest per module; a module picks its kernel and options with
+  module-level ``GUEST_SERIES = "6.1"`` and ``GUEST_OPTIONS = {"shared_memory": True, ...}``.
+
+QEMU missing is a failure with a clear message, never a skip: ``scripts/dev.sh`` installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from aradia.errors import GuestError
+from aradia.machine.images import GuestImage, build_guest
+from aradia.machine.launcher import QEMU_BINARY, Guest, launch
+
+BOOT_TIMES: list[tuple[str, float]] = []
+BUILD_TIMES: list[tuple[str, float]] = []
+BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
+
+
+def _require_tools() -> None:
+    tools = (QEMU_BINARY, "gcc", "dpkg-deb", "apt-get", "ssh")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"real-guest tests need {', '.join(missing)}: run `bash scripts/dev.sh setup` "
+                    "(installs qemu-system-x86, gcc, libc6-dev, openssh-client)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Callable[[str], GuestImage]:
+    """Factory ``guest_image(series="6.1") -> GuestImage``; each series is built at most once."""
+    _require_tools()
+    built: dict[str, GuestImage] = {}
+
+    def get(series: str = "6.1") -> GuestImage:
+        if series not in built:
+            started = time.monotonic()
+            try:
+                built[series] = build_guest(series)
+            except GuestError as exc:
+                pytest.fail(f"building the {series} guest failed: {exc}", pytrace=False)
+            BUILD_TIMES.append((series, time.monotonic() - started))
+        return built[series]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def boot_guest(guest_image: Callable[[str], GuestImage]) -> BootGuest:
+    """``with boot_guest(series="6.1", **launch_kwargs) as guest:`` — always stopped afterwards."""
+
+    @contextlib.contextmanager
+    def boot(series: str = "6.1", **kwargs: Any) -> Iterator[Guest]:
+        guest = launch(guest_image(series), **kwargs)
+        BOOT_TIMES.append((series, guest.boot_seconds))
+        try:
+            yield guest
+        finally:
+            guest.stop()
+
+    return boot
+
+
+@pytest.fixture(scope="module")
+def launch_guest(boot_guest: BootGuest) -> Iterator[Callable[..., Guest]]:
+    """Factory ``launch_guest(series="6.1", **launch_kwargs) -> Guest``, stopped at the module's end."""
+    with contextlib.ExitStack() as stack:
+        yield lambda series="6.1", **kwargs: stack.enter_context(boot_guest(series, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def guest(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest]) -> Guest:
+    """The module's guest: kernel from ``GUEST_SERIES`` and launch options from ``GUEST_OPTIONS``."""
+    series = getattr(request.module, "GUEST_SERIES", "6.1")
+    options = dict(getattr(request.module, "GUEST_OPTIONS", {}))
+    return launch_guest(series, **options)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Report how long guest builds and boots took."""
+    if not BOOT_TIMES and not BUILD_TIMES:
+        return
+    terminalreporter.section("aradia guests")
+    for series, seconds in BUILD_TIMES:
+        terminalreporter.write_line(f"build {series:>5}: {seconds:6.2f} s")
+    for series, seconds in BOOT_TIMES:
+        terminalreporter.write_line(f"boot  {series:>5}: {seconds:6.2f} s")
