@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -555,3 +557,61 @@ def test_concurrent_reads_on_a_live_vm(live_vm: Vm) -> None:
             assert pmemsave(live_vm.q, addr, len(data)) == data
     finally:
         c.close()
+
+
+CRASHING_CLIENT = """
+import sys, time
+from aradia.proto.gdbrsp import GdbClient, BP_SOFTWARE
+c = GdbClient(sys.argv[1])
+c.write_memory(0x7000, bytes.fromhex(sys.argv[2]), physical=True)
+c.write_register("cs", 0, "p01.01")
+c.write_register("rip", 0x7000, "p01.01")
+c.set_breakpoint(BP_SOFTWARE, 0x7004)
+c.cont()
+print("hit" if c.wait_stop(10) else "miss", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_stale_breakpoint_of_a_killed_client_is_cleared(vm: Vm) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CLIENT, vm.gdb, LOOP.hex()],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "hit"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert status(vm.q) == "debug"  # frozen at the dead client's breakpoint, which stays armed
+    c = connect(vm.gdb)
+    try:
+        assert c.cleared_stale and c.vm_was_running  # detached (clearing it), then reconnected
+        c.restore_run_state()
+        assert c.wait_stop(0.5) is None  # the loop runs through 0x7004 now
+        assert status(vm.q) == "running"
+    finally:
+        c.close()
+    assert wait_status(vm.q, "running") == "running"
+
+
+@pytest.mark.timeout(60)
+def test_close_respects_run_state_changed_over_qmp(live_vm: Vm) -> None:
+    # we keep it running, QMP pauses it: closing must not resume it
+    c = connect(live_vm.gdb)
+    GdbMemory(c, [Segment(0, 256 * MIB, 0)]).read(0x1000, 8)
+    assert status(live_vm.q) == "running"
+    qmp(live_vm.q.qmp_path, "stop")
+    time.sleep(0.1)
+    c.close()
+    time.sleep(0.2)
+    assert status(live_vm.q) == "paused"
+    # we found it paused, QMP resumes it while we work on it: closing leaves it running
+    c = connect(live_vm.gdb)
+    assert not c.vm_was_running
+    c.read_memory(0, 8, physical=True)
+    qmp(live_vm.q.qmp_path, "cont")
+    c.close()  # restoring the physical mode finds the VM running: stop, restore, detach
+    assert wait_status(live_vm.q, "running") == "running"
+    c = connect(live_vm.gdb)
+    assert c.vm_was_running and c.request("qqemu.PhyMemMode") == b"0"
+    c.close()

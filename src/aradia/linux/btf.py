@@ -350,12 +350,32 @@ class Btf:
         return hit
 
     def _build_enumerators(self) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
+        """Every enumerator name -> (enum type id, value); the first definition wins."""
+        w = array("I")
+        w.frombytes(bytes(self.types_data))
+        by_off: dict[int, tuple[int, int, int]] = {}  # name offset -> (type id, raw value, kind)
         for i, k in enumerate(self.kinds):
-            if k == ENUM or k == ENUM64:
-                t = self.type(self.first_id + i)
-                for m in t.members:
-                    out.setdefault(m.name, (t.id, m.offset))
+            if k != ENUM and k != ENUM64:  # noqa: PLR1714 - faster than a tuple test in this loop
+                continue
+            at = self.offsets[i]
+            info = w[at + 1]
+            vlen, flag = info & 0xFFFF, info >> 31
+            tid = self.first_id + i
+            if k == ENUM:
+                for j in range(at + 3, at + 3 + 2 * vlen, 2):
+                    v = w[j + 1]
+                    by_off.setdefault(w[j], (tid, v - (1 << 32) if flag and v >= 1 << 31 else v, k))
+            else:
+                for j in range(at + 3, at + 3 + 3 * vlen, 3):
+                    v = w[j + 1] | w[j + 2] << 32
+                    by_off.setdefault(w[j], (tid, v - (1 << 64) if flag and v >= 1 << 63 else v, k))
+        out: dict[str, tuple[int, int]] = {}
+        for off, (tid, v, k) in by_off.items():
+            if k == ENUM and not (w[self.offsets[tid - self.first_id] + 1] >> 31):
+                # Unflagged (old) BTF: values are whatever the enum type says; let type() decide.
+                v = next((m.offset for m in self.type(tid).members if m.name == self._str(off)), v) \
+                    if v >= 1 << 31 else v
+            out.setdefault(self._str(off), (tid, v))
         return out
 
     def __len__(self) -> int:
@@ -535,7 +555,7 @@ class DrgnTypes:
             # Old-style bit fields (no kind_flag): an INT whose bit count is below its size.
             r = resolve(self.btf, tid)
             if self.btf.kind(r) == INT:
-                enc, boff, bits = self.btf.type(r).extra
+                _enc, boff, bits = self.btf.type(r).extra
                 if bits and (bits != 8 * self.btf.type(r).size or boff):
                     return self._drgn.Object(self.prog, self.convert(tid), bit_field_size=bits)
             return self.convert(tid)

@@ -15,7 +15,7 @@ from aradia.sources.base import PhysicalMemory
 
 BANNER_PREFIX = b"Linux version "
 _BANNER = re.compile(rb"^Linux version (\S+) \(.+\) .*#\S+.*$")
-_VMCOREINFO_KEY = re.compile(rb"^[A-Za-z0-9_()\[\].]+=.*$")
+_VMCOREINFO_KEY = re.compile(rb"^[A-Za-z0-9_()\[\].\-]+=.*$")
 MAX_BANNER = 512
 MAX_VMCOREINFO = 4096  # the kernel keeps it in one page
 

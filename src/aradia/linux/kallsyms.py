@@ -80,11 +80,14 @@ class KallsymsTables:
     def shifted(self, delta: int) -> KallsymsTables:
         """The same tables ``delta`` bytes further (e.g. physical -> virtual)."""
         def s(v: int | None) -> int | None:
-            return None if v is None else v + delta
+            return None if v is None else (v + delta) & 0xFFFF_FFFF_FFFF_FFFF
 
-        return replace(self, num_syms=self.num_syms + delta, names=self.names + delta,
-                       markers=self.markers + delta, token_table=self.token_table + delta,
-                       token_index=self.token_index + delta, offsets=s(self.offsets),
+        def m(v: int) -> int:
+            return (v + delta) & 0xFFFF_FFFF_FFFF_FFFF
+
+        return replace(self, num_syms=m(self.num_syms), names=m(self.names),
+                       markers=m(self.markers), token_table=m(self.token_table),
+                       token_index=m(self.token_index), offsets=s(self.offsets),
                        relative_base=s(self.relative_base), addresses=s(self.addresses),
                        seqs_of_names=s(self.seqs_of_names))
 
@@ -235,7 +238,7 @@ def names_digest(read: Reader, t: KallsymsTables) -> str:
 
 def _check_markers(read: Reader, t: KallsymsTables, marks: list[int]) -> None:
     raw = read(t.markers, len(marks) * t.marker_size)
-    fmt = "<%d%s" % (len(marks), "I" if t.marker_size == 4 else "Q")
+    fmt = f"<{len(marks)}{'I' if t.marker_size == 4 else 'Q'}"
     found = list(struct.unpack(fmt, raw))
     if found != marks:
         bad = next(i for i, (a, b) in enumerate(zip(found, marks, strict=True)) if a != b)
@@ -243,26 +246,24 @@ def _check_markers(read: Reader, t: KallsymsTables, marks: list[int]) -> None:
                             f"symbol {bad * 256} at {marks[bad]:#x}")
 
 
-def read_addresses(read: Reader, t: KallsymsTables) -> tuple[list[int], list[bool]]:
-    """Every symbol's address, and whether it is absolute (does not move with KASLR)."""
+def read_addresses(read: Reader, t: KallsymsTables) -> list[int]:
+    """Every symbol's address, in table order (checked to be sorted, as the kernel emits them)."""
     n = t.count
     if not 0 < n <= MAX_SYMS:
         raise KallsymsError(f"kallsyms_num_syms = {n} is implausible")
     if t.addresses is not None:
         addrs = list(array("Q", read(t.addresses, 8 * n)))
-        absolute = [False] * n
     elif t.offsets is not None and t.relative_base is not None:
         base = _U64.unpack(read(t.relative_base, 8))[0]
         offs = array("i", read(t.offsets, 4 * n))
         # Absolute-percpu layout: off >= 0 is a value, off < 0 is base - 1 - off. Plain
         # base-relative: base + (u32)off. The right reading is the one that gives sorted addresses.
-        absolute = [o >= 0 for o in offs]
-        addrs = [o if o >= 0 else base - 1 - o for o in offs]
-        if not _sorted(addrs) or not any(o < 0 for o in offs):
+        addrs = [o if o >= 0 else base - 1 - o for o in offs] if min(offs) < 0 else []
+        if not addrs or not _sorted(addrs):
             plain = [base + (o & 0xFFFFFFFF) for o in offs]
-            if _sorted(plain):
-                addrs, absolute = plain, [False] * n
-        if any(a >= 1 << 64 or a < 0 for a in addrs):
+            if _sorted(plain) or not addrs:
+                addrs = plain
+        if max(addrs) >= 1 << 64 or min(addrs) < 0:
             raise KallsymsError("kallsyms offsets give addresses outside 64 bits")
     else:
         raise KallsymsError("kallsyms tables have neither offsets nor addresses")
@@ -270,7 +271,7 @@ def read_addresses(read: Reader, t: KallsymsTables) -> tuple[list[int], list[boo
         bad = next(i for i in range(1, n) if addrs[i] < addrs[i - 1])
         raise KallsymsError(f"kallsyms addresses are not sorted (symbol {bad}: {addrs[bad]:#x} after "
                             f"{addrs[bad - 1]:#x})")
-    return addrs, absolute
+    return addrs
 
 
 def _sorted(a: list[int]) -> bool:
@@ -348,7 +349,7 @@ class SymbolTable:
 
 def read_kallsyms(read: Reader, t: KallsymsTables) -> list[KSym]:
     """Decode the whole table at ``t``: what ``/proc/kallsyms`` prints for vmlinux, in order."""
-    return symbols(decode_names(read, t), read_addresses(read, t)[0])
+    return symbols(decode_names(read, t), read_addresses(read, t))
 
 
 def format_proc_kallsyms(syms: list[KSym]) -> str:

@@ -50,9 +50,9 @@ class RamBackend:
 class Qemu:
     """One QEMU, reached through its QMP socket (the only QMP client QEMU allows at a time)."""
 
-    def __init__(self, qmp_path: str, *, greeting_timeout: float = 3.0) -> None:
+    def __init__(self, qmp_path: str | os.PathLike[str], *, greeting_timeout: float = 3.0) -> None:
         self.qmp = QMPClient(qmp_path, greeting_timeout=greeting_timeout)
-        self.path = qmp_path
+        self.path = self.qmp.path
         self.pid = self.qmp.pid
         self._state_lock = threading.Lock()
         self.epoch = 0

@@ -41,6 +41,8 @@ from aradia.errors import AradiaError, Busy, NotAttached, NotRAM, PageFault, Pro
 DEFAULT_TIMEOUT = 5.0
 BUSY_TIMEOUT = 3.0
 DEFAULT_WINDOW = 16
+#: Silence after which an exchange checks (with a probe) whether a running VM ate its packet.
+STALL_PROBE = 0.25
 #: How long a socket left queued behind another client waits to clean up after itself.
 QUEUED_SOCKET_LIFETIME = 3600.0
 
@@ -289,6 +291,12 @@ def _with_g_offsets(regs: list[RegisterInfo], g_size: int) -> list[RegisterInfo]
     return out
 
 
+def _parse_version(text: str) -> tuple[int, ...]:
+    """``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)`` -> (7, 2, 22)."""
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
 # --- addresses and busy detection ---------------------------------------------------------------------
 def parse_address(address: str | tuple[str, int]) -> tuple[int, object]:
     """``host:port``, ``tcp:host:port``, ``unix:/path`` or a path -> (address family, sockaddr)."""
@@ -401,7 +409,16 @@ def _linger_queued(sock: socket.socket, lifetime: float) -> None:
                     if was_running:
                         sock.sendall(b"+" + frame(b"D;1"))
                         time.sleep(0.2)
-                    return
+                        return
+                    # QEMU >= 8.1 does not say whether it just paused a running VM; a debugger
+                    # leaving usually let it run, and a guest frozen for good is the worse error
+                    sock.sendall(b"+" + frame(b"qRcmd," + binascii.hexlify(b"info version")))
+                elif payload.startswith(b"O") and len(payload) > 1:
+                    with contextlib.suppress(binascii.Error):
+                        if _parse_version(binascii.unhexlify(payload[1:]).decode("ascii", "replace")) >= (8, 1):
+                            sock.sendall(b"+" + frame(b"D;1"))
+                            time.sleep(0.2)
+                        return
             buf = buf[buf.rfind(b"$"):] if b"$" in buf else b""
     except OSError:
         return
@@ -415,7 +432,12 @@ class _Timeout(Exception):
 
 
 class _Disturbed(Exception):
-    """Internal: a stop reply, NAK or corrupt frame interrupted an exchange; resynchronise."""
+    """Internal: a stop reply, silence, NAK or corrupt frame interrupted an exchange; resynchronise."""
+
+    def __init__(self, why: str, transmission: bool = False) -> None:
+        super().__init__(why)
+        #: A transmission error (NAK, bad checksum) rather than a sign that the VM was running.
+        self.transmission = transmission
 
 
 class GdbClient:
@@ -423,13 +445,16 @@ class GdbClient:
 
     ``address`` is ``host:port``, ``tcp:host:port``, ``unix:/path``, a socket path or ``(host, port)``.
     Connecting pauses a running VM (QEMU does); :attr:`vm_was_running` tells whether it ran, and
-    :meth:`restore_run_state` continues it. Memory and register calls work whether the VM runs or
-    not: on a running VM they stop it, do their work and continue it (see :meth:`halted`).
+    :meth:`restore_run_state` continues it. QEMU 7.2 announces that pause with a ``T02``; QEMU 8.1
+    and later say nothing, so there the caller passes ``was_running`` (QMP ``query-status`` just
+    before connecting) or the VM is taken as paused. Memory and register calls work whether the
+    VM runs or not: on a running VM they stop it, do their work and continue it (:meth:`halted`).
     """
 
     def __init__(self, address: str | tuple[str, int], *, timeout: float = DEFAULT_TIMEOUT,
                  busy_timeout: float = BUSY_TIMEOUT, window: int = DEFAULT_WINDOW,
-                 check_busy: bool = True) -> None:
+                 check_busy: bool = True, clear_stale: bool = True,
+                 was_running: bool | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self.window = max(1, int(window))
@@ -451,8 +476,11 @@ class GdbClient:
         self._x_supported: bool | None = None
         #: Whether the VM is believed running (we continued it and saw no stop since).
         self.running = False
-        #: Whether the VM ran when we connected (QEMU paused it then).
-        self.vm_was_running = False
+        #: Whether the VM ran when we connected (QEMU paused it then); None if nobody can tell.
+        self.vm_was_running: bool | None = False
+        self._was_running_hint = was_running
+        #: QEMU's version (major, minor, micro) from HMP ``info version``, () if unknown.
+        self.qemu_version: tuple[int, ...] = ()
         self._want_running = False
         self._connect_paused = False
         self.features: dict[str, str] = {}
@@ -465,7 +493,32 @@ class GdbClient:
         self._sstep_at_connect: int | None = None
         self._sstep_changed = False
         self.stop_thread: str | None = None
+        #: QEMU's run state when we connected, from HMP ``info status`` ("running", "paused",
+        #: "paused (debug)", "paused (prelaunch)", ...).
+        self.state_at_connect = ""
+        #: Whether a vanished client's breakpoint held the VM when we connected (we cleared it).
+        self.cleared_stale = False
         self._connect(busy_timeout, check_busy)
+        if clear_stale and "debug" in self.state_at_connect:
+            self._clear_stale(busy_timeout)
+
+    def _clear_stale(self, busy_timeout: float) -> None:
+        """Detach and reconnect: a client that vanished left the VM stopped at its breakpoint.
+
+        QEMU keeps such breakpoints armed and offers no way to list them; ``D`` removes them all
+        and resumes the VM, which is what the vanished client's guest was doing before.
+        """
+        with self._lock:
+            self._request(b"D;1" if self.multiprocess else b"D", idempotent=False)
+            self._drop("detached to clear a stale breakpoint stop")
+        self._broken = None
+        self._buf.clear()
+        self._pos = 0
+        self._acks_owed = 0
+        self._ack_mode = True
+        self.features.clear()
+        self._connect(busy_timeout, True)
+        self.cleared_stale = True
 
     # --- connection ----------------------------------------------------------------------------
     def _where(self) -> str:
@@ -556,6 +609,20 @@ class GdbClient:
         sstep = self._request(b"qqemu.sstep")
         with contextlib.suppress(ValueError):
             self._sstep_at_connect = int(sstep.decode(), 16) if sstep else None
+        with contextlib.suppress(AradiaError):
+            self.qemu_version = _parse_version(self.monitor("info version"))
+        announced = self.vm_was_running
+        if self._was_running_hint is not None:
+            self.vm_was_running = self._was_running_hint
+        elif not announced and self.qemu_version >= (8, 1):
+            self.vm_was_running = None  # QEMU >= 8.1 pauses a running VM on connect silently
+        self._want_running = self._connect_paused = bool(self.vm_was_running)
+        if announced:
+            self.state_at_connect = "running"
+        else:
+            with contextlib.suppress(AradiaError):
+                status = self.monitor("info status")
+                self.state_at_connect = status.partition("VM status:")[2].strip() or status.strip()
 
     def _read_annex(self, annex: str) -> bytes:
         out = bytearray()
@@ -604,23 +671,23 @@ class GdbClient:
         return self._sock
 
     # --- bytes on the wire ---------------------------------------------------------------------
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, acks_first: bool = False) -> None:
+        """Send bytes with the acks we owe: after ordinary packets, before run-control ones.
+
+        Any byte reaching a running VM stops it. A trailing ack never comes first, so if the VM
+        was resumed behind our back it is our ``$`` that stops it (and is eaten) — which the
+        exchange notices. After ``c`` the VM runs, so there the acks must come first.
+        """
         sock = self._alive()
         if self._acks_owed:
-            data = b"+" * self._acks_owed + data
+            acks = b"+" * self._acks_owed
+            data = acks + data if acks_first else data + acks
             self._acks_owed = 0
         try:
             sock.sendall(data)
         except OSError as e:
             self._drop(f"{self._where()} went away ({e.strerror or e}); did QEMU exit?")
             raise NotAttached(self._broken or "") from e
-
-    def _flush_ack(self) -> None:
-        # Acks are owed lazily and ride on our next packet (a send costs ~25 us on loopback); QEMU
-        # never waits for them. An ack reaching a VM resumed behind our back stops it like any
-        # byte would, which the exchange logic treats like an eaten packet.
-        if self._acks_owed and self._sock is not None:
-            self._send(b"")
 
     def _fill(self, deadline: float) -> None:
         sock = self._alive()
@@ -651,7 +718,7 @@ class GdbClient:
             junk = buf[pos:start if start >= 0 else len(buf)]
             if b"-" in junk:
                 self._pos = start if start >= 0 else len(buf)
-                raise _Disturbed("the stub rejected a packet (NAK)")
+                raise _Disturbed("the stub rejected a packet (NAK)", transmission=True)
             if start < 0:
                 self._pos = len(buf)
             else:
@@ -668,7 +735,7 @@ class GdbClient:
                     except ValueError:
                         good = False
                     if not good:
-                        raise _Disturbed("a packet from the stub had a bad checksum")
+                        raise _Disturbed("a packet from the stub had a bad checksum", transmission=True)
                     return decode_rle(payload)
                 if end < 0 and len(buf) - start > _MAX_PACKET:
                     self._drop(f"{self._where()} sent a packet longer than {_MAX_PACKET} bytes")
@@ -694,6 +761,8 @@ class GdbClient:
         if provoked and ev.signal == _SIGINT:
             self._resume_on_exit = True
         else:
+            if ev.signal == _SIGINT:
+                self._want_running = False  # paused elsewhere (QMP stop): leave it paused
             self._events.append(ev)
 
     def _sync(self, interrupt: bool, deadline: float) -> list[bytes]:
@@ -735,8 +804,13 @@ class GdbClient:
                         self._pump(todo, replies, deadline, progress)
                         done += replies
                         return done
-                    except _Disturbed:
+                    except _Disturbed as e:
                         replies += self._sync(interrupt=True, deadline=deadline)
+                        if len(replies) < progress[0] and not e.transmission:
+                            # a packet reached a running VM: it stopped it and was eaten (QEMU
+                            # >= 8.1 says nothing; 7.2 sent T02, already noted): it ran, so resume
+                            self._resume_on_exit = True
+                            self.running = False
                     if len(replies) == progress[0]:
                         done += replies  # nothing was lost: go on with the rest
                     elif len(replies) > progress[0]:
@@ -761,7 +835,12 @@ class GdbClient:
         progress[0] = sent
         self._send(b"".join([frame(p) for p in packets[:sent]]))
         while len(replies) < n:
-            payload = self._read_frame(deadline)
+            try:
+                payload = self._read_frame(min(deadline, time.monotonic() + STALL_PROBE))
+            except _Timeout:
+                if time.monotonic() >= deadline:
+                    raise
+                raise _Disturbed("no answer yet: maybe eaten by a running VM") from None
             if is_stop_reply(payload):
                 self._on_stop(parse_stop_reply(payload), provoked=True)
                 raise _Disturbed("stop reply")
@@ -858,7 +937,7 @@ class GdbClient:
 
     def _continue(self) -> None:
         self._g_thread = None
-        self._send(frame(b"c"))
+        self._send(frame(b"c"), acks_first=True)
         self.running = True
 
     def interrupt(self) -> StopEvent | None:
@@ -867,6 +946,7 @@ class GdbClient:
             self._want_running = False
             self._connect_paused = False
             self._resume_on_exit = False
+            self._drain_async()
             self._ensure_stopped()
             stopped = self._resume_on_exit
             self._resume_on_exit = False
@@ -958,7 +1038,7 @@ class GdbClient:
         packet = b"vCont;s:%s" % tid.encode() if tid else b"s"
         self._g_thread = None
         deadline = time.monotonic() + timeout
-        self._send(frame(packet))
+        self._send(frame(packet), acks_first=True)
         self.running = True
         try:
             for _ in range(100000):
@@ -1265,40 +1345,36 @@ class GdbClient:
 
     def detach(self) -> None:
         """Remove our breakpoints, restore stub modes and detach (``D;1``); QEMU then resumes the VM."""
-        with self._lock:
-            if self._sock is None:
-                return
-            try:
-                if self.running:
-                    self._ensure_stopped()
-                self._cleanup()
-                reply = self._request(b"D;1" if self.multiprocess else b"D", idempotent=False)
-                if reply != b"OK":
-                    raise ProtocolError(f"{self._where()} refused to detach: {reply[:40]!r}")
-            finally:
-                self._drop("detached")
+        self._leave(resume=True)
 
     def close(self, resume: bool | None = None) -> None:
         """Leave the stub clean: breakpoints removed, physical mode and step flags restored.
 
-        ``resume`` None leaves the VM running if it ran when we connected or was continued since,
-        and paused otherwise (a paused VM is left by closing without ``D``, which would resume it).
+        ``resume`` None leaves the VM running if it ran when we connected or was continued since
+        (and nobody else paused it meanwhile), paused otherwise. A paused VM is left by closing
+        the connection without ``D``, because ``D`` always resumes the VM.
         """
+        self._leave(resume)
+
+    def _leave(self, resume: bool | None) -> None:
         with self._lock:
             if self._sock is None:
                 return
-            want = (self._want_running or self.running) if resume is None else resume
             try:
-                if want:
-                    self.detach()
-                    return
+                self._drain_async()  # a QMP stop we have not read yet decides what "as found" means
+                self._resume_on_exit = False
                 if self.running:
                     self._ensure_stopped()
+                self._cleanup()  # its packets may find the VM resumed behind our back: that counts
+                ran = self._resume_on_exit
                 self._resume_on_exit = False
-                self._cleanup()
-                self._flush_ack()
+                if (self._want_running or ran) if resume is None else resume:
+                    reply = self._request(b"D;1" if self.multiprocess else b"D", idempotent=False)
+                    if reply != b"OK":
+                        raise ProtocolError(f"{self._where()} refused to detach: {reply[:40]!r}")
             except NotAttached:
-                pass
+                if resume:
+                    raise
             finally:
                 self._drop("closed")
 

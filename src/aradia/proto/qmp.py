@@ -66,8 +66,8 @@ class QMPClient:
     are handed to listeners and kept in a bounded queue. ``on_event`` callbacks run on that thread.
     """
 
-    def __init__(self, path: str, *, greeting_timeout: float = GREETING_TIMEOUT) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, greeting_timeout: float = GREETING_TIMEOUT) -> None:
+        self.path = os.fspath(path)
         self.pid: int | None = None
         self.version: tuple[int, int, int] = (0, 0, 0)
         self.events: queue.Queue[QMPEvent] = queue.Queue(maxsize=10000)
