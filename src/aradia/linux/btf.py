@@ -355,7 +355,7 @@ class Btf:
         w.frombytes(bytes(self.types_data))
         by_off: dict[int, tuple[int, int, int]] = {}  # name offset -> (type id, raw value, kind)
         for i, k in enumerate(self.kinds):
-            if k != ENUM and k != ENUM64:  # noqa: PLR1714 - faster than a tuple test in this loop
+            if k != ENUM and k != ENUM64:
                 continue
             at = self.offsets[i]
             info = w[at + 1]

@@ -386,12 +386,20 @@ def _stub_held_elsewhere(family: int, sockaddr: object) -> bool:
 def _linger_queued(sock: socket.socket, lifetime: float) -> None:
     """Own a connection QEMU has not accepted yet; once it does, leave the VM as it was found.
 
-    QEMU pauses the VM when it accepts a connection (and says ``T02`` if it was running); a dead
-    queued socket would leave the guest paused after the current client detaches.
+    QEMU pauses the VM when it accepts a connection (7.2 says ``T02`` if it was running; 8.1 and
+    later say nothing). A dead queued socket would leave the guest paused after the current client
+    detaches. With a silent QEMU we cannot tell, and resume: a debugger that leaves usually lets
+    the guest run, and a guest frozen for good is the worse mistake.
     """
-    buf = b""
-    was_running = False
+    buf = bytearray()
+    pos = 0
+    was_running = asked = False
     deadline = time.monotonic() + lifetime
+
+    def detach() -> None:
+        sock.sendall(b"+" + frame(b"D;1"))
+        time.sleep(0.2)
+
     try:
         sock.settimeout(1.0)
         while time.monotonic() < deadline:
@@ -399,27 +407,31 @@ def _linger_queued(sock: socket.socket, lifetime: float) -> None:
                 data = sock.recv(65536)
             except TimeoutError:
                 continue
-            if not data:
+            if not data or len(buf) > _MAX_PACKET:
                 return
             buf += data
-            for payload in re.findall(rb"\$([^#]*)#", buf):
+            while True:
+                start = buf.find(b"$", pos)
+                end = buf.find(b"#", start + 1) if start >= 0 else -1
+                if end < 0 or len(buf) < end + 3:
+                    break
+                payload = bytes(buf[start + 1:end])
+                pos = end + 3
                 if is_stop_reply(payload):
                     was_running = True
-                elif payload.startswith(b"PacketSize") or b"multiprocess" in payload:
+                elif not asked and (b"PacketSize" in payload or b"multiprocess" in payload):
                     if was_running:
-                        sock.sendall(b"+" + frame(b"D;1"))
-                        time.sleep(0.2)
+                        detach()
                         return
-                    # QEMU >= 8.1 does not say whether it just paused a running VM; a debugger
-                    # leaving usually let it run, and a guest frozen for good is the worse error
+                    asked = True
                     sock.sendall(b"+" + frame(b"qRcmd," + binascii.hexlify(b"info version")))
-                elif payload.startswith(b"O") and len(payload) > 1:
-                    with contextlib.suppress(binascii.Error):
-                        if _parse_version(binascii.unhexlify(payload[1:]).decode("ascii", "replace")) >= (8, 1):
-                            sock.sendall(b"+" + frame(b"D;1"))
-                            time.sleep(0.2)
-                        return
-            buf = buf[buf.rfind(b"$"):] if b"$" in buf else b""
+                elif asked and _is_console(payload):
+                    text = binascii.unhexlify(payload[1:]).decode("ascii", "replace")
+                    if _parse_version(text) >= (8, 1):
+                        detach()
+                    return
+                elif asked:
+                    return
     except OSError:
         return
     finally:

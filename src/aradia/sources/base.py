@@ -86,6 +86,11 @@ class PhysicalMemory(ABC):
             raise AradiaError(f"negative read size {size}")
         if size == 0:
             return b""
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        if i >= 0 and paddr >= 0:
+            seg = self._segments[i]
+            if paddr + size <= seg.end:  # the common case: one segment, no splitting
+                return self._read_backing(seg, paddr - seg.gpa, size)
         parts = [self._read_backing(seg, off, n) for seg, off, n in self._pieces(paddr, size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

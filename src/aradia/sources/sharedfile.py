@@ -8,6 +8,7 @@ business.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,9 @@ class SharedFileMemory(PhysicalMemory):
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
+        # (first gpa, end gpa, file offset - gpa) of the segment the last read hit: most reads
+        # land in the big low-RAM segment, so this skips the search.
+        self._hot = (0, 0, 0)
 
     def _check(self) -> None:
         # The mapping outlives QEMU: without this a read after QEMU exited would return stale RAM.
@@ -50,7 +54,19 @@ class SharedFileMemory(PhysicalMemory):
 
     def read(self, paddr: int, size: int) -> bytes:
         """Read guest-physical memory (a slice of the shared mapping)."""
-        self._check()
+        if self._alive is not None and not self._alive():
+            self._check()
+        lo, hi, delta = self._hot
+        if lo <= paddr and paddr + size <= hi and size > 0:
+            start = paddr + delta
+            return self._map[start : start + size]
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        if i >= 0 and size > 0 and paddr >= 0:
+            seg = self._segments[i]
+            if paddr + size <= seg.end:
+                self._hot = (seg.gpa, seg.end, seg.backing - seg.gpa)
+                start = paddr - seg.gpa + seg.backing
+                return self._map[start : start + size]
         return super().read(paddr, size)
 
     def write(self, paddr: int, data: bytes) -> None:
@@ -78,4 +94,5 @@ class SharedFileMemory(PhysicalMemory):
         if getattr(self, "_view", None) is not None:
             self._view.release()
             self._view = None  # type: ignore[assignment]
+            self._hot = (0, 0, 0)
             self._map.close()
