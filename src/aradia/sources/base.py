@@ -112,15 +112,19 @@ class PhysicalMemory(ABC):
             return False
         return True
 
-    def search(self, needle: bytes, *, limit: int = 1 << 20, chunk: int = 4 << 20) -> Iterator[int]:
-        """Yield guest-physical addresses where ``needle`` occurs, in address order, at most ``limit``.
-
-        Matches never span two segments (separate RAM ranges are not contiguous memory).
+    def search(self, needle: bytes, *, start: int = 0, end: int | None = None, limit: int = 1 << 20,
+               chunk: int = 4 << 20) -> Iterator[int]:
+        """Yield guest-physical addresses in ``[start, end)`` where ``needle`` occurs, in address order,
+        at most ``limit``. Matches never span two segments (separate RAM ranges are not contiguous).
         """
         if not needle:
             raise AradiaError("empty search pattern")
         found = 0
-        for seg in self._segments:
+        for whole in self._segments:
+            lo, hi = max(whole.gpa, start), min(whole.end, end if end is not None else whole.end)
+            if hi - lo < len(needle):
+                continue
+            seg = Segment(lo, hi - lo, whole.backing + (lo - whole.gpa))
             for off in self._find_in_segment(seg, needle, chunk):
                 yield seg.gpa + off
                 found += 1
