@@ -130,10 +130,13 @@ def gdb_qemu(*, paused: bool, smp: int = 2, unix: bool = False) -> Iterator[Vm]:
         gdb = f"127.0.0.1:{free_port()}"
         dev = f"tcp:{gdb}"
     extra = ("-gdb", dev, *(("-S",) if paused else ()))
+    q: BareQemu | None = None
     try:
         with bare_qemu(smp=smp, extra=extra) as q:
             yield Vm(q, gdb)
     finally:
+        if q is not None and q.proc.stderr is not None:
+            q.proc.stderr.close()  # bare_qemu leaves its stderr pipe open
         if unix:
             with contextlib.suppress(OSError):
                 os.unlink(gdb)
@@ -582,6 +585,8 @@ def test_stale_breakpoint_of_a_killed_client_is_cleared(vm: Vm) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert status(vm.q) == "debug"  # frozen at the dead client's breakpoint, which stays armed
     c = connect(vm.gdb)
     try:
@@ -615,3 +620,37 @@ def test_close_respects_run_state_changed_over_qmp(live_vm: Vm) -> None:
     c = connect(live_vm.gdb)
     assert c.vm_was_running and c.request("qqemu.PhyMemMode") == b"0"
     c.close()
+
+
+@pytest.mark.timeout(60)
+def test_read_survives_a_frozen_qemu(vm: Vm) -> None:
+    # silence makes the client probe (QEMU >= 8.1 eats packets sent to a running VM without a
+    # word); a merely slow QEMU must still give every reply exactly once
+    with connect(vm.gdb) as c:
+        data = c.read_memory(0x100000, 256 * 1024, physical=True)
+        os.kill(vm.q.pid, signal.SIGSTOP)
+        timer = threading.Timer(0.8, os.kill, (vm.q.pid, signal.SIGCONT))
+        timer.start()
+        try:
+            t = time.monotonic()
+            assert c.read_memory(0x100000, 256 * 1024, physical=True) == data
+            assert time.monotonic() - t >= 0.7
+        finally:
+            timer.join()
+            os.kill(vm.q.pid, signal.SIGCONT)
+        assert c.registers()["rip"] == 0xFFF0
+        assert status(vm.q) == "prelaunch"  # nothing was resumed
+
+
+@pytest.mark.timeout(60)
+def test_memory_source_owning_its_connection(live_vm: Vm) -> None:
+    ram = [Segment(0, 0xA0000, 0), Segment(0x100000, 255 * MIB, 0x100000)]
+    with GdbMemory.connect(live_vm.gdb, ram) as mem:
+        assert wait_status(live_vm.q, "running") == "running"
+        mem.write(0x200000, b"aradia")
+        assert mem.read(0x200000, 6) == b"aradia" == pmemsave(live_vm.q, 0x200000, 6)
+        with pytest.raises(NotRAM):
+            mem.read(0xA0000, 1)
+    c = connect(live_vm.gdb)  # the source closed its connection: the stub is free again
+    c.close()
+    assert wait_status(live_vm.q, "running") == "running"

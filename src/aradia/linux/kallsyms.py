@@ -17,6 +17,10 @@ to 8 bytes, as Linux 5.10 to 6.12 lay them out:
   per symbol at first, a u32 later. Not needed for decoding.
 * ``kallsyms_token_table``: 256 NUL-terminated tokens, ``kallsyms_token_index``: 256 u16 offsets.
 
+Up to 6.11 they come in the order above (offsets first); 6.12 (Debian's, measured) emits
+``num_syms``, names, markers, token table and index first and the offsets and relative base after
+them. :func:`locate_tables` accepts either order.
+
 Every count and length read from the guest is bounded, and the decoded table is checked (markers
 agree with the names stream, addresses are sorted, type letters are letters), so corrupt memory
 gives :class:`~aradia.errors.GuestDataCorrupt` naming what is wrong instead of a wrong table.
@@ -40,6 +44,7 @@ Reader = Callable[[int, int], bytes]
 """``read(address, size) -> bytes`` in whatever address space the tables were located in."""
 
 MAX_SYMS = 1 << 21
+MAX_WALK = 1 << 24  # names-stream entries walked over all wrong guesses while locating the tables
 MAX_NAMES_BYTES = 64 << 20
 MAX_TOKEN_TABLE = 64 << 10
 KSYM_NAME_LEN = 512
@@ -145,38 +150,45 @@ def _check_token_index(table: bytes, index: tuple[int, ...]) -> bool:
     return pos == len(table)
 
 
+class _BadStream(KallsymsError):
+    """A names stream that does not decode; ``at`` is how many symbols were walked first."""
+
+    def __init__(self, msg: str, at: int) -> None:
+        super().__init__(msg)
+        self.at = at
+
+
 def _skip_names(stream: bytes | memoryview, count: int, tokens: list[bytes] | None,
                 heads: list[int] | None = None) -> tuple[list[int], int]:
     """Walk ``count`` entries of a names stream; returns (marker offsets, end offset).
 
     With ``tokens``, every entry's first token must expand to a valid type letter (cheap rejection
-    of a wrong guess at where the stream starts). ``heads`` collects the offset of every length byte.
+    of a wrong guess at where the stream starts). ``heads`` receives the offset of every length byte.
     """
-    markers: list[int] = []
     pos = 0
     n = len(stream)
-    first_ok = None if tokens is None else [bool(t) and t[0] in TYPE_CHARS for t in tokens]
-    for i in range(count):
-        if not i & 0xFF:
-            markers.append(pos)
-        if heads is not None:
-            heads.append(pos)
-        if pos >= n:
-            raise KallsymsError(f"kallsyms names stream ends inside symbol {i} of {count}")
-        length = stream[pos]
-        if length & 0x80:
-            if pos + 1 >= n:
-                raise KallsymsError(f"kallsyms names stream ends inside symbol {i} of {count}")
-            length = (length & 0x7F) | (stream[pos + 1] << 7)
-            pos += 2
-        else:
-            pos += 1
-        if length == 0 or pos + length > n:
-            raise KallsymsError(f"kallsyms symbol {i} has an impossible length {length}")
-        if first_ok is not None and not first_ok[stream[pos]]:
-            raise KallsymsError(f"kallsyms symbol {i} has no type letter")
-        pos += length
-    return markers, pos
+    ok = [True] * 256 if tokens is None else [bool(t) and t[0] in TYPE_CHARS for t in tokens]
+    starts = [0] * count
+    i = 0
+    try:
+        for i in range(count):
+            starts[i] = pos
+            length = stream[pos]
+            if length & 0x80:
+                length = (length & 0x7F) | (stream[pos + 1] << 7)
+                pos += 2
+            else:
+                pos += 1
+            if not length or not ok[stream[pos]]:
+                raise _BadStream(f"kallsyms symbol {i} has no type letter or a zero length", i)
+            pos += length
+    except IndexError:
+        raise _BadStream(f"kallsyms names stream ends inside symbol {i} of {count}", i) from None
+    if pos > n:
+        raise _BadStream(f"kallsyms names stream ends inside symbol {count - 1} of {count}", count)
+    if heads is not None:
+        heads.extend(starts)
+    return starts[::256], pos
 
 
 _SEP, _SKIP = 256, 257  # pseudo-tokens: a newline before each symbol, nothing for a 2nd length byte
@@ -407,12 +419,13 @@ def find_token_tables(mem: PhysicalMemory, *, limit: int = 64) -> Iterator[tuple
     to the index that follows the table, and check the index describes the table exactly.
     """
     for hit in mem.search(DIGIT_TOKENS, limit=limit):
-        found = _table_around(mem, hit)
+        found = token_table_at(mem, hit)
         if found is not None:
             yield found
 
 
-def _table_around(mem: PhysicalMemory, hit: int) -> tuple[int, int] | None:
+def token_table_at(mem: PhysicalMemory, hit: int) -> tuple[int, int] | None:
+    """(token_table, token_index) if the digit tokens at ``hit`` belong to a valid token table."""
     n = MAX_TOKEN_TABLE + 1024
     while n > 4096 and not mem.is_ram(hit, n):
         n //= 2
@@ -445,9 +458,10 @@ def locate_tables(mem: PhysicalMemory, token_table: int, token_index: int,
     """Find the other tables around a token table in physical memory (no symbols needed).
 
     ``kallsyms_num_syms`` + names + markers (+ seqs_of_names) end at the token table; the first of
-    them is found by trying count words in the ``window`` before it, the ones right after a kernel
-    address (``kallsyms_relative_base``) first, and accepting the first one whose names stream decodes
-    and agrees with its markers.
+    them is found by trying count words in the ``window`` before it and accepting the first whose
+    names stream decodes and agrees with its markers. Tried first: counts that fit markers ending
+    right at the token table (no seqs_of_names in between: 5.10, 6.12), then counts right after a
+    kernel address (``kallsyms_relative_base``: the 5.10-6.11 order), then every other word.
     """
     lo = max(0, token_table - window)
     while lo < token_table and not mem.is_ram(lo, token_table - lo):
@@ -458,8 +472,9 @@ def locate_tables(mem: PhysicalMemory, token_table: int, token_index: int,
     probe = KallsymsTables(0, 0, 0, token_table, token_index)
     after_base = [m.start() + 4 for m in _COUNT_AFTER_BASE.finditer(data)]
     after_base.reverse()
-    tried = 0
-    for prefer_base, cands in ((True, after_base), (False, range(len(data) - 16, 0, -8))):
+    everything = range(((lo + len(data) - 16) & ~7) - lo, 0, -8)
+    tried = work = 0
+    for cands in (_before_markers(data), after_base, everything):
         for off in cands:
             if (lo + off) & 7 or off + 8 > len(data):
                 continue
@@ -472,37 +487,67 @@ def locate_tables(mem: PhysicalMemory, token_table: int, token_index: int,
             t = replace(probe, num_syms=lo + off, names=lo + off + 8, count=count)
             try:
                 t = _find_markers(mem.read, t, token_table, tokens, view[off + 8:])
+            except _BadStream as e:
+                work += e.at
+                if work > MAX_WALK:
+                    raise KallsymsError("kallsyms tables not found near the token table (search budget "
+                                        "exhausted: corrupt or hostile memory?)") from None
+                continue
             except AradiaError:
                 continue
-            if prefer_base or _has_base(mem, t):
-                return _addresses_before(mem, t)
-            return _addresses_after(mem, t)
+            return _with_addresses(mem, t)
     raise KallsymsError(f"no kallsyms names stream found before the token table at {token_table:#x}")
 
 
-def _has_base(mem: PhysicalMemory, t: KallsymsTables) -> bool:
-    word = mem.read(t.num_syms - 8, 8)
-    return word[4:] == b"\xff\xff\xff\xff"
+def _before_markers(data: bytes) -> list[int]:
+    """Offsets in ``data`` (which ends at the token table) where ``kallsyms_num_syms`` can be if the
+    u32 markers end right before the token table: walk the markers back to their leading 0, then
+    the names stream ends there and its 256-symbol blocks give the count to within 256."""
+    p = len(data) - 4
+    if p < 8:
+        return []
+    if struct.unpack_from("<I", data, p)[0] == 0:
+        p -= 4  # alignment padding
+    vals: list[int] = []
+    while p >= 0 and len(vals) <= MAX_SYMS // 256:
+        v = struct.unpack_from("<I", data, p)[0]
+        if vals and v >= vals[-1]:
+            return []
+        vals.append(v)
+        if v == 0:
+            break
+        p -= 4
+    if len(vals) < 2 or vals[-1] != 0:
+        return []
+    markers, blocks, last = p, len(vals), vals[0]
+    hi = (markers - last) & ~7  # names start at most here (the last block holds >= 1 symbol)
+    out = []
+    for names in range(hi, max(8, hi - 256 * (KSYM_NAME_LEN + 2)), -8):
+        count, pad = struct.unpack_from("<II", data, names - 8)
+        if 256 * (blocks - 1) < count <= 256 * blocks and not pad:
+            out.append(names - 8)
+    return out
 
 
-def _addresses_before(mem: PhysicalMemory, t: KallsymsTables) -> KallsymsTables:
-    """Old order: offsets (N x s32) then relative_base, right before num_syms."""
-    base = t.num_syms - 8
-    offsets = base - _align8(4 * t.count)
-    cand = replace(t, relative_base=base, offsets=offsets)
-    try:
-        read_addresses(mem.read, cand)
-        return cand
-    except AradiaError:
-        pass
-    addrs = replace(t, addresses=t.num_syms - 8 * t.count)
-    read_addresses(mem.read, addrs)
-    return addrs
-
-
-def _addresses_after(mem: PhysicalMemory, t: KallsymsTables) -> KallsymsTables:
-    """Newer order: offsets then relative_base after the token index."""
-    offsets = _align8(t.token_index + 512)
-    cand = replace(t, offsets=offsets, relative_base=_align8(offsets + 4 * t.count))
-    read_addresses(mem.read, cand)
-    return cand
+def _with_addresses(mem: PhysicalMemory, t: KallsymsTables) -> KallsymsTables:
+    """Add where the addresses are: offsets + relative_base before num_syms (5.10-6.11), the same
+    after the token index (6.12), or an absolute kallsyms_addresses table before num_syms."""
+    base_before = t.num_syms - 8
+    offsets_after = _align8(t.token_index + 512)
+    cands = [
+        replace(t, relative_base=base_before, offsets=base_before - _align8(4 * t.count)),
+        replace(t, offsets=offsets_after, relative_base=_align8(offsets_after + 4 * t.count)),
+        replace(t, addresses=t.num_syms - 8 * t.count),
+    ]
+    for cand in cands:
+        try:
+            if cand.relative_base is not None:
+                base = _U64.unpack(mem.read(cand.relative_base, 8))[0]
+                if base >> 47 != 0x1FFFF:
+                    continue
+            addrs = read_addresses(mem.read, cand)
+        except AradiaError:
+            continue
+        if addrs[-1] >> 47 == 0x1FFFF:
+            return cand
+    raise KallsymsError("kallsyms addresses not found next to the names and token tables")

@@ -218,28 +218,11 @@ def _cpus(vm: Any) -> list[Any]:
         return []
 
 
-def _search_window(mem: PhysicalMemory, needle: bytes, lo: int, hi: int) -> Iterator[int]:
-    """Addresses of ``needle`` within physical ``[lo, hi)`` (RAM parts only)."""
-    for r in mem.ranges():
-        a, b = max(lo, r.start), min(hi, r.end)
-        if a >= b:
-            continue
-        step = 8 << 20
-        pos = a
-        while pos < b:
-            n = min(step + len(needle) - 1, b - pos)
-            data = mem.read(pos, n)
-            i = data.find(needle)
-            while i >= 0:
-                yield pos + i
-                i = data.find(needle, i + 1)
-            pos += step
-
-
 def _token_tables(mem: PhysicalMemory, windows: list[tuple[int, int]],
                   whole_ram: bool) -> Iterator[tuple[int, int]]:
     seen: set[int] = set()
-    sources: list[Iterator[int]] = [_search_window(mem, ks.DIGIT_TOKENS, lo, hi) for lo, hi in windows]
+    sources: list[Iterator[int]] = [mem.search(ks.DIGIT_TOKENS, start=lo, end=hi, limit=256)
+                                    for lo, hi in windows]
     if whole_ram:
         sources.append(mem.search(ks.DIGIT_TOKENS, limit=256))
     for hits in sources:
@@ -247,7 +230,7 @@ def _token_tables(mem: PhysicalMemory, windows: list[tuple[int, int]],
             if hit in seen:
                 continue
             seen.add(hit)
-            found = ks._table_around(mem, hit)
+            found = ks.token_table_at(mem, hit)
             if found is not None:
                 yield found
 
@@ -422,7 +405,8 @@ def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCac
                     cached["layout"] = True
         if tables is None and anchor.sym("kallsyms_names") is not None:
             tm.say("reading the kallsyms tables named by VMCOREINFO")
-            tables = ks.tables_from_symbols(read_v, anchor.sym)
+            with contextlib.suppress(AradiaError):  # bad symbols: fall back to scanning
+                tables = ks.tables_from_symbols(read_v, anchor.sym)
         if tables is None:
             tm.say("scanning the kernel image for the kallsyms tables")
             stext = anchor.sym("_stext") or DEFAULT_START_KERNEL + anchor.slide
@@ -459,9 +443,9 @@ def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCac
     if text_va is None or text_va < KERNEL_HALF:
         raise GuestDataCorrupt("kallsyms has no _text symbol in the kernel half")
     if anchor is None:
+        # kaslr_offset() is _text - __START_KERNEL; __START_KERNEL is 16 MiB into the kernel map
+        # unless CONFIG_PHYSICAL_START was changed (then this is the slide plus that difference).
         slide = (text_va - DEFAULT_START_KERNEL) & MASK64
-        if slide & (PHYSICAL_ALIGN - 1) or slide >= MAX_IMAGE:
-            slide = (text_va & ~(PHYSICAL_ALIGN - 1)) - DEFAULT_START_KERNEL
         assert phys_tables is not None
         phys_base, la57_found = _phys_base_by_scan(mem, symtab, phys_tables, text_va)
         anchor = _Anchor(slide & MASK64, phys_base, {}, None)

@@ -73,6 +73,8 @@ GLOBAL_TYPES: dict[str, str] = {
     "cgrp_dfl_root": "struct cgroup_root",
     "root_task_group": "struct task_group",
     "init_thread_union": "union thread_union",
+    "task_struct_cachep": "struct kmem_cache *",
+    "thread_stack_cache": "struct kmem_cache *",
     # modules
     "modules": "struct list_head",
     "mod_tree": "struct mod_tree_root",
@@ -108,6 +110,14 @@ GLOBAL_TYPES: dict[str, str] = {
     "nr_swapfiles": "unsigned int",
     "swap_info": "struct swap_info_struct *[]",
     "total_swap_pages": "long",
+    "nr_swap_pages": "atomic_long_t",
+    "swapper_spaces": "struct address_space *[]",
+    "nr_swapper_spaces": "unsigned int []",
+    "vm_committed_as": "struct percpu_counter",
+    "sysctl_overcommit_ratio": "int",
+    "sysctl_overcommit_kbytes": "unsigned long",
+    "hstates": "struct hstate []",
+    "hugetlb_max_hstate": "int",
     "iomem_resource": "struct resource",
     "ioport_resource": "struct resource",
     # CPUs, time, IRQs
@@ -123,6 +133,8 @@ GLOBAL_TYPES: dict[str, str] = {
     "avenrun": "unsigned long [3]",
     "nr_irqs": "int",
     "idt_table": "gate_desc []",
+    "irq_desc_tree": "struct radix_tree_root",  # up to 6.4
+    "sparse_irqs": "struct maple_tree",  # 6.5+
     # file systems
     "super_blocks": "struct list_head",
     "mount_hashtable": "struct hlist_head *",
@@ -142,6 +154,13 @@ GLOBAL_TYPES: dict[str, str] = {
     # devices, bpf
     "pci_root_buses": "struct list_head",
     "devices_kset": "struct kset *",
+    "pci_bus_type": "struct bus_type",
+    "device_ktype": "struct kobj_type",
+    "driver_ktype": "struct kobj_type",
+    "bus_ktype": "struct kobj_type",
+    "class_ktype": "struct kobj_type",
+    "module_ktype": "struct kobj_type",
+    "block_class": "struct class",
     "class_kset": "struct kset *",
     "bus_kset": "struct kset *",
     "prog_idr": "struct idr",
@@ -153,12 +172,20 @@ GLOBAL_TYPES: dict[str, str] = {
     "saved_command_line": "char *",
     "boot_command_line": "char []",
     "tainted_mask": "unsigned long",
+    "taint_flags": "const struct taint_flag []",
+    "gfpflag_names": "const struct trace_print_flags []",
     "kptr_restrict": "int",
     "vmcoreinfo_data": "unsigned char *",
     "kernel_config_data": "char []",
     "system_state": "enum system_states",
 }
 """Ordinary (non-per-CPU) globals whose C type aradia vouches for; see the module docstring."""
+
+STRING_ARRAYS: dict[str, int] = {"task_state_array": 32}
+"""Globals that are arrays of ``const char *`` whose *length* helpers need (``len()``), with a bound.
+
+The length is what memory shows: the entries from the symbol up to the next symbol that point into
+the kernel image at a short printable string (the array is followed by padding or other data)."""
 
 _FUNC_LETTERS = frozenset("tTwW")
 _DATA_LETTERS = frozenset("dDbBrRvVgGsSaA")
@@ -254,6 +281,8 @@ class KernelFinders:
                     addr = self._address(name, _FUNC_LETTERS if kind == FUNC else _DATA_LETTERS)
                     if addr is not None:
                         return drgn.Object(self.prog, self.types.convert(tid), address=addr)  # type: ignore[union-attr]
+        if want_var and name in STRING_ARRAYS:
+            return self._string_array(name, STRING_ARRAYS[name])
         if want_var and name in GLOBAL_TYPES:
             addr = self._address(name, _DATA_LETTERS)
             if addr is not None:
@@ -263,6 +292,31 @@ class KernelFinders:
                     return None
                 return drgn.Object(self.prog, typ, address=addr)
         return None
+
+    def _string_array(self, name: str, limit: int) -> drgn.Object | None:
+        t = self.symtab
+        i = t.index_of(name)
+        text, end = self.profile.symbol("_text"), self.profile.symbol("_end")
+        if i is None or text is None or end is None:
+            return None
+        addr = t.addresses[i]
+        n = min(limit, t.size(i) // 8)
+        count = 0
+        with contextlib.suppress(drgn.FaultError):
+            raw = self.prog.read(addr, 8 * n)
+            for k in range(n):
+                p = int.from_bytes(raw[8 * k:8 * k + 8], "little")
+                if not text <= p < end:
+                    break
+                s = self.prog.read(p, 64).split(b"\0", 1)
+                if len(s) < 2 or not s[0] or not all(32 <= c < 127 for c in s[0]):
+                    break
+                count += 1
+        if not count:
+            return None
+        elem = self.prog.pointer_type(self.prog.type("char").qualified(drgn.Qualifiers.CONST)).qualified(
+            drgn.Qualifiers.CONST)
+        return drgn.Object(self.prog, self.prog.array_type(elem, count), address=addr)
 
     def _address(self, name: str, letters: frozenset[str]) -> int | None:
         t = self.symtab

@@ -148,6 +148,11 @@ def is_stop_reply(payload: bytes) -> bool:
     return bool(_STOP_RE.match(payload))
 
 
+def _resumes(packet: bytes) -> bool:
+    """Whether a packet lets the VM run (after it, any byte we send would stop the VM again)."""
+    return packet[:1] in (b"c", b"C", b"s", b"S", b"D") or packet.startswith(b"vCont;")
+
+
 def _is_console(payload: bytes) -> bool:
     """``O<hex>`` console output (``OK`` is not: K is no hex digit)."""
     return (len(payload) > 1 and payload[0] == 0x4F and len(payload) % 2 == 1
@@ -529,6 +534,7 @@ class GdbClient:
         self._acks_owed = 0
         self._ack_mode = True
         self.features.clear()
+        self._was_running_hint = True  # D resumed it; QEMU >= 8.1 will not say so on connect
         self._connect(busy_timeout, True)
         self.cleared_stale = True
 
@@ -577,6 +583,10 @@ class GdbClient:
             with self._lock:
                 self._handshake()
         except BaseException:
+            if self.vm_was_running and self._sock is not None:
+                with contextlib.suppress(Exception):  # give back the VM our connect paused
+                    self._sock.settimeout(1.0)
+                    self._sock.sendall(b"+" + frame(b"D;1"))
             self._drop("handshake failed")
             raise
 
@@ -845,7 +855,7 @@ class GdbClient:
         refill = max(1, window // 2)  # one send per half window: each send costs ~25 us on loopback
         sent = min(window, n)
         progress[0] = sent
-        self._send(b"".join([frame(p) for p in packets[:sent]]))
+        self._send(b"".join([frame(p) for p in packets[:sent]]), acks_first=_resumes(packets[0]))
         while len(replies) < n:
             try:
                 payload = self._read_frame(min(deadline, time.monotonic() + STALL_PROBE))
@@ -1065,8 +1075,9 @@ class GdbClient:
                     return ev
                 if _is_console(payload):
                     self._note_console(payload)
-                elif payload == b"":
-                    raise ProtocolError(f"{self._where()} does not support {packet.decode()}")
+                elif payload == b"" or _ERR_RE.match(payload):
+                    self.running = False
+                    raise ProtocolError(f"{self._where()} refused {packet.decode()}: {payload!r}")
         except _Disturbed:
             pass
         except _Timeout:
@@ -1083,7 +1094,7 @@ class GdbClient:
         for item in reply.split(",")[:32]:
             k, _, v = item.partition("=")
             with contextlib.suppress(ValueError):
-                out[k] = int(v, 0)
+                out[k] = int(v.removeprefix("0x"), 16)
         return out
 
     def sstep_flags(self) -> int:
@@ -1209,22 +1220,26 @@ class GdbClient:
             raise AradiaError(f"bad memory range {addr:#x}+{size:#x}")
         if size == 0:
             return b""
+        out = bytearray()
         with self.halted():
             self._set_phys(physical)
             chunk = self._m_chunk
-            packets = [b"m%x,%x" % (a, min(chunk, addr + size - a)) for a in range(addr, addr + size, chunk)]
-            replies = self._exchange(packets)
-            if chunk > 2048 and replies[0] == b"E22":
-                self._m_chunk = 2048  # a stub advertising a bigger PacketSize than its m limit
-                return self.read_memory(addr, size, physical=physical)
-            for pkt, reply in zip(packets, replies, strict=True):
-                a, n = (int(x, 16) for x in pkt[1:].split(b","))
-                if len(reply) != 2 * n or _ERR_RE.match(reply):
-                    raise self._memory_error(a, n, reply, physical)
-            try:
-                return binascii.unhexlify(b"".join(replies))
-            except binascii.Error:
-                raise ProtocolError(f"{self._where()} sent non-hex memory at {addr:#x}") from None
+            batch = chunk * 512  # bounded batches: memory stays ~ the result, not 3x it
+            for start in range(addr, addr + size, batch):
+                stop = min(addr + size, start + batch)
+                pieces = [(a, min(chunk, stop - a)) for a in range(start, stop, chunk)]
+                replies = self._exchange([b"m%x,%x" % piece for piece in pieces])
+                if chunk > 2048 and replies[0] == b"E22":
+                    self._m_chunk = 2048  # a stub advertising a bigger PacketSize than its m limit
+                    return self.read_memory(addr, size, physical=physical)
+                for (a, n), reply in zip(pieces, replies, strict=True):
+                    if len(reply) != 2 * n or _ERR_RE.match(reply):
+                        raise self._memory_error(a, n, reply, physical)
+                try:
+                    out += binascii.unhexlify(b"".join(replies))
+                except binascii.Error:
+                    raise ProtocolError(f"{self._where()} sent non-hex memory near {start:#x}") from None
+        return bytes(out)
 
     def write_memory(self, addr: int, data: bytes, *, physical: bool = False) -> None:
         """Write guest memory (``X`` with escaping if the stub has it, else hex ``M``).

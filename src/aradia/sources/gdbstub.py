@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from aradia.errors import ProtocolError
 from aradia.proto.gdbrsp import GdbClient
@@ -74,7 +75,10 @@ class GdbMemory(PhysicalMemory):
     """Guest-physical memory read and written through a :class:`GdbClient`.
 
     Each segment's ``backing`` is its guest-physical address. If connecting the client paused a
-    running VM, the VM is continued here; afterwards every call leaves the VM as it found it.
+    running VM, the VM is continued here; afterwards every call leaves the VM as it found it: a
+    running VM is stopped for the call (~0.1-0.2 ms plus the read) and continued, a paused one
+    (QMP ``stop``, a breakpoint) stays paused. Each such stop/continue is also a QMP STOP/RESUME
+    event. The RAM map is a snapshot: a guest remapping memory later (PAM, hotplug) needs a new one.
     """
 
     kind = "gdb"
@@ -89,9 +93,13 @@ class GdbMemory(PhysicalMemory):
 
     @classmethod
     def connect(cls, address: str | tuple[str, int], segments: Iterable[Segment] | None = None,
-                **client_options: float) -> GdbMemory:
-        """Connect to a stub and wrap it; :meth:`close` then closes the connection too."""
-        client = GdbClient(address, **client_options)  # type: ignore[arg-type]
+                **client_options: Any) -> GdbMemory:
+        """Connect to a stub and wrap it; :meth:`close` then closes the connection too.
+
+        On QEMU 8.1 and later pass ``was_running`` (from QMP) so that the VM the connection paused
+        is continued: those versions do not say whether it ran.
+        """
+        client = GdbClient(address, **client_options)
         try:
             return cls(client, segments, own_client=True)
         except BaseException:
