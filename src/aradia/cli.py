@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -144,6 +146,118 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _kernel(vm: Any) -> Any:
+    tty = sys.stderr.isatty()
+
+    def progress(msg: str) -> None:
+        if tty:
+            sys.stderr.write(f"\r\033[Karadia: {msg}")
+            sys.stderr.flush()
+
+    kernel = vm.load_kernel(progress)
+    if tty:
+        sys.stderr.write("\r\033[K")
+    return kernel
+
+
+def _view(args: argparse.Namespace, fetch: Callable[[Any], list[Any]],
+          render: Callable[[list[Any]], str]) -> int:
+    """Attach, load the kernel, run one view, print a table or one JSON document (with warnings)."""
+    with _open(args) as vm:
+        kernel = _kernel(vm)
+        with vm.paused() if getattr(args, "pause", False) else contextlib.nullcontext():
+            rows = fetch(kernel)
+        warnings = list(kernel.warnings)
+    if args.json:
+        print(json.dumps({"items": [dataclasses.asdict(r) for r in rows], "warnings": warnings}, indent=1))
+    else:
+        print(render(rows))
+        for w in warnings:
+            print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """Processes (or threads) of the guest."""
+    def render(rows: list[Any]) -> str:
+        return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.comm,
+                        " ".join(p.cmdline) if p.cmdline else f"[{p.comm}]"] for p in rows],
+                      ["PID", "PPID", "UID", "S", "START", "COMM", "CMDLINE"])
+    return _view(args, lambda k: k.processes(threads=args.threads), render)
+
+
+def cmd_lsmod(args: argparse.Namespace) -> int:
+    """Loaded kernel modules."""
+    return _view(args, lambda k: k.modules(),
+                 lambda rows: _table([[m.name, str(m.size), f"{m.base:#x}"] for m in rows],
+                                     ["MODULE", "SIZE", "BASE"]))
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    """Memory maps of one process."""
+    return _view(args, lambda k: k.maps(args.pid),
+                 lambda rows: "\n".join(f"{m.start:08x}-{m.end:08x} {m.perms} {m.offset:08x} {m.inode:<8} "
+                                        f"{m.path}".rstrip() for m in rows))
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    """Open files of one process."""
+    return _view(args, lambda k: k.files(args.pid),
+                 lambda rows: _table([[str(f.fd), f"0{f.flags:o}", str(f.pos), f.path] for f in rows],
+                                     ["FD", "FLAGS", "POS", "PATH"]))
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    """Sockets and their owners."""
+    def addr(a: str, p: int) -> str:
+        return f"[{a}]:{p}" if ":" in a else (f"{a}:{p}" if a or p else "")
+    return _view(args, lambda k: k.sockets(),
+                 lambda rows: _table([[s.family, s.proto, addr(s.local_address, s.local_port),
+                                       addr(s.remote_address, s.remote_port), s.state, str(s.pid), str(s.fd)]
+                                      for s in rows],
+                                     ["FAMILY", "PROTO", "LOCAL", "REMOTE", "STATE", "PID", "FD"]))
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    """Mounted filesystems."""
+    return _view(args, lambda k: k.mounts(),
+                 lambda rows: _table([[m.source, m.target, m.fstype, "ro" if m.readonly else "rw"]
+                                      for m in rows], ["SOURCE", "TARGET", "TYPE", "MODE"]))
+
+
+def cmd_dmesg(args: argparse.Namespace) -> int:
+    """The kernel log."""
+    return _view(args, lambda k: k.dmesg(),
+                 lambda rows: "\n".join(f"[{r.timestamp:12.6f}] {r.text}" for r in rows))
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """An interactive Python shell with ``vm`` and ``prog`` (drgn) ready."""
+    import code
+
+    with _open(args) as vm:
+        kernel = _kernel(vm)
+        ns = {"vm": vm, "prog": kernel.prog, "kernel": kernel, "linux": kernel}
+        try:
+            import drgn.helpers.linux as helpers
+
+            for name in helpers.__all__:
+                ns[name] = getattr(helpers, name)
+        except (ImportError, AttributeError):
+            pass
+        banner = (f"aradia shell on {args.vm}: vm (aradia VM), prog (drgn Program), "
+                  f"drgn's Linux helpers imported. Kernel {kernel.profile.release}.")
+        code.interact(banner=banner, local=ns, exitmsg="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the default guest and show what aradia sees."""
     from aradia.demo import run_demo
@@ -177,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cr3", type=_int, metavar="X", help="page-table root for --virt (default: vCPU 0's)")
     sp.add_argument("--size", type=_int, required=True, metavar="N")
     sp.add_argument("--format", choices=["hex", "raw"], default="hex")
+
+    for name, func, help_ in (("ps", cmd_ps, "processes of the guest"),
+                              ("lsmod", cmd_lsmod, "loaded kernel modules"),
+                              ("net", cmd_net, "sockets and the processes holding them"),
+                              ("mounts", cmd_mounts, "mounted filesystems"),
+                              ("dmesg", cmd_dmesg, "the kernel log")):
+        sp = vm_parser(name, func, help_)
+        sp.add_argument("--json", action="store_true", help="one JSON document")
+        sp.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
+        if name == "ps":
+            sp.add_argument("--threads", action="store_true", help="every thread, not only processes")
+    for name, func, help_ in (("maps", cmd_maps, "memory maps of a process"),
+                              ("files", cmd_files, "open files of a process")):
+        sp = vm_parser(name, func, help_)
+        sp.add_argument("pid", type=int, metavar="PID")
+        sp.add_argument("--json", action="store_true", help="one JSON document")
+        sp.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
+    vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

@@ -55,6 +55,26 @@ class VM:
         self._dump_cpus = dump_cpus or []
         self._static = (id(self), 0)
         self.translator = Translator(memory, self.stamp)
+        self._kernel: Any = None
+
+    # --- the Linux layer (loaded on first use) ---------------------------------------------------
+    def load_kernel(self, progress: Any = None) -> Any:
+        """Find the kernel profile in RAM and build the drgn Program (cached per VM and build ID)."""
+        if self._kernel is None:
+            from aradia.linux.kernel import Kernel
+
+            self._kernel = Kernel(self, progress)
+        return self._kernel
+
+    @property
+    def linux(self) -> Any:
+        """The guest's Linux kernel: views (``processes()``, ``maps(pid)``...) and ``prog`` (drgn)."""
+        return self.load_kernel()
+
+    @property
+    def kernel(self) -> Any:
+        """Same object as :attr:`linux`; ``vm.kernel.prog`` is the drgn Program."""
+        return self.load_kernel()
 
     # --- identity and state ----------------------------------------------------------------------
     @property

@@ -1,0 +1,70 @@
+"""The Linux kernel of one VM: its profile (found in RAM), a drgn Program over it, and the views.
+
+``vm.linux`` (also ``vm.kernel``) is a :class:`Kernel`; every view returns plain dataclasses and
+leaves what it had to skip in :attr:`Kernel.warnings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import drgn
+
+from aradia.linux import dmesg as _dmesg
+from aradia.linux import files as _files
+from aradia.linux import maps as _maps
+from aradia.linux import modules as _modules
+from aradia.linux import mounts as _mounts
+from aradia.linux import net as _net
+from aradia.linux import processes as _processes
+from aradia.linux.guard import Warnings
+from aradia.linux.profile import KernelProfile, find_profile
+from aradia.linux.program import make_program
+
+
+class Kernel:
+    """The guest kernel seen through guest memory alone: no debug package, no agent."""
+
+    def __init__(self, vm: Any, progress: Callable[[str], None] | None = None) -> None:
+        self.vm = vm
+        self.profile: KernelProfile = find_profile(vm, progress)
+        self.prog: drgn.Program = make_program(vm, self.profile, progress=progress)
+        #: What the last view skipped (corrupt or unreadable guest data).
+        self.warnings = Warnings()
+
+    def _fresh(self) -> Warnings:
+        self.warnings = Warnings()
+        return self.warnings
+
+    def processes(self, *, threads: bool = False) -> list[_processes.Process]:
+        """Processes (or every thread), like ``ps``."""
+        return _processes.processes(self.prog, threads=threads, warnings=self._fresh())
+
+    def modules(self) -> list[_modules.Module]:
+        """Loaded kernel modules, like ``lsmod``."""
+        return _modules.modules(self.prog, warnings=self._fresh())
+
+    def maps(self, pid: int) -> list[_maps.Mapping]:
+        """Memory maps of process ``pid``, like ``/proc/<pid>/maps``."""
+        return _maps.maps(self.prog, pid, warnings=self._fresh())
+
+    def files(self, pid: int) -> list[_files.OpenFile]:
+        """Open files of process ``pid``, like ``/proc/<pid>/fd``."""
+        return _files.files(self.prog, pid, warnings=self._fresh())
+
+    def sockets(self) -> list[_net.Socket]:
+        """Sockets held open by processes, with their owners."""
+        return _net.sockets(self.prog, warnings=self._fresh())
+
+    def mounts(self) -> list[_mounts.Mount]:
+        """Mounts of the initial mount namespace, like ``/proc/mounts``."""
+        return _mounts.mounts(self.prog, warnings=self._fresh())
+
+    def dmesg(self) -> list[_dmesg.LogRecord]:
+        """The kernel log, like ``dmesg``."""
+        return _dmesg.dmesg(self.prog, warnings=self._fresh())
+
+    def read_user(self, pid: int, address: int, size: int) -> bytes:
+        """Read process ``pid``'s memory at user virtual ``address``."""
+        return _maps.read_user(self.prog, pid, address, size)
