@@ -38,8 +38,9 @@ from aradia.proto.gdbrsp import (
     parse_target_xml,
     unescape,
 )
+from aradia.proto.mtree import ram_ranges
 from aradia.sources.base import Segment
-from aradia.sources.gdbstub import GdbMemory, parse_mtree_ram
+from aradia.sources.gdbstub import GdbMemory
 from bare_qemu import BareQemu, bare_qemu
 
 MIB = 1 << 20
@@ -238,11 +239,11 @@ FlatView #3
 
 
 def test_parse_mtree_ram() -> None:
-    want = [Segment(0, 0xA0000, 0), Segment(0xC0000, 0xE000, 0xC0000), Segment(0x100000, 0xFF00000, 0x100000)]
-    assert parse_mtree_ram(MTREE_SAMPLE, ["pc.ram"]) == want
-    assert parse_mtree_ram(MTREE_SAMPLE) == want  # no backend names: the biggest RAM region
+    want = [(0, 0xA0000), (0xC0000, 0xE000), (0x100000, 0xFF00000)]
+    assert [(r.start, r.size) for r in ram_ranges(MTREE_SAMPLE, {"pc.ram"})] == want
+    assert [(r.start, r.size) for r in ram_ranges(MTREE_SAMPLE)] == want  # no names: the biggest RAM region
     with pytest.raises(ProtocolError):
-        parse_mtree_ram("FlatView #0\n AS \"I/O\", root: io\n")
+        ram_ranges("FlatView #0\n AS \"I/O\", root: io\n")
 
 
 # --- against QEMU -------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from aradia.errors import Busy, NotAttached, NotRAM, ProtocolError
-from aradia.machine.mtree import parse_flatview, ram_ranges
 from aradia.machine.qemu import Qemu
 from aradia.machine.registers import parse_info_registers
+from aradia.proto.mtree import parse_flatview, ram_ranges
 from aradia.proto.qmp import QMPClient
 from bare_qemu import bare_qemu
 

@@ -12,7 +12,7 @@ from drgn.helpers.linux.pid import for_each_task
 from drgn.helpers.linux.sched import task_state_to_char
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import Warnings, attempt, bounded
+from aradia.linux.guard import Warnings, attempt, bounded, cstring
 
 MAX_ARGV_BYTES = 1 << 20
 
@@ -28,6 +28,7 @@ class Process:
     gid: int
     euid: int
     comm: str
+    name: str = ""  # as /proc/<pid>/stat shows it: a kernel thread's full name (6.x) beyond 15 chars
     cmdline: list[str] = field(default_factory=list)
     state: str = "?"
     start_time: float = 0.0  # seconds since boot (CLOCK_BOOTTIME), as /proc/<pid>/stat field 22
@@ -59,11 +60,44 @@ def task_info(task: drgn.Object, warnings: Warnings) -> Process:
         kernel_thread=not mm,
         address=task.value_(),
     )
+    proc.name = proc.comm
+    if not mm:
+        proc.name = attempt(lambda: _kthread_name(task) or proc.comm, proc.comm, f"{what}: name", warnings)
     if mm:
         proc.cmdline = attempt(lambda: _cmdline(task), [], f"{what}: cmdline", warnings)
         proc.exe = attempt(lambda: _path(mm.exe_file.f_path) if mm.exe_file else None, None,
                            f"{what}: exe", warnings)
     return proc
+
+
+PF_WQ_WORKER = 0x00000020
+PF_KTHREAD = 0x00200000
+
+
+def _kthread_name(task: drgn.Object) -> str | None:
+    """A kernel thread's name as /proc shows it: a workqueue worker's comm with its current work
+    (``kworker/0:1-events``), or the full name of other kernel threads (6.0+) beyond 15 chars."""
+    flags = int(task.flags)
+    if not flags & PF_KTHREAD:
+        return None
+    try:
+        kthread = drgn.cast("struct kthread *", task.worker_private)
+    except (AttributeError, LookupError):
+        return None  # before 5.17 the pointer lives elsewhere and there is no full name
+    if not kthread:
+        return None
+    comm = task.comm.string_().decode(errors="replace")
+    if flags & PF_WQ_WORKER:
+        worker = drgn.cast("struct worker *", kthread.data)
+        if worker and worker.pool and worker.desc[0]:
+            busy = "+" if worker.current_work else "-"
+            return comm + busy + worker.desc.string_().decode(errors="replace")
+        return comm
+    try:
+        full = kthread.full_name
+    except AttributeError:
+        return None
+    return cstring(full, 256) if full else None
 
 
 def _cmdline(task: drgn.Object) -> list[str]:
@@ -80,19 +114,20 @@ def processes(prog: drgn.Program, *, threads: bool = False,
     """Every process (thread-group leader) of the guest, or every thread with ``threads=True``."""
     warnings = Warnings() if warnings is None else warnings
     out = []
-    for task in bounded(for_each_task(prog), "task list", warnings, limit=1 << 22, key=lambda t: t.value_()):
+    for task in bounded(each_task(prog, warnings), "task list", warnings, limit=1 << 22,
+                        key=lambda t: t.value_()):
         try:
             if not threads and int(task.pid) != int(task.tgid):
                 continue
             out.append(task_info(task, warnings))
-        except (drgn.FaultError, ValueError) as e:
+        except GUEST_ERRORS as e:
             warnings.add(f"task at {task.value_():#x}: unreadable ({e})")
     return out
 
 
 def find_task(prog: drgn.Program, pid: int) -> drgn.Object:
     """The ``struct task_struct *`` of ``pid``; :class:`AradiaError` if there is none."""
-    task = drgn_find_task(prog, pid)
-    if not task:
+    task = walk_find_task(prog, pid)
+    if task is None:
         raise AradiaError(f"no process {pid} in the guest")
     return task

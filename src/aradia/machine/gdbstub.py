@@ -64,7 +64,9 @@ def gdb_address(qemu: Qemu, start: bool = True) -> str:
 
 def open_gdb_memory(qemu: Qemu, segments: list[Segment], address: str | None = None) -> GdbMemory:
     """Guest-physical memory through ``qemu``'s GDB stub (found, or started at run time)."""
-    client = GdbClient(address or gdb_address(qemu))
+    # QEMU >= 8.1 sends no stop reply on connect, so the client cannot tell by itself whether the
+    # VM ran; QMP can.
+    client = GdbClient(address or gdb_address(qemu), was_running=qemu.status() == "running")
     try:
         return GdbMemory(client, segments, own_client=True)
     except BaseException:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aradia.errors import AradiaError, NotAttached, ProtocolError
-from aradia.machine.mtree import FlatRange, ram_ranges
 from aradia.machine.registers import parse_info_registers
+from aradia.proto.mtree import FlatRange, ram_ranges
 from aradia.proto.qmp import QMPClient, QMPCommandError, QMPEvent
 from aradia.sources.base import PhysicalMemory, Segment
 from aradia.sources.procmem import ProcMemory

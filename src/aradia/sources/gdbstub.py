@@ -15,60 +15,17 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from aradia.errors import ProtocolError
 from aradia.proto.gdbrsp import GdbClient
+from aradia.proto.mtree import ram_ranges
 from aradia.sources.base import PhysicalMemory, Segment
 
-_ENTRY = re.compile(r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+)\s+\(prio\s+-?\d+,\s*([a-z]+)[^)]*\):\s+(\S+)")
 _MEMDEV = re.compile(r"^\s*memory backend:\s*(\S+)", re.M)
-
-
-def parse_mtree_ram(mtree: str, memdevs: Iterable[str] = ()) -> list[Segment]:
-    """The guest-RAM segments of the ``memory`` flat view of HMP ``info mtree -f``.
-
-    RAM is what the memory backends (``memdevs``) back, including the read-only shadowed BIOS
-    areas (``rom`` lines of the same region); device RAM (``vga.vram``) is not guest RAM. With no
-    backend names the region that backs most ``ram`` is taken.
-    """
-    entries: list[tuple[int, int, str, str]] = []
-    in_memory = False
-    for line in mtree.splitlines()[:200000]:
-        if line.startswith("FlatView"):
-            if entries:
-                break
-            in_memory = False
-        elif re.match(r'^\s*AS\s+"memory"', line):
-            in_memory = True
-        elif in_memory and (m := _ENTRY.match(line)):
-            start, end = int(m[1], 16), int(m[2], 16)
-            if end >= start:
-                entries.append((start, end - start + 1, m[3], m[4]))
-    if not entries:
-        raise ProtocolError('no flat view of address space "memory" in QEMU\'s "info mtree -f" output')
-    names = set(memdevs)
-    if not names:
-        totals: dict[str, int] = {}
-        for _, size, kind, name in entries:
-            if kind == "ram":
-                totals[name] = totals.get(name, 0) + size
-        names = {max(totals, key=lambda n: totals[n])} if totals else set()
-    segs: list[Segment] = []
-    for start, size, kind, name in entries:
-        if name not in names or kind not in ("ram", "rom", "ramd", "romd"):
-            continue
-        if segs and segs[-1].end == start:
-            segs[-1] = Segment(segs[-1].gpa, segs[-1].size + size, segs[-1].gpa)
-        else:
-            segs.append(Segment(start, size, start))
-    if not segs:
-        raise ProtocolError(f"QEMU's memory map shows no RAM backed by {sorted(names)}")
-    return segs
 
 
 def probe_ram_segments(client: GdbClient) -> list[Segment]:
     """Ask QEMU (HMP through the stub) for the guest-physical RAM map."""
-    memdevs = _MEMDEV.findall(client.monitor("info memdev"))
-    return parse_mtree_ram(client.monitor("info mtree -f"), memdevs)
+    memdevs = set(_MEMDEV.findall(client.monitor("info memdev")))
+    return [Segment(r.start, r.size, r.start) for r in ram_ranges(client.monitor("info mtree -f"), memdevs)]
 
 
 class GdbMemory(PhysicalMemory):

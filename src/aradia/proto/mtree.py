@@ -65,10 +65,20 @@ def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
     raise ProtocolError(f'no flat view for address space "{address_space}" in QEMU\'s "info mtree -f" output')
 
 
-def ram_ranges(text: str, ram_regions: set[str]) -> list[FlatRange]:
-    """The ranges of the ``memory`` address space backed by one of ``ram_regions``, adjacent ones merged."""
+def ram_ranges(text: str, ram_regions: set[str] | None = None) -> list[FlatRange]:
+    """The ranges of the ``memory`` address space backed by one of ``ram_regions``, adjacent ones merged.
+
+    With no region names (the memory backends are unknown) the region backing most ``ram`` is taken.
+    """
+    view = parse_flatview(text)
+    if not ram_regions:
+        totals: dict[str, int] = {}
+        for r in view:
+            if r.kind == "ram":
+                totals[r.region] = totals.get(r.region, 0) + r.size
+        ram_regions = {max(totals, key=lambda n: totals[n])} if totals else set()
     out: list[FlatRange] = []
-    for r in parse_flatview(text):
+    for r in view:
         if r.region not in ram_regions or r.kind not in ("ram", "rom", "ramd", "romd"):
             continue
         prev = out[-1] if out else None

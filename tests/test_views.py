@@ -1,0 +1,273 @@
+"""Linux views against the guest's own /proc, field by field, live and from a dump.
+
+Each guest runs a stable workload: workers with chosen names and arguments, open files, a listening and
+a connected TCP socket. Ground truth is what the guest's /proc says; aradia reads only guest memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aradia.linux.identify import find_vmcoreinfo
+from aradia.machine.launcher import Guest
+from aradia.sources import dumpwrite
+from aradia.vm import VM, attach, open_dump
+
+WORKLOAD = r"""
+cd /tmp
+bash -c 'echo -n aradia-w1 > /proc/$$/comm; exec 5</etc/passwd 6>>/tmp/aradia-out.txt; while :; do sleep 1000; done' w1 alpha "two words" >/dev/null 2>&1 &
+bash -c 'echo -n aradia-w2 > /proc/$$/comm; exec 3<>/dev/tcp/127.0.0.1/22; while :; do sleep 1000; done' w2 beta >/dev/null 2>&1 &
+sleep 100000 | nc -l -p 7777 >/dev/null 2>&1 &
+sleep 100000 | nc -l -p 7778 >/dev/null 2>&1 &
+sleep 0.3
+bash -c 'echo -n aradia-w3 > /proc/$$/comm; exec 4<>/dev/tcp/127.0.0.1/7777; while :; do sleep 1000; done' w3 >/dev/null 2>&1 &
+sleep 1
+"""
+
+TRUTH = r"""
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  s=$(cat $d/stat 2>/dev/null) || continue
+  u=$(grep -E '^(Uid|Gid):' $d/status 2>/dev/null | tr '\t\n' '  ')
+  c=$(tr '\0' '\n' < $d/cmdline 2>/dev/null | base64 | tr -d '\n')
+  e=$(readlink $d/exe 2>/dev/null)
+  echo "P|$s|$u|$c|$e"
+done
+"""
+
+
+@dataclass
+class Truth:
+    """What the guest's /proc says about one process."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    start_ticks: int
+    uid: int
+    euid: int
+    gid: int
+    cmdline: list[str]
+    exe: str
+
+
+def parse_truth(text: str) -> dict[int, Truth]:
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("P|"):
+            continue
+        _, stat, ids, cmd, exe = line.split("|", 4)
+        head, _, rest = stat.rpartition(")")
+        pid_s, _, comm = head.partition(" (")
+        f = rest.split()
+        nums = ids.split()
+        uid, euid = int(nums[1]), int(nums[2])
+        gid = int(nums[nums.index("Gid:") + 1])
+        args = base64.b64decode(cmd).decode(errors="replace").split("\n")
+        if args and args[-1] == "":
+            args.pop()
+        out[int(pid_s)] = Truth(int(pid_s), comm, f[0], int(f[1]), int(f[19]), uid, euid, gid, args, exe)
+    return out
+
+
+class Env:
+    """A guest with the workload, its ground truth, a live VM handle and a dump of the same moment."""
+
+    def __init__(self, guest: Guest, tmp: Path) -> None:
+        self.guest = guest
+        guest.run(WORKLOAD)
+        self.workers = {name: int(guest.run(f"ps -o pid,comm | awk '$2==\"{name}\"{{print $1}}'").split()[0])
+                        for name in ("aradia-w1", "aradia-w2", "aradia-w3")}
+        self.nc = {int(p) for p in guest.run("pidof nc").split()}
+        self.live = attach(f"qmp:{guest.qmp_path}")
+        self.live.load_kernel()
+        dump = tmp / "views.elf"
+        with self.live.paused():
+            dumpwrite.write_elf(self.live.memory, dump, vmcoreinfo=find_vmcoreinfo(self.live.memory),
+                                cpu_states=[c.regs for c in self.live.cpus()])
+        self.dump = open_dump(str(dump))
+        self.dump.load_kernel()
+        self.truth = parse_truth(guest.run(TRUTH, timeout=90))  # the processes compared are stable
+
+    def vm(self, which: str) -> VM:
+        return self.live if which == "live" else self.dump
+
+    def close(self) -> None:
+        self.live.close()
+        self.dump.close()
+
+
+@pytest.fixture(scope="module", params=[("5.10", None), ("6.1", None), ("6.12", None), ("6.1", "max")],
+                ids=["5.10", "6.1", "6.12", "6.1-la57"])
+def env(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest],
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    series, cpu = request.param
+    guest = launch_guest(series, cpu=cpu, smp=2, shared_memory=True)
+    e = Env(guest, tmp_path_factory.mktemp(f"views-{series}"))
+    try:
+        yield e
+    finally:
+        e.close()
+        guest.stop()
+
+
+WHICH = ["live", "dump"]
+
+
+@pytest.mark.timeout(120)
+def test_paging_mode(env: Env) -> None:
+    la57 = "la57" in env.guest.run("grep -o la57 /proc/cpuinfo | head -1", check=False)
+    for which in WHICH:
+        assert env.vm(which).linux.profile.la57 == la57
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_processes(env: Env, which: str) -> None:
+    truth = env.truth
+    procs = {p.pid: p for p in env.vm(which).linux.processes()}
+    assert not env.vm(which).linux.warnings
+    stable = [pid for pid, t in truth.items() if t.ppid in (0, 1, 2) or pid in env.workers.values()]
+    assert len(stable) > 30
+    for pid in stable:
+        t, p = truth[pid], procs.get(pid)
+        assert p is not None, f"pid {pid} ({t.comm}) missing"
+        # A workqueue worker's /proc name carries its current work ("kworker/0:1+events"), which
+        # may change between the two reads: compare the part before it when it differs.
+        name, truth_name = p.name, t.comm
+        if name != truth_name and name.startswith("kworker/"):
+            name, truth_name = re.split("[+-]", name)[0], re.split("[+-]", truth_name)[0]
+        assert (name, p.ppid, p.uid, p.euid, p.gid) == (truth_name, t.ppid, t.uid, t.euid, t.gid), pid
+        assert t.comm.startswith(p.comm) and len(p.comm) <= 15
+        assert abs(round(p.start_time * 100) - t.start_ticks) <= 1, (pid, p.start_time, t.start_ticks)
+        assert p.cmdline == t.cmdline, pid
+        assert (p.exe or "") == t.exe, pid
+    for name, pid in env.workers.items():
+        p = procs[pid]
+        assert p.comm == name and p.state == "S" and truth[pid].state == "S"
+        assert p.cmdline[:3] == ["bash", "-c", p.cmdline[2]] and p.cmdline[3] == name.replace("aradia-", "")
+    assert procs[env.workers["aradia-w1"]].cmdline[-2:] == ["alpha", "two words"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_modules(env: Env, which: str) -> None:
+    truth = {}
+    for line in env.guest.run("cat /proc/modules").splitlines():
+        f = line.split()
+        truth[f[0]] = (int(f[1]), int(f[5], 16))
+    mods = {m.name: (m.size, m.base) for m in env.vm(which).linux.modules()}
+    assert truth and mods == truth
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_maps(env: Env, which: str) -> None:
+    for pid in (env.workers["aradia-w1"], 1):
+        truth = []
+        for line in env.guest.run(f"cat /proc/{pid}/maps").splitlines():
+            f = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            truth.append((lo, hi, f[1], int(f[2], 16), int(f[4]), f[5].strip() if len(f) > 5 else ""))
+        got = [(m.start, m.end, m.perms, m.offset, m.inode, m.path) for m in env.vm(which).linux.maps(pid)]
+        assert got == truth
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_files(env: Env, which: str) -> None:
+    for pid in (*env.workers.values(), *env.nc):
+        text = env.guest.run(f"cd /proc/{pid}/fd && for f in *; do echo \"$f|$(readlink $f)|"
+                             f"$(grep flags ../fdinfo/$f | cut -f2)\"; done")
+        truth = {int(a): (b, int(c, 8)) for a, b, c in (line.split("|") for line in text.splitlines())}
+        got = {f.fd: (f.path, f.flags) for f in env.vm(which).linux.files(pid)}
+        assert got == truth, pid
+    w1 = {f.fd: f.path for f in env.vm(which).linux.files(env.workers["aradia-w1"])}
+    assert w1[5] == "/etc/passwd" and w1[6] == "/tmp/aradia-out.txt"
+
+
+def _proc_net(guest: Guest) -> set[tuple[str, int, str, int, str, int]]:
+    states = {"01": "ESTABLISHED", "0A": "LISTEN"}
+    out = set()
+    for fam, fname in (("inet", "tcp"), ("inet6", "tcp6")):
+        for line in guest.run(f"cat /proc/net/{fname}").splitlines()[1:]:
+            f = line.split()
+            if f[3] not in states:
+                continue
+
+            def addr(x: str, fam: str = fam) -> tuple[str, int]:
+                a, p = x.split(":")
+                raw = bytes.fromhex(a)
+                if fam == "inet":
+                    return str(ipaddress.ip_address(raw[::-1])), int(p, 16)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                return str(ipaddress.ip_address(words)), int(p, 16)
+
+            la, lp = addr(f[1])
+            ra, rp = addr(f[2])
+            out.add((la, lp, ra, rp, states[f[3]], int(f[9])))
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_sockets(env: Env, which: str) -> None:
+    truth = _proc_net(env.guest)
+    socks = env.vm(which).linux.sockets()
+    got = {(s.local_address, s.local_port, s.remote_address, s.remote_port, s.state, s.inode)
+           for s in socks if s.proto == "tcp" and s.state in ("ESTABLISHED", "LISTEN")}
+    # /proc/net also lists sockets no process holds (e.g. the accepted side before accept); every
+    # socket a process holds must be there, and the workload's ones must be found.
+    assert got <= truth and got
+    by_pid = {(s.pid, s.state, s.local_port, s.remote_port) for s in socks}
+    assert any(p in env.nc and st == "LISTEN" and lp == 7778 for p, st, lp, _ in by_pid)
+    assert any(p in env.nc and st == "ESTABLISHED" and lp == 7777 for p, st, lp, _ in by_pid)
+    assert any(p == env.workers["aradia-w3"] and st == "ESTABLISHED" and rp == 7777 for p, st, _, rp in by_pid)
+    assert any(p == env.workers["aradia-w2"] and st == "ESTABLISHED" and rp == 22 for p, st, _, rp in by_pid)
+    holders = env.guest.run("ls -l /proc/[0-9]*/fd/ 2>/dev/null | grep -c 'socket:'", check=False)
+    assert len(socks) == int(holders.strip() or 0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_mounts(env: Env, which: str) -> None:
+    truth = []
+    for line in env.guest.run("cat /proc/mounts").splitlines():
+        f = line.split()
+        truth.append((f[0], f[1], f[2], f[3].split(",")[0]))
+    got = [(m.source, m.target, m.fstype, "ro" if m.readonly else "rw") for m in env.vm(which).linux.mounts()]
+    assert got == truth
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_dmesg(env: Env, which: str) -> None:
+    # A record of several lines prints its first line after the timestamp and the rest bare.
+    truth = [line.split("] ", 1)[1] if line.startswith("[") else line
+             for line in env.guest.run("dmesg").splitlines()]
+    got = [line for r in env.vm(which).linux.dmesg() for line in r.text.split("\n")]
+    # The log only grows: the dump and the first records agree; messages may arrive between the reads.
+    n = min(len(truth), len(got))
+    assert n > 100 and got[:n] == truth[:n]
+    assert got[0].startswith("Linux version ")
+
+
+@pytest.mark.timeout(120)
+def test_read_user_memory(env: Env) -> None:
+    pid = env.workers["aradia-w1"]
+    for which in WHICH:
+        k = env.vm(which).linux
+        m = next(m for m in k.maps(pid) if m.path == "[stack]")
+        env_area = k.read_user(pid, m.end - 4096, 4096)
+        assert b"PATH=" in env_area or b"HOME=" in env_area or b"w1" in env_area
+        exe = next(m for m in k.maps(pid) if m.offset == 0 and m.path.endswith("bash"))
+        assert k.read_user(pid, exe.start, 4) == b"\x7fELF"
+
