@@ -208,3 +208,38 @@ def test_qemu_exit_while_attached(launch_guest: Callable[..., Guest], tmp_path: 
     assert p.returncode == 2 and "Traceback" not in stderr, stderr
     assert stderr.strip().startswith("aradia: error: ") and "QEMU" in stderr
     assert not out.exists(), "a half-written dump was left under the final name"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("target", ["live", "dump"])
+def test_semantic_commands(big: Guest, elf_dump: Path, target: str) -> None:
+    spec = f"qmp:{big.qmp_path}" if target == "live" else str(elf_dump)
+    docs = {}
+    for cmd in (["ps"], ["ps", "--threads"], ["lsmod"], ["maps", "1"], ["files", "1"], ["net"], ["mounts"],
+                ["dmesg"]):
+        r = aradia(*cmd, "--vm", spec, "--json")
+        assert r.returncode == 0, (cmd, r.stderr)
+        doc = json.loads(r.stdout)
+        assert doc["items"] and doc["warnings"] == [], cmd
+        docs[" ".join(cmd)] = doc["items"]
+        table = aradia(*cmd, "--vm", spec)
+        assert table.returncode == 0 and len(table.stdout.splitlines()) >= 2, cmd
+    init = next(p for p in docs["ps"] if p["pid"] == 1)
+    assert init["comm"] == big.run("cat /proc/1/comm").strip() and init["exe"]
+    assert len(docs["ps --threads"]) >= len(docs["ps"])
+    assert {m["name"] for m in docs["lsmod"]} == {line.split()[0] for line in big.run("cat /proc/modules").splitlines()}
+    assert any(s["state"] == "LISTEN" and s["local_port"] == 22 for s in docs["net"])
+    assert docs["dmesg"][0]["text"].startswith("Linux version ")
+    assert any(m["target"] == "/proc" for m in docs["mounts"])
+    r = aradia("maps", "999999", "--vm", spec)
+    assert_one_line_error(r, "no process 999999")
+
+
+@pytest.mark.timeout(120)
+def test_shell_has_vm_and_prog(elf_dump: Path) -> None:
+    script = "print('tasks', len(list(for_each_task(prog))))\nprint('ram', vm.memory.size)\n"
+    r = subprocess.run([sys.executable, "-m", "aradia.cli", "shell", "--vm", str(elf_dump)], input=script,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "tasks " in r.stdout and int(r.stdout.split("tasks ")[1].split()[0]) > 20
+    assert f"ram {4 * GiB}" in r.stdout

@@ -6,10 +6,10 @@ import contextlib
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.fs import d_path, for_each_file
 
-from aradia.linux.guard import Warnings, attempt, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded
 from aradia.linux.processes import find_task
+from aradia.linux.walks import d_path, open_files
 
 O_CLOEXEC = 0o2000000
 MAX_FDS = 1 << 20
@@ -65,13 +65,14 @@ def files(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> 
     if not task.files:
         return []
     out = []
-    for fd, file in bounded(for_each_file(task), f"files of {pid}", warnings, limit=MAX_FDS):
+    for fd, file in bounded(open_files(task), f"files of {pid}", warnings, limit=MAX_FDS):
         try:
             flags = int(file.f_flags)
             if attempt(lambda fd=fd: _close_on_exec(task, fd), False, f"fd {fd} of {pid}", warnings):
                 flags |= O_CLOEXEC
-            out.append(OpenFile(int(fd), file_path(file), flags, int(file.f_mode), int(file.f_pos),
+            path = attempt(lambda file=file: file_path(file), "?", f"fd {fd} of {pid}: path", warnings)
+            out.append(OpenFile(int(fd), path, flags, int(file.f_mode), int(file.f_pos),
                                 int(file.f_inode.i_ino)))
-        except (drgn.FaultError, ValueError) as e:
+        except GUEST_ERRORS as e:
             warnings.add(f"fd {fd} of {pid}: unreadable ({e})")
     return out

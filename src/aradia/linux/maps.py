@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.fs import d_path
 from drgn.helpers.linux.mm import access_remote_vm, for_each_vma
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import Warnings, attempt, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded
 from aradia.linux.processes import find_task
+from aradia.linux.walks import d_path, mt_entries
 
 VM_READ, VM_WRITE, VM_EXEC, VM_MAYSHARE = 0x1, 0x2, 0x4, 0x80
 MAX_USER_READ = 64 << 20
@@ -49,6 +50,19 @@ def _special_ops(prog: drgn.Program) -> set[int]:
     return out
 
 
+def vmas(mm: drgn.Object, what: str, warnings: Warnings) -> Iterator[drgn.Object]:
+    """The VMAs (``struct vm_area_struct *``) of ``mm`` in address order: the maple tree (6.1+)
+    through a bounded walk, or the ``vm_next`` list before 6.1 (stop it with :func:`bounded`)."""
+    try:
+        mt = mm.mm_mt.address_of_()
+    except AttributeError:
+        yield from for_each_vma(mm)
+        return
+    vma_ptr = mm.prog_.type("struct vm_area_struct *")
+    for _first, _last, entry in mt_entries(mt, what, warnings):
+        yield drgn.Object(mm.prog_, vma_ptr, entry)
+
+
 def maps(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> list[Mapping]:
     """The memory maps of process ``pid`` in address order; empty for a kernel thread."""
     warnings = Warnings() if warnings is None else warnings
@@ -58,7 +72,7 @@ def maps(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> l
         return []
     special = _special_ops(prog)
     out = []
-    for vma in bounded(for_each_vma(mm), f"maps of {pid}", warnings, limit=1 << 20,
+    for vma in bounded(vmas(mm, f"maps of {pid}", warnings), f"maps of {pid}", warnings, limit=1 << 20,
                        key=lambda v: v.value_()):
         try:
             flags = int(vma.vm_flags)
@@ -74,7 +88,7 @@ def maps(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> l
             else:
                 out.append(Mapping(int(vma.vm_start), int(vma.vm_end), perms, 0,
                                    _special_name(vma, mm, special)))
-        except (drgn.FaultError, ValueError) as e:
+        except GUEST_ERRORS as e:
             warnings.add(f"maps of {pid}: VMA at {vma.value_():#x} unreadable ({e})")
     return out
 

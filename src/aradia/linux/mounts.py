@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.fs import for_each_mount, mount_dst, mount_fstype, mount_src
+from drgn.helpers.linux.list import list_for_each_entry
+from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
-from aradia.linux.guard import Warnings, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded, cstring
+from aradia.linux.walks import NAME_MAX, PATH_MAX, d_path
 
 MNT_READONLY = 0x40
 SB_RDONLY = 0x1
@@ -23,15 +26,33 @@ class Mount:
     readonly: bool
 
 
+def _mount_list(prog: drgn.Program) -> Iterator[drgn.Object]:
+    """Every ``struct mount *`` of the initial mount namespace, cursors included (as drgn's
+    ``for_each_mount`` walks them, but yielding every entry so that :func:`bounded` sees a cycle)."""
+    ns = prog["init_task"].nsproxy.mnt_ns
+    # 6.8 moved a namespace's mounts from a list to a red-black tree.
+    if ns.type_.type.has_member("list"):
+        return list_for_each_entry("struct mount", ns.list.address_of_(), "mnt_list")
+    return rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")
+
+
 def mounts(prog: drgn.Program, *, warnings: Warnings | None = None) -> list[Mount]:
     """The mounts of the initial mount namespace, in mount order."""
     warnings = Warnings() if warnings is None else warnings
     out = []
-    for mnt in bounded(for_each_mount(prog), "mount list", warnings, limit=1 << 16, key=lambda m: m.value_()):
+    for mnt in bounded(_mount_list(prog), "mount list", warnings, limit=1 << 16, key=lambda m: m.value_()):
         try:
-            ro = bool(int(mnt.mnt.mnt_flags) & MNT_READONLY or int(mnt.mnt.mnt_sb.s_flags) & SB_RDONLY)
-            out.append(Mount(mount_src(mnt).decode(errors="replace"), mount_dst(mnt).decode(errors="replace"),
-                             mount_fstype(mnt).decode(errors="replace"), ro))
-        except (drgn.FaultError, ValueError) as e:
+            sb = mnt.mnt.mnt_sb.read_()
+            if not sb:
+                continue  # a cursor (5.8 - 6.8), not a mount
+            ro = bool(int(mnt.mnt.mnt_flags) & MNT_READONLY or int(sb.s_flags) & SB_RDONLY)
+            fstype = cstring(sb.s_type.name, NAME_MAX)
+            if sb.s_subtype:
+                sub = cstring(sb.s_subtype, NAME_MAX)
+                fstype += f".{sub}" if sub else ""
+            out.append(Mount(cstring(mnt.mnt_devname, PATH_MAX),
+                             d_path(mnt.mnt.address_of_(), mnt.mnt.mnt_root).decode(errors="replace"),
+                             fstype, ro))
+        except GUEST_ERRORS as e:
             warnings.add(f"mount at {mnt.value_():#x}: unreadable ({e})")
     return out

@@ -10,10 +10,9 @@ import socket
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.fs import for_each_file
-from drgn.helpers.linux.pid import for_each_task
 
-from aradia.linux.guard import Warnings, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded
+from aradia.linux.walks import each_task, open_files
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
@@ -92,19 +91,20 @@ def sockets(prog: drgn.Program, *, warnings: Warnings | None = None) -> list[Soc
     """Every socket some process holds open, with its owner (a shared socket is listed per holder)."""
     warnings = Warnings() if warnings is None else warnings
     out = []
-    for task in bounded(for_each_task(prog), "task list", warnings, limit=1 << 22, key=lambda t: t.value_()):
+    for task in bounded(each_task(prog, warnings), "task list", warnings, limit=1 << 22,
+                        key=lambda t: t.value_()):
         try:
             if int(task.pid) != int(task.tgid) or not task.files:
                 continue
             pid = int(task.pid)
-            for fd, file in bounded(for_each_file(task), f"files of {pid}", warnings, limit=1 << 20):
+            for fd, file in bounded(open_files(task), f"files of {pid}", warnings, limit=1 << 20):
                 try:
                     s = socket_info(file, pid, int(fd))
-                except (drgn.FaultError, ValueError) as e:
+                except GUEST_ERRORS as e:
                     warnings.add(f"fd {fd} of {pid}: unreadable socket ({e})")
                     continue
                 if s is not None:
                     out.append(s)
-        except (drgn.FaultError, ValueError) as e:
+        except GUEST_ERRORS as e:
             warnings.add(f"task at {task.value_():#x}: unreadable ({e})")
     return out

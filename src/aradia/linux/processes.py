@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import drgn
-from drgn.helpers.linux.fs import d_path
 from drgn.helpers.linux.mm import cmdline as task_cmdline
-from drgn.helpers.linux.pid import find_task as drgn_find_task
-from drgn.helpers.linux.pid import for_each_task
 from drgn.helpers.linux.sched import task_state_to_char
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import Warnings, attempt, bounded, cstring
+from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
+from aradia.linux.walks import d_path, each_task
+from aradia.linux.walks import find_task as walk_find_task
 
 MAX_ARGV_BYTES = 1 << 20
 
