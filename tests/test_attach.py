@@ -136,3 +136,16 @@ def test_read_outside_ram_names_the_address(setup: Setup, path: str) -> None:
         mem.read(top, 16)
     with pytest.raises(NotRAM):
         mem.read(top - 8, 16)
+
+
+@pytest.mark.timeout(120)
+def test_gdb_stub_started_at_run_time(launch_guest: Callable[..., Guest]) -> None:
+    """QEMU started without -gdb: aradia starts a stub through HMP and reads RAM through it."""
+    guest = launch_guest("6.1")
+    assert guest.gdb_port is None
+    truth = guest.run("cat /proc/version").rstrip("\n")
+    with attach(f"qmp:{guest.qmp_path}", memory="gdb") as vm:
+        assert vm.memory.kind == "gdb"
+        assert find_banner(vm.memory) == truth
+        assert vm.status() == "running"  # reads through the stub leave the guest running
+    assert guest.run("echo alive").strip() == "alive"

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import drgn
 
-from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
 from aradia.linux.processes import find_task
-from aradia.linux.walks import d_path, open_files
+from aradia.linux.walks import NAME_MAX, d_path, open_files
 
 O_CLOEXEC = 0o2000000
 MAX_FDS = 1 << 20
@@ -18,7 +18,7 @@ MAX_FDS = 1 << 20
 _DNAME = {
     "sockfs_dname": lambda d, ino: f"socket:[{ino}]",
     "pipefs_dname": lambda d, ino: f"pipe:[{ino}]",
-    "anon_inodefs_dname": lambda d, ino: "anon_inode:" + d.d_name.name.string_().decode(errors="replace"),
+    "anon_inodefs_dname": lambda d, ino: "anon_inode:" + cstring(d.d_name.name, NAME_MAX),
 }
 
 

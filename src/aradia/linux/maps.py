@@ -10,7 +10,7 @@ import drgn
 from drgn.helpers.linux.mm import access_remote_vm, for_each_vma
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded
+from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
 from aradia.linux.processes import find_task
 from aradia.linux.walks import d_path, mt_entries
 
@@ -34,7 +34,7 @@ def _special_name(vma: drgn.Object, mm: drgn.Object, special_ops: set[int]) -> s
     start, end = int(vma.vm_start), int(vma.vm_end)
     if vma.vm_ops.value_() in special_ops:
         sm = drgn.cast("struct vm_special_mapping *", vma.vm_private_data)
-        return sm.name.string_().decode(errors="replace")
+        return cstring(sm.name, 256)
     if start <= int(mm.brk) and end >= int(mm.start_brk):
         return "[heap]"
     if start <= int(mm.start_stack) <= end:
