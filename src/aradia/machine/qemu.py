@@ -208,7 +208,7 @@ class Qemu:
         if not os.path.isfile(path):
             raise NotAttached(f"guest RAM file {path} is not a file on this host")
         return SharedFileMemory(path, [Segment(r.start, r.size, r.offset) for r in ranges],
-                                alive=lambda: self.qmp.alive)
+                                gone=self.qmp.closed.is_set)
 
     def _proc_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
         if not self.pid or not os.path.exists(f"/proc/{self.pid}/mem"):

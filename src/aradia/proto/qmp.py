@@ -184,6 +184,11 @@ class QMPClient:
 
     # --- API ----------------------------------------------------------------------------------
     @property
+    def closed(self) -> threading.Event:
+        """Set once the connection to QEMU is gone (QEMU exited, or :meth:`close`)."""
+        return self._closed
+
+    @property
     def alive(self) -> bool:
         """Whether the connection to QEMU is still up."""
         return not self._closed.is_set()

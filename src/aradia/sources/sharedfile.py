@@ -24,10 +24,10 @@ class SharedFileMemory(PhysicalMemory):
     writable = True
 
     def __init__(self, path: str, segments: Iterable[Segment], *, writable: bool = True,
-                 alive: Callable[[], bool] | None = None) -> None:
+                 gone: Callable[[], bool] | None = None) -> None:
         super().__init__(segments)
         self.path = path
-        self._alive = alive
+        self._gone = gone or (lambda: False)
         self.writable = writable
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -49,12 +49,12 @@ class SharedFileMemory(PhysicalMemory):
 
     def _check(self) -> None:
         # The mapping outlives QEMU: without this a read after QEMU exited would return stale RAM.
-        if self._alive is not None and not self._alive():
+        if self._gone():
             raise NotAttached(f"the QEMU using {self.path} has exited")
 
     def read(self, paddr: int, size: int) -> bytes:
         """Read guest-physical memory (a slice of the shared mapping)."""
-        if self._alive is not None and not self._alive():
+        if self._gone():
             self._check()
         lo, hi, delta = self._hot
         if lo <= paddr and paddr + size <= hi and size > 0:
