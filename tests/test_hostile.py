@@ -1,0 +1,478 @@
+"""Hostile guests: corrupted copies of a real 6.1 dump must give partial results and warnings, fast.
+
+A 6.1 guest runs three named processes that each hold ``/etc/passwd`` open; aradia writes an ELF dump
+of it. Copies of that dump are then corrupted at places found with aradia's own profile and drgn
+(virtual address -> physical through the kernel's page tables -> file offset through the ELF
+segments):
+
+* **cycles**: a task's ``tasks.next`` points back at an earlier task, and the pid IDR (the XArray
+  drgn's ``for_each_task`` and ``find_task`` really walk) gets a leaf slot pointing at the root and
+  a root slot pointing at itself -- drgn's own walks never return on that copy;
+* **wild mm**: one task's ``mm`` points outside RAM, another's into kernel text;
+* **absurd lengths**: ``arg_end - arg_start`` of 2^31, a dentry name length of 2^31, and the printk
+  ring's head id 2^31 past its tail;
+* **random**: seeded random words and byte runs written over tasks, mms, maple and XArray nodes,
+  file tables, dentries, mounts, modules and the printk ring.
+
+The CLI (as a subprocess) and the library views must finish in bounded time, keep the healthy
+processes, name what they skipped in a warning, and never raise anything but an AradiaError.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import drgn
+import pytest
+from drgn.helpers.linux.list import list_for_each_entry
+from drgn.helpers.linux.pid import find_task, for_each_task
+
+from aradia.errors import AradiaError
+from aradia.linux.guard import Warnings, bounded
+from aradia.linux.walks import mt_entries, open_files, xa_entries
+from aradia.machine.launcher import Guest
+from aradia.sources.dumpwrite import write_elf
+from aradia.vm import VM, attach, open_dump
+
+NAMES = ("hostile-a", "hostile-b", "hostile-c")
+BOUND = 30.0  # seconds any one command or view may take on a corrupt dump
+TWO31 = 1 << 31
+
+
+@dataclass
+class BaseDump:
+    """The healthy dump and the pids of the named processes in it."""
+
+    path: Path
+    pids: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def base(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> BaseDump:
+    guest = launch_guest("6.1", shared_memory=True)
+    pids = {}
+    for name in NAMES:
+        out = guest.run(
+            f"bash -c 'echo -n {name} > /proc/$$/comm; exec 3</etc/passwd; while :; do sleep 1000; done' "
+            f"{name}-arg >/dev/null 2>&1 & p=$!; for i in $(seq 200); do "
+            f"[ \"$(cat /proc/$p/comm)\" = {name} ] && break; sleep 0.05; done; echo $p")
+        pids[name] = int(out.split()[-1])
+    path = tmp_path_factory.mktemp("hostile") / "base.elf"
+    vm = attach(f"qmp:{guest.qmp_path}")
+    try:
+        with vm.paused():
+            write_elf(vm.memory, path, cpu_states=[c.regs for c in vm.cpus()])
+    finally:
+        vm.close()
+    return BaseDump(path, pids)
+
+
+class Corruptor:
+    """Edits to a copy of the base dump, at objects found through the healthy dump with drgn."""
+
+    def __init__(self, base: BaseDump) -> None:
+        self.base = base
+        self.vm = open_dump(str(base.path))
+        self.kernel = self.vm.load_kernel()
+        self.prog: drgn.Program = self.kernel.prog
+        self.edits: dict[int, bytes] = {}
+
+    def task(self, name: str) -> drgn.Object:
+        return find_task(self.prog, self.base.pids[name])
+
+    def file_offset(self, vaddr: int, size: int) -> int:
+        """Where ``size`` bytes at kernel virtual ``vaddr`` are in the dump file (one page at most)."""
+        assert (vaddr & 0xFFF) + size <= 0x1000, "an edit must not cross a page"
+        p = self.kernel.profile
+        pa = self.vm.translate(vaddr, cr3=p.kernel_root, la57=p.la57).paddr
+        for seg in self.vm.memory.segments():
+            if seg.gpa <= pa and pa + size <= seg.end and seg.backing >= 0:
+                return seg.backing + pa - seg.gpa
+        raise AssertionError(f"{vaddr:#x} is not in the dump file")
+
+    def put(self, vaddr: int, data: bytes) -> None:
+        self.edits[self.file_offset(vaddr, len(data))] = data
+
+    def u64(self, vaddr: int, value: int) -> None:
+        self.put(vaddr, struct.pack("<Q", value & (1 << 64) - 1))
+
+    def u32(self, vaddr: int, value: int) -> None:
+        self.put(vaddr, struct.pack("<I", value & (1 << 32) - 1))
+
+    def write(self, out: Path) -> Path:
+        """A copy of the base dump with the edits so far; the edits are then forgotten."""
+        shutil.copyfile(self.base.path, out)
+        with open(out, "r+b") as f:
+            for off, data in self.edits.items():
+                f.seek(off)
+                f.write(data)
+        self.edits = {}
+        return out
+
+    def pid_root(self) -> drgn.Object:
+        """The root ``struct xa_node *`` of the pid IDR (asserted to be an interior node)."""
+        head = self.prog["init_pid_ns"].idr.idr_rt.xa_head.value_()
+        assert head & 3 == 2 and head > 4096, "the pid IDR has a single entry: no tree to corrupt"
+        root = drgn.Object(self.prog, "struct xa_node *", head - 2)
+        assert root.shift.value_() == 6, "the guest needs more than 64 pids for a two-level pid IDR"
+        return root
+
+
+@pytest.fixture(scope="module")
+def corruptor(base: BaseDump) -> Iterator[Corruptor]:
+    c = Corruptor(base)
+    try:
+        yield c
+    finally:
+        c.vm.close()
+
+
+def aradia(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run the CLI as a user would; it must end within :data:`BOUND` seconds and never trace back."""
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "aradia.cli", *args], capture_output=True, text=True,
+                       timeout=BOUND + 30, stdin=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    assert elapsed < BOUND, f"aradia {' '.join(args)} took {elapsed:.1f} s"
+    assert "Traceback" not in r.stderr, r.stderr
+    return r, elapsed
+
+
+def view(*args: str) -> dict[str, Any]:
+    """``aradia VIEW ... --json``: exit status 0 and the JSON document."""
+    r, _ = aradia(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"items", "warnings"}
+    return doc
+
+
+def warned(doc: dict[str, Any] | list[str], *needles: str) -> bool:
+    """Whether one warning contains every needle."""
+    warnings = doc["warnings"] if isinstance(doc, dict) else doc
+    return any(all(n in w for n in needles) for w in warnings)
+
+
+def by_pid(items: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {p["pid"]: p for p in items}
+
+
+# --- the three corrupted copies ----------------------------------------------------------------------
+
+
+@dataclass
+class Copy:
+    """A corrupted dump and what was done to it."""
+
+    path: Path
+    pids: dict[str, int]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def cycles(corruptor: Corruptor, tmp_path_factory: pytest.TempPathFactory) -> Copy:
+    c = corruptor
+    a, b = c.task("hostile-a"), c.task("hostile-b")
+    # The task list: b -> a -> ... -> b, never back to init_task.
+    c.u64(b.tasks.next.address_, a.tasks.address_)
+    # The pid IDR: the leaf holding hostile-a gets an empty slot before it pointing at the root, and
+    # the root's first empty slot points at the root itself.
+    root = c.pid_root()
+    head = root.value_() + 2
+    pid_a = c.base.pids["hostile-a"]
+    leaf = drgn.Object(c.prog, "struct xa_node *", root.slots[pid_a >> 6].value_() - 2)
+    empty = [i for i in range(64) if not leaf.slots[i].value_()]
+    before = [i for i in empty if i < pid_a & 63]
+    c.u64(leaf.slots[(before or empty)[0]].address_, head)
+    loop_slot = next(i for i in range(64) if not root.slots[i].value_())
+    c.u64(root.slots[loop_slot].address_, head)
+    return Copy(c.write(tmp_path_factory.mktemp("hostile") / "cycles.elf"), c.base.pids,
+                {"looping_pid": loop_slot * 64 + 5})
+
+
+@pytest.fixture(scope="module")
+def wild_mm(corruptor: Corruptor, tmp_path_factory: pytest.TempPathFactory) -> Copy:
+    c = corruptor
+    outside = c.kernel.profile.page_offset_base + (64 << 30)  # direct map, far above the 256 MiB of RAM
+    c.u64(c.task("hostile-b").mm.address_, outside)
+    text = c.kernel.profile.symbol("_text")
+    assert text is not None
+    c.u64(c.task("hostile-c").mm.address_, text + 0x1000)  # readable, but not an mm_struct
+    return Copy(c.write(tmp_path_factory.mktemp("hostile") / "wild-mm.elf"), c.base.pids)
+
+
+@pytest.fixture(scope="module")
+def lengths(corruptor: Corruptor, tmp_path_factory: pytest.TempPathFactory) -> Copy:
+    c = corruptor
+    mm = c.task("hostile-a").mm
+    c.u64(mm.arg_end.address_, mm.arg_start.value_() + TWO31)
+    passwd = dict(open_files(c.task("hostile-a")))[3]
+    c.u32(passwd.f_path.dentry.d_name.len.address_, TWO31)
+    ring = c.prog["prb"].desc_ring
+    c.u64(ring.head_id.counter.address_, ring.tail_id.counter.value_() + TWO31)
+    return Copy(c.write(tmp_path_factory.mktemp("hostile") / "lengths.elf"), c.base.pids)
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_base_dump_is_healthy(base: BaseDump) -> None:
+    """The uncorrupted dump has the three processes and no warnings (the baseline of the others)."""
+    ps = view("ps", "--vm", str(base.path))
+    assert ps["warnings"] == []
+    procs = by_pid(ps["items"])
+    for name, pid in base.pids.items():
+        assert procs[pid]["comm"] == name and procs[pid]["cmdline"][-1] == f"{name}-arg"
+    files = view("files", str(base.pids["hostile-a"]), "--vm", str(base.path))
+    assert any(f["fd"] == 3 and f["path"] == "/etc/passwd" for f in files["items"])
+    assert files["warnings"] == []
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_cycle_in_task_list_and_pid_table(cycles: Copy) -> None:
+    # The copy really has both cycles.
+    with open_dump(str(cycles.path)) as vm:
+        prog = vm.linux.prog
+        w = Warnings()
+        list(bounded(list_for_each_entry("struct task_struct", prog["init_task"].tasks.address_of_(), "tasks"),
+                     "tasks", w, key=lambda t: t.value_()))
+        assert warned(w, "cycle detected"), w
+        w = Warnings()
+        list(xa_entries(prog["init_pid_ns"].idr.idr_rt.address_of_(), "pid table", w))
+        assert warned(w, "reached twice (a cycle)") and warned(w, "leaf node points to another node"), w
+
+        # Library: every healthy process is still there.
+        procs = {p.pid: p for p in vm.linux.processes()}
+        assert warned(vm.linux.warnings, "pid table")
+        threads = vm.linux.processes(threads=True)
+        assert len(threads) >= len(procs)
+        assert 1 in procs and all(procs[pid].comm == name for name, pid in cycles.pids.items())
+        assert vm.linux.sockets() is not None and vm.linux.mounts()
+
+    ps = view("ps", "--vm", str(cycles.path))
+    procs = by_pid(ps["items"])
+    assert 1 in procs and len(procs) > 20
+    for name, pid in cycles.pids.items():
+        assert procs[pid]["comm"] == name and procs[pid]["cmdline"][-1] == f"{name}-arg"
+    assert warned(ps, "pid table", "cycle") and warned(ps, "pid table", "leaf node points to another node")
+    pid_a = str(cycles.pids["hostile-a"])
+    maps = view("maps", pid_a, "--vm", str(cycles.path))
+    assert any(m["path"] == "/bin/bash" for m in maps["items"])
+    files = view("files", pid_a, "--vm", str(cycles.path))
+    assert any(f["fd"] == 3 and f["path"] == "/etc/passwd" for f in files["items"])
+    assert view("dmesg", "--vm", str(cycles.path))["items"]
+    # A pid whose lookup runs into the self-pointing root node: drgn's find_task spins in C there.
+    r, _ = aradia("maps", str(cycles.facts["looping_pid"]), "--vm", str(cycles.path), "--json")
+    assert r.returncode == 2 and r.stderr.startswith("aradia: error: ") and "pid table" in r.stderr, r.stderr
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_wild_mm_pointer(wild_mm: Copy) -> None:
+    pid_a, pid_b, pid_c = (wild_mm.pids[n] for n in NAMES)
+    ps = view("ps", "--vm", str(wild_mm.path))
+    procs = by_pid(ps["items"])
+    assert procs[pid_a]["cmdline"][-1] == "hostile-a-arg" and procs[pid_a]["exe"] == "/bin/bash"
+    assert procs[pid_b]["comm"] == "hostile-b" and procs[pid_b]["cmdline"] == [] and procs[pid_b]["exe"] is None
+    assert procs[pid_c]["comm"] == "hostile-c"
+    assert warned(ps, f"task {pid_b} ", "cmdline") and warned(ps, f"task {pid_b} ", "exe")
+    assert warned(ps, f"task {pid_c} ")
+
+    maps = view("maps", str(pid_b), "--vm", str(wild_mm.path))
+    assert maps["items"] == [] and warned(maps, f"maps of {pid_b}")
+    r, _ = aradia("maps", str(pid_c), "--vm", str(wild_mm.path), "--json")
+    assert r.returncode in (0, 2)
+    if r.returncode == 0:
+        assert json.loads(r.stdout)["warnings"]
+    files = view("files", str(pid_b), "--vm", str(wild_mm.path))
+    assert any(f["fd"] == 3 and f["path"] == "/etc/passwd" for f in files["items"])
+    assert any(m["path"] == "/bin/bash" for m in view("maps", str(pid_a), "--vm", str(wild_mm.path))["items"])
+    assert view("dmesg", "--vm", str(wild_mm.path))["items"]
+
+    with open_dump(str(wild_mm.path)) as vm:
+        procs_lib = {p.pid: p for p in vm.linux.processes()}
+        assert procs_lib[pid_b].cmdline == [] and warned(vm.linux.warnings, f"task {pid_b} ")
+        assert vm.linux.maps(pid_b) == [] and warned(vm.linux.warnings, f"maps of {pid_b}")
+        with pytest.raises(AradiaError):
+            vm.linux.read_user(pid_b, 0x400000, 16)
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_absurd_lengths(lengths: Copy) -> None:
+    pid_a = lengths.pids["hostile-a"]
+    ps = view("ps", "--vm", str(lengths.path))
+    procs = by_pid(ps["items"])
+    assert procs[pid_a]["comm"] == "hostile-a" and procs[pid_a]["cmdline"] == []
+    assert procs[lengths.pids["hostile-b"]]["cmdline"][-1] == "hostile-b-arg"
+    assert warned(ps, f"task {pid_a} ", f"{TWO31} bytes")
+
+    files = view("files", str(pid_a), "--vm", str(lengths.path))
+    fds = {f["fd"]: f["path"] for f in files["items"]}
+    assert fds[3] == "?" and fds[0] == "/dev/null"
+    assert warned(files, f"fd 3 of {pid_a}", f"name length {TWO31}")
+
+    dmesg = view("dmesg", "--vm", str(lengths.path))
+    assert warned(dmesg, "span more than the ring")
+    texts = [r["text"] for r in dmesg["items"]]
+    assert any(t.startswith("Linux version ") for t in texts) and len(texts) > 100
+    with open_dump(str(lengths.path)) as vm:
+        assert [r.text for r in vm.linux.dmesg()] == texts
+
+
+# --- random corruption -----------------------------------------------------------------------------------
+
+
+def _regions(c: Corruptor) -> list[tuple[str, int, int]]:
+    """(what, kernel address, size) of kernel objects the views read."""
+    prog = c.prog
+    out: list[tuple[str, int, int]] = []
+
+    def add(what: str, obj: drgn.Object) -> None:
+        out.append((what, obj.value_(), drgn.sizeof(obj.type_.type)))
+
+    root = c.pid_root()
+    add("pid IDR root", root)
+    for i in range(64):
+        v = root.slots[i].value_()
+        if v & 3 == 2 and v > 4096:
+            add("pid IDR leaf", drgn.Object(prog, "struct xa_node *", v - 2))
+    for t in for_each_task(prog):
+        add("task", t)
+        if t.comm.string_().decode() in NAMES:
+            add("mm", t.mm)
+            add("files", t.files)
+            add("fdtable", t.files.fdt)
+            for _fd, f in open_files(t):
+                add("file", f)
+                add("dentry", f.f_path.dentry)
+            add("exe dentry", t.mm.exe_file.f_path.dentry)
+            for _lo, _hi, node in _maple_nodes(t.mm):
+                out.append(("maple node", node, 256))
+    prb = prog["prb"]
+    add("printk ring", prb)
+    ring = prb.desc_ring
+    for i in range(0, 1 << int(ring.count_bits), 97):
+        out.append(("printk descriptor", ring.descs[i].address_, drgn.sizeof(ring.descs[i].type_)))
+        out.append(("printk info", ring.infos[i].address_, drgn.sizeof(ring.infos[i].type_)))
+    for mnt in list_for_each_entry("struct mount", prog["init_task"].nsproxy.mnt_ns.list.address_of_(),
+                                   "mnt_list"):
+        out.append(("mount", mnt.value_(), 256))
+    for mod in list_for_each_entry("struct module", prog["modules"].address_of_(), "list"):
+        out.append(("module", mod.value_(), 256))
+    return out
+
+
+def _maple_nodes(mm: drgn.Object) -> Iterator[tuple[int, int, int]]:
+    """Addresses of the maple nodes of ``mm`` (interior and leaf)."""
+    root = mm.mm_mt.ma_root.value_()
+    seen = set()
+    stack = [root]
+    while stack:
+        enode = stack.pop()
+        addr = enode & ~0xFF
+        if addr in seen or not (enode & 3 == 2 and enode > 4096):
+            continue
+        seen.add(addr)
+        yield 0, 0, addr
+        if (enode >> 3) & 0xF != 1:  # not a leaf: follow the children
+            node = drgn.Object(mm.prog_, "struct maple_node", address=addr)
+            slots = node.ma64.slot if (enode >> 3) & 0xF == 3 else node.mr64.slot
+            stack.extend(v for v in slots.value_() if v)
+
+
+def _nasty(rng: random.Random, regions: list[tuple[str, int, int]], here: int) -> bytes:
+    """A value a corrupt kernel might hold: a pointer elsewhere, to itself, huge, zero, noise."""
+    kind = rng.randrange(7)
+    if kind == 0:
+        return bytes(8)
+    if kind == 1:
+        return b"\xff" * 8
+    if kind == 2:
+        _what, addr, size = rng.choice(regions)
+        return struct.pack("<Q", addr + rng.randrange(0, size, 8))
+    if kind == 3:
+        return struct.pack("<Q", here & ~7)
+    if kind == 4:
+        return struct.pack("<Q", 1 << rng.randrange(64))
+    if kind == 5:
+        return struct.pack("<Q", rng.getrandbits(64))
+    return bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 33)))
+
+
+def _run_views(vm: VM, pids: list[int]) -> list[str]:
+    """Every view over ``vm``; returns the warnings; only AradiaError may escape a view."""
+    k = vm.linux
+    warnings: list[str] = []
+    calls: list[Callable[[], object]] = [k.processes, lambda: k.processes(threads=True), k.sockets, k.mounts,
+                                         k.dmesg, k.modules]
+    for pid in pids:
+        calls += [lambda pid=pid: k.maps(pid), lambda pid=pid: k.files(pid)]
+    for call in calls:
+        started = time.monotonic()
+        try:
+            rows = call()
+            assert isinstance(rows, list)
+        except AradiaError as e:
+            warnings.append(f"error: {e}")
+        elapsed = time.monotonic() - started
+        assert elapsed < BOUND, f"a view took {elapsed:.1f} s"
+        warnings += list(k.warnings)
+    return warnings
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(600)
+def test_random_corruption_never_crashes(corruptor: Corruptor, tmp_path: Path) -> None:
+    c = corruptor
+    regions = _regions(c)
+    assert len(regions) > 100
+    work = c.write(tmp_path / "random.elf")
+    pids = [1, *c.base.pids.values()]
+    trials, noticed, slowest = 60, 0, 0.0
+    for seed in range(trials):
+        rng = random.Random(seed)
+        patches: dict[int, bytes] = {}
+        for _ in range(rng.randrange(1, 5)):
+            what, addr, size = rng.choice(regions)
+            at = addr + rng.randrange(0, max(8, size - 32), 8)
+            data = _nasty(rng, regions, at)
+            data = data[:0x1000 - (at & 0xFFF)]
+            patches[c.file_offset(at, len(data))] = data
+        original = {}
+        with open(work, "r+b") as f:
+            for off, data in patches.items():
+                f.seek(off)
+                original[off] = f.read(len(data))
+                f.seek(off)
+                f.write(data)
+        try:
+            started = time.monotonic()
+            with open_dump(str(work)) as vm:
+                try:
+                    warnings = _run_views(vm, pids)
+                except Exception as e:
+                    raise AssertionError(f"seed {seed}: {type(e).__name__}: {e}") from e
+            slowest = max(slowest, time.monotonic() - started)
+            noticed += bool(warnings)
+        finally:
+            with open(work, "r+b") as f:
+                for off, data in original.items():
+                    f.seek(off)
+                    f.write(data)
+    print(f"\n{trials} random corruptions: {noticed} noticed (warnings or errors), slowest {slowest:.2f} s")
+    # The corruption must matter often enough for this test to mean something.
+    assert noticed >= trials // 4
