@@ -9,8 +9,9 @@ Boots one guest (RAM in a shared file, ``-device vmcoreinfo``), starts sleeping 
   in-process); **warm ps**: median of ``--ps-calls`` calls of ``vm.linux.processes()`` after the first.
 * **Volatility 3** ``linux.pslist`` on a raw dump of the guest (taken while paused), with an ISF built
   by ``pakunoda`` from that same dump; cold (empty Volatility cache) and warm (second run), each a
-  fresh process, next to ``aradia ps`` on the same dump (cold and warm profile cache). The pid lists
-  must agree.
+  fresh process, next to ``aradia ps`` on the same dump (cold and warm profile cache); and through
+  Volatility's Python API in one process (repeat ``pslist`` against aradia's warm ``ps`` on the same
+  dump). The pid lists must agree.
 * **drgn's own live path** ``Program.set_qemu_qmp()``: it connects, but lists no process without
   DWARF; ``--with-dbg`` downloads Debian's ``linux-image-<release>-dbg`` (~283 MB, cached) to run it.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import json
 import logging
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from aradia.machine import images
 from aradia.machine.images import GuestImage, build_guest
 from aradia.machine.launcher import launch
 from aradia.sources.dumpwrite import write_raw
-from aradia.vm import attach
+from aradia.vm import attach, open_dump
 
 # Run in a fresh interpreter: imports are timed apart from attach() + load_kernel() (= profile + drgn).
 CHILD = r"""
@@ -62,6 +63,41 @@ vm.close()
 """
 # ``vol`` parses sys.argv[0] too: "-c" would read as its --config option.
 VOL = "import sys; sys.argv[0] = 'vol'; from volatility3.cli import main; sys.exit(main())"
+# Volatility 3 through its Python API in one process: construct (automagic, ISF), first pslist, repeats.
+VOL_API = r"""
+import json, os, statistics, sys, time
+dump, symdir, cache, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import volatility3.plugins, volatility3.symbols
+from volatility3 import framework
+from volatility3.framework import automagic, constants, contexts, plugins
+from volatility3.framework.automagic import stacker
+from volatility3.framework.configuration import requirements
+volatility3.symbols.__path__ = [os.path.abspath(symdir), *constants.SYMBOL_BASEPATHS]
+constants.CACHE_PATH = cache
+constants.OFFLINE = True
+constants.PARALLELISM = constants.Parallelism.Off
+t0 = time.perf_counter()
+ctx = contexts.Context()
+framework.import_files(volatility3.plugins, True)
+plugin = framework.list_plugins()["linux.pslist.PsList"]
+ams = automagic.choose_automagic(automagic.available(ctx), plugin)
+ctx.config["automagic.LayerStacker.single_location"] = requirements.URIRequirement.location_from_file(dump)
+ctx.config["automagic.LayerStacker.stackers"] = stacker.choose_os_stackers(plugin)
+constructed = plugins.construct_plugin(ctx, ams, plugin, "plugins", None, None)
+t1 = time.perf_counter()
+def pslist():
+    rows = []
+    constructed.run().populate(lambda node, acc: rows.append(node.values), None)
+    return rows
+n = len(pslist())
+t2 = time.perf_counter()
+times = []
+for _ in range(calls):
+    t = time.perf_counter()
+    pslist()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"construct": t1 - t0, "first": t2 - t1, "ps": statistics.median(times), "n": n}))
+"""
 ARADIA_CLI = "import sys; from aradia.cli import main; sys.exit(main())"
 PsMap = dict[int, tuple[int, str]]  # pid -> (ppid, comm)
 BENCH_DEPS = {"volatility3": "volatility3", "pakunoda": "pakunoda"}  # import name -> PyPI name
@@ -71,16 +107,17 @@ class BenchError(Exception):
     """A step of the benchmark failed; the message says which and why."""
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[float, str]:
+def run(what: str, argv: list[str], *, env: dict[str, str] | None = None,
+        timeout: float = 600) -> tuple[float, str]:
     """Run a command; return (wall seconds, stdout). Raises BenchError with the stderr tail on failure."""
     t0 = time.perf_counter()
     try:
         p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"{' '.join(argv[:4])}... did not finish within {timeout:.0f} s") from None
+        raise BenchError(f"{what} did not finish within {timeout:.0f} s") from None
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:4])}... exited with {p.returncode}:\n{p.stderr[-1500:]}")
+        raise BenchError(f"{what} exited with {p.returncode}:\n{p.stderr[-1500:]}")
     return wall, p.stdout
 
 
@@ -91,10 +128,21 @@ def env_with(cache: Path) -> dict[str, str]:
 
 def aradia_child(spec: str, cache: Path) -> dict[str, Any]:
     """Attach + load_kernel + one ps in a fresh interpreter with profile cache ``cache``."""
-    wall, out = run([sys.executable, "-c", CHILD, spec], env=env_with(cache), timeout=300)
+    wall, out = run("aradia attach (child process)", [sys.executable, "-c", CHILD, spec],
+                    env=env_with(cache), timeout=300)
     res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     res["wall"] = wall
     return res
+
+
+def timed_median(fn: Callable[[], object], calls: int) -> float:
+    """Median wall time of ``calls`` calls of ``fn``."""
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def missing_bench_deps() -> list[str]:
@@ -175,40 +223,31 @@ def drgn_qmp(qmp_path: Path, vmlinux: Path | None, calls: int,
 
     from aradia.linux.processes import processes
 
-    prog = drgn.Program()
-    try:
-        t0 = time.perf_counter()
-        prog.set_qemu_qmp(str(qmp_path))
-        t1 = time.perf_counter()
-        line("drgn set_qemu_qmp (connect)", f"{ms(t1 - t0)}  flags: {prog.flags}")
-        if vmlinux is None:
-            logging.getLogger("drgn").setLevel(logging.ERROR)  # its own "missing debugging symbols" line
-            try:
-                prog.load_default_debug_info()
-                list(for_each_task(prog))
-                line("drgn set_qemu_qmp: default debug info", "found (DWARF installed on this host?)")
-            except (drgn.MissingDebugInfoError, LookupError) as e:
-                line("drgn set_qemu_qmp: cannot list processes", f"no DWARF: {type(e).__name__}: {e}")
-                line("  (needs the Debian -dbg package, ~283 MB)", "rerun with --with-dbg to download it")
-            return {}
-        prog.load_debug_info([str(vmlinux)])
-        t2 = time.perf_counter()
-        first = processes(prog)
-        t3 = time.perf_counter()
-        times = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            processes(prog)
-            times.append(time.perf_counter() - t)
-        results["drgn-cold"] = t2 - t0
-        results["drgn-ps"] = statistics.median(times)
-        line("drgn set_qemu_qmp + DWARF vmlinux (cold attach)", ms(t2 - t0))
-        line("drgn QMP path: aradia's ps view, first call", f"{ms(t3 - t2)}  {len(first)} processes")
-        line(f"drgn QMP path: warm ps (median of {calls})", ms(results["drgn-ps"]))
-        return {p.pid: (p.ppid, p.comm) for p in first}
-    finally:
-        del prog
-        gc.collect()  # drops drgn's QMP connection
+    prog = drgn.Program()  # its QMP connection closes when it is freed, on return
+    t0 = time.perf_counter()
+    prog.set_qemu_qmp(str(qmp_path))
+    t1 = time.perf_counter()
+    line("drgn set_qemu_qmp (connect)", f"{ms(t1 - t0)}  flags: {prog.flags}")
+    if vmlinux is None:
+        logging.getLogger("drgn").setLevel(logging.ERROR)  # its own "missing debugging symbols" line
+        try:
+            prog.load_default_debug_info()
+            list(for_each_task(prog))
+            line("drgn set_qemu_qmp: default debug info", "found (DWARF installed on this host?)")
+        except (drgn.MissingDebugInfoError, LookupError) as e:
+            line("drgn set_qemu_qmp: cannot list processes", f"no DWARF: {type(e).__name__}: {e}")
+            line("  (needs the Debian -dbg package, ~283 MB)", "rerun with --with-dbg to download it")
+        return {}
+    prog.load_debug_info([str(vmlinux)])
+    t2 = time.perf_counter()
+    first = processes(prog)
+    t3 = time.perf_counter()
+    results["drgn-cold"] = t2 - t0
+    results["drgn-ps"] = timed_median(lambda: processes(prog), calls)
+    line("drgn set_qemu_qmp + DWARF vmlinux (cold attach)", ms(t2 - t0))
+    line("drgn QMP path: aradia's ps view, first call", f"{ms(t3 - t2)}  {len(first)} processes")
+    line(f"drgn QMP path: warm ps (median of {calls})", ms(results["drgn-ps"]))
+    return {p.pid: (p.ppid, p.comm) for p in first}
 
 
 def aradia_live(spec: str, tmp: Path, args: argparse.Namespace, r: dict[str, float]) -> Path:
@@ -272,10 +311,17 @@ def aradia_ps(spec: str, dump: Path, args: argparse.Namespace, r: dict[str, floa
 def aradia_dump_cli(dump: Path, tmp: Path, warm_cache: Path, r: dict[str, float]) -> PsMap:
     """``aradia ps --json`` on the dump in a fresh process (like ``vol``), empty and warm profile cache."""
     cmd = [sys.executable, "-c", ARADIA_CLI, "ps", "--vm", str(dump), "--json"]
-    r["cli-cold"], _ = run(cmd, env=env_with(tmp / "dump-cold"))
-    r["cli-warm"], out = run(cmd, env=env_with(warm_cache))
+    r["cli-cold"], _ = run("aradia ps", cmd, env=env_with(tmp / "dump-cold"))
+    r["cli-warm"], out = run("aradia ps", cmd, env=env_with(warm_cache))
     line("`aradia ps --json` on the dump, empty cache (wall)", f"{r['cli-cold']:9.2f} s")
     line("`aradia ps --json` on the dump, warm cache (wall)", f"{r['cli-warm']:9.2f} s")
+    vm = open_dump(str(dump))  # in-process, warm cache: like Volatility's Python API below
+    try:
+        vm.linux.processes()
+        r["dump-ps"] = timed_median(vm.linux.processes, 10)
+    finally:
+        vm.close()
+    line("aradia warm ps on the dump, in-process (median of 10)", ms(r["dump-ps"]))
     return {p["pid"]: (p["ppid"], p["comm"]) for p in json.loads(out)["items"]}
 
 
@@ -283,8 +329,8 @@ def volatility(dump: Path, tmp: Path, r: dict[str, float]) -> PsMap:
     """An ISF from the dump with pakunoda, then ``vol linux.pslist`` cold and warm (fresh processes)."""
     symdir = tmp / "symbols"
     symdir.mkdir()
-    r["pakunoda"], _ = run([sys.executable, "-m", "pakunoda", "extract", "-q", "--offline", str(dump),
-                            "-o", f"{symdir}/"])
+    r["pakunoda"], _ = run("pakunoda extract", [sys.executable, "-m", "pakunoda", "extract", "-q",
+                                                "--offline", str(dump), "-o", f"{symdir}/"])
     isf = sorted(symdir.glob("*.json*"))
     line("pakunoda extract (ISF from the dump; wall)", f"{r['pakunoda']:9.2f} s  "
          f"{', '.join(f.name for f in isf)}, {sum(f.stat().st_size for f in isf) >> 20} MiB")
@@ -292,11 +338,26 @@ def volatility(dump: Path, tmp: Path, r: dict[str, float]) -> PsMap:
     volcache.mkdir()
     vol = [sys.executable, "-c", VOL, "-q", "--offline", "--cache-path", str(volcache),
            "-f", str(dump), "-s", str(symdir), "-r", "json", "linux.pslist"]
-    r["vol-cold"], _ = run(vol, timeout=900)
+    r["vol-cold"], _ = run("vol linux.pslist", vol, timeout=900)
     line("volatility3 linux.pslist, cold (empty cache; wall)", f"{r['vol-cold']:9.2f} s")
-    r["vol-warm"], out = run(vol, timeout=900)
+    r["vol-warm"], out = run("vol linux.pslist", vol, timeout=900)
     line("volatility3 linux.pslist, warm (second run; wall)", f"{r['vol-warm']:9.2f} s")
+    api_wall, api_out = run("volatility3 API",
+                            [sys.executable, "-c", VOL_API, str(dump), str(symdir), str(volcache), "10"],
+                            timeout=900)
+    api = json.loads(api_out.strip().splitlines()[-1])
+    r["vol-api-ps"] = api["ps"]
+    line("volatility3 Python API, one process: construct (warm)",
+         f"{ms(api['construct'])}  (process wall {api_wall:.2f} s)")
+    line("volatility3 Python API: first pslist", f"{ms(api['first'])}  {api['n']} processes")
+    line("volatility3 Python API: repeat pslist (median of 10)", ms(api["ps"]))
     return {int(row["PID"]): (int(row["PPID"]), str(row["COMM"])) for row in vol_rows(out)}
+
+
+def ratio(name: str, num: float, den: float, note: str = "") -> None:
+    """Print one ratio line with the two values it divides."""
+    x = num / den
+    print(f"ratio {name}: {x:,.{0 if x >= 10 else 1}f}x  ({num:.4g} s / {den:.4g} s){note}")
 
 
 def ratios(r: dict[str, float]) -> None:
@@ -308,19 +369,23 @@ def ratios(r: dict[str, float]) -> None:
     print(f"target warm ps of ~60 tasks <= 10 ms: {r['ps'] * 1e3:.2f} ms for {r['ntasks']:.0f} processes "
           f"{verdict(r['ps'] <= 0.010)}")
     if "vol-warm" in r:
-        x = r["vol-warm"] / r["ps"]
-        print(f"ratio volatility3-warm / aradia-warm-ps: {x:,.0f}x (target >= 20x: {verdict(x >= 20)})")
-        print(f"ratio volatility3-warm / aradia-warm-attach+ps (in-process): "
-              f"{r['vol-warm'] / (r['warm-inproc'] + r['ps']):,.0f}x")
-        print(f"ratio volatility3-warm / aradia-ps-cli-warm (same dump, fresh process each, wall): "
-              f"{r['vol-warm'] / r['cli-warm']:,.1f}x")
-        print(f"ratio volatility3-cold / aradia-cold-attach: {r['vol-cold'] / r['cold']:,.0f}x "
-              f"(adding pakunoda's ISF build: {(r['vol-cold'] + r['pakunoda']) / r['cold']:,.0f}x)")
-        print(f"ratio volatility3-cold+pakunoda / aradia-ps-cli-cold (same dump, wall): "
-              f"{(r['vol-cold'] + r['pakunoda']) / r['cli-cold']:,.0f}x")
+        target = f"  target >= 20x: {verdict(r['vol-warm'] / r['ps'] >= 20)}"
+        ratio("volatility3-warm / aradia-warm-ps", r["vol-warm"], r["ps"], target)
+        ratio("volatility3-warm / aradia-warm-attach+ps (in-process)", r["vol-warm"],
+              r["warm-inproc"] + r["ps"])
+        ratio("volatility3-api-repeat-pslist / aradia-warm-ps (same dump, in-process, both warm)",
+              r["vol-api-ps"], r["dump-ps"])
+        ratio("volatility3-warm / aradia-ps-cli-warm (same dump, fresh process each, wall)",
+              r["vol-warm"], r["cli-warm"])
+        ratio("volatility3-cold / aradia-cold-attach", r["vol-cold"], r["cold"])
+        ratio("volatility3-cold+pakunoda / aradia-cold-attach", r["vol-cold"] + r["pakunoda"], r["cold"])
+        ratio("volatility3-cold+pakunoda / aradia-ps-cli-cold (same dump, wall)",
+              r["vol-cold"] + r["pakunoda"], r["cli-cold"])
+    else:
+        print("ratio volatility3: not measured (see the volatility3 lines above)")
     if "drgn-ps" in r:
-        print(f"ratio drgn-qmp-dwarf-cold / aradia-cold-attach: {r['drgn-cold'] / r['cold']:,.1f}x")
-        print(f"ratio drgn-qmp-dwarf-ps / aradia-warm-ps: {r['drgn-ps'] / r['ps']:,.1f}x")
+        ratio("drgn-qmp-dwarf-cold / aradia-cold-attach", r["drgn-cold"], r["cold"])
+        ratio("drgn-qmp-dwarf-ps / aradia-warm-ps", r["drgn-ps"], r["ps"])
 
 
 def main() -> int:

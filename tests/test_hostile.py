@@ -12,7 +12,8 @@ segments):
 * **absurd lengths**: ``arg_end - arg_start`` of 2^31, a dentry name length of 2^31, and the printk
   ring's head id 2^31 past its tail;
 * **random**: seeded random words and byte runs written over tasks, mms, maple and XArray nodes,
-  file tables, dentries, mounts, modules and the printk ring.
+  file tables, dentries, mounts, modules and the printk ring (``ARADIA_HOSTILE_TRIALS`` trials,
+  default 60, from seed ``ARADIA_HOSTILE_SEED``, default 0).
 
 The CLI (as a subprocess) and the library views must finish in bounded time, keep the healthy
 processes, name what they skipped in a warning, and never raise anything but an AradiaError.
@@ -21,6 +22,7 @@ processes, name what they skipped in a warning, and never raise anything but an 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import struct
@@ -39,7 +41,7 @@ from drgn.helpers.linux.pid import find_task, for_each_task
 
 from aradia.errors import AradiaError
 from aradia.linux.guard import Warnings, bounded
-from aradia.linux.walks import mt_entries, open_files, xa_entries
+from aradia.linux.walks import open_files, xa_entries
 from aradia.machine.launcher import Guest
 from aradia.sources.dumpwrite import write_elf
 from aradia.vm import VM, attach, open_dump
@@ -336,47 +338,69 @@ def test_absurd_lengths(lengths: Copy) -> None:
 # --- random corruption -----------------------------------------------------------------------------------
 
 
+# The fields the views read, per object: where corruption matters.
+FIELDS = {
+    "task": ("tasks", "pid", "tgid", "real_parent", "real_cred", "mm", "files", "comm", "flags", "__state",
+             "start_boottime", "thread_pid", "pid_links", "worker_private"),
+    "mm": ("mm_mt", "arg_start", "arg_end", "exe_file", "brk", "start_brk", "start_stack", "pgd"),
+    "files": ("fdt",),
+    "fdtable": ("max_fds", "fd", "open_fds", "close_on_exec"),
+    "file": ("f_path", "f_inode", "f_flags", "f_mode", "f_pos", "f_op", "private_data"),
+    "dentry": ("d_parent", "d_name", "d_op", "d_inode", "d_hash", "d_sb"),
+    "mount": ("mnt_parent", "mnt_mountpoint", "mnt", "mnt_devname", "mnt_list"),
+    "module": ("list", "name", "core_layout"),
+    "printk ring": ("desc_ring", "text_data_ring"),
+}
+
+
 def _regions(c: Corruptor) -> list[tuple[str, int, int]]:
-    """(what, kernel address, size) of kernel objects the views read."""
+    """(what, kernel address, size) of the kernel data the views read: the fields of :data:`FIELDS`
+    and whole XArray nodes, maple nodes and printk descriptors."""
     prog = c.prog
     out: list[tuple[str, int, int]] = []
 
-    def add(what: str, obj: drgn.Object) -> None:
-        out.append((what, obj.value_(), drgn.sizeof(obj.type_.type)))
+    def fields(kind: str, obj: drgn.Object) -> None:
+        for name in FIELDS[kind]:
+            try:
+                m = obj.member_(name)
+            except LookupError:
+                continue
+            out.append((f"{kind}.{name}", m.address_, drgn.sizeof(m)))
 
     root = c.pid_root()
-    add("pid IDR root", root)
+    out.append(("pid IDR root", root.value_(), drgn.sizeof(root.type_.type)))
     for i in range(64):
         v = root.slots[i].value_()
         if v & 3 == 2 and v > 4096:
-            add("pid IDR leaf", drgn.Object(prog, "struct xa_node *", v - 2))
+            out.append(("pid IDR leaf", v - 2, drgn.sizeof(root.type_.type)))
     for t in for_each_task(prog):
-        add("task", t)
-        if t.comm.string_().decode() in NAMES:
-            add("mm", t.mm)
-            add("files", t.files)
-            add("fdtable", t.files.fdt)
-            for _fd, f in open_files(t):
-                add("file", f)
-                add("dentry", f.f_path.dentry)
-            add("exe dentry", t.mm.exe_file.f_path.dentry)
-            for _lo, _hi, node in _maple_nodes(t.mm):
-                out.append(("maple node", node, 256))
+        fields("task", t)
+        if t.comm.string_().decode() not in NAMES:
+            continue
+        fields("mm", t.mm)
+        fields("files", t.files)
+        fields("fdtable", t.files.fdt)
+        for _fd, f in open_files(t):
+            fields("file", f)
+            fields("dentry", f.f_path.dentry)
+        fields("dentry", t.mm.exe_file.f_path.dentry)
+        out += [("maple node", node, 256) for node in _maple_nodes(t.mm)]
     prb = prog["prb"]
-    add("printk ring", prb)
+    fields("printk ring", prb)
     ring = prb.desc_ring
-    for i in range(0, 1 << int(ring.count_bits), 97):
-        out.append(("printk descriptor", ring.descs[i].address_, drgn.sizeof(ring.descs[i].type_)))
-        out.append(("printk info", ring.infos[i].address_, drgn.sizeof(ring.infos[i].type_)))
+    for i in range(0, 1 << int(ring.count_bits), 61):
+        out.append(("printk descriptor", ring.descs[i].address_, drgn.sizeof(ring.descs[i])))
+        out.append(("printk info", ring.infos[i].address_, drgn.sizeof(ring.infos[i])))
     for mnt in list_for_each_entry("struct mount", prog["init_task"].nsproxy.mnt_ns.list.address_of_(),
                                    "mnt_list"):
-        out.append(("mount", mnt.value_(), 256))
+        fields("mount", mnt)
+        fields("dentry", mnt.mnt.mnt_root)
     for mod in list_for_each_entry("struct module", prog["modules"].address_of_(), "list"):
-        out.append(("module", mod.value_(), 256))
+        fields("module", mod)
     return out
 
 
-def _maple_nodes(mm: drgn.Object) -> Iterator[tuple[int, int, int]]:
+def _maple_nodes(mm: drgn.Object) -> Iterator[int]:
     """Addresses of the maple nodes of ``mm`` (interior and leaf)."""
     root = mm.mm_mt.ma_root.value_()
     seen = set()
@@ -387,7 +411,7 @@ def _maple_nodes(mm: drgn.Object) -> Iterator[tuple[int, int, int]]:
         if addr in seen or not (enode & 3 == 2 and enode > 4096):
             continue
         seen.add(addr)
-        yield 0, 0, addr
+        yield addr
         if (enode >> 3) & 0xF != 1:  # not a leaf: follow the children
             node = drgn.Object(mm.prog_, "struct maple_node", address=addr)
             slots = node.ma64.slot if (enode >> 3) & 0xF == 3 else node.mr64.slot
@@ -442,16 +466,19 @@ def test_random_corruption_never_crashes(corruptor: Corruptor, tmp_path: Path) -
     assert len(regions) > 100
     work = c.write(tmp_path / "random.elf")
     pids = [1, *c.base.pids.values()]
-    trials, noticed, slowest = 60, 0, 0.0
-    for seed in range(trials):
+    first = int(os.environ.get("ARADIA_HOSTILE_SEED", "0"))
+    trials, noticed, slowest = int(os.environ.get("ARADIA_HOSTILE_TRIALS", "60")), 0, 0.0
+    for seed in range(first, first + trials):
         rng = random.Random(seed)
         patches: dict[int, bytes] = {}
+        done = []
         for _ in range(rng.randrange(1, 5)):
             what, addr, size = rng.choice(regions)
-            at = addr + rng.randrange(0, max(8, size - 32), 8)
+            at = addr + rng.randrange(0, max(8, size - 7), 8) if size >= 8 else addr
             data = _nasty(rng, regions, at)
             data = data[:0x1000 - (at & 0xFFF)]
             patches[c.file_offset(at, len(data))] = data
+            done.append(f"{what}+{at - addr:#x}={data.hex()}")
         original = {}
         with open(work, "r+b") as f:
             for off, data in patches.items():
@@ -465,7 +492,7 @@ def test_random_corruption_never_crashes(corruptor: Corruptor, tmp_path: Path) -
                 try:
                     warnings = _run_views(vm, pids)
                 except Exception as e:
-                    raise AssertionError(f"seed {seed}: {type(e).__name__}: {e}") from e
+                    raise AssertionError(f"seed {seed} ({', '.join(done)}): {type(e).__name__}: {e}") from e
             slowest = max(slowest, time.monotonic() - started)
             noticed += bool(warnings)
         finally:

@@ -6,6 +6,7 @@ leaves what it had to skip in :attr:`Kernel.warnings`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +27,10 @@ from aradia.linux.program import make_program
 class Kernel:
     """The guest kernel seen through guest memory alone: no debug package, no agent."""
 
-    def __init__(self, vm: Any, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, vm: Any, progress: Callable[[str], None] | None = None, *,
+                 btf_source: str | os.PathLike[str] | None = None) -> None:
         self.vm = vm
-        self.profile: KernelProfile = find_profile(vm, progress)
+        self.profile: KernelProfile = find_profile(vm, progress, btf_source=btf_source)
         self.prog: drgn.Program = make_program(vm, self.profile, progress=progress)
         #: What the last view skipped (corrupt or unreadable guest data).
         self.warnings = Warnings()

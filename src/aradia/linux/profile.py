@@ -41,6 +41,7 @@ from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, Unsu
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
 from aradia.linux.identify import KernelNotFound, parse_vmcoreinfo
+from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine.paging import translate
 from aradia.sources.base import PhysicalMemory
 
@@ -367,7 +368,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # --- finding the profile ------------------------------------------------------------------------------
 
 def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCache | bool | None = True,
-                 with_btf: bool = True, use_vmcoreinfo: bool = True) -> KernelProfile:
+                 with_btf: bool = True, use_vmcoreinfo: bool = True,
+                 btf_source: str | os.PathLike[str] | None = None) -> KernelProfile:
     """The kernel profile of ``vm`` (an :class:`aradia.vm.VM`: live or a dump) from its RAM alone.
 
     ``progress`` is called with a short line before each slow step. ``cache``: a
@@ -375,6 +377,9 @@ def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCac
     ignores VMCOREINFO and locates the kernel by scanning (as for a kernel without it). Raises
     :class:`~aradia.linux.identify.KernelNotFound` when no kernel is found and
     :class:`~aradia.errors.GuestDataCorrupt` when what is found does not hold together.
+    ``btf_source`` takes the BTF from a kernel file instead of RAM (a ``vmlinuz``, a ``vmlinux`` or
+    a raw blob: :mod:`aradia.linux.vmlinux`); a file of another kernel build is
+    :class:`~aradia.errors.UnsupportedKernel`.
     """
     mem: PhysicalMemory = vm.memory
     store = ProfileCache() if cache is True else (cache or None)
@@ -481,9 +486,18 @@ def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCac
     btf: Btf | None = None
     if with_btf:
         start, stop = symtab.address("__start_BTF"), symtab.address("__stop_BTF")
-        if start is not None and stop is not None and stop > start:
-            index = store.load_btf_index(build_id) if store else None
+        blob: bytes | None = None
+        if btf_source is not None:
+            tm.say(f"reading BTF from {btf_source}")
+            kf = read_kernel_file_btf(btf_source)
+            if kf.build_id is not None and kf.build_id != build_id:
+                raise UnsupportedKernel(f"{btf_source} is kernel build {kf.build_id}; "
+                                        f"the guest runs {build_id}")
+            blob = kf.blob
+        elif start is not None and stop is not None and stop > start:
             blob = mem.read(phys(start), stop - start)
+        if blob is not None:
+            index = store.load_btf_index(build_id) if store else None
             if index is None:
                 tm.say("indexing BTF")
             btf = Btf(blob, index=index)
