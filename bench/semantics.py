@@ -40,6 +40,7 @@ from typing import Any
 
 from aradia.errors import AradiaError
 from aradia.machine import images
+from aradia.machine.debian import PrivateApt, deb_field
 from aradia.machine.images import GuestImage, build_guest
 from aradia.machine.launcher import launch
 from aradia.sources.dumpwrite import write_raw
@@ -187,7 +188,7 @@ def dbg_vmlinux(image: GuestImage, cache: Path) -> Path:
     if out.is_file():
         return out
     suite = images.SERIES[image.series].suite
-    apt = images._PrivateApt(cache / "apt" / suite, suite)
+    apt = PrivateApt(cache / "apt" / suite, suite)
     pkg = f"linux-image-{image.release}-dbg"
     print(f"downloading {pkg} (~283 MB) for drgn's DWARF path...", flush=True)
     try:
@@ -196,7 +197,7 @@ def dbg_vmlinux(image: GuestImage, cache: Path) -> Path:
         apt.update()
         (deb,) = apt.download([pkg], cache / "debs")
     try:
-        version = images._deb_field(deb, "Version")
+        version = deb_field(deb, "Version")
         if version != image.package_version:
             raise BenchError(f"{deb.name} is version {version}, the guest kernel {image.package_version}")
         out.parent.mkdir(parents=True, exist_ok=True)

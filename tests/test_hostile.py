@@ -38,6 +38,7 @@ import drgn
 import pytest
 from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.pid import find_task, for_each_task
+from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
 from aradia.errors import AradiaError
 from aradia.linux.guard import Warnings, bounded
@@ -61,7 +62,11 @@ class BaseDump:
 
 @pytest.fixture(scope="module")
 def base(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> BaseDump:
-    guest = launch_guest("6.1", shared_memory=True)
+    return _base_dump(launch_guest("6.1", shared_memory=True), tmp_path_factory)
+
+
+def _base_dump(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> BaseDump:
+    """Start the named processes in ``guest`` and dump it with aradia's ELF writer."""
     pids = {}
     for name in NAMES:
         out = guest.run(
@@ -69,7 +74,7 @@ def base(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFa
             f"{name}-arg >/dev/null 2>&1 & p=$!; for i in $(seq 200); do "
             f"[ \"$(cat /proc/$p/comm)\" = {name} ] && break; sleep 0.05; done; echo $p")
         pids[name] = int(out.split()[-1])
-    path = tmp_path_factory.mktemp("hostile") / "base.elf"
+    path = tmp_path_factory.mktemp("hostile") / f"base-{guest.image.series}.elf"
     vm = attach(f"qmp:{guest.qmp_path}")
     try:
         with vm.paused():
@@ -333,6 +338,32 @@ def test_absurd_lengths(lengths: Copy) -> None:
     assert any(t.startswith("Linux version ") for t in texts) and len(texts) > 100
     with open_dump(str(lengths.path)) as vm:
         assert [r.text for r in vm.linux.dmesg()] == texts
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_cycle_in_mount_tree_612(launch_guest: Callable[..., Guest],
+                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """6.8+ keeps a namespace's mounts in a red-black tree, which drgn walks recursively: a node whose
+    ``rb_left`` points back at the root must cost a warning, not a RecursionError."""
+    base612 = _base_dump(launch_guest("6.12", shared_memory=True), tmp_path_factory)
+    c = Corruptor(base612)
+    try:
+        ns = c.prog["init_task"].nsproxy.mnt_ns
+        tree = ns.mounts.rb_node
+        healthy = view("mounts", "--vm", str(base612.path))
+        assert healthy["warnings"] == [] and len(healthy["items"]) > 3
+        leaf = next(m for m in rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")
+                    if not m.mnt_node.rb_left and m.mnt_node.address_ != tree.value_())
+        c.u64(leaf.mnt_node.rb_left.address_, tree.value_())
+        copy = c.write(tmp_path_factory.mktemp("hostile") / "mount-cycle-6.12.elf")
+    finally:
+        c.vm.close()
+    mounts = view("mounts", "--vm", str(copy))
+    assert mounts["items"] == healthy["items"]
+    assert warned(mounts, "mount tree", "seen twice")
+    ps = view("ps", "--vm", str(copy))
+    assert all(p in by_pid(ps["items"]) for p in base612.pids.values())
 
 
 # --- random corruption -----------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import drgn
 from drgn.helpers.linux.list import list_for_each_entry
-from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
 from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded, cstring
-from aradia.linux.walks import NAME_MAX, PATH_MAX, d_path
+from aradia.linux.walks import NAME_MAX, PATH_MAX, d_path, rb_inorder
 
 MNT_READONLY = 0x40
 SB_RDONLY = 0x1
@@ -26,21 +25,25 @@ class Mount:
     readonly: bool
 
 
-def _mount_list(prog: drgn.Program) -> Iterator[drgn.Object]:
+def _mount_list(prog: drgn.Program, warnings: Warnings) -> Iterator[drgn.Object]:
     """Every ``struct mount *`` of the initial mount namespace, cursors included (as drgn's
     ``for_each_mount`` walks them, but yielding every entry so that :func:`bounded` sees a cycle)."""
     ns = prog["init_task"].nsproxy.mnt_ns
     # 6.8 moved a namespace's mounts from a list to a red-black tree.
     if ns.type_.type.has_member("list"):
-        return list_for_each_entry("struct mount", ns.list.address_of_(), "mnt_list")
-    return rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")
+        yield from list_for_each_entry("struct mount", ns.list.address_of_(), "mnt_list")
+        return
+    mount = prog.type("struct mount")
+    for node in rb_inorder(ns.mounts.address_of_(), "mount tree", warnings):
+        yield drgn.container_of(node, mount, "mnt_node")
 
 
 def mounts(prog: drgn.Program, *, warnings: Warnings | None = None) -> list[Mount]:
     """The mounts of the initial mount namespace, in mount order."""
     warnings = Warnings() if warnings is None else warnings
     out = []
-    for mnt in bounded(_mount_list(prog), "mount list", warnings, limit=1 << 16, key=lambda m: m.value_()):
+    for mnt in bounded(_mount_list(prog, warnings), "mount list", warnings, limit=1 << 16,
+                       key=lambda m: m.value_()):
         try:
             sb = mnt.mnt.mnt_sb.read_()
             if not sb:

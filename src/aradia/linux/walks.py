@@ -272,6 +272,42 @@ def mt_entries(mt: drgn.Object, what: str, warnings: Warnings, *,
             stack.extend((first, last, v, depth + 1) for first, last, v in reversed(ranges) if v)
 
 
+# --- red-black tree ----------------------------------------------------------------------------------
+
+MAX_RB_DEPTH = 128  # a red-black tree of n nodes is at most 2*log2(n+1) deep
+
+
+def rb_inorder(root: drgn.Object, what: str, warnings: Warnings, *,
+               max_nodes: int = MAX_TREE_NODES) -> Iterator[drgn.Object]:
+    """The nodes (``struct rb_node *``) of a red-black tree (``struct rb_root *``) in order.
+
+    drgn's ``rbtree_inorder_for_each`` recurses once per level, so a cycle through ``rb_left``
+    ends in a RecursionError; this walk is iterative, at most :data:`MAX_RB_DEPTH` deep, visits a
+    node at most once and reads at most ``max_nodes`` nodes, with a warning for what it skipped.
+    """
+    seen: set[int] = set()
+    stack: list[drgn.Object] = []
+    try:
+        node = root.rb_node.read_()
+        while stack or node:
+            while node:
+                addr = node.value_()
+                if addr in seen or len(stack) >= MAX_RB_DEPTH or len(seen) >= max_nodes:
+                    warnings.add(f"{what}: node {addr:#x} is seen twice, too deep or too many; skipped")
+                    node = None
+                    break
+                seen.add(addr)
+                stack.append(node)
+                node = node.rb_left.read_()
+            if not stack:
+                return
+            node = stack.pop()
+            yield node
+            node = node.rb_right.read_()
+    except GUEST_ERRORS as e:
+        warnings.add(f"{what}: walk stopped: unreadable node ({e})")
+
+
 # --- paths ---------------------------------------------------------------------------------------
 
 

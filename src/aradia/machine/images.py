@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from aradia.errors import GuestError
+from aradia.machine.debian import PrivateApt, deb_field, run_tool
 
 ROOT_PASSWORD = "aradia-root"
 """The guest's root password (ssh password logins and the console use it)."""
@@ -55,9 +55,6 @@ _USERLAND_SUITE = "bookworm"
 _USERLAND_PACKAGES = ("busybox-static", "bash", "dropbear-bin")
 _USERLAND_FORMAT = 2  # bump when the way the userland closure is chosen changes
 _GUEST_PROGRAMS_DIR = Path(__file__).resolve().parent.parent / "guest"
-_KEYRING_DIR = Path("/usr/share/keyrings")
-_MIRROR = "http://deb.debian.org/debian"
-_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 _MULTIARCH = "x86_64-linux-gnu"
 
 # Modules wanted in the guest, in load order; names resolve to files through each .ko's modinfo
@@ -226,117 +223,6 @@ def _publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _run(cmd: list[str], *, timeout: float = 600, cwd: Path | None = None, what: str = "") -> str:
-    try:
-        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as exc:
-        raise GuestError(f"{what or cmd[0]}: {cmd[0]} is not installed") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise GuestError(f"{what or cmd[0]}: timed out after {timeout:.0f}s") from exc
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip()[-2000:]
-        raise GuestError(f"{what or ' '.join(cmd[:3])} failed (exit {res.returncode}): {tail}")
-    return res.stdout
-
-
-# ----------------------------------------------------------------------------------------------------
-# private apt
-
-
-class _PrivateApt:
-    """apt-get/apt-cache against one Debian suite with lists, caches and status in a private dir."""
-
-    def __init__(self, root: Path, suite: str) -> None:
-        self.root = root
-        self.suite = suite
-        for sub in ("lists/partial", "cache/archives/partial"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        # The archive keyring, plus the suite's own keyrings should a later keyring package have
-        # moved an old suite's keys out of the main one.
-        keyrings = [_KEYRING_DIR / "debian-archive-keyring.gpg",
-                    *sorted(_KEYRING_DIR.glob(f"debian-archive-{suite}-*.gpg"))]
-        keyrings = [k for k in keyrings if k.exists()]
-        if not keyrings:
-            raise GuestError("the Debian archive keyring is missing: install debian-archive-keyring")
-        signed_by = ",".join(str(k) for k in keyrings)
-        lines = [
-            f"deb [signed-by={signed_by}] {_MIRROR} {suite} main",
-            f"deb [signed-by={signed_by}] {_MIRROR} {suite}-updates main",
-            f"deb [signed-by={signed_by}] {_SECURITY_MIRROR} {suite}-security main",
-        ]
-        (root / "sources.list").write_text("\n".join(lines) + "\n")
-        (root / "status").touch()
-        self.options = [
-            f"-oDir::Etc::SourceList={root / 'sources.list'}",
-            "-oDir::Etc::SourceParts=/dev/null",
-            "-oDir::Etc::Preferences=/dev/null",
-            "-oDir::Etc::PreferencesParts=/dev/null",
-            f"-oDir::State::Lists={root / 'lists'}",
-            f"-oDir::State::status={root / 'status'}",
-            f"-oDir::Cache={root / 'cache'}",
-            f"-oDir::Cache::archives={root / 'cache' / 'archives'}",
-            "-oDebug::NoLocking=1",
-            "-oAcquire::Languages=none",
-            "-oAPT::Architecture=amd64",
-            "-oAPT::Architectures::=amd64",
-            "-oAPT::Sandbox::User=root",
-        ]
-
-    def update(self) -> None:
-        _run(["apt-get", *self.options, "-q", "update"], timeout=600, what=f"apt-get update ({self.suite})")
-
-    def pkgnames(self, prefix: str) -> list[str]:
-        out = _run(["apt-cache", *self.options, "pkgnames", prefix], timeout=120, what="apt-cache pkgnames")
-        return out.split()
-
-    def library_closure(self, packages: Iterable[str]) -> list[str]:
-        """The packages plus every library package (``lib*``, ``zlib*``) they (transitively) depend on."""
-        seen: list[str] = []
-        todo = list(packages)
-        for _round in range(20):
-            if not todo:
-                break
-            seen.extend(p for p in todo if p not in seen)
-            out = _run(["apt-cache", *self.options, "depends", "--no-recommends", "--no-suggests",
-                        "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *todo],
-                       timeout=120, what="apt-cache depends")
-            found: list[str] = []
-            alternative = False
-            for line in out.splitlines():
-                m = re.match(r"\s+(\|?)(?:Pre)?Depends:\s+(\S+)", line)
-                if not m:
-                    continue
-                name = m.group(2)
-                chosen_already = alternative
-                alternative = m.group(1) == "|"
-                if chosen_already or name.startswith("<"):
-                    continue
-                name = name.split(":")[0]
-                if name.startswith(("lib", "zlib")) and name not in seen and name not in found:
-                    found.append(name)
-            todo = found
-        else:
-            raise GuestError("apt-cache depends: dependency closure did not converge")
-        return seen
-
-    def download(self, packages: list[str], dest: Path) -> list[Path]:
-        """``apt-get download`` into ``dest``; returns the .deb files (signature-checked by apt)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        _run(["apt-get", *self.options, "-q", "download", *packages], cwd=dest, timeout=900,
-             what=f"apt-get download {' '.join(packages)}")
-        debs = []
-        for pkg in packages:
-            matches = sorted(dest.glob(f"{pkg}_*.deb"), key=lambda p: p.stat().st_mtime)
-            if not matches:
-                raise GuestError(f"apt-get download {pkg} left no .deb in {dest}")
-            debs.append(matches[-1])
-        return debs
-
-
-def _deb_field(deb: Path, field: str) -> str:
-    return _run(["dpkg-deb", "-f", str(deb), field], timeout=60, what="dpkg-deb -f").strip()
-
-
 def _choose_kernel_package(names: list[str], spec: KernelSeries) -> str:
     best: tuple[int, int, str] | None = None
     for name in names:
@@ -362,11 +248,11 @@ class _Builder:
     def __init__(self, cache: Path, say: Progress) -> None:
         self.cache = cache
         self.say = say
-        self._apts: dict[str, _PrivateApt] = {}
+        self._apts: dict[str, PrivateApt] = {}
 
-    def apt(self, suite: str) -> _PrivateApt:
+    def apt(self, suite: str) -> PrivateApt:
         if suite not in self._apts:
-            apt = _PrivateApt(self.cache / "apt" / suite, suite)
+            apt = PrivateApt(self.cache / "apt" / suite, suite)
             self.say(f"apt-get update (Debian {suite}, private lists)")
             apt.update()
             self._apts[suite] = apt
@@ -388,7 +274,7 @@ class _Builder:
         tmp = self._tmpdir("kernel")
         try:
             root = tmp / "root"
-            _run(["dpkg-deb", "-x", str(deb), str(root)], timeout=300, what=f"dpkg-deb -x {deb.name}")
+            run_tool(["dpkg-deb", "-x", str(deb), str(root)], timeout=300, what=f"dpkg-deb -x {deb.name}")
             module_dirs = [d for base in ("lib/modules", "usr/lib/modules") if (root / base).is_dir()
                            for d in (root / base).iterdir() if d.is_dir()]
             if len(module_dirs) != 1:
@@ -401,7 +287,7 @@ class _Builder:
             shutil.rmtree(root / "usr" / "share", ignore_errors=True)
             _write_manifest(tmp, {
                 "package": package,
-                "version": _deb_field(deb, "Version"),
+                "version": deb_field(deb, "Version"),
                 "release": release,
                 "vmlinuz": str(vmlinuz.relative_to(tmp)),
                 "config": str(config.relative_to(tmp)),
@@ -427,9 +313,9 @@ class _Builder:
         try:
             versions = {}
             for pkg, deb in zip(packages, debs, strict=True):
-                _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], timeout=300,
+                run_tool(["dpkg-deb", "-x", str(deb), str(tmp / "root")], timeout=300,
                      what=f"dpkg-deb -x {deb.name}")
-                versions[pkg] = _deb_field(deb, "Version")
+                versions[pkg] = deb_field(deb, "Version")
             _write_manifest(tmp, {"suite": _USERLAND_SUITE, "versions": versions})
             final.parent.mkdir(parents=True, exist_ok=True)
             _publish(tmp, final)
@@ -473,7 +359,7 @@ def _make_client_key(path: Path) -> Path | None:
     """An ed25519 key for the tests' ssh client (None when the host has no ssh-keygen)."""
     if shutil.which("ssh-keygen") is None:
         return None
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "aradia-test", "-f", str(path)],
+    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "aradia-test", "-f", str(path)],
          timeout=60, what="ssh-keygen")
     return path
 
@@ -668,7 +554,7 @@ def _compile_guest_programs(out_dir: Path) -> dict[str, bytes]:
     programs = {}
     for src in _guest_sources():
         exe = out_dir / src.stem
-        _run([gcc, "-static", "-O2", "-s", "-Wall", "-o", str(exe), str(src)], timeout=300,
+        run_tool([gcc, "-static", "-O2", "-s", "-Wall", "-o", str(exe), str(src)], timeout=300,
              what=f"gcc -static {src.name} (needs libc6-dev)")
         programs[src.stem] = exe.read_bytes()
     return programs
@@ -680,8 +566,8 @@ def _dropbear_host_key(rootfs: _Rootfs, out: Path) -> str:
     keygen = rootfs.resolve("usr/bin/dropbearkey")
     libpath = ":".join(str(rootfs.userland / d) for d in (f"lib/{_MULTIARCH}", f"usr/lib/{_MULTIARCH}"))
     base = [str(ld), "--library-path", libpath, str(keygen)]
-    _run([*base, "-t", "ed25519", "-f", str(out)], timeout=120, what="dropbearkey")
-    pub = _run([*base, "-y", "-f", str(out)], timeout=60, what="dropbearkey -y")
+    run_tool([*base, "-t", "ed25519", "-f", str(out)], timeout=120, what="dropbearkey")
+    pub = run_tool([*base, "-y", "-f", str(out)], timeout=60, what="dropbearkey -y")
     line = next((ln for ln in pub.splitlines() if ln.startswith("ssh-ed25519 ")), None)
     if line is None:
         raise GuestError(f"dropbearkey -y printed no public key: {pub[-500:]}")

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aradia.errors import AradiaError
-from aradia.machine.images import _PrivateApt, default_cache_dir
+from aradia.machine.debian import PrivateApt, run_tool
+from aradia.machine.images import default_cache_dir
 
 if TYPE_CHECKING:
     from aradia.proto.gdbrsp import GdbClient
@@ -59,8 +60,6 @@ _HEADER_MEMBER = "include/qemu/qemu-plugin.h"
 _MAX_HEADER_BYTES = 1 << 20
 _QEMU_BINARY = "qemu-system-x86_64"
 _QEMU_PACKAGE = "qemu-system-x86"
-_MIRROR = "http://deb.debian.org/debian"
-_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 
 # header struct (see counter.c): creation fields, plugin-written fields, control, targets, ring head
 _H_CREATE = struct.Struct("<QIIIIII QQQQ")
@@ -135,16 +134,7 @@ def header_capabilities(text: str) -> PluginCapabilities:
 
 
 def _run(cmd: list[str], *, timeout: float, what: str, cwd: Path | None = None) -> str:
-    try:
-        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as exc:
-        raise PluginError(f"{what}: {cmd[0]} is not installed") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise PluginError(f"{what}: timed out after {timeout:.0f}s") from exc
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip()[-2000:]
-        raise PluginError(f"{what} failed (exit {res.returncode}): {tail}")
-    return res.stdout
+    return run_tool(cmd, timeout=timeout, what=what, cwd=cwd, error=PluginError)
 
 
 def installed_qemu(binary: str = _QEMU_BINARY) -> QemuBuildInfo:
@@ -179,18 +169,9 @@ def _host_suite() -> str:
     return m.group(1)
 
 
-def _source_apt(cache: Path, suite: str) -> _PrivateApt:
-    """A private apt whose list holds the suite's deb-src lines (its own dir: images.py owns ``apt/``)."""
-    apt = _PrivateApt(cache / "apt-src" / suite, suite)
-    listed = (apt.root / "sources.list").read_text()
-    signed = re.search(r"\[signed-by=[^\]]*\]", listed)
-    opts = f"{signed.group(0)} " if signed else ""
-    lines = [f"deb-src {opts}{_MIRROR} {suite} main",
-             f"deb-src {opts}{_MIRROR} {suite}-updates main",
-             f"deb-src {opts}{_MIRROR} {suite}-backports main",
-             f"deb-src {opts}{_SECURITY_MIRROR} {suite}-security main"]
-    (apt.root / "sources.list").write_text("\n".join(lines) + "\n")
-    return apt
+def _source_apt(cache: Path, suite: str) -> PrivateApt:
+    """A private apt with the suite's deb-src lines (its own dir: the image builder owns ``apt/``)."""
+    return PrivateApt(cache / "apt-src" / suite, suite, kind="deb-src", backports=True)
 
 
 def _orig_header(tarball: Path) -> bytes:
