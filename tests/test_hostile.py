@@ -5,9 +5,11 @@ of it. Copies of that dump are then corrupted at places found with aradia's own 
 (virtual address -> physical through the kernel's page tables -> file offset through the ELF
 segments):
 
-* **cycles**: a task's ``tasks.next`` points back at an earlier task, and the pid IDR (the XArray
+* **cycles**: a task's ``tasks.next`` points back at an earlier task, the pid IDR (the XArray
   drgn's ``for_each_task`` and ``find_task`` really walk) gets a leaf slot pointing at the root and
-  a root slot pointing at itself -- drgn's own walks never return on that copy;
+  a root slot pointing at itself -- drgn's ``find_task`` spins in C on that copy --, and a VMA maple
+  tree node becomes its own child; on 6.12, a mount's ``rb_left`` points at the mount tree's root
+  (drgn's recursive walk ends in RecursionError);
 * **wild mm**: one task's ``mm`` points outside RAM, another's into kernel text;
 * **absurd lengths**: ``arg_end - arg_start`` of 2^31, a dentry name length of 2^31, and the printk
   ring's head id 2^31 past its tail;
@@ -203,6 +205,13 @@ def cycles(corruptor: Corruptor, tmp_path_factory: pytest.TempPathFactory) -> Co
     c.u64(leaf.slots[(before or empty)[0]].address_, head)
     loop_slot = next(i for i in range(64) if not root.slots[i].value_())
     c.u64(root.slots[loop_slot].address_, head)
+    # hostile-c's VMA maple tree: the root's second child is the root again.
+    mt_root = c.task("hostile-c").mm.mm_mt.ma_root.value_()
+    kind = (mt_root >> 3) & 0xF
+    assert kind in (2, 3), "hostile-c's maple tree is a single leaf"
+    node = drgn.Object(c.prog, "struct maple_node", address=mt_root & ~0xFF)
+    slots = node.ma64.slot if kind == 3 else node.mr64.slot
+    c.u64(slots[1].address_, mt_root)
     return Copy(c.write(tmp_path_factory.mktemp("hostile") / "cycles.elf"), c.base.pids,
                 {"looping_pid": loop_slot * 64 + 5})
 
@@ -281,6 +290,11 @@ def test_cycle_in_task_list_and_pid_table(cycles: Copy) -> None:
     files = view("files", pid_a, "--vm", str(cycles.path))
     assert any(f["fd"] == 3 and f["path"] == "/etc/passwd" for f in files["items"])
     assert view("dmesg", "--vm", str(cycles.path))["items"]
+    pid_c = str(cycles.pids["hostile-c"])
+    maps_c = view("maps", pid_c, "--vm", str(cycles.path))
+    assert maps_c["items"] and warned(maps_c, f"maps of {pid_c}", "reached twice (a cycle)")
+    starts = [m["start"] for m in maps_c["items"]]
+    assert starts == sorted(set(starts))
     # A pid whose lookup runs into the self-pointing root node: drgn's find_task spins in C there.
     r, _ = aradia("maps", str(cycles.facts["looping_pid"]), "--vm", str(cycles.path), "--json")
     assert r.returncode == 2 and r.stderr.startswith("aradia: error: ") and "pid table" in r.stderr, r.stderr
@@ -331,6 +345,7 @@ def test_absurd_lengths(lengths: Copy) -> None:
     fds = {f["fd"]: f["path"] for f in files["items"]}
     assert fds[3] == "?" and fds[0] == "/dev/null"
     assert warned(files, f"fd 3 of {pid_a}", f"name length {TWO31}")
+    assert any(m["path"] == "/bin/bash" for m in view("maps", str(pid_a), "--vm", str(lengths.path))["items"])
 
     dmesg = view("dmesg", "--vm", str(lengths.path))
     assert warned(dmesg, "span more than the ring")

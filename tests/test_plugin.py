@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,57 +34,13 @@ from aradia.trace.plugin import (
     plugin_capabilities,
 )
 from aradia.vm import VM, attach
+from guest_programs import build_loop
 
 SYMBOL = "__x64_sys_getppid"
 N = 200_000
 RATE_N = 50_000
 RATE_ROUNDS = 16
 SMP = 2
-
-LOOP_C = r"""
-/* loop N: N getppid() syscalls, then "calls N ns T" with T from CLOCK_MONOTONIC. No libc. */
-typedef unsigned long u64;
-static long sys3(long nr, long a, long b, long c) {
-    long r;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(nr), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
-    return r;
-}
-struct ts { long sec, nsec; };
-static u64 now(void) { struct ts t; sys3(228, 1, (long)&t, 0); return (u64)t.sec * 1000000000ul + t.nsec; }
-static char *fmt(char *p, u64 v) {
-    char b[24]; int n = 0;
-    do { b[n++] = '0' + v % 10; v /= 10; } while (v);
-    while (n) *p++ = b[--n];
-    return p;
-}
-void cmain(long *sp) {
-    long argc = sp[0]; char **argv = (char **)(sp + 1);
-    u64 n = 0;
-    if (argc > 1) for (char *s = argv[1]; *s >= '0' && *s <= '9'; s++) n = n * 10 + (u64)(*s - '0');
-    u64 t0 = now();
-    for (u64 i = 0; i < n; i++) sys3(110, 0, 0, 0);
-    u64 t1 = now();
-    char out[80], *p = out;
-    for (const char *a = "calls "; *a; ) *p++ = *a++;
-    p = fmt(p, n);
-    for (const char *b = " ns "; *b; ) *p++ = *b++;
-    p = fmt(p, t1 - t0);
-    *p++ = '\n';
-    sys3(1, 1, (long)out, p - out);
-    sys3(60, 0, 0, 0);
-}
-__asm__(".globl _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call cmain\n hlt\n");
-"""
-
-
-def _build_loop(tmp: Path) -> bytes:
-    src, exe = tmp / "loop.c", tmp / "loop"
-    src.write_text(LOOP_C)
-    subprocess.run(["gcc", "-static", "-nostdlib", "-Os", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
-                    "-fno-pie", "-no-pie", "-s", "-Wl,-N", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-                    "-o", str(exe), str(src)], check=True, capture_output=True, timeout=60)
-    return exe.read_bytes()
-
 
 @dataclass
 class Rig:
@@ -116,7 +71,7 @@ def rig(guest_image: Callable[[str], GuestImage], tmp_path_factory: pytest.TempP
     """The module's guest; everything it started is stopped afterwards."""
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the plugin", pytrace=False)
-    loop = _build_loop(tmp_path_factory.mktemp("loop"))
+    loop = build_loop(tmp_path_factory.mktemp("loop"))
     image = guest_image("6.1")
     so = build_plugin()
     # rings big enough for a whole test's hits: a drain thread starved by a loaded host loses none
