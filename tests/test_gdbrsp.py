@@ -112,6 +112,20 @@ def connect(address: str, **kwargs: Any) -> GdbClient:
             time.sleep(0.05)
 
 
+def _wait_listening(port: int, timeout: float = 10) -> None:
+    """Wait until something listens on TCP ``port``, without connecting (a connection to the stub
+    would become its client): QEMU opens its QMP socket before its GDB stub."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
 @dataclass
 class Vm:
     """A bare QEMU with a GDB stub."""
@@ -134,6 +148,8 @@ def gdb_qemu(*, paused: bool, smp: int = 2, unix: bool = False) -> Iterator[Vm]:
     q: BareQemu | None = None
     try:
         with bare_qemu(smp=smp, extra=extra) as q:
+            if not unix:
+                _wait_listening(int(gdb.rsplit(":", 1)[1]))
             yield Vm(q, gdb)
     finally:
         if q is not None and q.proc.stderr is not None:

@@ -146,6 +146,20 @@ def corruptor(base: BaseDump) -> Iterator[Corruptor]:
         c.vm.close()
 
 
+@pytest.fixture(scope="module")
+def base612(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> BaseDump:
+    return _base_dump(launch_guest("6.12", shared_memory=True), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corruptor612(base612: BaseDump) -> Iterator[Corruptor]:
+    c = Corruptor(base612)
+    try:
+        yield c
+    finally:
+        c.vm.close()
+
+
 def aradia(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run the CLI as a user would; it must end within :data:`BOUND` seconds and never trace back."""
     started = time.monotonic()
@@ -357,23 +371,19 @@ def test_absurd_lengths(lengths: Copy) -> None:
 
 @pytest.mark.guest
 @pytest.mark.timeout(300)
-def test_cycle_in_mount_tree_612(launch_guest: Callable[..., Guest],
+def test_cycle_in_mount_tree_612(base612: BaseDump, corruptor612: Corruptor,
                                  tmp_path_factory: pytest.TempPathFactory) -> None:
     """6.8+ keeps a namespace's mounts in a red-black tree, which drgn walks recursively: a node whose
     ``rb_left`` points back at the root must cost a warning, not a RecursionError."""
-    base612 = _base_dump(launch_guest("6.12", shared_memory=True), tmp_path_factory)
-    c = Corruptor(base612)
-    try:
-        ns = c.prog["init_task"].nsproxy.mnt_ns
-        tree = ns.mounts.rb_node
-        healthy = view("mounts", "--vm", str(base612.path))
-        assert healthy["warnings"] == [] and len(healthy["items"]) > 3
-        leaf = next(m for m in rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")
-                    if not m.mnt_node.rb_left and m.mnt_node.address_ != tree.value_())
-        c.u64(leaf.mnt_node.rb_left.address_, tree.value_())
-        copy = c.write(tmp_path_factory.mktemp("hostile") / "mount-cycle-6.12.elf")
-    finally:
-        c.vm.close()
+    c = corruptor612
+    ns = c.prog["init_task"].nsproxy.mnt_ns
+    tree = ns.mounts.rb_node
+    healthy = view("mounts", "--vm", str(base612.path))
+    assert healthy["warnings"] == [] and len(healthy["items"]) > 3
+    leaf = next(m for m in rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")
+                if not m.mnt_node.rb_left and m.mnt_node.address_ != tree.value_())
+    c.u64(leaf.mnt_node.rb_left.address_, tree.value_())
+    copy = c.write(tmp_path_factory.mktemp("hostile") / "mount-cycle-6.12.elf")
     mounts = view("mounts", "--vm", str(copy))
     assert mounts["items"] == healthy["items"]
     assert warned(mounts, "mount tree", "seen twice")
@@ -393,8 +403,8 @@ FIELDS = {
     "fdtable": ("max_fds", "fd", "open_fds", "close_on_exec"),
     "file": ("f_path", "f_inode", "f_flags", "f_mode", "f_pos", "f_op", "private_data"),
     "dentry": ("d_parent", "d_name", "d_op", "d_inode", "d_hash", "d_sb"),
-    "mount": ("mnt_parent", "mnt_mountpoint", "mnt", "mnt_devname", "mnt_list"),
-    "module": ("list", "name", "core_layout"),
+    "mount": ("mnt_parent", "mnt_mountpoint", "mnt", "mnt_devname", "mnt_list", "mnt_node"),
+    "module": ("list", "name", "core_layout", "mem"),
     "printk ring": ("desc_ring", "text_data_ring"),
 }
 
@@ -437,8 +447,10 @@ def _regions(c: Corruptor) -> list[tuple[str, int, int]]:
     for i in range(0, 1 << int(ring.count_bits), 61):
         out.append(("printk descriptor", ring.descs[i].address_, drgn.sizeof(ring.descs[i])))
         out.append(("printk info", ring.infos[i].address_, drgn.sizeof(ring.infos[i])))
-    for mnt in list_for_each_entry("struct mount", prog["init_task"].nsproxy.mnt_ns.list.address_of_(),
-                                   "mnt_list"):
+    ns = prog["init_task"].nsproxy.mnt_ns
+    for mnt in (list_for_each_entry("struct mount", ns.list.address_of_(), "mnt_list")
+                if ns.type_.type.has_member("list") else
+                rbtree_inorder_for_each_entry("struct mount", ns.mounts.address_of_(), "mnt_node")):
         fields("mount", mnt)
         fields("dentry", mnt.mnt.mnt_root)
     for mod in list_for_each_entry("struct module", prog["modules"].address_of_(), "list"):
@@ -506,8 +518,9 @@ def _run_views(vm: VM, pids: list[int]) -> list[str]:
 
 @pytest.mark.guest
 @pytest.mark.timeout(600)
-def test_random_corruption_never_crashes(corruptor: Corruptor, tmp_path: Path) -> None:
-    c = corruptor
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_random_corruption_never_crashes(series: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    c: Corruptor = request.getfixturevalue("corruptor" if series == "6.1" else "corruptor612")
     regions = _regions(c)
     assert len(regions) > 100
     work = c.write(tmp_path / "random.elf")

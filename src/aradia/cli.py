@@ -258,6 +258,41 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Live probes: syscalls with decoded arguments, or kernel functions (entry or return)."""
+    from aradia.trace.tracer import Filter, Tracer
+
+    with _open(args) as vm:
+        if not vm.live:
+            raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
+        _kernel(vm)
+        with Tracer.open(vm) as tracer:
+            tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
+                                   comms=set(args.comm) if args.comm else None,
+                                   uids=set(args.uid) if args.uid else None)
+            if args.what == "syscalls":
+                for name in args.e.split(","):
+                    tracer.add_syscall(name.strip())
+            else:
+                for sym in args.symbols:
+                    tracer.add_kprobe(sym, ret=args.ret)
+            try:
+                for ev in tracer.events(duration=args.duration):
+                    if args.json:
+                        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
+                    else:
+                        print(ev.line(), flush=True)
+            except KeyboardInterrupt:
+                pass  # closing the tracer disarms everything and lets the guest run
+    return 0
+
+
+def _jsonable(v: object) -> object:
+    if isinstance(v, bytes):
+        return v.decode("latin-1")
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the default guest and show what aradia sees."""
     from aradia.demo import run_demo
@@ -309,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="one JSON document")
         sp.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
+
+    sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)")
+    sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per event")
+    sp.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
+    sp.add_argument("--comm", action="append", help="only tasks with this name (repeatable)")
+    sp.add_argument("--uid", type=int, action="append", help="only this user (repeatable)")
+    what = sp.add_subparsers(dest="what", required=True, metavar="WHAT")
+    sc = what.add_parser("syscalls", help="syscalls with decoded arguments")
+    sc.add_argument("-e", default="execve,openat,connect", metavar="LIST",
+                    help="comma-separated syscall names (default: execve,openat,connect)")
+    pr = what.add_parser("probe", help="kernel functions: entry with argument registers, or --ret")
+    pr.add_argument("symbols", nargs="+", metavar="SYMBOL")
+    pr.add_argument("--ret", action="store_true", help="report returns with the return value")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

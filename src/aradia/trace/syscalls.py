@@ -1,0 +1,113 @@
+"""Decoding x86-64 syscall arguments from the ``struct pt_regs`` a syscall entry receives."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+MAX_STR = 4096
+MAX_ARGV = 256
+ARG_REGS = ("di", "si", "dx", "r10", "r8", "r9")
+
+ReadUser = Callable[[int, int], bytes]
+
+
+def read_cstring(read: ReadUser, addr: int, limit: int = MAX_STR) -> str | None:
+    """A NUL-terminated string of user memory, page by page; None when unreadable."""
+    if not addr:
+        return None
+    out = b""
+    while len(out) < limit:
+        n = min(4096 - (addr & 0xFFF), limit - len(out))
+        try:
+            chunk = read(addr, n)
+        except Exception:
+            return out.decode(errors="replace") if out else None
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            return (out + chunk[:nul]).decode(errors="replace")
+        out += chunk
+        addr += n
+    return out.decode(errors="replace")
+
+
+def read_argv(read: ReadUser, addr: int) -> list[str] | None:
+    """A NULL-terminated array of string pointers (argv, envp) in user memory."""
+    if not addr:
+        return []
+    out: list[str] = []
+    for i in range(MAX_ARGV):
+        try:
+            (p,) = struct.unpack("<Q", read(addr + 8 * i, 8))
+        except Exception:
+            return out or None
+        if not p:
+            return out
+        out.append(read_cstring(read, p) or "")
+    return out
+
+
+def decode_sockaddr(read: ReadUser, addr: int, length: int) -> dict[str, Any] | None:
+    """A ``struct sockaddr`` (AF_INET, AF_INET6, AF_UNIX) from user memory."""
+    if not addr or not 2 <= length <= 128:
+        return None
+    try:
+        raw = read(addr, length)
+    except Exception:
+        return None
+    family = struct.unpack_from("<H", raw)[0]
+    if family == socket.AF_INET and len(raw) >= 8:
+        return {"family": "inet", "address": str(ipaddress.ip_address(raw[4:8])),
+                "port": struct.unpack_from(">H", raw, 2)[0]}
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return {"family": "inet6", "address": str(ipaddress.ip_address(raw[8:24])),
+                "port": struct.unpack_from(">H", raw, 2)[0]}
+    if family == socket.AF_UNIX:
+        path = raw[2:]
+        if path[:1] == b"\0":
+            return {"family": "unix", "path": "@" + path[1:].split(b"\0")[0].decode(errors="replace")}
+        return {"family": "unix", "path": path.split(b"\0")[0].decode(errors="replace")}
+    return {"family": family}
+
+
+def _int(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def decode(name: str, args: list[int], read: ReadUser) -> dict[str, Any]:
+    """The arguments of syscall ``name`` (raw register values ``args``) as a dict."""
+    a = args
+    if name in ("execve", "execveat"):
+        off = 1 if name == "execveat" else 0
+        return {"path": read_cstring(read, a[off]), "argv": read_argv(read, a[off + 1])}
+    if name in ("openat", "openat2"):
+        return {"dfd": _int32(a[0]), "path": read_cstring(read, a[1]), "flags": a[2] & 0xFFFFFFFF}
+    if name == "open":
+        return {"path": read_cstring(read, a[0]), "flags": a[1] & 0xFFFFFFFF}
+    if name in ("connect", "bind"):
+        return {"fd": _int32(a[0]), "addr": decode_sockaddr(read, a[1], a[2] & 0xFFFFFFFF)}
+    if name in ("accept", "accept4"):
+        return {"fd": _int32(a[0])}
+    if name in ("read", "write", "pread64", "pwrite64"):
+        out: dict[str, Any] = {"fd": _int32(a[0]), "count": a[2]}
+        if name.startswith(("write", "pwrite")) and a[2]:
+            try:
+                out["data"] = read(a[1], min(a[2], 64))
+            except Exception:
+                out["data"] = None
+        return out
+    if name == "kill":
+        return {"pid": _int32(a[0]), "sig": _int32(a[1])}
+    if name in ("exit", "exit_group"):
+        return {"status": a[0] & 0xFF}
+    if name in ("clone", "clone3", "fork", "vfork"):
+        return {"flags": a[0]} if name == "clone" else {}
+    return {r: v for r, v in zip(ARG_REGS, a, strict=False)}
