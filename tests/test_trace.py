@@ -40,7 +40,7 @@ def run_traced(guest: Guest, syscalls: list[str], kprobes: tuple[str, ...] = (),
             tracer.add_kprobe(k, ret=ret)
         marker = len(guest.console_text())
         threading.Timer(0.5, lambda: guest.send_console(b"bash /tmp/work.sh\n")).start()
-        events.extend(tracer.events(duration=limit, until=lambda: "WORK-DONE\n" in guest.console_text()[marker:]))
+        events.extend(tracer.events(duration=limit, until=lambda: "WORK-DONE" in guest.console_text()[marker:]))
         assert "WORK-DONE" in guest.console_text()[marker:], "the script did not finish while traced"
     return events
 

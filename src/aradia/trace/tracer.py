@@ -9,6 +9,7 @@ breakpoint and lets the guest run again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+NOP5 = bytes.fromhex("0f1f440000")
+ENDBR64 = bytes.fromhex("f30f1efa")
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Probe:
     name: str
     address: int
     ret: bool = False
+    #: Bytes to skip instead of single-stepping (the 5-byte ftrace NOP at function entry).
+    skip: int = 0
 
 
 @dataclass
@@ -51,10 +56,13 @@ class Filter:
 
 @dataclass
 class _Pending:
-    """A return we wait for: the probe and the stack pointer the return will leave."""
+    """A return we wait for: the probe, the task and the stack pointer the return will leave.
+
+    Keyed by task, not vCPU: a task may sleep in the function and return on another vCPU.
+    """
 
     probe: Probe
-    thread: str
+    task: int
     rsp_after: int
     entry_time: float
 
@@ -102,6 +110,16 @@ class Tracer:
     def _arm(self, probe: Probe) -> Probe:
         if probe.address in self.probes:
             raise AradiaError(f"{probe.name} is already probed")
+        # Single-stepping makes TCG flush all translated code (slow); when the function starts
+        # with the 5-byte NOP ftrace leaves there (after ENDBR64 with IBT), break on the NOP and
+        # move RIP past it instead: skipping a NOP is exactly executing it.
+        with contextlib.suppress(AradiaError):
+            head = self.vm.read_virt(probe.address, 9, *self._kernel_root())
+            if head[:4] == ENDBR64:
+                probe.address += 4
+                head = head[4:]
+            if head[:5] == NOP5:
+                probe.skip = 5
         self.stub.set_breakpoint(probe.address)
         self.probes[probe.address] = probe
         return probe
@@ -110,6 +128,10 @@ class Tracer:
         """Disarm one probe (returns already pending still report)."""
         if self.probes.pop(probe.address, None) is not None and probe.address not in self._returns:
             self.stub.remove_breakpoint(probe.address)
+
+    def _kernel_root(self) -> tuple[int, bool]:
+        prof = self.vm.linux.profile
+        return prof.kernel_root, prof.la57
 
     # --- the task on a vCPU ------------------------------------------------------------------------
     def _current(self, regs: dict[str, int]) -> drgn.Object | None:
@@ -126,6 +148,13 @@ class Tracer:
             off = base + drgn.offsetof(prog.type("struct pcpu_hot"), "current_task")
         ptr = int.from_bytes(prog.read(gs + off, 8, False), "little")
         return drgn.Object(prog, "struct task_struct *", value=ptr)
+
+    def _task_address(self, regs: dict[str, int]) -> int:
+        try:
+            task = self._current(regs)
+        except (drgn.FaultError, ValueError, LookupError, AradiaError):
+            return 0
+        return 0 if task is None else task.value_()
 
     def _event(self, kind: str, name: str, thread: str, regs: dict[str, int], args: dict[str, Any]) -> Event:
         ev = Event(time.monotonic(), _vcpu(thread), kind, name, args=args)
@@ -163,7 +192,7 @@ class Tracer:
                 out = self._event("kprobe", probe.name, thread, regs, args)
         if probe is not None and probe.ret:
             ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-            pend = _Pending(probe, thread, regs["rsp"] + 8, time.monotonic())
+            pend = _Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic())
             if ret_addr not in self._returns:
                 self._returns[ret_addr] = []
                 if ret_addr not in self.probes:
@@ -171,8 +200,9 @@ class Tracer:
             self._returns[ret_addr].append(pend)
         if rip in self._returns:
             waiting = self._returns[rip]
+            task = self._task_address(regs)
             for i, p in enumerate(waiting):
-                if p.thread == thread and p.rsp_after == regs["rsp"]:
+                if p.task == task and p.rsp_after == regs["rsp"]:
                     del waiting[i]
                     out = self._event("kretprobe", p.probe.name, thread, regs,
                                       {"ret": regs.get("rax", 0), "latency": time.monotonic() - p.entry_time})
@@ -180,7 +210,7 @@ class Tracer:
             if not waiting:
                 del self._returns[rip]
                 if rip not in self.probes:
-                    self.stub.remove_breakpoint(rip)
+                    self.stub.remove_breakpoint(rip)  # gone: the vCPU continues with no step
         return out
 
     def events(self, duration: float | None = None,
@@ -198,11 +228,13 @@ class Tracer:
             thread = stop["thread"]
             regs = self.stub.registers(thread)
             rip = regs.get("rip", 0)
-            on_breakpoint = rip in self.probes or rip in self._returns
             try:
                 ev = self._handle(thread, regs)
             finally:
-                if on_breakpoint:
+                probe = self.probes.get(rip)
+                if probe is not None and probe.skip:
+                    self.stub.set_register("rip", rip + probe.skip, thread)
+                elif probe is not None or rip in self._returns:
                     self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
                 self.stub.cont()
             if ev is not None and self.filter.keep(ev):
