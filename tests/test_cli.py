@@ -243,3 +243,13 @@ def test_shell_has_vm_and_prog(elf_dump: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "tasks " in r.stdout and int(r.stdout.split("tasks ")[1].split()[0]) > 20
     assert f"ram {4 * GiB}" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_btf_from_the_kernel_file(big: Guest, elf_dump: Path) -> None:
+    with_file = aradia("ps", "--vm", str(elf_dump), "--btf", str(big.image.vmlinuz), "--json")
+    from_ram = aradia("ps", "--vm", str(elf_dump), "--json")
+    assert with_file.returncode == 0 and from_ram.returncode == 0, with_file.stderr
+    assert json.loads(with_file.stdout) == json.loads(from_ram.stdout)
+    bad = aradia("ps", "--vm", str(elf_dump), "--btf", str(elf_dump))
+    assert_one_line_error(bad)

@@ -153,7 +153,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _kernel(vm: Any) -> Any:
+def _kernel(vm: Any, args: argparse.Namespace | None = None) -> Any:
     tty = sys.stderr.isatty()
 
     def progress(msg: str) -> None:
@@ -161,7 +161,7 @@ def _kernel(vm: Any) -> Any:
             sys.stderr.write(f"\r\033[Karadia: {msg}")
             sys.stderr.flush()
 
-    kernel = vm.load_kernel(progress)
+    kernel = vm.load_kernel(progress, btf_source=getattr(args, "btf", None))
     if tty:
         sys.stderr.write("\r\033[K")
     return kernel
@@ -171,7 +171,7 @@ def _view(args: argparse.Namespace, fetch: Callable[[Any], list[Any]],
           render: Callable[[list[Any]], str]) -> int:
     """Attach, load the kernel, run one view, print a table or one JSON document (with warnings)."""
     with _open(args) as vm:
-        kernel = _kernel(vm)
+        kernel = _kernel(vm, args)
         with vm.paused() if getattr(args, "pause", False) else contextlib.nullcontext():
             rows = fetch(kernel)
         warnings = list(kernel.warnings)
@@ -243,7 +243,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import code
 
     with _open(args) as vm:
-        kernel = _kernel(vm)
+        kernel = _kernel(vm, args)
         ns = {"vm": vm, "prog": kernel.prog, "kernel": kernel, "linux": kernel}
         try:
             import drgn.helpers.linux as helpers
@@ -265,7 +265,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
-        _kernel(vm)
+        _kernel(vm, args)
         with Tracer.open(vm) as tracer:
             tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
                                    comms=set(args.comm) if args.comm else None,
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--vm", required=True, metavar="SPEC", help="qmp:PATH of a live QEMU, or a dump file")
         sp.add_argument("--memory", default="auto", choices=["auto", "shared-file", "proc-mem", "gdb"],
                         help="path to live guest RAM (default: fastest available)")
+        sp.add_argument("--btf", metavar="FILE",
+                        help="take kernel types from this vmlinuz/vmlinux (same build) instead of RAM")
         sp.set_defaults(func=func)
         return sp
 

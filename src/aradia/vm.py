@@ -58,12 +58,15 @@ class VM:
         self._kernel: Any = None
 
     # --- the Linux layer (loaded on first use) ---------------------------------------------------
-    def load_kernel(self, progress: Any = None) -> Any:
-        """Find the kernel profile in RAM and build the drgn Program (cached per VM and build ID)."""
+    def load_kernel(self, progress: Any = None, *, btf_source: str | None = None) -> Any:
+        """Find the kernel profile in RAM and build the drgn Program (cached per VM and build ID).
+
+        ``btf_source`` takes the BTF types from a vmlinuz/vmlinux file of the same build instead of RAM.
+        """
         if self._kernel is None:
             from aradia.linux.kernel import Kernel
 
-            self._kernel = Kernel(self, progress)
+            self._kernel = Kernel(self, progress, btf_source=btf_source)
         return self._kernel
 
     @property
