@@ -67,23 +67,36 @@ def attempt(fn: Callable[[], T], default: T, what: str, warnings: Warnings) -> T
         return default
 
 
-def cstring(obj: drgn.Object, limit: int = 4096) -> str:
-    """A C string from guest memory (a ``char`` array or pointer), at most ``limit`` bytes.
+def read_cstring(read: Callable[[int, int], bytes], addr: int, limit: int = 4096, *,
+                 partial: bool = False) -> str:
+    """A NUL-terminated string at ``addr`` through ``read(addr, n)``, at most ``limit`` bytes.
 
-    Read a page at a time so a string that ends just before an unmapped page is still read whole.
+    Read a page at a time so a string that ends just before an unmapped page is still read whole;
+    with ``partial`` a fault after the first page returns what was read instead of raising.
     """
-    if obj.type_.kind == drgn.TypeKind.ARRAY:
-        return obj.string_().decode(errors="replace")
-    addr = obj.value_()
-    if not addr:
-        return ""
     out = b""
     while len(out) < limit:
         n = min(4096 - (addr & 0xFFF), limit - len(out))
-        chunk = obj.prog_.read(addr, n, False)
+        try:
+            chunk = read(addr, n)
+        except GUEST_ERRORS:
+            if partial and out:
+                break
+            raise
         nul = chunk.find(b"\0")
         if nul >= 0:
             return (out + chunk[:nul]).decode(errors="replace")
         out += chunk
         addr += n
     return out.decode(errors="replace")
+
+
+def cstring(obj: drgn.Object, limit: int = 4096) -> str:
+    """A C string from guest memory (a ``char`` array or pointer), at most ``limit`` bytes."""
+    if obj.type_.kind == drgn.TypeKind.ARRAY:
+        return obj.string_().decode(errors="replace")
+    addr = obj.value_()
+    if not addr:
+        return ""
+    prog = obj.prog_
+    return read_cstring(lambda a, n: prog.read(a, n, False), addr, limit)

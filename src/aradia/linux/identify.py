@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from aradia.errors import AradiaError
 from aradia.sources.base import PhysicalMemory
 
 BANNER_PREFIX = b"Linux version "
 _BANNER = re.compile(rb"^Linux version (\S+) \(.+\) .*#\S+.*$")
-_VMCOREINFO_KEY = re.compile(rb"^[A-Za-z0-9_()\[\].\-]+=.*$")
+_VMCOREINFO_LINE = re.compile(rb"^[A-Za-z0-9_()\[\].\-]+=[ -~]*$")
 MAX_BANNER = 512
 MAX_VMCOREINFO = 4096  # the kernel keeps it in one page
 
@@ -63,26 +64,30 @@ def find_banner(mem: PhysicalMemory, release: str | None = None, *, enough: int 
     return seen.most_common(1)[0][0].decode()
 
 
-def find_vmcoreinfo(mem: PhysicalMemory, *, max_hits: int = 256) -> str | None:
-    """The kernel's VMCOREINFO text (``OSRELEASE=...`` lines) from physical memory, or None."""
-    best: str | None = None
+def find_vmcoreinfo_texts(mem: PhysicalMemory, *, max_hits: int = 64) -> Iterator[tuple[int, str]]:
+    """(physical address, text) of every well-formed VMCOREINFO text in RAM, in address order."""
     for addr in mem.search(b"OSRELEASE=", limit=max_hits):
-        n = MAX_VMCOREINFO - (addr & 0xFFF)  # the text starts its page buffer or note; never crosses it
+        n = MAX_VMCOREINFO - (addr & 0xFFF)  # the text sits in one page buffer or note
         if not mem.is_ram(addr, n):
             continue
         raw = mem.read(addr, n).split(b"\0", 1)[0]
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        if not lines or not all(_VMCOREINFO_KEY.match(x) for x in lines):
+        if len(lines) < 3 or not all(_VMCOREINFO_LINE.match(x) for x in lines):
             continue
-        keys = {x.split(b"=", 1)[0] for x in lines}
-        if b"PAGESIZE" not in keys:
+        if not any(x.startswith(b"PAGESIZE=") for x in lines):
             continue
-        text = raw.decode("ascii", "replace")
+        yield addr, raw.decode("ascii")
+
+
+def find_vmcoreinfo(mem: PhysicalMemory) -> str | None:
+    """The kernel's VMCOREINFO text from physical memory (the fullest copy), or None."""
+    best: str | None = None
+    for _addr, text in find_vmcoreinfo_texts(mem):
         if best is None or len(text) > len(best):
             best = text
-        if b"KERNELOFFSET" in keys:
+        if "\nKERNELOFFSET=" in text:
             break
     return best
 

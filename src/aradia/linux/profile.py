@@ -40,7 +40,7 @@ from typing import Any
 from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, UnsupportedKernel
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
-from aradia.linux.identify import KernelNotFound, parse_vmcoreinfo
+from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine.paging import translate
 from aradia.sources.base import PhysicalMemory
@@ -57,7 +57,6 @@ DIRECT_MAP_5L = 0xFF11_0000_0000_0000
 MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE
 MAX_VMCOREINFO = 4096
 PROFILE_FORMAT = 1
-_VMCOREINFO_LINE = re.compile(rb"^[A-Za-z0-9_()\[\].\-]+=[ -~]*$")
 _GNU_BUILD_ID = 3
 
 
@@ -135,23 +134,6 @@ class KernelProfile:
 
 
 # --- VMCOREINFO -----------------------------------------------------------------------------------
-
-def find_vmcoreinfo_texts(mem: PhysicalMemory, *, max_hits: int = 64) -> Iterator[tuple[int, str]]:
-    """(physical address, text) of every well-formed VMCOREINFO text in RAM, in address order."""
-    for addr in mem.search(b"OSRELEASE=", limit=max_hits):
-        n = MAX_VMCOREINFO - (addr & 0xFFF)  # the text sits in one page buffer or note
-        if not mem.is_ram(addr, n):
-            continue
-        raw = mem.read(addr, n).split(b"\0", 1)[0]
-        lines = raw.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        if len(lines) < 3 or not all(_VMCOREINFO_LINE.match(x) for x in lines):
-            continue
-        if not any(x.startswith(b"PAGESIZE=") for x in lines):
-            continue
-        yield addr, raw.decode("ascii")
-
 
 def _vmcoreinfo_candidates(mem: PhysicalMemory) -> Iterator[str]:
     """A dump's VMCOREINFO note first (QEMU's ``-device vmcoreinfo``, kdump), then RAM's texts."""

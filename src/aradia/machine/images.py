@@ -132,7 +132,7 @@ def build_guest(
     if cached is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".lock"):
+    with cache_lock(cache / ".lock"):
         cached = _load_image(cache, image_dir)
         if cached is not None:
             return cached
@@ -205,7 +205,8 @@ def _load_image(cache: Path, image_dir: Path) -> GuestImage | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the block: one builder at a time."""
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -17,7 +17,6 @@ through the GDB stub, which makes QEMU drop the translations that hold it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import lzma
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from aradia.errors import AradiaError
 from aradia.machine.debian import PrivateApt, run_tool
-from aradia.machine.images import default_cache_dir
+from aradia.machine.images import cache_lock, default_cache_dir
 
 if TYPE_CHECKING:
     from aradia.proto.gdbrsp import GdbClient
@@ -279,16 +278,6 @@ def _apply_hunks(header: bytes, hunks: list[str], work: Path) -> bytes:
     return target.read_bytes()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _so_name() -> str:
     digest = hashlib.sha256(f"{_BUILD_FORMAT}\0".encode() + SOURCE.read_bytes()).hexdigest()[:12]
     return f"counter-{digest}.so"
@@ -314,7 +303,7 @@ def build_plugin(cache_dir: Path | None = None, *, header: Path | None = None,
     so = directory / _so_name()
     if not so.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        with _locked(directory / ".lock"):
+        with cache_lock(directory / ".lock"):
             if not so.exists():
                 _build(info, cache, directory, so, header, say)
     _BUILT[key] = so

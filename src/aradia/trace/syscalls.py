@@ -8,6 +8,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from aradia.linux import guard
+
 MAX_STR = 4096
 MAX_ARGV = 256
 ARG_REGS = ("di", "si", "dx", "r10", "r8", "r9")
@@ -16,22 +18,13 @@ ReadUser = Callable[[int, int], bytes]
 
 
 def read_cstring(read: ReadUser, addr: int, limit: int = MAX_STR) -> str | None:
-    """A NUL-terminated string of user memory, page by page; None when unreadable."""
+    """A NUL-terminated string of user memory; None when unreadable (a guest pointer may be anything)."""
     if not addr:
         return None
-    out = b""
-    while len(out) < limit:
-        n = min(4096 - (addr & 0xFFF), limit - len(out))
-        try:
-            chunk = read(addr, n)
-        except Exception:
-            return out.decode(errors="replace") if out else None
-        nul = chunk.find(b"\0")
-        if nul >= 0:
-            return (out + chunk[:nul]).decode(errors="replace")
-        out += chunk
-        addr += n
-    return out.decode(errors="replace")
+    try:
+        return guard.read_cstring(read, addr, limit, partial=True)
+    except guard.GUEST_ERRORS:
+        return None
 
 
 def read_argv(read: ReadUser, addr: int) -> list[str] | None:
