@@ -30,7 +30,7 @@ def bare_qemu(memory: str = "256M", *, shared: bool = False, smp: int = 1,
     tmp = tempfile.mkdtemp(prefix="aradia-bare-")
     qmp = os.path.join(tmp, "qmp.sock")
     shm = f"/dev/shm/aradia-test-{uuid.uuid4().hex[:8]}" if shared else None
-    args = ["qemu-system-x86_64", "-accel", "tcg", "-display", "none", "-nodefaults", "-m", memory,
+    args = [os.environ.get("ARADIA_QEMU", "qemu-system-x86_64"), "-accel", "tcg", "-display", "none", "-nodefaults", "-m", memory,
             "-smp", str(smp), "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
     if shm:
         args += ["-object", f"memory-backend-file,id=m0,size={memory},mem-path={shm},share=on",

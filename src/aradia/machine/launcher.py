@@ -32,7 +32,8 @@ from typing import IO
 from aradia.errors import GuestError
 from aradia.machine.images import GuestImage
 
-QEMU_BINARY = "qemu-system-x86_64"
+#: The QEMU to run; ``$ARADIA_QEMU`` points at another build (e.g. a newer QEMU, or a wrapper).
+QEMU_BINARY = os.environ.get("ARADIA_QEMU", "qemu-system-x86_64")
 _SUN_PATH_MAX = 107
 _RUN_CHUNK = 1500  # base64 characters per console line: far below the tty's 4 KiB line buffer
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
