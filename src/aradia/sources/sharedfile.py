@@ -13,7 +13,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from aradia.errors import NotAttached
+from aradia.errors import AradiaError, NotAttached
 from aradia.sources.base import PhysicalMemory, Segment
 
 
@@ -96,3 +96,9 @@ class SharedFileMemory(PhysicalMemory):
             self._view = None  # type: ignore[assignment]
             self._hot = (0, 0, 0)
             self._map.close()
+            path = self.path
+
+            def closed() -> bool:
+                raise AradiaError(f"guest RAM file {path} was closed")
+
+            self._gone = closed
