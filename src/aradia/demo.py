@@ -71,6 +71,37 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
             print(f"  20 pause/resume cycles: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms each; "
                   f"state now {vm.status()}")
 
+            _step("Linux from guest RAM alone: kallsyms, KASLR and BTF types into drgn")
+            t0 = time.monotonic()
+            linux = vm.load_kernel()
+            prof = linux.profile
+            print(f"  profile in {time.monotonic() - t0:.2f}s: {len(prof.symbols)} symbols, "
+                  f"KASLR slide {prof.kaslr_offset:#x}, {'5' if prof.la57 else '4'}-level paging")
+            procs = linux.processes()
+            print(f"  {len(procs)} processes; a few of them:")
+            for p in [p for p in procs if not p.kernel_thread][:5]:
+                print(f"    {p.pid:>5} {p.comm:<12} {' '.join(p.cmdline)[:60]}")
+            socks = [s for s in linux.sockets() if s.state == "LISTEN"]
+            listening = ", ".join(f"{s.local_address}:{s.local_port} (pid {s.pid})" for s in socks)
+            print(f"  listening: {listening}")
+
+            _step("a short live trace: execve and openat while the guest runs a command")
+            from aradia.trace.tracer import Tracer
+
+            with Tracer.open(vm) as tracer:
+                tracer.add_syscall("execve")
+                tracer.add_syscall("openat")
+                mark = len(guest.console_text())
+                # The console echoes what is typed: wait for the computed "demo-2", not the command.
+                guest.send_console(b"cat /etc/hostname; echo demo-$((1+1))\n")
+
+                def done() -> bool:
+                    return any(f"demo-2{end}" in guest.console_text()[mark:] for end in "\r\n")
+
+                for ev in tracer.events(duration=30, until=done):
+                    print("  " + ev.line()[:150])
+            print(f"  guest state after the trace: {vm.status()} (nothing left armed)")
+
             _step("a consistent ELF dump with VMCOREINFO, opened again like any VM")
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "guest.elf")
