@@ -214,3 +214,41 @@ def test_pause_resume_epochs_and_stamp() -> None:
         assert [c.index for c in cpus] == [0] and cpus[0].thread_id > 0
         assert "rip" in qemu.registers()[0]
         qemu.close()
+
+
+# --- QEMU 10.x outputs (Debian 13's 10.0.13, captured under TCG) ------------------------------------------
+def test_mtree_10_memory_view_not_first() -> None:
+    # 10.x lists the bus-master views ("No rendered FlatView") before the "memory" one; 7.2 after it.
+    text = (DATA / "mtree-10-4G-pcram.txt").read_text()
+    assert text.index('AS "i440FX"') < text.index('AS "memory"')
+    rr = ram_ranges(text, {"pc.ram"})
+    assert [(r.start, r.end, r.offset) for r in rr] == [
+        (0, 0xBFFFF, 0), (0x100000, 0xBFFFFFFF, 0x100000), (4 * GiB, 5 * GiB - 1, 0xC0000000)]
+    assert len(parse_flatview(text)) == 9
+
+
+@pytest.mark.parametrize(("name", "region"), [("mtree-10-4G-m0.txt", "m0"), ("mtree-10-4G-linux.txt", "pc.ram")])
+def test_mtree_10_shadowed_rom_pieces_merge(name: str, region: str) -> None:
+    # After SeaBIOS (and Linux) ran, 0xc0000-0xfffff alternates ram/rom pieces of the RAM region itself.
+    text = (DATA / name).read_text()
+    view = parse_flatview(text)
+    assert sum(1 for r in view if r.region == region and r.kind == "rom") >= 2
+    for regions in ({region}, None):  # named backend, or the one backing most RAM
+        rr = ram_ranges(text, regions)
+        assert [(r.start, r.end, r.offset, r.region) for r in rr] == [
+            (0, 0xBFFFFFFF, 0, region), (4 * GiB, 5 * GiB - 1, 0xC0000000, region)]
+
+
+def test_parse_registers_10() -> None:
+    # "info registers -a" of a 2-vCPU 6.1 guest (4 GiB) paused under QEMU 10.0.
+    regs = parse_info_registers((DATA / "registers-10.txt").read_text())
+    assert sorted(regs) == [0, 1]
+    c0, c1 = regs[0], regs[1]
+    assert c0["rip"] == 0xFFFFFFFFA8617A0B and c0["cr3"] == 0x41210000 and c0["cr4"] == 0x6B0
+    assert c0["gs_base"] == 0xFFFF8B60FBC00000 and c0["tr_base"] == 0xFFFFFE0000003000
+    assert c0["gdt_base"] == 0xFFFFFE0000001000 and c0["gdt_limit"] == 0x7F and c0["idt_limit"] == 0xFFF
+    assert c0["efer"] == 0xD01 and c0["rflags"] == 0x246 and c0["hlt"] == 1 and c0["r8"] == 0xFFFFFFFFFFC60BAA
+    assert c1["cr3"] == 0x100936000 and c1["fs_base"] == 0x7FF8284D4740 and c1["hlt"] == 0
+    assert c1["rip"] == 0xFFFFFFFFA7D72FE4 and c1["r15"] == 0xFFFF8B60C18C0000 and c1["cs"] == 0x10
+    for c in (c0, c1):  # FPU, SSE and debug registers are not taken for general ones
+        assert not any(k.startswith(("xmm", "fpr", "dr", "fcw", "mxcsr", "st")) for k in c)

@@ -42,6 +42,7 @@ from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
 from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
+from aradia.machine import images
 from aradia.machine.paging import translate
 from aradia.sources.base import PhysicalMemory
 
@@ -62,8 +63,7 @@ _GNU_BUILD_ID = 3
 
 def default_cache_dir() -> Path:
     """``$ARADIA_CACHE/profiles`` if set, else ``~/.cache/aradia/profiles``."""
-    env = os.environ.get("ARADIA_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "aradia") / "profiles"
+    return images.default_cache_dir() / "profiles"
 
 
 @dataclass

@@ -112,7 +112,7 @@ class GuestImage:
 def default_cache_dir() -> Path:
     """``$ARADIA_CACHE`` if set, else ``~/.cache/aradia``."""
     env = os.environ.get("ARADIA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "aradia"
+    return (Path(env) if env else Path.home() / ".cache" / "aradia").absolute()
 
 
 def build_guest(

@@ -507,7 +507,7 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
         wd = Path(tempfile.mkdtemp(prefix="aradia-vm-"))
         res.remove_workdir = True
     else:
-        wd = Path(workdir)
+        wd = Path(workdir).absolute()  # QEMU runs in wd: relative paths would resolve twice
         wd.mkdir(parents=True, exist_ok=True)
     res.workdir = wd
     if shared_memory:
