@@ -21,14 +21,17 @@ command -v ssh >/dev/null || need+=(openssh-client)
 command -v patch >/dev/null || need+=(patch)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || need+=(python3)
+# Debian's python3 has no ensurepip (so no venv) without python3-venv.
+"$PY" -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-# The Python environment.
-PY=${PYTHON:-python3}
+# The Python environment (3.11+).
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
