@@ -149,3 +149,39 @@ def test_gdb_stub_started_at_run_time(launch_guest: Callable[..., Guest]) -> Non
         assert find_banner(vm.memory) == truth
         assert vm.status() == "running"  # reads through the stub leave the guest running
     assert guest.run("echo alive").strip() == "alive"
+
+
+@pytest.mark.timeout(120)
+def test_forwarded_qmp_socket_falls_back_to_a_verified_path(launch_guest: Callable[..., Guest],
+                                                             tmp_path: Path) -> None:
+    """Through a forwarding socket the peer pid is the forwarder's: aradia must notice, not read it."""
+    import socket
+    import threading
+
+    guest = launch_guest("6.1", shared_memory=False)
+    truth = guest.run("cat /proc/version").rstrip("\n")
+    proxy_path = str(tmp_path / "fwd.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(proxy_path)
+    srv.listen(1)
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(str(guest.qmp_path))
+        threading.Thread(target=pump, args=(conn, upstream), daemon=True).start()
+        pump(upstream, conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with attach(f"qmp:{proxy_path}") as vm:
+        assert vm.machine is not None and vm.machine.pid == os.getpid()  # the forwarder, not QEMU
+        assert vm.memory.kind == "gdb"  # proc-mem of the wrong process was tried and rejected
+        assert find_banner(vm.memory) == truth
+    srv.close()

@@ -185,18 +185,43 @@ class Qemu:
         ranges = self.ram_map()
         errors: list[str] = []
         order = ["shared-file", "proc-mem", "gdb"] if path == "auto" else [path]
+        opener = {"shared-file": self._shared_file_memory, "proc-mem": self._proc_memory,
+                  "gdb": self._gdb_memory}
         for p in order:
-            try:
-                if p == "shared-file":
-                    return self._shared_file_memory(ranges)
-                if p == "proc-mem":
-                    return self._proc_memory(ranges)
-                if p == "gdb":
-                    return self._gdb_memory(ranges)
+            if p not in opener:
                 raise AradiaError(f"unknown memory path {p!r} (shared-file, proc-mem, gdb, auto)")
+            try:
+                mem = opener[p](ranges)
             except NotAttached as e:
                 errors.append(f"{p}: {e}")
+                continue
+            try:
+                self._verify(mem, ranges)
+            except AradiaError as e:
+                mem.close()
+                errors.append(f"{p}: {e}")
+                continue
+            return mem
         raise NotAttached("no way to read guest RAM: " + "; ".join(errors))
+
+    def _verify(self, mem: PhysicalMemory, ranges: list[FlatRange], tries: int = 3) -> None:
+        """Check a path against QEMU's own view (HMP ``xp``) of a few bytes of RAM.
+
+        The QMP socket may be a forwarder (socat, ssh): then its peer pid, and a RAM file of the same
+        name, are not QEMU's, and reading them would return another process's bytes.
+        """
+        addr = ranges[0].start
+        for _ in range(tries):  # a running guest may change the bytes between the two reads
+            text = self.qmp.hmp(f"xp /2gx {addr:#x}")
+            try:
+                words = [int(w, 16) for w in text.split(":", 1)[1].split()[:2]]
+            except (IndexError, ValueError) as e:
+                raise ProtocolError(f"cannot parse QEMU's xp output {text.strip()[:80]!r}") from e
+            want = b"".join(w.to_bytes(8, "little") for w in words)
+            if mem.read(addr, 16) == want:
+                return
+        raise NotAttached(f"{mem.kind} memory does not match what QEMU reads at {addr:#x}: "
+                          "the QMP socket's peer is not this QEMU (a forwarder?)")
 
     def _shared_file_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
         backends = {b.id: b for b in self.ram_backends()}
