@@ -25,18 +25,32 @@ from __future__ import annotations
 
 import binascii
 import contextlib
-import ipaddress
-import os
 import re
 import socket
 import threading
 import time
-import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 from aradia.errors import AradiaError, Busy, NotAttached, NotRAM, PageFault, ProtocolError
+from aradia.proto.gdbconn import linger_queued, parse_address, stub_held_elsewhere
+from aradia.proto.gdbwire import (
+    MAX_PACKET,
+    RegisterInfo,
+    StopEvent,
+    checksum,
+    decode_rle,
+    escape,
+    frame,
+    is_console,
+    is_stop_reply,
+    parse_stop_reply,
+    parse_target_xml,
+    parse_version,
+    resumes,
+    unescape,
+    with_g_offsets,
+)
 
 DEFAULT_TIMEOUT = 5.0
 BUSY_TIMEOUT = 3.0
@@ -57,393 +71,15 @@ _BP_KINDS = {BP_SOFTWARE, BP_HARDWARE, WP_WRITE, WP_READ, WP_ACCESS}
 _SIGINT = 2
 _PROBE = b"qC"  # its "QC..." reply cannot be confused with any other reply we wait for
 _MAX_XML = 1 << 20
-_MAX_XML_FILES = 32
-_MAX_PACKET = 1 << 20  # a frame longer than this is not from a sane stub
 _MAX_CONSOLE = 1 << 20
-_HEX = b"0123456789abcdefABCDEF"
-_STOP_RE = re.compile(rb"^(?:[TS][0-9a-fA-F]{2}|[WX][0-9a-fA-F]{2}(?:;|$))")
 _ERR_RE = re.compile(rb"^E(?:[0-9a-fA-F]{2}$|\.)")
 _ERRNO = {0x01: "EPERM", 0x02: "ENOENT", 0x05: "EIO", 0x0E: "EFAULT", 0x16: "EINVAL"}
 _BIG_ENDIAN_ARCHES = ("s390", "powerpc:common", "powerpc:e500", "sparc", "m68k", "mips", "hppa")
 
 
-# --- pure helpers: framing, escaping, parsing --------------------------------------------------------
-def checksum(payload: bytes) -> int:
-    """The RSP checksum: sum of the payload bytes modulo 256.
-
-    Summing 4 KiB in Python costs more than the rest of a packet's handling, so long payloads are
-    summed by zlib: the low half of Adler-32 is ``1 + sum mod 65521``, exact while a chunk's sum
-    stays below 65521 (512 ASCII bytes, 256 arbitrary bytes).
-    """
-    n = len(payload)
-    if n < 128:
-        return sum(payload) & 0xFF
-    step = 512 if payload.isascii() else 256
-    adler = zlib.adler32
-    total = sum([adler(payload[i:i + step]) & 0xFFFF for i in range(0, n, step)])
-    return (total - (n + step - 1) // step) & 0xFF
 
 
-def frame(payload: bytes) -> bytes:
-    """``$payload#cs`` — the caller escapes binary data first (see :func:`escape`)."""
-    return b"$%s#%02x" % (payload, checksum(payload))
 
-
-def escape(data: bytes) -> bytes:
-    """Escape ``#``, ``$``, ``}`` and ``*`` as ``}`` followed by the byte XOR 0x20 (binary packets)."""
-    if not any(c in data for c in b"#$}*"):
-        return data
-    out = bytearray()
-    for c in data:
-        if c in b"#$}*":
-            out += bytes((0x7D, c ^ 0x20))
-        else:
-            out.append(c)
-    return bytes(out)
-
-
-def unescape(data: bytes) -> bytes:
-    """Undo :func:`escape` (binary replies such as ``qXfer``)."""
-    if b"}" not in data:
-        return data
-    out = bytearray()
-    it = iter(data)
-    for c in it:
-        if c == 0x7D:
-            nxt = next(it, None)
-            if nxt is None:
-                raise ProtocolError("GDB stub sent a binary reply ending in an escape byte")
-            out.append(nxt ^ 0x20)
-        else:
-            out.append(c)
-    return bytes(out)
-
-
-def decode_rle(payload: bytes, limit: int = _MAX_PACKET) -> bytes:
-    """Expand run-length encoding: ``X*n`` repeats ``X`` ``ord(n) - 29`` more times."""
-    if b"*" not in payload:
-        return payload
-    out = bytearray()
-    i = 0
-    while i < len(payload):
-        c = payload[i]
-        if c == 0x2A:
-            if not out or i + 1 >= len(payload):
-                raise ProtocolError("GDB stub sent a malformed run-length encoding")
-            count = payload[i + 1] - 29
-            if count < 0:
-                raise ProtocolError("GDB stub sent a negative run length")
-            out += bytes((out[-1],)) * count
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-        if len(out) > limit:
-            raise ProtocolError("GDB stub sent a run-length-encoded reply that expands beyond limits")
-    return bytes(out)
-
-
-def is_stop_reply(payload: bytes) -> bool:
-    """Whether a payload is a stop reply (``T05...``, ``S05``, ``W00``, ``X09``)."""
-    return bool(_STOP_RE.match(payload))
-
-
-def _resumes(packet: bytes) -> bool:
-    """Whether a packet lets the VM run (after it, any byte we send would stop the VM again)."""
-    return packet[:1] in (b"c", b"C", b"s", b"S", b"D") or packet.startswith(b"vCont;")
-
-
-def _is_console(payload: bytes) -> bool:
-    """``O<hex>`` console output (``OK`` is not: K is no hex digit)."""
-    return (len(payload) > 1 and payload[0] == 0x4F and len(payload) % 2 == 1
-            and not payload[1:].translate(None, _HEX))
-
-
-@dataclass(frozen=True)
-class StopEvent:
-    """A stop reply: why the VM stopped (or that it ended)."""
-
-    #: ``"signal"`` (T/S packets), ``"exited"`` (W) or ``"terminated"`` (X).
-    kind: str
-    #: The signal number (5 = SIGTRAP: breakpoint/step, 2 = SIGINT: interrupted), or the exit status.
-    signal: int
-    #: The stopped vCPU's thread id (``p01.02``) when the stub names it.
-    thread: str | None
-    #: Other ``key:value`` pairs (``watch``, ``rwatch``, ``awatch``, ``swbreak``, register numbers, ...).
-    info: dict[str, str] = field(default_factory=dict)
-    raw: str = ""
-
-    @property
-    def watch_address(self) -> int | None:
-        """The data address of a watchpoint hit, if this stop is one."""
-        for key in ("watch", "rwatch", "awatch"):
-            if key in self.info:
-                try:
-                    return int(self.info[key], 16)
-                except ValueError:
-                    return None
-        return None
-
-    @property
-    def ended(self) -> bool:
-        """Whether the VM (the debugged process) is gone."""
-        return self.kind in ("exited", "terminated")
-
-
-def parse_stop_reply(payload: bytes) -> StopEvent:
-    """Parse a stop reply; :class:`ProtocolError` if it is not one."""
-    if not is_stop_reply(payload):
-        raise ProtocolError(f"not a GDB stop reply: {payload[:60]!r}")
-    text = payload.decode("ascii", "replace")
-    code = int(text[1:3], 16)
-    kind = {"T": "signal", "S": "signal", "W": "exited", "X": "terminated"}[text[0]]
-    info: dict[str, str] = {}
-    thread = None
-    rest = text[3:]
-    for part in rest.split(";")[:64]:
-        if not part:
-            continue
-        key, _, value = part.partition(":")
-        if key == "thread":
-            thread = value
-        else:
-            info[key] = value
-    return StopEvent(kind, code, thread, info, text)
-
-
-@dataclass(frozen=True)
-class RegisterInfo:
-    """One register of the target description."""
-
-    name: str
-    regnum: int
-    bitsize: int
-    type: str = ""
-    group: str = ""
-    #: Byte offset in the ``g`` packet, or None if ``g`` does not carry it (read it with ``p``).
-    offset: int | None = None
-
-    @property
-    def size(self) -> int:
-        """Size in bytes."""
-        return (self.bitsize + 7) // 8
-
-
-_COMMENT = re.compile(rb"<!--.*?-->", re.S)
-_TAG = re.compile(rb"<\s*(reg|xi:include|architecture)\b([^>]*)>(?:([^<]*)</architecture>)?", re.S)
-_ATTR = re.compile(rb"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
-
-
-def parse_target_xml(read: Callable[[str], bytes],
-                     annex: str = "target.xml") -> tuple[str, list[RegisterInfo]]:
-    """Build (architecture, registers) from a target description, following ``xi:include``.
-
-    ``read(annex)`` returns the raw XML of one annex. XML comments are stripped first: QEMU's x86
-    description comments out ``cs_base``..``es_base`` inside a comment that spans several ``<reg>``.
-    """
-    arch = ""
-    regs: list[RegisterInfo] = []
-    seen: set[str] = set()
-    next_num = 0
-
-    def walk(name: str, depth: int) -> None:
-        nonlocal arch, next_num
-        if depth > 8 or len(seen) >= _MAX_XML_FILES or name in seen:
-            raise ProtocolError(f"GDB target description includes too many files (at {name})")
-        seen.add(name)
-        text = _COMMENT.sub(b"", read(name))
-        for m in _TAG.finditer(text):
-            attrs = {a.group(1).decode(): (a.group(2) if a.group(2) is not None else a.group(3)).decode()
-                     for a in _ATTR.finditer(m.group(2))}
-            tag = m.group(1)
-            if tag == b"architecture":
-                arch = (m.group(3) or b"").decode().strip()
-            elif tag == b"xi:include":
-                href = attrs.get("href", "")
-                if not re.fullmatch(r"[\w.+-]+", href):
-                    raise ProtocolError(f"GDB target description includes a strange annex {href!r}")
-                walk(href, depth + 1)
-            else:
-                try:
-                    num = int(attrs["regnum"], 0) if "regnum" in attrs else next_num
-                    bits = int(attrs["bitsize"])
-                    reg_name = attrs["name"].lower()
-                except (KeyError, ValueError) as e:
-                    raise ProtocolError(f"GDB target description has a bad <reg> ({e})") from e
-                if not 0 < bits <= 4096 or not 0 <= num < 100000:
-                    raise ProtocolError(f"GDB target description has an absurd register {reg_name}")
-                regs.append(RegisterInfo(reg_name, num, bits, attrs.get("type", ""), attrs.get("group", "")))
-                next_num = num + 1
-
-    walk(annex, 0)
-    regs.sort(key=lambda r: r.regnum)
-    return arch, regs
-
-
-def _with_g_offsets(regs: list[RegisterInfo], g_size: int) -> list[RegisterInfo]:
-    """Assign ``g``-packet offsets to registers numbered contiguously from 0 that fit in ``g_size``."""
-    out = []
-    offset = 0
-    expect = 0
-    for r in regs:
-        if r.regnum == expect and offset + r.size <= g_size:
-            out.append(RegisterInfo(r.name, r.regnum, r.bitsize, r.type, r.group, offset))
-            offset += r.size
-            expect += 1
-        else:
-            expect = -1
-            out.append(r)
-    return out
-
-
-def _parse_version(text: str) -> tuple[int, ...]:
-    """``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)`` -> (7, 2, 22)."""
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
-
-
-# --- addresses and busy detection ---------------------------------------------------------------------
-def parse_address(address: str | tuple[str, int]) -> tuple[int, object]:
-    """``host:port``, ``tcp:host:port``, ``unix:/path`` or a path -> (address family, sockaddr)."""
-    if isinstance(address, tuple):
-        return socket.AF_INET, (address[0], int(address[1]))
-    if address.startswith("unix:"):
-        return socket.AF_UNIX, address[5:].split(",")[0]
-    if address.startswith(("/", "./")):
-        return socket.AF_UNIX, address
-    rest = address[4:] if address.startswith("tcp:") else address
-    rest = rest.split(",")[0]
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        raise AradiaError(f"bad GDB stub address {address!r} (want host:port, tcp:host:port or unix:PATH)")
-    host = host.strip("[]") or "127.0.0.1"
-    return socket.AF_INET, (host, int(port))
-
-
-def _proc_net_tcp_busy(ip: str, port: int) -> bool:
-    """Whether ``/proc/net/tcp*`` shows a connection to ``ip:port`` that QEMU holds or has queued."""
-    want = ipaddress.ip_address(ip)
-    if isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped:
-        want = want.ipv4_mapped
-    busy_states = {"01", "03", "08"}  # ESTABLISHED, SYN_RECV, CLOSE_WAIT
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines[:100000]:
-            parts = line.split()
-            if len(parts) < 4 or parts[3] not in busy_states:
-                continue
-            local_ip, _, local_port = parts[1].partition(":")
-            try:
-                if int(local_port, 16) != port:
-                    continue
-                raw = bytes.fromhex(local_ip)
-                if len(raw) == 4:
-                    addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(raw[::-1])
-                else:
-                    addr = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-                    if addr.ipv4_mapped:
-                        addr = addr.ipv4_mapped
-            except ValueError:
-                continue
-            if addr == want:
-                return True
-    return False
-
-
-def _proc_net_unix_busy(path: str) -> bool:
-    """Whether ``/proc/net/unix`` shows an accepted or queued connection on the socket at ``path``."""
-    names = {path, os.path.abspath(path)}
-    with contextlib.suppress(OSError):
-        names.add(os.path.realpath(path))
-    try:
-        with open("/proc/net/unix") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines[:100000]:
-        parts = line.split(None, 7)
-        if len(parts) == 8 and parts[7] in names:
-            try:
-                listening = int(parts[3], 16) & 0x10000  # __SO_ACCEPTCON
-            except ValueError:
-                continue
-            if not listening:
-                return True
-    return False
-
-
-def _stub_held_elsewhere(family: int, sockaddr: object) -> bool:
-    """Whether the kernel shows another client on this stub (only for stubs on this host)."""
-    if family == socket.AF_UNIX:
-        return _proc_net_unix_busy(str(sockaddr))
-    host, port = sockaddr  # type: ignore[misc]
-    try:
-        ips = {ai[4][0] for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except OSError:
-        return False
-    return any(_proc_net_tcp_busy(ip, port) for ip in ips)
-
-
-def _linger_queued(sock: socket.socket, lifetime: float) -> None:
-    """Own a connection QEMU has not accepted yet; once it does, leave the VM as it was found.
-
-    QEMU pauses the VM when it accepts a connection (7.2 says ``T02`` if it was running; 8.1 and
-    later say nothing). A dead queued socket would leave the guest paused after the current client
-    detaches. With a silent QEMU we cannot tell, and resume: a debugger that leaves usually lets
-    the guest run, and a guest frozen for good is the worse mistake.
-    """
-    buf = bytearray()
-    pos = 0
-    was_running = asked = False
-    deadline = time.monotonic() + lifetime
-
-    def detach() -> None:
-        sock.sendall(b"+" + frame(b"D;1"))
-        time.sleep(0.2)
-
-    try:
-        sock.settimeout(1.0)
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not data or len(buf) > _MAX_PACKET:
-                return
-            buf += data
-            while True:
-                start = buf.find(b"$", pos)
-                end = buf.find(b"#", start + 1) if start >= 0 else -1
-                if end < 0 or len(buf) < end + 3:
-                    break
-                payload = bytes(buf[start + 1:end])
-                pos = end + 3
-                if is_stop_reply(payload):
-                    was_running = True
-                elif not asked and (b"PacketSize" in payload or b"multiprocess" in payload):
-                    if was_running:
-                        detach()
-                        return
-                    asked = True
-                    sock.sendall(b"+" + frame(b"qRcmd," + binascii.hexlify(b"info version")))
-                elif asked and _is_console(payload):
-                    text = binascii.unhexlify(payload[1:]).decode("ascii", "replace")
-                    if _parse_version(text) >= (8, 1):
-                        detach()
-                    return
-                elif asked:
-                    return
-    except OSError:
-        return
-    finally:
-        sock.close()
-
-
-# --- the client ---------------------------------------------------------------------------------------
 class _Timeout(Exception):
     """Internal: the stub did not answer before the deadline."""
 
@@ -546,7 +182,7 @@ class GdbClient:
         family, sockaddr = parse_address(self.address)
         if check_busy:
             grace = time.monotonic() + min(busy_timeout, 1.0)  # a client that just left may linger
-            while _stub_held_elsewhere(family, sockaddr):
+            while stub_held_elsewhere(family, sockaddr):
                 if time.monotonic() > grace:
                     raise Busy(f"{self._where()} is already held by another client "
                                "(QEMU serves one GDB client at a time)")
@@ -568,7 +204,7 @@ class GdbClient:
             first = sock.recv(65536)
         except TimeoutError:
             self._sock = None
-            threading.Thread(target=_linger_queued, args=(sock, QUEUED_SOCKET_LIFETIME),
+            threading.Thread(target=linger_queued, args=(sock, QUEUED_SOCKET_LIFETIME),
                              name="aradia-gdb-queued", daemon=True).start()
             raise Busy(f"{self._where()} did not answer within {busy_timeout:g} s: another client holds it "
                        "(QEMU serves one GDB client at a time)") from None
@@ -601,7 +237,7 @@ class GdbClient:
                 self.vm_was_running = self._want_running = self._connect_paused = True
                 self.stop_thread = ev.thread
                 continue
-            if _is_console(payload):
+            if is_console(payload):
                 continue
             break
         for item in payload.decode("ascii", "replace").split(";"):
@@ -621,7 +257,7 @@ class GdbClient:
         g = self._request(b"g")
         self._check_hex(g, "g")
         self._g_size = len(g) // 2
-        self._regs = _with_g_offsets(regs, self._g_size)
+        self._regs = with_g_offsets(regs, self._g_size)
         self._reg_by_name = {r.name: r for r in self._regs}
         mode = self._request(b"qqemu.PhyMemMode")
         self._phys = {b"1": True, b"0": False}.get(mode)
@@ -632,7 +268,7 @@ class GdbClient:
         with contextlib.suppress(ValueError):
             self._sstep_at_connect = int(sstep.decode(), 16) if sstep else None
         with contextlib.suppress(AradiaError):
-            self.qemu_version = _parse_version(self.monitor("info version"))
+            self.qemu_version = parse_version(self.monitor("info version"))
         announced = self.vm_was_running
         if self._was_running_hint is not None:
             self.vm_was_running = self._was_running_hint
@@ -759,8 +395,8 @@ class GdbClient:
                     if not good:
                         raise _Disturbed("a packet from the stub had a bad checksum", transmission=True)
                     return decode_rle(payload)
-                if end < 0 and len(buf) - start > _MAX_PACKET:
-                    self._drop(f"{self._where()} sent a packet longer than {_MAX_PACKET} bytes")
+                if end < 0 and len(buf) - start > MAX_PACKET:
+                    self._drop(f"{self._where()} sent a packet longer than {MAX_PACKET} bytes")
                     raise ProtocolError(self._broken or "")
             self._fill(deadline)
 
@@ -800,7 +436,7 @@ class GdbClient:
                 return replies
             if is_stop_reply(payload):
                 self._on_stop(parse_stop_reply(payload), provoked=True)
-            elif _is_console(payload):
+            elif is_console(payload):
                 self._note_console(payload)
             else:
                 replies.append(payload)
@@ -855,7 +491,7 @@ class GdbClient:
         refill = max(1, window // 2)  # one send per half window: each send costs ~25 us on loopback
         sent = min(window, n)
         progress[0] = sent
-        self._send(b"".join([frame(p) for p in packets[:sent]]), acks_first=_resumes(packets[0]))
+        self._send(b"".join([frame(p) for p in packets[:sent]]), acks_first=resumes(packets[0]))
         while len(replies) < n:
             try:
                 payload = self._read_frame(min(deadline, time.monotonic() + STALL_PROBE))
@@ -866,7 +502,7 @@ class GdbClient:
             if is_stop_reply(payload):
                 self._on_stop(parse_stop_reply(payload), provoked=True)
                 raise _Disturbed("stop reply")
-            if _is_console(payload):
+            if is_console(payload):
                 self._note_console(payload)
                 continue
             replies.append(payload)
@@ -940,7 +576,7 @@ class GdbClient:
                 continue
             if is_stop_reply(payload):
                 self._on_stop(parse_stop_reply(payload), provoked=False)
-            elif _is_console(payload):
+            elif is_console(payload):
                 self._note_console(payload)
 
     def _ensure_stopped(self) -> bool:
@@ -1019,7 +655,7 @@ class GdbClient:
                 if payload is not None:
                     if is_stop_reply(payload):
                         self._on_stop(parse_stop_reply(payload), provoked=False)
-                    elif _is_console(payload):
+                    elif is_console(payload):
                         self._note_console(payload)
             time.sleep(0)
 
@@ -1073,7 +709,7 @@ class GdbClient:
                     if ev.ended:
                         self._on_stop(ev, provoked=False)
                     return ev
-                if _is_console(payload):
+                if is_console(payload):
                     self._note_console(payload)
                 elif payload == b"" or _ERR_RE.match(payload):
                     self.running = False
