@@ -49,3 +49,33 @@ def build_loop(tmp: Path) -> bytes:
                     "-fno-pie", "-no-pie", "-s", "-Wl,-N", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
                     "-o", str(exe), str(src)], check=True, capture_output=True, timeout=60)
     return exe.read_bytes()
+
+
+UNIX_C = r"""
+/* unixpair PATH: listen on a unix socket at PATH, connect to it, accept, then sleep forever. */
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (argc < 2) return 2;
+    strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+    unlink(argv[1]);
+    int l = socket(AF_UNIX, SOCK_STREAM, 0), c = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4)) return 1;
+    if (connect(c, (struct sockaddr *)&a, sizeof a)) return 1;
+    int s = accept(l, 0, 0);
+    if (s < 0) return 1;
+    for (;;) pause();
+}
+"""
+
+
+def build_unixpair(tmp: Path) -> bytes:
+    """Compile ``unixpair`` (static) on the host; its bytes."""
+    src, exe = tmp / "unixpair.c", tmp / "unixpair"
+    src.write_text(UNIX_C)
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(exe), str(src)], check=True, capture_output=True,
+                   timeout=60)
+    return exe.read_bytes()

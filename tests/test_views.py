@@ -7,6 +7,7 @@ a connected TCP socket. Ground truth is what the guest's /proc says; aradia read
 from __future__ import annotations
 
 import base64
+import gzip
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from aradia.linux.identify import find_vmcoreinfo
 from aradia.machine.launcher import Guest
 from aradia.sources import dumpwrite
 from aradia.vm import VM, attach, open_dump
+from guest_programs import build_unixpair
 
 WORKLOAD = r"""
 cd /tmp
@@ -83,6 +85,9 @@ class Env:
 
     def __init__(self, guest: Guest, tmp: Path) -> None:
         self.guest = guest
+        unixpair = base64.b64encode(gzip.compress(build_unixpair(tmp))).decode()
+        guest.run(f"echo {unixpair} | base64 -d | gunzip > /tmp/unixpair; chmod +x /tmp/unixpair;"
+                  " /tmp/unixpair /tmp/aradia.sock >/dev/null 2>&1 &")
         guest.run(WORKLOAD)
         self.workers = {name: int(guest.run(f"ps -o pid,comm | awk '$2==\"{name}\"{{print $1}}'").split()[0])
                         for name in ("aradia-w1", "aradia-w2", "aradia-w3")}
@@ -234,6 +239,24 @@ def test_sockets(env: Env, which: str) -> None:
     assert any(p == env.workers["aradia-w2"] and st == "ESTABLISHED" and rp == 22 for p, st, _, rp in by_pid)
     holders = env.guest.run("ls -l /proc/[0-9]*/fd/ 2>/dev/null | grep -c 'socket:'", check=False)
     assert len(socks) == int(holders.strip() or 0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", WHICH)
+def test_unix_sockets(env: Env, which: str) -> None:
+    truth = {}
+    for line in env.guest.run("cat /proc/net/unix").splitlines()[1:]:
+        f = line.split()
+        listening = int(f[3], 16) & 0x10000 != 0  # __SO_ACCEPTCON
+        truth[int(f[6])] = (f[7] if len(f) > 7 else "", listening, f[5] == "03")
+    ours = [s for s in env.vm(which).linux.sockets() if s.family == "unix"]
+    pair = [s for s in ours if s.inode in truth and truth[s.inode][0] == "/tmp/aradia.sock"]
+    assert any(s.state == "LISTEN" for s in pair), ours
+    for s in ours:
+        path, listening, connected = truth[s.inode]
+        assert s.local_address == path, s
+        assert (s.state == "LISTEN") == listening and (s.state == "CONNECTED") == connected, s
+    assert sum(1 for s in ours if s.state == "CONNECTED") >= 2  # both ends of the accepted pair
 
 
 @pytest.mark.timeout(120)
