@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,11 +40,19 @@ def bare_qemu(memory: str = "256M", *, shared: bool = False, smp: int = 1,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
-        while not os.path.exists(qmp):
+        # QEMU creates the socket file a moment before it listens: wait until a connection works
+        # (a QMP connection that closes at once is harmless; QEMU listens again).
+        while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"QEMU failed: {proc.stderr.read().decode() if proc.stderr else ''}")
             if time.monotonic() > deadline:
-                raise RuntimeError("QEMU did not create its QMP socket")
+                raise RuntimeError("QEMU did not open its QMP socket")
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(qmp)
+                    break
+                except OSError:
+                    pass
             time.sleep(0.02)
         yield BareQemu(proc.pid, qmp, shm, proc)
     finally:

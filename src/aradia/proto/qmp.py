@@ -22,6 +22,7 @@ from aradia.errors import AradiaError, Busy, NotAttached, ProtocolError
 
 GREETING_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 30.0
+REFUSED_GRACE = 1.0
 MAX_LINE = 64 << 20  # a QMP reply longer than this is not from a sane QEMU
 
 
@@ -86,16 +87,24 @@ class QMPClient:
     def _connect(self, greeting_timeout: float) -> socket.socket:
         if not os.path.exists(self.path):
             raise NotAttached(f"no QMP socket at {self.path}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(greeting_timeout)
-            sock.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError) as e:
-            sock.close()
-            raise NotAttached(f"cannot connect to QMP socket {self.path}: nobody is listening ({e})") from e
-        except OSError as e:
-            sock.close()
-            raise NotAttached(f"cannot connect to QMP socket {self.path}: {e}") from e
+        # QEMU binds the socket file a moment before it listens: a refusal right after start is
+        # retried briefly; a stale file nobody listens on still fails within REFUSED_GRACE.
+        deadline = time.monotonic() + REFUSED_GRACE
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(greeting_timeout)
+                sock.connect(self.path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as e:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise NotAttached(
+                        f"cannot connect to QMP socket {self.path}: nobody is listening ({e})") from e
+                time.sleep(0.05)
+            except OSError as e:
+                sock.close()
+                raise NotAttached(f"cannot connect to QMP socket {self.path}: {e}") from e
         with contextlib.suppress(OSError):
             self.pid = peer_pid(sock)
         self._buf = b""
