@@ -45,9 +45,11 @@ def run_traced(guest: Guest, syscalls: list[str], kprobes: tuple[str, ...] = (),
     return events
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1cpu", "2cpu"])
+@pytest.fixture(scope="module", params=[("6.1", 1), ("6.1", 2), ("6.1", 4), ("5.10", 2), ("6.12", 2)],
+                ids=["6.1-1cpu", "6.1-2cpu", "6.1-4cpu", "5.10-2cpu", "6.12-2cpu"])
 def guest(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest]) -> Guest:
-    return launch_guest("6.1", smp=request.param, gdb=True, shared_memory=True)
+    series, smp = request.param
+    return launch_guest(series, smp=smp, gdb=True, shared_memory=True)
 
 
 @pytest.mark.timeout(240)
