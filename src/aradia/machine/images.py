@@ -259,10 +259,18 @@ class _Builder:
             self._apts[suite] = apt
         return self._apts[suite]
 
-    def _tmpdir(self, name: str) -> Path:
+    @contextlib.contextmanager
+    def _staged(self, name: str, final: Path) -> Iterator[Path]:
+        """A fresh build directory; moved into place as ``final`` if the block succeeds, removed if not."""
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=self.cache))
         tmp.chmod(0o755)
-        return tmp
+        try:
+            yield tmp
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def kernel(self, spec: KernelSeries) -> Path:
         final = self.cache / "kernels" / spec.series
@@ -272,8 +280,7 @@ class _Builder:
         package = _choose_kernel_package(apt.pkgnames("linux-image-"), spec)
         self.say(f"downloading {package} (Debian {spec.suite})")
         (deb,) = apt.download([package], self.cache / "debs")
-        tmp = self._tmpdir("kernel")
-        try:
+        with self._staged("kernel", final) as tmp:
             root = tmp / "root"
             run_tool(["dpkg-deb", "-x", str(deb), str(root)], timeout=300, what=f"dpkg-deb -x {deb.name}")
             module_dirs = [d for base in ("lib/modules", "usr/lib/modules") if (root / base).is_dir()
@@ -294,11 +301,6 @@ class _Builder:
                 "config": str(config.relative_to(tmp)),
                 "modules": str(module_dirs[0].relative_to(tmp)),
             })
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def userland(self) -> Path:
@@ -310,19 +312,13 @@ class _Builder:
         packages = apt.library_closure(_USERLAND_PACKAGES)
         self.say(f"downloading {', '.join(packages)} (Debian {_USERLAND_SUITE})")
         debs = apt.download(packages, self.cache / "debs")
-        tmp = self._tmpdir("userland")
-        try:
+        with self._staged("userland", final) as tmp:
             versions = {}
             for pkg, deb in zip(packages, debs, strict=True):
                 run_tool(["dpkg-deb", "-x", str(deb), str(tmp / "root")], timeout=300,
-                     what=f"dpkg-deb -x {deb.name}")
+                         what=f"dpkg-deb -x {deb.name}")
                 versions[pkg] = deb_field(deb, "Version")
             _write_manifest(tmp, {"suite": _USERLAND_SUITE, "versions": versions})
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path) -> None:
@@ -330,8 +326,7 @@ class _Builder:
         uman = _read_manifest(userland_dir)
         assert kman is not None and uman is not None
         self.say(f"packing initramfs for {kman['release']}")
-        tmp = self._tmpdir("image")
-        try:
+        with self._staged("image", final) as tmp:
             ssh_key = _make_client_key(tmp / "ssh_key")
             rootfs = _Rootfs(userland_dir / "root")
             host_key_line = _populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key)
@@ -349,11 +344,6 @@ class _Builder:
                 "ssh_key": ssh_key is not None,
                 "host_key_line": host_key_line,
             })
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def _make_client_key(path: Path) -> Path | None:
