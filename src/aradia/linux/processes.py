@@ -102,7 +102,10 @@ def _kthread_name(task: drgn.Object) -> str | None:
 def _cmdline(task: drgn.Object) -> list[str]:
     mm = task.mm
     size = int(mm.arg_end) - int(mm.arg_start)
-    if not 0 <= size <= MAX_ARGV_BYTES:
+    if size <= 0:
+        # As /proc/<pid>/cmdline: an mm still being set up by exec (arg_end not yet set) is empty.
+        return []
+    if size > MAX_ARGV_BYTES:
         raise ValueError(f"absurd argument area of {size} bytes")
     args = task_cmdline(task) or []
     return [a.decode(errors="replace") for a in args]
