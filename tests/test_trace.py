@@ -20,7 +20,7 @@ from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
 
-N_EXEC = 20
+N_EXEC = 50
 WORK = "\n".join(
     ["cd /tmp", "for i in 1 2 3 4 5; do echo $i > /tmp/aradia-f$i; done"]
     + [f"/bin/true aradia-t{i} arg-{i * 7}" for i in range(N_EXEC)]

@@ -258,8 +258,25 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arm(tracer: Any, args: argparse.Namespace) -> None:
+    """Arm what ``aradia trace WHAT`` asks for."""
+    if args.what == "syscalls":
+        for name in args.e.split(","):
+            tracer.add_syscall(name.strip())
+    elif args.what == "probe":
+        for sym in args.symbols:
+            tracer.add_kprobe(sym, ret=args.ret)
+    elif args.what == "uprobe":
+        for spec in args.specs:
+            tracer.add_uprobe(spec, process=args.process, pid=args.target_pid, ret=args.ret, args=args.args)
+    elif args.what == "procs":
+        tracer.add_lifecycle(tuple(k.strip() for k in args.e.split(",")))
+    elif args.what == "watch":
+        tracer.add_watch(args.address, args.length, args.access, pid=args.target_pid)
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Live probes: syscalls with decoded arguments, or kernel functions (entry or return)."""
+    """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints."""
     from aradia.trace.tracer import Filter, Tracer
 
     with _open(args) as vm:
@@ -270,12 +287,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
                                    comms=set(args.comm) if args.comm else None,
                                    uids=set(args.uid) if args.uid else None)
-            if args.what == "syscalls":
-                for name in args.e.split(","):
-                    tracer.add_syscall(name.strip())
-            else:
-                for sym in args.symbols:
-                    tracer.add_kprobe(sym, ret=args.ret)
+            _arm(tracer, args)
             try:
                 for ev in tracer.events(duration=args.duration):
                     if args.json:
@@ -360,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr = what.add_parser("probe", help="kernel functions: entry with argument registers, or --ret")
     pr.add_argument("symbols", nargs="+", metavar="SYMBOL")
     pr.add_argument("--ret", action="store_true", help="report returns with the return value")
+    up = what.add_parser("uprobe", help="user-space functions LIB:SYMBOL (e.g. libcrypt.so.1:crypt)")
+    up.add_argument("specs", nargs="+", metavar="LIB:SYMBOL")
+    up.add_argument("--process", metavar="NAME", help="only in processes with this name (comm or executable)")
+    up.add_argument("--in-pid", dest="target_pid", type=int, metavar="PID", help="only in this process")
+    up.add_argument("--ret", action="store_true", help="report returns with the return value")
+    up.add_argument("--args", metavar="SIG",
+                    help="argument types, e.g. 'str,int' or 'path:str->int' (default: built in for "
+                         "well-known functions, else raw registers)")
+    pc = what.add_parser("procs", help="process lifecycle: fork, exec (program and argv), exit (status)")
+    pc.add_argument("-e", default="fork,exec,exit", metavar="LIST", help="comma-separated (default: all)")
+    wa = what.add_parser("watch", help="a watchpoint on a guest-virtual range")
+    wa.add_argument("address", type=_int, metavar="ADDR")
+    wa.add_argument("length", type=_int, metavar="LEN")
+    wa.add_argument("--access", choices=["w", "r", "rw"], default="w", help="writes (default), reads or both")
+    wa.add_argument("--in-pid", dest="target_pid", type=int, metavar="PID",
+                    help="a user address: only accesses by this process")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

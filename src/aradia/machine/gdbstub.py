@@ -1,8 +1,9 @@
 """Find or start the GDB stub of a QEMU and open guest memory through it.
 
 QEMU started with ``-gdb``/``-s`` already listens: its address is read from the process's command
-line (same host). Otherwise a stub is started at run time with HMP ``gdbserver`` on a free loopback
-port. A stub QEMU already runs is never replaced: ``gdbserver`` would close it under its client.
+line (same host). A stub started at run time is the chardev labelled ``gdb`` in ``query-chardev``.
+Otherwise a stub is started with HMP ``gdbserver`` on a free loopback port. A stub QEMU already runs
+is never replaced: ``gdbserver`` would close it under its client (and QEMU refuses a second one).
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def _qemu_cmdline(pid: int) -> list[str]:
         return []
 
 
+def gdb_address_from_chardevs(chardevs: list[dict[str, object]]) -> str | None:
+    """The address of a stub started at run time, from QMP ``query-chardev`` (label ``gdb``)."""
+    for dev in chardevs:
+        if dev.get("label") != "gdb":
+            continue
+        name = str(dev.get("filename", "")).removeprefix("disconnected:")
+        if name.startswith("tcp:"):
+            host, _, port = name[4:].partition(",")[0].rpartition(":")
+            return f"{host or '127.0.0.1'}:{port}"
+        if name.startswith("unix:"):
+            return "unix:" + name[5:].partition(",")[0]
+    return None
+
+
 def _free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -48,11 +63,14 @@ def _free_port() -> int:
 
 
 def gdb_address(qemu: Qemu, start: bool = True) -> str:
-    """The GDB stub address of ``qemu``: from its command line, or a stub started through HMP."""
+    """The GDB stub address of ``qemu``: from its command line, a stub started earlier, or a new one."""
     if qemu.pid and os.path.exists(f"/proc/{qemu.pid}"):
         addr = gdb_address_from_cmdline(_qemu_cmdline(qemu.pid))
         if addr:
             return addr
+    addr = gdb_address_from_chardevs(qemu.qmp.execute("query-chardev"))
+    if addr:
+        return addr
     if not start:
         raise NotAttached("QEMU has no GDB stub")
     port = _free_port()

@@ -1,4 +1,5 @@
-"""Breakpoint probes on a live VM: kernel function entry and return, and syscalls with decoded arguments.
+"""Breakpoint probes on a live VM: kernel and user-space function entry and return, syscalls with
+decoded arguments, process lifecycle events and watchpoints.
 
 All probes go through one :class:`~aradia.trace.guardian.GuardedStub` per VM (QEMU's stub serves one
 client), so whatever happens to the tracing process the guest is left running with nothing armed.
@@ -18,9 +19,12 @@ from typing import Any
 import drgn
 
 from aradia.errors import AradiaError
+from aradia.linux.guard import GUEST_ERRORS
+from aradia.linux.usersyms import UserSymbols
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
+from aradia.trace.uprobes import UserTarget
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 NOP5 = bytes.fromhex("0f1f440000")
@@ -31,12 +35,28 @@ ENDBR64 = bytes.fromhex("f30f1efa")
 class Probe:
     """One armed probe."""
 
-    kind: str  # "kprobe" or "syscall"
+    kind: str  # "kprobe", "syscall", "uprobe", "lifecycle", or "mmap" (aradia's own hook)
     name: str
     address: int
     ret: bool = False
     #: Bytes to skip instead of single-stepping (the 5-byte ftrace NOP at function entry).
     skip: int = 0
+    target: UserTarget | None = None
+
+
+@dataclass
+class Watch:
+    """One watchpoint: ``length`` bytes at guest-virtual ``address``; ``access`` is w, r or rw."""
+
+    address: int
+    length: int
+    access: str
+    pid: int | None = None  # report only accesses by this process (tgid)
+
+    @property
+    def gdb_kind(self) -> int:
+        """The GDB ``Z`` type: 2 write, 3 read, 4 access."""
+        return {"w": 2, "r": 3, "rw": 4}[self.access]
 
 
 @dataclass
@@ -67,6 +87,13 @@ class _Pending:
     entry_time: float
 
 
+LIFECYCLE = {"fork": "proc_fork_connector", "exec": "proc_exec_connector", "exit": "proc_exit_connector"}
+"""The kernel's process-event connector hooks: called with the task once a fork, exec or exit is done."""
+MMAP_HOOK = "perf_event_mmap"
+"""Called with every new ``struct vm_area_struct`` (mmap and exec): finds libraries mapped later."""
+CPL_MASK = 3
+
+
 @dataclass
 class Tracer:
     """Probes on one live VM (``vm`` from :func:`aradia.attach`), events through :meth:`events`."""
@@ -74,8 +101,15 @@ class Tracer:
     vm: Any
     stub: GuardedStub
     probes: dict[int, Probe] = field(default_factory=dict)
+    watches: dict[int, Watch] = field(default_factory=dict)
     filter: Filter = field(default_factory=Filter)
     _returns: dict[int, list[_Pending]] = field(default_factory=dict)
+    _targets: list[UserTarget] = field(default_factory=list)
+    _usersyms: UserSymbols | None = None
+    _accepted: dict[tuple[int, int], bool] = field(default_factory=dict)  # (mm, address) -> maps it
+    _stopped: bool = False
+    _refault: dict[tuple[int, int], int] = field(default_factory=dict)  # (task, rip) -> rsp
+    _entry_stubs: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, vm: Any) -> Tracer:
@@ -107,36 +141,188 @@ class Tracer:
                 return self._arm(Probe("syscall", name, int(addr)))
         raise AradiaError(f"no syscall entry for {name!r} in this kernel")
 
+    def add_lifecycle(self, kinds: tuple[str, ...] = ("fork", "exec", "exit")) -> list[Probe]:
+        """Process lifecycle events: ``fork`` (the new task), ``exec`` (its new program and argv),
+        ``exit`` (its exit code), each reported once the kernel has done it."""
+        out = []
+        for kind in kinds:
+            if kind not in LIFECYCLE:
+                raise AradiaError(f"unknown lifecycle event {kind!r} (one of {', '.join(LIFECYCLE)})")
+            out.append(self._arm(Probe("lifecycle", kind, self._symbol(LIFECYCLE[kind]))))
+        return out
+
+    def add_uprobe(self, spec: str, *, process: str | None = None, pid: int | None = None,
+                   ret: bool = False, args: str | None = None) -> UserTarget:
+        """Probe user-space function ``LIB:SYMBOL`` (``libcrypt.so.1:crypt``, ``bash:readline``).
+
+        In process ``pid``, or in processes named ``process`` (comm or executable name), or in
+        every process that maps LIB — now or later. Arguments are decoded by ``args`` (see
+        :func:`aradia.trace.uprobes.parse_signature`) or the built-in signature of well-known
+        functions; ``ret`` reports the return value instead of the arguments.
+        """
+        target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args)
+        with self._halted():
+            if MMAP_HOOK not in {p.name for p in self.probes.values() if p.kind == "mmap"}:
+                self._arm(Probe("mmap", MMAP_HOOK, self._symbol(MMAP_HOOK)))
+            self._targets.append(target)
+            for mm in self._address_spaces(target):
+                for us in self._syms().resolve(mm, target.lib, target.symbol):
+                    self._arm_user(target, us.address, us.file.mm)
+        return target
+
+    def add_watch(self, address: int, length: int, access: str = "w", *, pid: int | None = None) -> Watch:
+        """Watch ``length`` bytes at guest-virtual ``address`` for writes (``w``), reads (``r``) or
+        both (``rw``); a user address is watched in process ``pid`` (other processes' accesses to the
+        same address are not reported)."""
+        if access not in ("w", "r", "rw"):
+            raise AradiaError(f"watch access {access!r}: one of w, r, rw")
+        if not 0 < length <= 1 << 20 or not 0 <= address < 1 << 64:
+            raise AradiaError(f"watch range {address:#x}+{length} is out of range")
+        if address in self.watches:
+            raise AradiaError(f"{address:#x} is already watched")
+        w = Watch(address, length, access, pid)
+        self.stub.set_breakpoint(address, kind=w.gdb_kind, length=length)
+        self.watches[address] = w
+        return w
+
     def _arm(self, probe: Probe) -> Probe:
         if probe.address in self.probes:
             raise AradiaError(f"{probe.name} is already probed")
         # Single-stepping makes TCG flush all translated code (slow); when the function starts
         # with the 5-byte NOP ftrace leaves there (after ENDBR64 with IBT), break on the NOP and
         # move RIP past it instead: skipping a NOP is exactly executing it.
-        with contextlib.suppress(AradiaError):
-            head = self.vm.read_virt(probe.address, 9, *self._kernel_root())
-            if head[:4] == ENDBR64:
-                probe.address += 4
-                head = head[4:]
-            if head[:5] == NOP5:
-                probe.skip = 5
+        if probe.kind != "uprobe":
+            with contextlib.suppress(AradiaError):
+                head = self.vm.read_virt(probe.address, 9, *self._kernel_root())
+                if head[:4] == ENDBR64:
+                    probe.address += 4
+                    head = head[4:]
+                if head[:5] == NOP5:
+                    probe.skip = 5
         self.stub.set_breakpoint(probe.address)
         self.probes[probe.address] = probe
         return probe
+
+    def _arm_user(self, target: UserTarget, address: int, mm: int) -> None:
+        target.addresses.setdefault(address, set()).add(mm)
+        self._accepted[(mm, address)] = True
+        have = self.probes.get(address)
+        if have is None:
+            self._arm(Probe("uprobe", target.spec, address, target.ret, target=target))
+        elif have.target is not target:
+            raise AradiaError(f"{target.spec} is at {address:#x}, which {have.name} already probes")
 
     def remove(self, probe: Probe) -> None:
         """Disarm one probe (returns already pending still report)."""
         if self.probes.pop(probe.address, None) is not None and probe.address not in self._returns:
             self.stub.remove_breakpoint(probe.address)
 
+    def remove_uprobe(self, target: UserTarget) -> None:
+        """Disarm a user-space probe at all its addresses."""
+        if target in self._targets:
+            self._targets.remove(target)
+        for address in target.addresses:
+            probe = self.probes.get(address)
+            if probe is not None and probe.target is target:
+                self.remove(probe)
+        target.addresses.clear()
+
+    def remove_watch(self, watch: Watch) -> None:
+        """Disarm one watchpoint."""
+        if self.watches.pop(watch.address, None) is not None:
+            self.stub.remove_breakpoint(watch.address, kind=watch.gdb_kind, length=watch.length)
+
     def _kernel_root(self) -> tuple[int, bool]:
         prof = self.vm.linux.profile
         return prof.kernel_root, prof.la57
 
+    @contextlib.contextmanager
+    def _halted(self) -> Iterator[None]:
+        """Stop the guest through the stub for the block, unless a hit already stopped it."""
+        if self._stopped:
+            yield
+            return
+        self.stub.interrupt()
+        self._stopped = True
+        try:
+            yield
+        finally:
+            self._stopped = False
+            self.stub.cont()
+
+    def _syms(self) -> UserSymbols:
+        if self._usersyms is None:
+            self._usersyms = UserSymbols(self.vm.linux.prog)
+        return self._usersyms
+
+    # --- user space ----------------------------------------------------------------------------------
+    def _address_spaces(self, target: UserTarget) -> list[drgn.Object]:
+        """The ``mm`` of every process the target's filter takes now."""
+        from aradia.linux.walks import each_task
+
+        out = []
+        prog = self.vm.linux.prog
+        for task in each_task(prog, self._syms().warnings):
+            with contextlib.suppress(*GUEST_ERRORS):
+                if int(task.pid) != int(task.tgid) or not task.mm:
+                    continue
+                comm = task.comm.string_().decode(errors="replace")
+                if target.wants(int(task.tgid), comm, lambda t=task: _exe(t)):
+                    out.append(task.mm)
+        return out
+
+    def _on_mmap(self, regs: dict[str, int]) -> None:
+        """A new mapping: arm targets whose library it maps from offset 0."""
+        if not self._targets:
+            return
+        prog = self.vm.linux.prog
+        try:
+            vma = drgn.Object(prog, "struct vm_area_struct *", value=regs["rdi"])
+            f = vma.vm_file
+            if not f or int(vma.vm_pgoff):
+                return
+            mm = int(vma.vm_mm.value_())
+            for key in [k for k in self._accepted if k[0] == mm]:
+                del self._accepted[key]  # the address space changed
+            from aradia.linux.walks import d_path
+
+            path = d_path(f.f_path).decode(errors="replace")
+            syms = self._syms()
+            for target in self._targets:
+                if not syms.file_matches(vma, path, target.lib):
+                    continue
+                elf = syms.elf(vma)
+                sym = None if elf is None else elf.lookup(target.symbol)
+                if elf is not None and sym is not None:
+                    self._arm_user(target, int(vma.vm_start) - elf.first_vaddr + sym.value, mm)
+        except GUEST_ERRORS:
+            return
+
+    def _user_hit_ok(self, probe: Probe, regs: dict[str, int]) -> bool:
+        """Whether a user-space breakpoint hit is the target's: right process, symbol mapped there."""
+        target = probe.target
+        assert target is not None
+        try:
+            task = self._current(regs)
+            if task is None or not task.mm:
+                return False
+            comm = task.comm.string_().decode(errors="replace")
+            if not target.wants(int(task.tgid), comm, lambda: _exe(task)):
+                return False
+            mm = int(task.mm.value_())
+            key = (mm, probe.address)
+            if key not in self._accepted:
+                found = self._syms().resolve(task.mm, target.lib, target.symbol)
+                self._accepted[key] = any(u.address == probe.address for u in found)
+            return self._accepted[key]
+        except GUEST_ERRORS:
+            return False
+
     # --- the task on a vCPU ------------------------------------------------------------------------
     def _current(self, regs: dict[str, int]) -> drgn.Object | None:
         prog = self.vm.linux.prog
-        gs = regs.get("gs_base", 0)
+        # in user mode the kernel's per-CPU base is the one swapgs put aside
+        gs = regs.get("k_gs_base", 0) if regs.get("cs", 0) & CPL_MASK else regs.get("gs_base", 0)
         if not gs:
             return None
         prof = self.vm.linux.profile
@@ -152,7 +338,7 @@ class Tracer:
     def _task_address(self, regs: dict[str, int]) -> int:
         try:
             task = self._current(regs)
-        except (drgn.FaultError, ValueError, LookupError, AradiaError):
+        except GUEST_ERRORS:
             return 0
         return 0 if task is None else task.value_()
 
@@ -164,7 +350,7 @@ class Tracer:
                 ev.pid, ev.tgid = int(task.pid), int(task.tgid)
                 ev.comm = task.comm.string_().decode(errors="replace")
                 ev.uid = int(task.real_cred.uid.val)
-        except (drgn.FaultError, ValueError, LookupError, AradiaError):
+        except GUEST_ERRORS:
             pass
         return ev
 
@@ -176,21 +362,53 @@ class Tracer:
 
         return read
 
+    def _lifecycle_args(self, kind: str, regs: dict[str, int]) -> dict[str, Any]:
+        from aradia.linux.guard import Warnings
+        from aradia.linux.processes import task_info
+
+        task = drgn.Object(self.vm.linux.prog, "struct task_struct *", value=regs["rdi"])
+        info = task_info(task, Warnings())
+        args: dict[str, Any] = {"pid": info.pid, "tgid": info.tgid, "comm": info.comm}
+        if kind == "fork":
+            args["ppid"] = info.ppid
+            args["thread"] = info.pid != info.tgid
+        elif kind == "exec":
+            args["exe"], args["argv"] = info.exe, info.cmdline
+        else:
+            code = int(task.exit_code)
+            args["status"], args["signal"] = (code >> 8) & 0xFF, code & 0x7F
+        return args
+
     # --- the event loop ----------------------------------------------------------------------------
     def _handle(self, thread: str, regs: dict[str, int]) -> Event | None:
         rip = regs.get("rip", 0)
         out: Event | None = None
         probe = self.probes.get(rip)
-        if probe is not None and not probe.ret:
+        if probe is not None and probe.kind == "uprobe" and not self._user_hit_ok(probe, regs):
+            probe = None  # another process runs code at this address
+        if self._refault and probe is not None:
+            key = (self._task_address(regs), rip)
+            if self._refault.get(key) == regs.get("rsp"):
+                del self._refault[key]
+                return None  # the faulted instruction running again: reported already
+        if probe is not None and probe.kind == "mmap":
+            self._on_mmap(regs)
+        elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
                 raw = [int(getattr(ptregs, r)) for r in syscalls.ARG_REGS]
                 args = syscalls.decode(probe.name, raw, self._user_reader(regs))
                 out = self._event("syscall", probe.name, thread, regs, args)
+            elif probe.kind == "lifecycle":
+                args = self._lifecycle_args(probe.name, regs)
+                out = self._event(probe.name, probe.name, thread, regs, args)
+            elif probe.target is not None:
+                args = probe.target.entry_args(regs, self._user_reader(regs))
+                out = self._event("uprobe", probe.name, thread, regs, args)
             else:
                 args = {r: regs.get(r, 0) for r in ARG_REGS}
                 out = self._event("kprobe", probe.name, thread, regs, args)
-        if probe is not None and probe.ret:
+        elif probe is not None and probe.ret:
             ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
             pend = _Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic())
             if ret_addr not in self._returns:
@@ -204,14 +422,51 @@ class Tracer:
             for i, p in enumerate(waiting):
                 if p.task == task and p.rsp_after == regs["rsp"]:
                     del waiting[i]
-                    out = self._event("kretprobe", p.probe.name, thread, regs,
-                                      {"ret": regs.get("rax", 0), "latency": time.monotonic() - p.entry_time})
+                    rax = regs.get("rax", 0)
+                    ret_val = (p.probe.target.return_value(rax, self._user_reader(regs))
+                               if p.probe.target is not None else rax)
+                    kind = "uretprobe" if p.probe.kind == "uprobe" else "kretprobe"
+                    out = self._event(kind, p.probe.name, thread, regs,
+                                      {"ret": ret_val, "latency": time.monotonic() - p.entry_time})
                     break
             if not waiting:
                 del self._returns[rip]
                 if rip not in self.probes:
                     self.stub.remove_breakpoint(rip)  # gone: the vCPU continues with no step
         return out
+
+    def _check_step(self, thread: str, before: dict[str, int]) -> None:
+        """After stepping off a breakpoint: if the vCPU entered an exception or interrupt handler
+        instead (the probed instruction faulted — e.g. the first touch of a code page — and will run
+        again), the next hit of this task at this address is that re-run, not a new call."""
+        pc = self.stub.registers(thread).get("rip", 0)
+        if self._in_entry_stubs(pc):
+            self._refault[(self._task_address(before), before["rip"])] = before["rsp"]
+
+    def _in_entry_stubs(self, pc: int) -> bool:
+        """Whether ``pc`` is in the kernel's exception and interrupt entry code (``.entry.text``)."""
+        if self._entry_stubs is None:
+            prof = self.vm.linux.profile
+            start, end = prof.symbol("__entry_text_start"), prof.symbol("__entry_text_end")
+            self._entry_stubs = (int(start), int(end)) if start and end else (0, 0)
+        lo, hi = self._entry_stubs
+        return lo <= pc < hi
+
+    def _watch_event(self, stop: dict[str, Any], thread: str, regs: dict[str, int]) -> Event | None:
+        addr = int(stop["watch"])
+        w = self.watches.get(addr) or next((w for w in self.watches.values()
+                                            if w.address <= addr < w.address + w.length), None)
+        if w is None:
+            return None
+        ev = self._event("watch", f"{w.address:#x}", thread, regs,
+                         {"address": addr, "access": {"watch": "w", "rwatch": "r", "awatch": "rw"}.get(
+                             str(stop.get("info") or ""), w.access), "rip": regs.get("rip", 0)})
+        if w.pid is not None and ev.tgid != w.pid:
+            return None
+        read = self._user_reader(regs)
+        with contextlib.suppress(*GUEST_ERRORS):
+            ev.args["value"] = read(w.address, min(w.length, 64))
+        return ev
 
     def events(self, duration: float | None = None,
                until: Callable[[], bool] | None = None) -> Iterator[Event]:
@@ -226,16 +481,22 @@ class Tracer:
             if stop["kind"] != "signal":
                 raise AradiaError(f"the VM ended while tracing ({stop['kind']})")
             thread = stop["thread"]
+            self._stopped = True
             regs = self.stub.registers(thread)
             rip = regs.get("rip", 0)
             try:
-                ev = self._handle(thread, regs)
+                if stop.get("watch") is not None:
+                    ev = self._watch_event(stop, thread, regs)
+                else:
+                    ev = self._handle(thread, regs)
             finally:
                 probe = self.probes.get(rip)
                 if probe is not None and probe.skip:
                     self.stub.set_register("rip", rip + probe.skip, thread)
                 elif probe is not None or rip in self._returns:
                     self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
+                    self._check_step(thread, regs)
+                self._stopped = False
                 self.stub.cont()
             if ev is not None and self.filter.keep(ev):
                 yield ev
@@ -249,6 +510,13 @@ class Tracer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exe(task: drgn.Object) -> str | None:
+    from aradia.linux.walks import d_path
+
+    exe = task.mm.exe_file
+    return d_path(exe.f_path).decode(errors="replace") if exe else None
 
 
 def _vcpu(thread: str | None) -> int:

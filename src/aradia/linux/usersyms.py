@@ -1,0 +1,141 @@
+"""User-space symbols: ``LIB:SYMBOL`` resolved to addresses in the processes that map LIB.
+
+A library or executable is found among a process's file mappings by name (the file's basename,
+``libcrypt.so.1`` also matching ``libcrypt.so.1.1.0``, or its ``DT_SONAME``, or a full path), its
+dynamic symbols are read from guest memory (:mod:`aradia.linux.elfsyms` over the file's pages in the
+page cache, falling back to the process's own mapping), and the symbol's address in the process is
+the mapping's load bias plus the symbol's value. Each file is parsed once per :class:`UserSymbols`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import drgn
+from drgn.helpers.linux.mm import access_remote_vm
+
+from aradia.errors import AradiaError
+from aradia.linux.elfsyms import DynamicSymbols, ElfSymbol
+from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded
+from aradia.linux.maps import vmas
+from aradia.linux.pagecache import NotCached, read_cached
+from aradia.linux.walks import d_path
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A file mapped from offset 0 in one address space: where, and what file."""
+
+    path: str
+    inode: int  # address of the struct inode
+    start: int  # address of the mapping of file offset 0
+    mm: int  # address of the struct mm_struct
+
+
+@dataclass(frozen=True)
+class UserSymbol:
+    """A symbol of a mapped file at its address in one address space."""
+
+    address: int
+    symbol: ElfSymbol
+    file: MappedFile
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``LIB:SYMBOL`` (``libcrypt.so.1:crypt``, ``/bin/bash:readline``) as ``(lib, symbol)``."""
+    lib, sep, sym = spec.rpartition(":")
+    if not sep or not lib or not sym:
+        raise AradiaError(f"{spec!r} is not LIB:SYMBOL (e.g. libcrypt.so.1:crypt or bash:readline)")
+    return lib, sym
+
+
+def name_matches(path: str, lib: str, soname: str | None = None) -> bool:
+    """Whether a mapped file ``path`` is what ``lib`` names."""
+    if "/" in lib:
+        return path == lib
+    base = posixpath.basename(path)
+    return base == lib or base.startswith(lib + ".") or (soname is not None and soname == lib)
+
+
+@dataclass
+class UserSymbols:
+    """Resolves ``LIB:SYMBOL`` in guest processes; parsed files are cached by inode."""
+
+    prog: drgn.Program
+    warnings: Warnings = field(default_factory=Warnings)
+    _files: dict[int, DynamicSymbols | None] = field(default_factory=dict)
+
+    def mapped_files(self, mm: drgn.Object) -> list[tuple[drgn.Object, MappedFile]]:
+        """The ``(vma, file)`` of every mapping of a file from offset 0 in ``mm``."""
+        out = []
+        what = f"mm {mm.value_():#x}"
+        for vma in bounded(vmas(mm, what, self.warnings), what, self.warnings, limit=1 << 20,
+                           key=lambda v: v.value_()):
+            try:
+                f = vma.vm_file
+                if not f or int(vma.vm_pgoff):
+                    continue
+                path = d_path(f.f_path).decode(errors="replace")
+                out.append((vma, MappedFile(path, f.f_inode.value_(), int(vma.vm_start), mm.value_())))
+            except GUEST_ERRORS as e:
+                self.warnings.add(f"{what}: VMA at {vma.value_():#x} unreadable ({e})")
+        return out
+
+    def elf(self, vma: drgn.Object) -> DynamicSymbols | None:
+        """The dynamic symbols of the file ``vma`` maps (None: not an ELF file we can read)."""
+        inode = vma.vm_file.f_inode
+        key = inode.value_()
+        if key not in self._files:
+            mm, start = vma.vm_mm, int(vma.vm_start)
+            end = int(vma.vm_end)
+
+            def read(offset: int, size: int) -> bytes:
+                try:
+                    return read_cached(inode, offset, size)
+                except NotCached:
+                    if offset + size > end - start:
+                        raise
+                    return access_remote_vm(mm, start + offset, size)
+
+            try:
+                self._files[key] = DynamicSymbols(read)
+            except GUEST_ERRORS as e:
+                name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
+                self.warnings.add(f"{name}: no dynamic symbols ({e})")
+                self._files[key] = None
+        return self._files[key]
+
+    def file_matches(self, vma: drgn.Object, path: str, lib: str) -> bool:
+        """Whether the file ``vma`` maps (at ``path``) is ``lib``: by name, or by its ``DT_SONAME``."""
+        if name_matches(path, lib):
+            return True
+        if "/" in lib or "." not in lib:
+            return False
+        elf = self.elf(vma)
+        return elf is not None and elf.soname == lib
+
+    def resolve(self, mm: drgn.Object, lib: str, symbol: str) -> list[UserSymbol]:
+        """Addresses of ``lib``'s ``symbol`` in address space ``mm`` (one per mapping of ``lib``)."""
+        out = []
+        missing = None
+        for vma, mf in self.mapped_files(mm):
+            try:
+                if not self.file_matches(vma, mf.path, lib):
+                    continue
+                elf = self.elf(vma)
+                sym = None if elf is None else elf.lookup(symbol)
+            except GUEST_ERRORS as e:
+                self.warnings.add(f"{mf.path}: symbols unreadable ({e})")
+                continue
+            if elf is None:
+                continue
+            if sym is None:
+                missing = mf.path
+                continue
+            out.append(UserSymbol(mf.start - elf.first_vaddr + sym.value, sym, mf))
+        if not out and missing is not None:
+            raise AradiaError(f"{missing} has no dynamic symbol {symbol!r}")
+        return out

@@ -1,0 +1,129 @@
+"""User-space probe targets: ``LIB:SYMBOL`` in one process, in processes of one name, or in all.
+
+A target resolves to one breakpoint address per address space that maps LIB (ASLR puts a library
+at a different address in each process). QEMU's breakpoints match a virtual address in whatever
+process runs, so a hit is accepted only when the current task passes the target's process filter
+and its own mapping puts the symbol at that address (checked once per address space and cached).
+Processes that map LIB later (a new login, a re-exec) are found by the tracer's hook on the
+kernel's ``perf_event_mmap``, which runs for every new mapping.
+
+Arguments are decoded by a signature: ``str`` (a C string in user memory), ``int`` (signed),
+``hex`` (unsigned); well-known functions have one built in (:data:`SIGNATURES`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aradia.errors import AradiaError
+from aradia.linux.usersyms import parse_spec
+from aradia.trace.syscalls import read_cstring
+
+ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+TYPES = ("str", "int", "hex")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Argument names and types, and the return type (None: not decoded, the raw value)."""
+
+    args: tuple[tuple[str, str], ...] = ()
+    ret: str | None = None
+
+
+def _sig(args: str, ret: str | None = None) -> Signature:
+    pairs = tuple((p.split(":")[0], p.split(":")[1]) for p in args.split(",")) if args else ()
+    return Signature(pairs, ret)
+
+
+#: Functions whose arguments aradia decodes without being told (libc, libcrypt, readline, PAM).
+SIGNATURES: dict[str, Signature] = {
+    "crypt": _sig("phrase:str,setting:str", "str"),
+    "crypt_r": _sig("phrase:str,setting:str,data:hex", "str"),
+    "crypt_rn": _sig("phrase:str,setting:str,data:hex,size:int", "str"),
+    "crypt_ra": _sig("phrase:str,setting:str,data:hex,size:hex", "str"),
+    "getpwnam": _sig("name:str", "hex"),
+    "getpwnam_r": _sig("name:str,pwd:hex,buf:hex,buflen:int,result:hex", "int"),
+    "getspnam": _sig("name:str", "hex"),
+    "readline": _sig("prompt:str", "str"),
+    "system": _sig("command:str", "int"),
+    "popen": _sig("command:str,type:str", "hex"),
+    "execve": _sig("path:str,argv:hex,envp:hex", "int"),
+    "open": _sig("path:str,flags:hex", "int"),
+    "fopen": _sig("path:str,mode:str", "hex"),
+    "pam_authenticate": _sig("pamh:hex,flags:hex", "int"),
+    "pam_start": _sig("service:str,user:str,conv:hex,pamh:hex", "int"),
+}
+
+
+def parse_signature(text: str) -> Signature:
+    """``str,str`` or ``name:str,len:int`` or ``str->str`` (return type after ``->``)."""
+    args, _, ret = text.partition("->")
+    pairs = []
+    for i, part in enumerate(p.strip() for p in args.split(",") if p.strip()):
+        name, _, typ = part.rpartition(":")
+        if typ not in TYPES or (name and not re.fullmatch(r"[A-Za-z_]\w*", name)):
+            raise AradiaError(f"argument {part!r}: give TYPE or NAME:TYPE, TYPE one of {', '.join(TYPES)}")
+        pairs.append((name or f"arg{i}", typ))
+    if len(pairs) > len(ARG_REGS):
+        raise AradiaError(f"at most {len(ARG_REGS)} register arguments")
+    ret = ret.strip() or None
+    if ret is not None and ret not in TYPES:
+        raise AradiaError(f"return type {ret!r} is not one of {', '.join(TYPES)}")
+    return Signature(tuple(pairs), ret)
+
+
+def decode_value(typ: str, value: int, read: Callable[[int, int], bytes]) -> Any:
+    """One register value as ``typ`` says (a string is read from user memory; None if unreadable)."""
+    if typ == "str":
+        return read_cstring(read, value)
+    if typ == "int":
+        return value - (1 << 64) if value >= 1 << 63 else value
+    return value
+
+
+@dataclass
+class UserTarget:
+    """One ``LIB:SYMBOL`` probe and the addresses it is armed at."""
+
+    spec: str
+    ret: bool = False
+    process: str | None = None  # comm, or basename of the executable
+    pid: int | None = None  # tgid
+    signature: Signature = field(default_factory=Signature)
+    #: armed address -> address spaces (``struct mm_struct`` addresses) known to map the symbol there
+    addresses: dict[int, set[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lib, self.symbol = parse_spec(self.spec)
+
+    @classmethod
+    def make(cls, spec: str, *, ret: bool = False, process: str | None = None, pid: int | None = None,
+             args: str | None = None) -> UserTarget:
+        """A target; ``args`` is a signature (:func:`parse_signature`), else the built-in one if any."""
+        _lib, symbol = parse_spec(spec)
+        sig = parse_signature(args) if args else SIGNATURES.get(symbol.split("@", 1)[0], Signature())
+        return cls(spec, ret, process, pid, sig)
+
+    def wants(self, tgid: int, comm: str, exe: Callable[[], str | None]) -> bool:
+        """Whether a task (``exe`` gives its executable's path, called only if needed) passes the filter."""
+        if self.pid is not None and tgid != self.pid:
+            return False
+        if self.process is None or comm == self.process:
+            return True
+        path = exe()
+        return path is not None and path.rsplit("/", 1)[-1] == self.process
+
+    def entry_args(self, regs: dict[str, int], read: Callable[[int, int], bytes]) -> dict[str, Any]:
+        """The decoded arguments at function entry (raw argument registers without a signature)."""
+        if not self.signature.args:
+            return {r: regs.get(r, 0) for r in ARG_REGS}
+        return {name: decode_value(typ, regs.get(reg, 0), read)
+                for (name, typ), reg in zip(self.signature.args, ARG_REGS, strict=False)}
+
+    def return_value(self, rax: int, read: Callable[[int, int], bytes]) -> Any:
+        """The decoded return value."""
+        return decode_value(self.signature.ret or "hex", rax, read)
