@@ -458,6 +458,8 @@ class Tracer:
                                             if w.address <= addr < w.address + w.length), None)
         if w is None:
             return None
+        # QEMU reports the watchpoint (its start), not the byte accessed; rip is the accessing
+        # instruction (x86 reports after it ran) and value the range as it is now
         ev = self._event("watch", f"{w.address:#x}", thread, regs,
                          {"address": addr, "access": {"watch": "w", "rwatch": "r", "awatch": "rw"}.get(
                              str(stop.get("info") or ""), w.access), "rip": regs.get("rip", 0)})
