@@ -102,6 +102,20 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
                     print("  " + ev.line()[:150])
             print(f"  guest state after the trace: {vm.status()} (nothing left armed)")
 
+            _step("a user-space probe: libcrypt.so.1:crypt in dropbear during an ssh password login")
+            import threading
+
+            with Tracer.open(vm) as tracer:
+                tracer.add_uprobe("libcrypt.so.1:crypt", process="dropbear")
+                login: dict[str, str] = {}
+                worker = threading.Thread(target=lambda: login.update(
+                    out=guest.ssh("echo logged-in-as-$(id -un)", password=True, check=False)))
+                worker.start()
+                for ev in tracer.events(duration=60, until=lambda: not worker.is_alive()):
+                    print("  " + ev.line()[:150])
+                worker.join()
+            print(f"  the ssh client saw: {login.get('out', '').strip()}")
+
             _step("a consistent ELF dump with VMCOREINFO, opened again like any VM")
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "guest.elf")
