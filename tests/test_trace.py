@@ -30,7 +30,7 @@ WORK = "\n".join(
 
 
 def run_traced(guest: Guest, syscalls: list[str], kprobes: tuple[str, ...] = (), ret: bool = False,
-               limit: float = 120) -> list[Event]:
+               limit: float = 120, lifecycle: bool = False) -> list[Event]:
     guest.run(f"cat > /tmp/work.sh <<'EOF'\n{WORK}\nEOF")
     events: list[Event] = []
     with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
@@ -38,6 +38,8 @@ def run_traced(guest: Guest, syscalls: list[str], kprobes: tuple[str, ...] = (),
             tracer.add_syscall(s)
         for k in kprobes:
             tracer.add_kprobe(k, ret=ret)
+        if lifecycle:
+            tracer.add_lifecycle()
         marker = len(guest.console_text())
         threading.Timer(0.5, lambda: guest.send_console(b"bash /tmp/work.sh\n")).start()
         events.extend(tracer.events(duration=limit, until=lambda: "WORK-DONE" in guest.console_text()[marker:]))
@@ -72,6 +74,20 @@ def test_syscalls_exact(guest: Guest) -> None:
     assert [(e.comm, e.args["addr"]) for e in conns] == [("nc", {"family": "inet", "address": "127.0.0.1",
                                                                   "port": 7})]
     assert len(events) == len({(e.time, e.vcpu) for e in events})  # no duplicates
+
+
+@pytest.mark.timeout(240)
+def test_lifecycle_exact(guest: Guest) -> None:
+    events = run_traced(guest, [], lifecycle=True)
+    execs = [e for e in events if e.kind == "exec" and any("aradia-t" in a for a in e.args["argv"])]
+    assert [e.args["argv"] for e in execs] == [["/bin/true", f"aradia-t{i}", f"arg-{i * 7}"] for i in range(N_EXEC)]
+    for ex in execs:
+        pid = ex.args["pid"]
+        mine = [e.kind for e in events if e.args.get("pid") == pid]
+        assert mine == ["fork", "exec", "exit"], (pid, mine)
+        assert ex.args["comm"] == "true" and ex.args["exe"] in ("/bin/busybox", "/bin/true"), ex.args
+    exits = [e for e in events if e.kind == "exit" and e.args["pid"] in {x.args["pid"] for x in execs}]
+    assert [(e.args["status"], e.args["signal"]) for e in exits] == [(0, 0)] * N_EXEC
 
 
 @pytest.mark.timeout(240)
