@@ -1,22 +1,29 @@
 """The TCG plugin fast path: build aradia's QEMU plugin and talk to it through shared memory.
 
-:func:`build_plugin` compiles ``plugin/counter.c`` against ``qemu-plugin.h`` of exactly the
-installed QEMU: Debian does not ship the header, so it comes from Debian's source package of that
-version (``apt-get source --download-only`` through a private deb-src list, only the header is
-taken out of the orig tarball). The ``.so`` is cached under ``$ARADIA_CACHE/plugins/<qemu>/``; a
-second build only looks the QEMU version up.
+:func:`build_plugin` compiles ``plugin/counter.c`` against ``qemu-plugin.h`` of exactly the QEMU
+aradia launches (``$ARADIA_QEMU``, default ``qemu-system-x86_64``): Debian does not ship the header,
+so it comes from Debian's source package of that version (``apt-get source --download-only``
+through a private deb-src list, only the header is taken out of the orig tarball). QEMU >= 9's
+header includes ``<glib.h>`` for two types; a minimal stand-in is generated next to it, so glib's
+development files are not needed (QEMU itself links glib). The ``.so`` is cached under
+``$ARADIA_CACHE/plugins/<qemu>/``; a second build only looks the QEMU version up.
 
 :class:`PluginShm` is the shared file the plugin maps (``-plugin counter.so,shm=PATH``, see
 :func:`plugin_args`): up to :data:`MAX_TARGETS` target addresses that aradia changes at run time,
 per-vCPU hit counters and a ring of logged hits (vCPU, target, address, host ``CLOCK_MONOTONIC``
-ns). TCG instruments code when it translates it, so after a target change the old and new
-addresses must be re-translated: :func:`force_retranslation` writes back the byte already there
-through the GDB stub, which makes QEMU drop the translations that hold it.
+ns) per vCPU. Where the QEMU offers register and memory reads (QEMU >= 9.2), a target on a syscall
+entry ``__x64_sys_NAME`` also logs the syscall's six arguments, read by the plugin from the
+``struct pt_regs`` the entry receives (see :class:`ArgCapture`). TCG instruments code when it
+translates it, so after a target change the old and new addresses must be re-translated:
+:func:`force_retranslation` writes back the byte already there through the GDB stub, which makes
+QEMU drop the translations that hold it. Another aradia process finds a running QEMU's file with
+:func:`plugin_shm_path` and maps it with :meth:`PluginShm.open`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import lzma
@@ -33,11 +40,13 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aradia.errors import AradiaError
 from aradia.machine.debian import PrivateApt, run_tool
 from aradia.machine.images import cache_lock, default_cache_dir
+from aradia.machine.launcher import QEMU_BINARY
+from aradia.trace.syscalls import ARG_REGS
 
 if TYPE_CHECKING:
     from aradia.proto.gdbrsp import GdbClient
@@ -48,26 +57,61 @@ SOURCE = Path(__file__).resolve().parent / "plugin" / "counter.c"
 MAX_TARGETS = 64
 """Target slots in the shared file (fixed by the plugin's layout)."""
 
+NARGS = 6
+"""Syscall arguments a hit carries (x86-64: di, si, dx, r10, r8, r9 of ``struct pt_regs``)."""
+
+DATA_MAX = 64
+"""Bytes the plugin copies at most from behind one pointer argument (:attr:`ArgCapture.data_len`)."""
+
 _MAGIC = 0x31474C5044415241  # "ARADPLG1"
-_LAYOUT = 2
+_LAYOUT = 3
 _HEADER_SIZE = 4096
 _HIT_SIZE = 32
-_TF_ACTIVE, _TF_LOG, _TF_INLINE = 1, 2, 4
-_CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY = 1, 2, 4
-_BUILD_FORMAT = 1  # bump when the compile command or the manifest changes
+_ARGREC_SIZE = 128
+_ARGS_SPAN_MAX = 256  # the plugin reads the six slots of pt_regs in one span of at most this
+_TF_ACTIVE, _TF_LOG, _TF_INLINE, _TF_ARGS, _TF_DATA = 1, 2, 4, 8, 16
+_CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY, _CAP_SYSCALL_ARGS = 1, 2, 4, 8
+_HIT_ARGS = 1
+_AR_ARGS, _AR_DATA = 1, 2
+_BUILD_FORMAT = 2  # bump when the compile command or the manifest changes
 _HEADER_MEMBER = "include/qemu/qemu-plugin.h"
 _MAX_HEADER_BYTES = 1 << 20
-_QEMU_BINARY = "qemu-system-x86_64"
 _QEMU_PACKAGE = "qemu-system-x86"
+_SO_PATTERN = re.compile(r"counter-[0-9a-f]{12}\.so")
 
-# header struct (see counter.c): creation fields, plugin-written fields, control, targets, ring head
+# header (see counter.c): creation fields, plugin-written fields, aradia-written fields, more
+# plugin-written fields, targets, argument specs
 _H_CREATE = struct.Struct("<QIIIIII QQQQ")
 _H_PLUGIN = struct.Struct("<IIII QQ QQQQ")
 _H_PLUGIN_OFF = 64
 _H_TARGETS_VERSION = 128
+_H_ARADIA = struct.Struct("<QQ")  # args_off, bases_off
+_H_ARADIA_OFF = 136
+_H_ARG_FAULTS = 192
 _H_TARGETS = 256
 _TARGET = struct.Struct("<QQII Q")
+_H_ARGSPECS = _H_TARGETS + MAX_TARGETS * _TARGET.size
+_ARGSPEC = struct.Struct("<6HBBH")
+_ARGREC_HEAD = struct.Struct("<6QQII")  # args, seq, status, data_len; then DATA_MAX bytes
 _RING_HEAD_SIZE = 64
+
+# what qemu-plugin.h (QEMU >= 9) needs of <glib.h>: the public heads of GArray and GByteArray (stable
+# glib ABI) and the calls counter.c makes; QEMU links glib, so they resolve when it loads the plugin
+_GLIB_STANDIN = """\
+/* aradia's stand-in for <glib.h>: only what qemu-plugin.h and counter.c use (glib's stable ABI). */
+#ifndef ARADIA_GLIB_STANDIN_H
+#define ARADIA_GLIB_STANDIN_H
+typedef char gchar;
+typedef int gboolean;
+typedef unsigned int guint;
+typedef unsigned char guint8;
+typedef struct _GArray { gchar *data; guint len; } GArray;
+typedef struct _GByteArray { guint8 *data; guint len; } GByteArray;
+GByteArray *g_byte_array_new(void);
+GByteArray *g_byte_array_set_size(GByteArray *array, guint length);
+gchar *g_array_free(GArray *array, gboolean free_segment);
+#endif
+"""
 
 Progress = Callable[[str], None]
 
@@ -101,9 +145,15 @@ class PluginCapabilities:
     """What the header of the installed QEMU offers plugins."""
 
     api_version: int  # QEMU_PLUGIN_VERSION
-    insn_inline: bool  # qemu_plugin_register_vcpu_insn_exec_inline (shared counter, no call)
-    read_register: bool  # qemu_plugin_read_register (QEMU >= 9)
+    insn_inline: bool  # qemu_plugin_register_vcpu_insn_exec_inline (shared counter, no call; QEMU < 9)
+    read_register: bool  # qemu_plugin_get_registers + qemu_plugin_read_register (QEMU >= 9)
     read_memory: bool  # qemu_plugin_read_memory_vaddr (QEMU >= 9.2)
+    glib: bool = False  # the header includes <glib.h> (QEMU >= 9): built with aradia's stand-in
+
+    @property
+    def syscall_args(self) -> bool:
+        """Whether a plugin built against this header can capture syscall arguments."""
+        return self.read_register and self.read_memory
 
     def defines(self) -> list[str]:
         """The ``-D`` flags ``counter.c`` is compiled with."""
@@ -128,16 +178,20 @@ def header_capabilities(text: str) -> PluginCapabilities:
 
     return PluginCapabilities(int(m.group(1)),
                               insn_inline=declares("qemu_plugin_register_vcpu_insn_exec_inline"),
-                              read_register=declares("qemu_plugin_read_register"),
-                              read_memory=declares("qemu_plugin_read_memory_vaddr"))
+                              read_register=declares("qemu_plugin_read_register")
+                              and declares("qemu_plugin_get_registers"),
+                              read_memory=declares("qemu_plugin_read_memory_vaddr"),
+                              glib=re.search(r"^\s*#\s*include\s*<glib\.h>", text, re.MULTILINE) is not None)
 
 
 def _run(cmd: list[str], *, timeout: float, what: str, cwd: Path | None = None) -> str:
     return run_tool(cmd, timeout=timeout, what=what, cwd=cwd, error=PluginError)
 
 
-def installed_qemu(binary: str = _QEMU_BINARY) -> QemuBuildInfo:
-    """Version of the installed ``qemu-system-x86_64`` and of the Debian packages it comes from."""
+def installed_qemu(binary: str | None = None) -> QemuBuildInfo:
+    """Version of the QEMU aradia launches (``binary``, default ``$ARADIA_QEMU`` or
+    ``qemu-system-x86_64``) and of the Debian packages it comes from."""
+    binary = binary or QEMU_BINARY
     out = _run([binary, "--version"], timeout=30, what=f"{binary} --version")
     m = re.search(r"version\s+(\d+\.\d+(?:\.\d+)?)", out)
     if m is None:
@@ -279,7 +333,8 @@ def _apply_hunks(header: bytes, hunks: list[str], work: Path) -> bytes:
 
 
 def _so_name() -> str:
-    digest = hashlib.sha256(f"{_BUILD_FORMAT}\0".encode() + SOURCE.read_bytes()).hexdigest()[:12]
+    stamp = f"{_BUILD_FORMAT}\0{_GLIB_STANDIN}\0".encode()
+    digest = hashlib.sha256(stamp + SOURCE.read_bytes()).hexdigest()[:12]
     return f"counter-{digest}.so"
 
 
@@ -324,9 +379,15 @@ def _build(info: QemuBuildInfo, cache: Path, directory: Path, so: Path, header: 
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise PluginError("gcc is not installed (needed to build the TCG plugin)")
+    includes = [f"-I{directory}"]
+    if caps.glib:
+        standin = directory / "glib-standin"
+        standin.mkdir(exist_ok=True)
+        (standin / "glib.h").write_text(_GLIB_STANDIN)
+        includes.append(f"-I{standin}")
     tmp_so = directory / f".{so.name}.{os.getpid()}.tmp"
     say(f"gcc {SOURCE.name} (plugin API {caps.api_version})")
-    _run([gcc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-std=gnu11", f"-I{directory}",
+    _run([gcc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-std=gnu11", *includes,
           *caps.defines(), "-o", str(tmp_so), str(SOURCE)], timeout=120, what=f"gcc {SOURCE.name}")
     manifest = {"qemu": asdict(info), "capabilities": asdict(caps), "source_sha256":
                 hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
@@ -356,14 +417,70 @@ def plugin_args(shm_path: Path | str, so: Path | None = None) -> str:
 # the shared file
 
 
+@dataclass(frozen=True)
+class ArgCapture:
+    """How the plugin captures a syscall's arguments at a ``__x64_sys_NAME`` target.
+
+    The entry's only argument (``rdi``) points at the ``struct pt_regs`` of the syscall; at every
+    hit the plugin reads the six argument slots at ``offsets`` (of di, si, dx, r10, r8, r9, in this
+    order; :meth:`syscall` takes them from the kernel's BTF, the plugin knows no struct layout) and,
+    if ``data_arg`` is set, the first ``data_len`` bytes at the address in that argument (a path, a
+    buffer). Only a plugin whose QEMU offers register and memory reads (QEMU >= 9.2,
+    :attr:`PluginShm.syscall_args`) does this; elsewhere the target is a plain logged hit.
+    """
+
+    offsets: tuple[int, ...]
+    data_arg: int | None = None  # index 0..5 into the arguments
+    data_len: int = DATA_MAX  # 1..DATA_MAX
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != NARGS or not all(0 <= o <= 0xFFF8 for o in self.offsets):
+            raise PluginError(f"argument offsets {self.offsets}: need {NARGS} offsets in 0..0xfff8")
+        if max(self.offsets) - min(self.offsets) + 8 > _ARGS_SPAN_MAX:
+            raise PluginError(f"argument offsets {self.offsets} span more than {_ARGS_SPAN_MAX} bytes")
+        if self.data_arg is not None and not 0 <= self.data_arg < NARGS:
+            raise PluginError(f"data_arg {self.data_arg} is not an argument index 0..{NARGS - 1}")
+        if not 1 <= self.data_len <= DATA_MAX:
+            raise PluginError(f"data_len {self.data_len} is out of range 1..{DATA_MAX}")
+
+    @classmethod
+    def syscall(cls, prog: Any, *, data_arg: int | None = None, data_len: int = DATA_MAX) -> ArgCapture:
+        """The capture for the running kernel: where its ``struct pt_regs`` keeps the six arguments.
+
+        ``prog`` is the kernel's drgn program (``vm.linux.prog``, types from BTF).
+        """
+        import drgn
+
+        try:
+            regs = prog.type("struct pt_regs")
+            offsets = tuple(drgn.offsetof(regs, name) for name in ARG_REGS)
+        except (LookupError, ValueError) as exc:
+            raise PluginError(f"the kernel's struct pt_regs lacks the argument registers: {exc}") from exc
+        return cls(offsets, data_arg, data_len)
+
+    def _spec(self) -> tuple[int, ...]:
+        """The slot's argspec words as the plugin reads them."""
+        if self.data_arg is None:
+            return (*self.offsets, 0, 0, 0)
+        return (*self.offsets, self.data_arg, self.data_len, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One logged execution of a target."""
+    """One logged execution of a target.
+
+    ``args`` are the six syscall arguments of an :class:`ArgCapture` target (None: not asked for,
+    not available on this QEMU, or the plugin could not read them). ``data`` are the bytes at
+    ``args[data_arg]`` (None: not asked for or unreadable; shorter than asked when the page after
+    the address is not mapped).
+    """
 
     vcpu: int
     target: int  # slot index
     vaddr: int
     time_ns: int  # host CLOCK_MONOTONIC (time.monotonic_ns())
+    args: tuple[int, ...] | None = None
+    data: bytes | None = None
 
 
 @dataclass
@@ -374,12 +491,17 @@ class HitBatch:
     target: list[int]
     vaddr: list[int]
     time_ns: list[int]
+    args: list[tuple[int, ...] | None]
+    data: list[bytes | None]
 
     def __len__(self) -> int:
         return len(self.time_ns)
 
     def __iter__(self) -> Iterator[Hit]:
-        return map(Hit, self.vcpu, self.target, self.vaddr, self.time_ns)
+        return map(Hit, self.vcpu, self.target, self.vaddr, self.time_ns, self.args, self.data)
+
+    def _columns(self) -> tuple[list[Any], ...]:
+        return self.vcpu, self.target, self.vaddr, self.time_ns, self.args, self.data
 
 
 @dataclass(frozen=True)
@@ -397,51 +519,119 @@ class PluginStatus:
     instrumented: int
     stale_hits: int
     bad_vcpu: int
+    syscall_args: bool = False  # the plugin captures syscall arguments (a vCPU found its rdi)
+    arg_faults: int = 0  # argument or data reads that failed
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where everything lives in a shared file of these parameters (the plugin checks the same)."""
+
+    max_vcpus: int
+    ring_entries: int
+    args_entries: int
+    counters_off: int  # max_vcpus x MAX_TARGETS u64, plugin-written
+    inline_off: int  # MAX_TARGETS u64 on their own cache lines, written by inline code (QEMU < 9)
+    bases_off: int  # MAX_TARGETS x (max_vcpus + 1) u64: aradia's counts at each slot's last change
+    ring_off: int  # max_vcpus hit rings
+    ring_block: int
+    args_off: int  # max_vcpus args rings
+    args_block: int
+    size: int
+
+    @classmethod
+    def of(cls, max_vcpus: int, ring_entries: int, args_entries: int) -> _Layout:
+        """The layout for these parameters; PluginError if one is out of range."""
+        if not 1 <= max_vcpus <= 1024:
+            raise PluginError(f"max_vcpus {max_vcpus} is out of range 1..1024")
+        for name, n in (("ring_entries", ring_entries), ("args_entries", args_entries)):
+            if n < 2 or n & (n - 1) or n > 1 << 24:
+                raise PluginError(f"{name} {n} is not a power of two in 2..2**24")
+        counters_off = _HEADER_SIZE
+        inline_off = counters_off + max_vcpus * MAX_TARGETS * 8
+        bases_off = inline_off + MAX_TARGETS * 64
+        ring_off = (bases_off + MAX_TARGETS * (max_vcpus + 1) * 8 + 63) // 64 * 64
+        ring_block = _RING_HEAD_SIZE + ring_entries * _HIT_SIZE
+        args_off = ring_off + max_vcpus * ring_block
+        args_block = _RING_HEAD_SIZE + args_entries * _ARGREC_SIZE
+        end = args_off + max_vcpus * args_block
+        size = (end + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        return cls(max_vcpus, ring_entries, args_entries, counters_off, inline_off, bases_off, ring_off,
+                   ring_block, args_off, args_block, size)
 
 
 class PluginShm:
     """The shared file between aradia and one QEMU's plugin: targets, counters, hit log.
 
-    Create it before launching QEMU and pass :meth:`plugin_arg` (or :func:`plugin_args`) to
-    ``launch(plugins=...)``. One process (the VM's owner) drives it: setting targets and draining
-    the log are not meant to race with another :class:`PluginShm` on the same file.
+    The VM's owner creates it (``PluginShm()``) before launching QEMU and passes :meth:`plugin_arg`
+    (or :func:`plugin_args`) to ``launch(plugins=...)``; another aradia process maps the same file
+    with :meth:`open` (find it with :func:`plugin_shm_path`). The file is the single truth about
+    targets and count bases, so every mapping reports the same counts; target changes are
+    serialised by a lock on the file. Each mapping drains the hit log on its own (reading does not
+    consume): an opened mapping sees the hits logged after it was opened.
     """
 
     def __init__(self, path: Path | str | None = None, *, max_vcpus: int = 16,
-                 ring_entries: int = 1 << 16) -> None:
-        if not 1 <= max_vcpus <= 1024:
-            raise PluginError(f"max_vcpus {max_vcpus} is out of range 1..1024")
-        if ring_entries < 1 or ring_entries & (ring_entries - 1) or ring_entries > 1 << 24:
-            raise PluginError(f"ring_entries {ring_entries} is not a power of two up to 2**24")
-        self.path = Path(path) if path is not None else Path(
+                 ring_entries: int = 1 << 16, args_entries: int = 1 << 12) -> None:
+        """Create the file (``path``, default a new name in ``/dev/shm``), laid out for up to
+        ``max_vcpus`` vCPUs with hit rings of ``ring_entries`` and args rings of ``args_entries``
+        records per vCPU (powers of two; an args record is 128 bytes, a hit 32)."""
+        layout = _Layout.of(max_vcpus, ring_entries, args_entries)
+        path = Path(path) if path is not None else Path(
             f"/dev/shm/aradia-plugin-{os.getpid()}-{secrets.token_hex(4)}")
-        self.max_vcpus = max_vcpus
-        self.ring_entries = ring_entries
-        self.counters_off = _HEADER_SIZE
-        self.inline_off = self.counters_off + max_vcpus * MAX_TARGETS * 8
-        self.ring_off = self.inline_off + MAX_TARGETS * 64
-        self.ring_block = _RING_HEAD_SIZE + ring_entries * _HIT_SIZE
-        size = self.ring_off + max_vcpus * self.ring_block
-        self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, self.size)
-            self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.ftruncate(fd, layout.size)
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            self.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        self._mv = memoryview(self._map)
-        _H_CREATE.pack_into(self._map, 0, _MAGIC, _LAYOUT, _HEADER_SIZE, MAX_TARGETS, max_vcpus,
-                            ring_entries, 0, self.counters_off, self.inline_off, self.ring_off, self.size)
+        _H_CREATE.pack_into(mapping, 0, _MAGIC, _LAYOUT, _HEADER_SIZE, MAX_TARGETS, max_vcpus,
+                            ring_entries, args_entries, layout.counters_off, layout.inline_off,
+                            layout.ring_off, layout.size)
+        _H_ARADIA.pack_into(mapping, _H_ARADIA_OFF, layout.args_off, layout.bases_off)
+        self._setup(path, fd, mapping, layout, owner=True)
+
+    @classmethod
+    def open(cls, path: Path | str) -> PluginShm:
+        """Map an existing file that an aradia process created (typically for a running QEMU).
+
+        The header must carry aradia's magic and this layout, and every offset and the size must be
+        what those parameters give: anything else raises :class:`PluginError` and maps nothing.
+        :meth:`close` leaves the file in place (its creator removes it).
+        """
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise PluginError(f"cannot open plugin file {path}: {exc}") from exc
+        try:
+            layout = _read_layout(fd, path)
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self = cls.__new__(cls)
+        self._setup(path, fd, mapping, layout, owner=False)
+        return self
+
+    def _setup(self, path: Path, fd: int, mapping: mmap.mmap, layout: _Layout, *, owner: bool) -> None:
+        self.path = path
+        self.owner = owner
+        self.max_vcpus = layout.max_vcpus
+        self.ring_entries = layout.ring_entries
+        self.args_entries = layout.args_entries
+        self.size = layout.size
+        self._layout = layout
+        self._fd = fd
+        self._map = mapping
+        self._mv = memoryview(mapping)
         self._lock = threading.Lock()
-        self._targets: list[tuple[int, int] | None] = [None] * MAX_TARGETS  # (vaddr, flags)
-        self._gens = [0] * MAX_TARGETS
-        self._base: list[list[int]] = [[0] * max_vcpus for _ in range(MAX_TARGETS)]
-        self._inline_base = [0] * MAX_TARGETS
-        self._tails = [0] * max_vcpus
+        # an opened mapping starts reading at the rings' current heads
+        self._tails = [0 if owner else self._ring_head(v) for v in range(layout.max_vcpus)]
         self._lost = 0
+        self._lost_args = 0
 
     # -- life cycle ---------------------------------------------------------------------------------
     def plugin_arg(self, so: Path | None = None) -> str:
@@ -449,12 +639,17 @@ class PluginShm:
         return plugin_args(self.path, so)
 
     def close(self) -> None:
-        """Unmap and remove the file (QEMU keeps its own mapping until it exits)."""
+        """Unmap; the creator also removes the file (QEMU keeps its own mapping until it exits)."""
         with contextlib.suppress(Exception):
             self._mv.release()
         with contextlib.suppress(Exception):
             self._map.close()
-        self.path.unlink(missing_ok=True)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.owner:
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> PluginShm:
         return self
@@ -466,28 +661,57 @@ class PluginShm:
         """The plugin's self-report (pid 0: not loaded yet)."""
         api, qapi, smp, caps, pid, _loaded, trans, instr, stale, bad = _H_PLUGIN.unpack_from(
             self._map, _H_PLUGIN_OFF)
+        (faults,) = struct.unpack_from("<Q", self._map, _H_ARG_FAULTS)
         return PluginStatus(pid, api, qapi, smp, bool(caps & _CAP_INSN_INLINE),
                             bool(caps & _CAP_READ_REGISTER), bool(caps & _CAP_READ_MEMORY),
-                            trans, instr, stale, bad)
+                            trans, instr, stale, bad, bool(caps & _CAP_SYSCALL_ARGS), faults)
 
     @property
     def loaded(self) -> bool:
         """Whether a QEMU has loaded the plugin on this file."""
         return self.status().pid != 0
 
+    @property
+    def syscall_args(self) -> bool:
+        """Whether the loaded plugin captures :class:`ArgCapture` arguments (False until QEMU loaded
+        it, and always on a QEMU without register and memory reads for plugins, i.e. before 9.2)."""
+        return self.status().syscall_args
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This object's lock and the file's: target changes from several processes are serialised."""
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     # -- targets ------------------------------------------------------------------------------------
+    def _slot(self, index: int) -> tuple[int, int, tuple[int, ...] | None] | None:
+        """Slot ``index`` as the file has it: (address, flags, argspec or None), None if empty."""
+        vaddr, _gen, flags, _p0, _p1 = _TARGET.unpack_from(self._map, _H_TARGETS + index * _TARGET.size)
+        if not flags & _TF_ACTIVE:
+            return None
+        if not flags & _TF_ARGS:
+            return vaddr, flags, None
+        return vaddr, flags, _ARGSPEC.unpack_from(self._map, _H_ARGSPECS + index * _ARGSPEC.size)
+
     def targets(self) -> list[int | None]:
         """The address in each slot (None: empty)."""
-        return [t[0] if t else None for t in self._targets]
+        return [t[0] if t else None for t in map(self._slot, range(MAX_TARGETS))]
 
-    def set_target(self, index: int, vaddr: int | None, *, log: bool = True,
-                   inline: bool = False) -> list[int]:
+    def set_target(self, index: int, vaddr: int | None, *, log: bool = True, inline: bool = False,
+                   args: ArgCapture | None = None) -> list[int]:
         """Point slot ``index`` at guest-virtual ``vaddr`` (None clears it); its count restarts at 0.
 
         ``log`` appends every hit to the ring; ``inline`` counts with a counter add compiled into
         the translated code instead of a call (no log, no per-vCPU split; only where the QEMU has
-        it, see :attr:`PluginStatus.insn_inline`). Returns the addresses whose translations must be
-        redone (:func:`force_retranslation`) before the change is fully in effect.
+        it, see :attr:`PluginStatus.insn_inline`). ``args`` (with ``log``) makes every hit of a
+        syscall entry carry the syscall's arguments where the plugin can read them
+        (:attr:`syscall_args`); elsewhere the target still counts and logs, with ``Hit.args`` None.
+        Returns the addresses whose translations must be redone (:func:`force_retranslation`)
+        before the change is fully in effect.
         """
         if not 0 <= index < MAX_TARGETS:
             raise PluginError(f"target slot {index} is out of range 0..{MAX_TARGETS - 1}")
@@ -495,66 +719,87 @@ class PluginShm:
             raise PluginError(f"target address {vaddr:#x} is not a 64-bit address")
         if inline and log:
             raise PluginError("an inline counter cannot log hits: pass log=False")
+        if args is not None and not log:
+            raise PluginError("captured arguments go into the hit log: pass log=True")
         if inline and self.loaded and not self.status().insn_inline:
             raise PluginError("this QEMU's plugin API has no shared inline counter")
         flags = _TF_ACTIVE | (_TF_LOG if log else 0) | (_TF_INLINE if inline else 0)
-        with self._lock:
-            old = self._targets[index]
-            new = None if vaddr is None else (vaddr, flags)
+        if args is not None:
+            flags |= _TF_ARGS | (_TF_DATA if args.data_arg is not None else 0)
+        spec = args._spec() if args is not None else None
+        with self._locked():
+            old = self._slot(index)
+            new = None if vaddr is None else (vaddr, flags, spec)
             if old == new:
                 return []
             off = _H_TARGETS + index * _TARGET.size
-            # deactivate, then change address and generation, then activate: a translation racing
-            # this sees the slot off or a mismatched generation, both harmless
+            # deactivate, then change address, generation and argspec, then activate: a translation
+            # racing this sees the slot off or a mismatched generation, both harmless
             struct.pack_into("<I", self._map, off + 16, 0)
-            self._gens[index] += 1
-            struct.pack_into("<QQ", self._map, off, vaddr or 0, self._gens[index])
-            self._base[index] = self._vcpu_counts(index)
-            self._inline_base[index] = self._inline_raw(index)
+            gen = struct.unpack_from("<Q", self._map, off + 8)[0] + 1
+            struct.pack_into("<QQ", self._map, off, vaddr or 0, gen)
+            _ARGSPEC.pack_into(self._map, _H_ARGSPECS + index * _ARGSPEC.size, *(spec or (0,) * 9))
+            bases = [*self._vcpu_counts(index), self._inline_raw(index)]
+            struct.pack_into(f"<{len(bases)}Q", self._map, self._base_off(index), *bases)
             if new is not None:
                 struct.pack_into("<I", self._map, off + 16, flags)
-            self._targets[index] = new
             version = struct.unpack_from("<Q", self._map, _H_TARGETS_VERSION)[0]
             struct.pack_into("<Q", self._map, _H_TARGETS_VERSION, version + 1)
         return sorted({t[0] for t in (old, new) if t is not None})
 
-    def set_targets(self, vaddrs: Sequence[int], *, log: bool = True, inline: bool = False) -> list[int]:
+    def set_targets(self, vaddrs: Sequence[int], *, log: bool = True, inline: bool = False,
+                    args: ArgCapture | None = None) -> list[int]:
         """Slots 0.. get ``vaddrs`` in order, the rest are cleared; returns addresses to re-translate."""
         if len(vaddrs) > MAX_TARGETS:
             raise PluginError(f"{len(vaddrs)} targets: at most {MAX_TARGETS}")
         changed: set[int] = set()
         for i in range(MAX_TARGETS):
-            changed.update(self.set_target(i, vaddrs[i] if i < len(vaddrs) else None, log=log, inline=inline))
+            changed.update(self.set_target(i, vaddrs[i] if i < len(vaddrs) else None, log=log, inline=inline,
+                                           args=args))
         return sorted(changed)
 
     # -- counters -----------------------------------------------------------------------------------
+    def _base_off(self, index: int) -> int:
+        return self._layout.bases_off + index * (self.max_vcpus + 1) * 8
+
     def _vcpu_counts(self, index: int) -> list[int]:
-        first = self.counters_off + index * 8
+        first = self._layout.counters_off + index * 8
         stride = MAX_TARGETS * 8
         return [struct.unpack_from("<Q", self._map, first + v * stride)[0] for v in range(self.max_vcpus)]
 
     def _inline_raw(self, index: int) -> int:
-        return int(struct.unpack_from("<Q", self._map, self.inline_off + index * 64)[0])
+        return int(struct.unpack_from("<Q", self._map, self._layout.inline_off + index * 64)[0])
 
     def counts(self, index: int) -> list[int]:
         """Per-vCPU hits of slot ``index`` since its target was set (callback counting)."""
         if not 0 <= index < MAX_TARGETS:
             raise PluginError(f"target slot {index} is out of range 0..{MAX_TARGETS - 1}")
-        return [max(0, n - b) for n, b in zip(self._vcpu_counts(index), self._base[index], strict=True)]
+        bases = struct.unpack_from(f"<{self.max_vcpus}Q", self._map, self._base_off(index))
+        return [max(0, n - b) for n, b in zip(self._vcpu_counts(index), bases, strict=True)]
 
     def count(self, index: int) -> int:
         """Hits of slot ``index`` since its target was set (callback or inline counter)."""
-        target = self._targets[index] if 0 <= index < MAX_TARGETS else None
+        target = self._slot(index) if 0 <= index < MAX_TARGETS else None
         # a plugin without inline counters serves an inline target with the callback instead
         if target is not None and target[1] & _TF_INLINE and self.status().insn_inline:
-            return self._inline_raw(index) - self._inline_base[index]
+            (base,) = struct.unpack_from("<Q", self._map, self._base_off(index) + self.max_vcpus * 8)
+            return self._inline_raw(index) - base
         return sum(self.counts(index))
 
     # -- the hit log --------------------------------------------------------------------------------
     @property
     def lost(self) -> int:
-        """Logged hits overwritten before :meth:`drain` read them, since the file was made."""
+        """Logged hits overwritten before this mapping's :meth:`drain` read them."""
         return self._lost
+
+    @property
+    def lost_args(self) -> int:
+        """Hits read whose argument record was overwritten first (their ``args`` are None)."""
+        return self._lost_args
+
+    def _ring_head(self, vcpu: int) -> int:
+        block = self._layout.ring_off + vcpu * self._layout.ring_block
+        return int(struct.unpack_from("<Q", self._map, block)[0])
 
     def drain(self) -> HitBatch:
         """The hits logged since the last drain, in host-time order.
@@ -563,46 +808,150 @@ class PluginShm:
         counted in :attr:`lost`. The batch is columnar: reading 100 000 hits takes milliseconds,
         :class:`Hit` objects are only made on iteration.
         """
-        batch = HitBatch([], [], [], [])
+        batch = HitBatch([], [], [], [], [], [])
         with self._lock:
-            for vcpu in range(self.max_vcpus):
-                self._drain_vcpu(vcpu, batch)
+            with_args = [self._drain_vcpu(vcpu, batch) for vcpu in range(self.max_vcpus)]
         if len(set(batch.vcpu)) > 1:
             order = sorted(range(len(batch)), key=batch.time_ns.__getitem__)
-            batch = HitBatch(*([col[i] for i in order] for col in
-                               (batch.vcpu, batch.target, batch.vaddr, batch.time_ns)))
+            columns = batch._columns() if any(with_args) else batch._columns()[:4]
+            batch = HitBatch(*([col[i] for i in order] for col in columns),
+                             *(() if any(with_args) else ([None] * len(order), [None] * len(order))))
         return batch
 
-    def _drain_vcpu(self, vcpu: int, batch: HitBatch) -> None:
-        block = self.ring_off + vcpu * self.ring_block
-        head = struct.unpack_from("<Q", self._map, block)[0]
+    def _copy(self, start: int, entry: int, entries: int, first: int, end: int) -> list[memoryview]:
+        """Copies of entries ``first``..``end`` (positions) of a ring at ``start`` with ``entries``
+        slots: at most two runs, up to the ring's end, then from its start."""
+        out = []
+        pos = first
+        while pos < end:
+            slot = pos % entries
+            n = min(end - pos, entries - slot)
+            at = start + _RING_HEAD_SIZE + slot * entry
+            out.append(memoryview(bytes(self._mv[at:at + n * entry])))
+            pos += n
+        return out
+
+    def _drain_vcpu(self, vcpu: int, batch: HitBatch) -> bool:
+        """Append the vCPU's new hits to ``batch``; whether one of them carries arguments."""
+        block = self._layout.ring_off + vcpu * self._layout.ring_block
+        head = self._ring_head(vcpu)
         tail = self._tails[vcpu]
         if head == tail:
-            return
+            return False
         if head < tail or head - tail > 1 << 62:
             raise PluginError(f"vCPU {vcpu}'s ring head went backwards ({head} < {tail})")
-        if head - tail > self.ring_entries:
-            self._lost += head - tail - self.ring_entries
-            tail = head - self.ring_entries
+        # the entry at head - ring_entries shares its slot with the one the vCPU writes next
+        keep = self.ring_entries - 1
+        if head - tail > keep:
+            self._lost += head - tail - keep
+            tail = head - keep
+        runs = self._copy(block, _HIT_SIZE, self.ring_entries, tail, head)
+        # entries the vCPU may have overwritten (or be writing) while we copied them are lost, not read
+        skip = min(max(0, self._ring_head(vcpu) - keep - tail), head - tail)
+        self._tails[vcpu] = head
         words: list[int] = []
-        pos = tail
-        while pos < head:  # at most two runs: up to the ring's end, then from its start
-            slot = pos % self.ring_entries
-            n = min(head - pos, self.ring_entries - slot)
-            start = block + _RING_HEAD_SIZE + slot * _HIT_SIZE
-            words += self._mv[start:start + n * _HIT_SIZE].cast("Q").tolist()
-            pos += n
-        # entries the vCPU may have overwritten while we copied them are lost, not read
-        head_after = struct.unpack_from("<Q", self._map, block)[0]
-        skip = max(0, head_after - self.ring_entries - tail)
+        for run in runs:
+            words += run.cast("Q").tolist()
         if skip:
-            self._lost += min(skip, head - tail)
-            words = words[skip * 4:]
+            self._lost += skip
+            del words[:skip * 4]
+        n = len(words) // 4
+        packed = words[2::4]
         batch.time_ns += words[0::4]
         batch.vaddr += words[1::4]
-        batch.target += (x & 0xFFFFFFFF for x in words[2::4])
-        batch.vcpu += [vcpu] * (len(words) // 4)
-        self._tails[vcpu] = head
+        batch.target += (x & 0xFFFFFFFF for x in packed)
+        batch.vcpu += [vcpu] * n
+        args: list[tuple[int, ...] | None] = [None] * n
+        data: list[bytes | None] = [None] * n
+        flagged = []
+        if n and max(packed) >> 32:  # hit flags in the upper half: rare, so look only when there are some
+            flagged = [i for i, x in enumerate(packed) if (x >> 32) & _HIT_ARGS]
+        if flagged:
+            seqs = words[3::4]
+            for i, (a, d) in zip(flagged, self._read_args(vcpu, [seqs[i] for i in flagged]), strict=True):
+                args[i], data[i] = a, d
+        batch.args += args
+        batch.data += data
+        return bool(flagged)
+
+    def _read_args(self, vcpu: int, seqs: list[int]) -> list[tuple[tuple[int, ...] | None, bytes | None]]:
+        """The argument records at positions ``seqs`` (ascending) of the vCPU's args ring."""
+        block = self._layout.args_off + vcpu * self._layout.args_block
+        keep = self.args_entries - 1
+        head = int(struct.unpack_from("<Q", self._map, block)[0])
+        first = max(seqs[0], head - keep)
+        end = max(first, seqs[-1] + 1)
+        raw = b"".join(self._copy(block, _ARGREC_SIZE, self.args_entries, first, end))
+        valid = max(first, int(struct.unpack_from("<Q", self._map, block)[0]) - keep)
+        out: list[tuple[tuple[int, ...] | None, bytes | None]] = []
+        for seq in seqs:
+            if not valid <= seq < end:
+                self._lost_args += 1
+                out.append((None, None))
+                continue
+            at = (seq - first) * _ARGREC_SIZE
+            *values, rec_seq, status, dlen = _ARGREC_HEAD.unpack_from(raw, at)
+            if rec_seq != seq:
+                self._lost_args += 1
+                out.append((None, None))
+                continue
+            out.append((tuple(values) if status & _AR_ARGS else None,
+                        raw[at + _ARGREC_HEAD.size:at + _ARGREC_HEAD.size + min(dlen, DATA_MAX)]
+                        if status & _AR_DATA else None))
+        return out
+
+
+def _read_layout(fd: int, path: Path) -> _Layout:
+    """The layout an existing file declares, checked against what its parameters give."""
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _H_TARGETS, 0)
+    except OSError as exc:
+        raise PluginError(f"cannot read plugin file {path}: {exc}") from exc
+    if len(head) < _H_TARGETS or size < _HEADER_SIZE:
+        raise PluginError(f"{path} is too small for an aradia plugin file ({size} bytes)")
+    (magic, layout_version, header_size, max_targets, max_vcpus, ring_entries, args_entries, counters_off,
+     inline_off, ring_off, file_size) = _H_CREATE.unpack_from(head, 0)
+    if magic != _MAGIC:
+        raise PluginError(f"{path} is not an aradia plugin file (magic {magic:#018x})")
+    if layout_version != _LAYOUT or header_size != _HEADER_SIZE or max_targets != MAX_TARGETS:
+        raise PluginError(f"{path} has plugin layout {layout_version} ({header_size}-byte header, "
+                          f"{max_targets} targets); this aradia reads layout {_LAYOUT}")
+    args_off, bases_off = _H_ARADIA.unpack_from(head, _H_ARADIA_OFF)
+    try:
+        want = _Layout.of(max_vcpus, ring_entries, args_entries)
+    except PluginError as exc:
+        raise PluginError(f"{path}: {exc}") from exc
+    found = (counters_off, inline_off, ring_off, args_off, bases_off, file_size, size)
+    expect = (want.counters_off, want.inline_off, want.ring_off, want.args_off, want.bases_off, want.size,
+              want.size)
+    if found != expect:
+        raise PluginError(f"{path}: offsets and size {found} are not the layout's {expect}")
+    return want
+
+
+def plugin_shm_path(pid: int) -> Path | None:
+    """The shared file of aradia's plugin in the running QEMU ``pid``, from its command line.
+
+    Looks for ``-plugin DIR/counter-<hash>.so,shm=PATH`` (also ``--plugin``, ``-plugin=…`` and
+    ``file=…``); None when that QEMU has no aradia plugin. The path is as QEMU sees it (relative
+    to its root); map it with :meth:`PluginShm.open`. Raises :class:`PluginError` when the
+    process's command line cannot be read (no such process, no rights).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError as exc:
+        raise PluginError(f"cannot read the command line of process {pid}: {exc}") from exc
+    argv = [a.decode(errors="surrogateescape") for a in raw.split(b"\0")]
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-plugin", "--plugin")]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith(("-plugin=", "--plugin="))]
+    for value in values:
+        parts = value.split(",")
+        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        so = parts[0].removeprefix("file=")
+        if _SO_PATTERN.fullmatch(Path(so).name) and options.get("shm"):
+            return Path(options["shm"])
+    return None
 
 
 def force_retranslation(gdb: GdbClient, vaddrs: Iterable[int]) -> list[int]:
@@ -623,6 +972,7 @@ def force_retranslation(gdb: GdbClient, vaddrs: Iterable[int]) -> list[int]:
     return missed
 
 
-__all__ = ["MAX_TARGETS", "SOURCE", "Hit", "HitBatch", "PluginCapabilities", "PluginError", "PluginShm",
-           "PluginStatus", "QemuBuildInfo", "build_plugin", "force_retranslation", "header_capabilities",
-           "installed_qemu", "plugin_args", "plugin_capabilities"]
+__all__ = ["DATA_MAX", "MAX_TARGETS", "NARGS", "SOURCE", "ArgCapture", "Hit", "HitBatch",
+           "PluginCapabilities", "PluginError", "PluginShm", "PluginStatus", "QemuBuildInfo", "build_plugin",
+           "force_retranslation", "header_capabilities", "installed_qemu", "plugin_args",
+           "plugin_capabilities", "plugin_shm_path"]

@@ -1,6 +1,6 @@
 /*
  * aradia's TCG plugin: count (and log) executions of target guest-virtual addresses, without
- * ever stopping the VM.
+ * ever stopping the VM; where the QEMU allows it, capture a syscall's arguments with the hit.
  *
  * Load:  -plugin counter.so,shm=/dev/shm/FILE
  * FILE is created and laid out by aradia (aradia/trace/plugin.py, class PluginShm), which also
@@ -14,15 +14,26 @@
  *
  * Per hit, the exec callback adds one to the vCPU's own counter and, if the target asks for it,
  * appends (slot, address, CLOCK_MONOTONIC ns) to the vCPU's own ring. Each vCPU's counters and
- * ring (with its head on a cache line of its own) are written only by that vCPU's thread: no
- * atomic read-modify-write and no shared cache line on the hot path. The ring is lossy: the
- * reader notices from the head that it fell behind by more than the ring.
+ * rings (each head on a cache line of its own) are written only by that vCPU's thread: no atomic
+ * read-modify-write and no shared cache line on the hot path. The rings are lossy: the reader
+ * notices from the head that it fell behind by more than the ring.
+ *
+ * Syscall arguments (TF_ARGS): a target on `__x64_sys_NAME(const struct pt_regs *regs)` reads rdi,
+ * then the six argument slots of *regs at the byte offsets aradia put in the slot's argspec (aradia
+ * takes them from the kernel's BTF: no struct layout is compiled in here), and optionally the
+ * first bytes behind one of them (TF_DATA, e.g. a path). The record goes to the vCPU's args ring
+ * before the hit that points at it is published.
  *
  * Compile-time capabilities come from the header of the installed QEMU (plugin.py detects them):
  *   ARADIA_HAVE_INSN_INLINE  qemu_plugin_register_vcpu_insn_exec_inline (QEMU < 9): a counter
  *                            add emitted into the translated code, no call; one counter per target
  *                            shared by all vCPUs and not atomic, so exact only on one vCPU.
- * No glib: only libc and the plugin header.
+ *   ARADIA_HAVE_READ_REGISTER  qemu_plugin_get_registers + qemu_plugin_read_register (QEMU >= 9)
+ *   ARADIA_HAVE_READ_MEMORY    qemu_plugin_read_memory_vaddr (QEMU >= 9.2)
+ * Argument capture needs both of the last two; without them an args target is a plain logged hit.
+ * No glib of our own: QEMU >= 9's header includes <glib.h> for GArray/GByteArray, which plugin.py
+ * satisfies with a minimal stand-in when glib's headers are not installed (QEMU links glib, so
+ * the few g_* calls below resolve in the QEMU process).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -30,6 +41,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -40,18 +52,33 @@
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
+#if defined(ARADIA_HAVE_READ_REGISTER) && defined(ARADIA_HAVE_READ_MEMORY)
+#define ARADIA_ARGS 1
+#endif
+
 #define ARADIA_MAGIC 0x31474c5044415241ULL /* "ARADPLG1" little-endian */
-#define ARADIA_LAYOUT 2
+#define ARADIA_LAYOUT 3
 #define MAX_TARGETS 64
 #define HEADER_SIZE 4096
+#define NARGS 6
+#define DATA_MAX 64        /* bytes copied behind a pointer argument */
+#define ARGS_SPAN_MAX 256  /* the six slots are read from pt_regs in one span of at most this */
 
 #define TF_ACTIVE 1u
 #define TF_LOG 2u
 #define TF_INLINE 4u
+#define TF_ARGS 8u         /* capture the six syscall arguments (needs TF_LOG) */
+#define TF_DATA 16u        /* and the first bytes at argument argspec.data_arg */
 
 #define CAP_INSN_INLINE 1u
 #define CAP_READ_REGISTER 2u
 #define CAP_READ_MEMORY 4u
+#define CAP_SYSCALL_ARGS 8u /* set once a vCPU found rdi: args capture works */
+
+#define HIT_ARGS 1u        /* hit.args_seq names this vCPU's args record of the hit */
+
+#define AR_ARGS 1u         /* argrec.args are valid */
+#define AR_DATA 2u         /* argrec.data holds data_len bytes */
 
 struct target {          /* 32 bytes, written by aradia */
     uint64_t vaddr;
@@ -61,6 +88,13 @@ struct target {          /* 32 bytes, written by aradia */
     uint64_t pad1;
 };
 
+struct argspec {         /* 16 bytes, written by aradia: how to capture a slot's arguments */
+    uint16_t off[NARGS]; /* byte offsets of di, si, dx, r10, r8, r9 in struct pt_regs */
+    uint8_t data_arg;    /* TF_DATA: the argument (0..5) that points at the bytes to copy */
+    uint8_t data_len;    /* TF_DATA: how many (1..DATA_MAX) */
+    uint16_t pad0;
+};
+
 struct header {
     /* 0: written by aradia at creation */
     uint64_t magic;
@@ -68,11 +102,11 @@ struct header {
     uint32_t header_size;
     uint32_t max_targets;
     uint32_t max_vcpus;
-    uint32_t ring_entries;   /* per vCPU, a power of two */
-    uint32_t pad0;
+    uint32_t ring_entries;   /* hits per vCPU ring, a power of two */
+    uint32_t args_entries;   /* args records per vCPU ring, a power of two */
     uint64_t counters_off;   /* max_vcpus * max_targets u64, vCPU-major */
     uint64_t inline_off;     /* max_targets * 64 bytes: one u64 per cache line */
-    uint64_t ring_off;       /* max_vcpus rings of ring_block bytes: head line, then entries */
+    uint64_t ring_off;       /* max_vcpus hit rings of ring_block bytes: head line, then entries */
     uint64_t file_size;
     /* 64: written by the plugin */
     uint32_t plugin_api;     /* QEMU_PLUGIN_VERSION built against */
@@ -85,28 +119,47 @@ struct header {
     uint64_t instrumented;   /* instructions given a probe */
     uint64_t stale_hits;     /* hits of stale translations, dropped */
     uint64_t bad_vcpu;       /* hits from a vCPU index >= max_vcpus, dropped */
-    /* 128: control, written by aradia */
+    /* 128: written by aradia */
     uint64_t targets_version;
-    uint8_t pad1[120];
+    uint64_t args_off;       /* max_vcpus args rings of args_block bytes: head line, then records */
+    uint64_t bases_off;      /* aradia's own (count bases); the plugin never touches it */
+    uint8_t pad1[40];
+    /* 192: written by the plugin */
+    uint64_t arg_faults;     /* args or data the plugin could not read (register or memory) */
+    uint8_t pad2[56];
     /* 256 */
     struct target targets[MAX_TARGETS];
+    /* 2304 */
+    struct argspec argspecs[MAX_TARGETS];
 };
 
 struct hit {             /* 32 bytes */
     uint64_t time_ns;
     uint64_t vaddr;
     uint32_t target;
-    uint32_t pad0;
-    uint64_t pad1;
+    uint32_t flags;      /* HIT_* */
+    uint64_t args_seq;   /* HIT_ARGS: position of the hit's record in the vCPU's args ring */
 };
 
-#define RING_HEAD_SIZE 64  /* the head (entries ever written) alone on a cache line */
+struct argrec {          /* 128 bytes */
+    uint64_t args[NARGS];
+    uint64_t seq;        /* its position in the ring (a check for the reader) */
+    uint32_t status;     /* AR_* */
+    uint32_t data_len;
+    uint8_t data[DATA_MAX];
+};
+
+#define RING_HEAD_SIZE 64  /* a ring's head (entries ever written) alone on a cache line */
 
 _Static_assert(sizeof(struct target) == 32, "target layout");
+_Static_assert(sizeof(struct argspec) == 16, "argspec layout");
 _Static_assert(sizeof(struct hit) == 32, "hit layout");
+_Static_assert(sizeof(struct argrec) == 128, "argrec layout");
 _Static_assert(__builtin_offsetof(struct header, plugin_api) == 64, "header layout");
 _Static_assert(__builtin_offsetof(struct header, targets_version) == 128, "header layout");
+_Static_assert(__builtin_offsetof(struct header, arg_faults) == 192, "header layout");
 _Static_assert(__builtin_offsetof(struct header, targets) == 256, "header layout");
+_Static_assert(__builtin_offsetof(struct header, argspecs) == 2304, "header layout");
 _Static_assert(sizeof(struct header) <= HEADER_SIZE, "header size");
 
 static struct header *hdr;
@@ -117,6 +170,17 @@ static uint64_t ring_block;
 static uint64_t ring_mask;
 static uint32_t max_vcpus;
 
+#ifdef ARADIA_ARGS
+static char *args_rings;
+static uint64_t args_block;
+static uint64_t args_mask;
+struct vcpu_regs {       /* per vCPU, used only on its thread */
+    struct qemu_plugin_register *rdi;
+    GByteArray *buf;
+};
+static struct vcpu_regs *vregs;
+#endif
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -124,7 +188,7 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void log_hit(unsigned int vcpu, unsigned int idx, uint64_t vaddr)
+static void log_hit(unsigned int vcpu, unsigned int idx, uint64_t vaddr, uint32_t flags, uint64_t args_seq)
 {
     char *block = rings + (uint64_t)vcpu * ring_block;
     uint64_t *head = (uint64_t *)block;
@@ -133,30 +197,144 @@ static void log_hit(unsigned int vcpu, unsigned int idx, uint64_t vaddr)
     h->time_ns = now_ns();
     h->vaddr = vaddr;
     h->target = idx;
+    h->flags = flags;
+    h->args_seq = args_seq;
     __atomic_store_n(head, pos + 1, __ATOMIC_RELEASE);
 }
 
-static void on_hit(unsigned int vcpu, void *udata)
+/* Count a hit; its slot's flags if it is current (else 0: stale or from a bad vCPU, dropped). */
+static uint32_t count_hit(unsigned int vcpu, uint64_t udata, unsigned int *idx_out)
 {
-    uint64_t u = (uint64_t)(uintptr_t)udata;
-    unsigned int idx = (unsigned int)(u % MAX_TARGETS);
+    unsigned int idx = (unsigned int)(udata % MAX_TARGETS);
     struct target *t = &hdr->targets[idx];
-    if (__atomic_load_n(&t->gen, __ATOMIC_RELAXED) != u / MAX_TARGETS) {
+    if (__atomic_load_n(&t->gen, __ATOMIC_RELAXED) != udata / MAX_TARGETS) {
         __atomic_fetch_add(&hdr->stale_hits, 1, __ATOMIC_RELAXED);
-        return;
+        return 0;
     }
     if (vcpu >= max_vcpus) {
         __atomic_fetch_add(&hdr->bad_vcpu, 1, __ATOMIC_RELAXED);
-        return;
+        return 0;
     }
     /* only this vCPU's thread writes this word: a plain add, published with a relaxed store */
     uint64_t *c = &counters[(uint64_t)vcpu * MAX_TARGETS + idx];
     __atomic_store_n(c, *c + 1, __ATOMIC_RELAXED);
-    uint32_t flags = __atomic_load_n(&t->flags, __ATOMIC_RELAXED);
+    *idx_out = idx;
+    return __atomic_load_n(&t->flags, __ATOMIC_RELAXED) | TF_ACTIVE;
+}
+
+static void on_hit(unsigned int vcpu, void *udata)
+{
+    unsigned int idx;
+    uint32_t flags = count_hit(vcpu, (uint64_t)(uintptr_t)udata, &idx);
     if (flags & TF_LOG) {
-        log_hit(vcpu, idx, __atomic_load_n(&t->vaddr, __ATOMIC_RELAXED));
+        log_hit(vcpu, idx, __atomic_load_n(&hdr->targets[idx].vaddr, __ATOMIC_RELAXED), 0, 0);
     }
 }
+
+#ifdef ARADIA_ARGS
+static bool read_mem(GByteArray *buf, uint64_t vaddr, size_t len)
+{
+    return qemu_plugin_read_memory_vaddr(vaddr, buf, len) && buf->len >= len;
+}
+
+/* Fill the vCPU's next args record for slot idx; returns its position in the args ring. */
+static uint64_t capture_args(unsigned int vcpu, unsigned int idx, uint32_t flags)
+{
+    char *block = args_rings + (uint64_t)vcpu * args_block;
+    uint64_t *head = (uint64_t *)block;
+    uint64_t pos = *head; /* only this vCPU's thread writes it */
+    struct argrec *r = (struct argrec *)(block + RING_HEAD_SIZE) + (pos & args_mask);
+    struct argspec spec;
+    memcpy(&spec, &hdr->argspecs[idx], sizeof spec);
+    struct vcpu_regs *v = &vregs[vcpu];
+    uint32_t status = 0, data_len = 0;
+    uint64_t regs_ptr = 0;
+    bool fault = true;
+    if (v->rdi != NULL && v->buf != NULL) {
+        g_byte_array_set_size(v->buf, 0);
+        if (qemu_plugin_read_register(v->rdi, v->buf) == 8 && v->buf->len >= 8) {
+            memcpy(&regs_ptr, v->buf->data, 8);
+            unsigned int lo = spec.off[0], hi = spec.off[0];
+            for (int k = 1; k < NARGS; k++) {
+                lo = spec.off[k] < lo ? spec.off[k] : lo;
+                hi = spec.off[k] > hi ? spec.off[k] : hi;
+            }
+            hi += 8;
+            if (hi - lo <= ARGS_SPAN_MAX && read_mem(v->buf, regs_ptr + lo, hi - lo)) {
+                for (int k = 0; k < NARGS; k++) {
+                    memcpy(&r->args[k], v->buf->data + (spec.off[k] - lo), 8);
+                }
+                status |= AR_ARGS;
+                fault = false;
+            }
+        }
+    }
+    if ((status & AR_ARGS) && (flags & TF_DATA) && spec.data_arg < NARGS && spec.data_len > 0) {
+        uint64_t p = r->args[spec.data_arg];
+        uint32_t want = spec.data_len < DATA_MAX ? spec.data_len : DATA_MAX;
+        uint64_t room = 4096 - (p & 4095); /* bytes up to the end of p's page */
+        if (read_mem(v->buf, p, want)) {
+            data_len = want;
+        } else if (room < want && read_mem(v->buf, p, room)) {
+            data_len = (uint32_t)room; /* the next page is not mapped: what there is */
+        }
+        if (data_len) {
+            memcpy(r->data, v->buf->data, data_len);
+            status |= AR_DATA;
+        } else {
+            fault = true;
+        }
+    }
+    if (fault) {
+        __atomic_fetch_add(&hdr->arg_faults, 1, __ATOMIC_RELAXED);
+    }
+    r->seq = pos;
+    r->status = status;
+    r->data_len = data_len;
+    __atomic_store_n(head, pos + 1, __ATOMIC_RELEASE);
+    return pos;
+}
+
+static void on_hit_args(unsigned int vcpu, void *udata)
+{
+    unsigned int idx;
+    uint32_t flags = count_hit(vcpu, (uint64_t)(uintptr_t)udata, &idx);
+    if (!(flags & TF_LOG)) {
+        return;
+    }
+    uint64_t vaddr = __atomic_load_n(&hdr->targets[idx].vaddr, __ATOMIC_RELAXED);
+    if (flags & TF_ARGS) {
+        log_hit(vcpu, idx, vaddr, HIT_ARGS, capture_args(vcpu, idx, flags));
+    } else {
+        log_hit(vcpu, idx, vaddr, 0, 0);
+    }
+}
+
+static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu)
+{
+    (void)id;
+    if (vcpu >= max_vcpus) {
+        return;
+    }
+    GArray *regs = qemu_plugin_get_registers();
+    if (regs == NULL) {
+        return;
+    }
+    const qemu_plugin_reg_descriptor *d = (const qemu_plugin_reg_descriptor *)(void *)regs->data;
+    for (unsigned int i = 0; i < regs->len; i++) {
+        if (d[i].name != NULL && strcmp(d[i].name, "rdi") == 0) {
+            vregs[vcpu].rdi = d[i].handle;
+        }
+    }
+    g_array_free(regs, true);
+    if (vregs[vcpu].rdi != NULL) {
+        if (vregs[vcpu].buf == NULL) {
+            vregs[vcpu].buf = g_byte_array_new();
+        }
+        __atomic_fetch_or(&hdr->caps, CAP_SYSCALL_ARGS, __ATOMIC_RELEASE);
+    }
+}
+#endif
 
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
@@ -208,9 +386,15 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
                 continue;
             }
 #endif
-            uint64_t udata = want_gen[j] * MAX_TARGETS + want[j];
-            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_hit, QEMU_PLUGIN_CB_NO_REGS,
-                                                   (void *)(uintptr_t)udata);
+            void *udata = (void *)(uintptr_t)(want_gen[j] * MAX_TARGETS + want[j]);
+#ifdef ARADIA_ARGS
+            if ((want_flags[j] & (TF_ARGS | TF_LOG)) == (TF_ARGS | TF_LOG)) {
+                /* reads registers: QEMU must have them in the CPU state at this instruction */
+                qemu_plugin_register_vcpu_insn_exec_cb(insn, on_hit_args, QEMU_PLUGIN_CB_R_REGS, udata);
+                continue;
+            }
+#endif
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_hit, QEMU_PLUGIN_CB_NO_REGS, udata);
         }
     }
 }
@@ -227,6 +411,11 @@ static int fail(const char *why, const char *path)
 static bool within(uint64_t off, uint64_t len, uint64_t size)
 {
     return off <= size && len <= size - off;
+}
+
+static bool pow2(uint32_t n)
+{
+    return n >= 2 && !(n & (n - 1));
 }
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
@@ -261,12 +450,16 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     uint64_t size = (uint64_t)st.st_size;
     if (h->magic != ARADIA_MAGIC || h->layout != ARADIA_LAYOUT || h->header_size != HEADER_SIZE ||
         h->max_targets != MAX_TARGETS || h->file_size != size || h->max_vcpus == 0 ||
-        h->max_vcpus > 1024 || h->ring_entries == 0 || (h->ring_entries & (h->ring_entries - 1)) ||
+        h->max_vcpus > 1024 || !pow2(h->ring_entries) || !pow2(h->args_entries) ||
         !within(h->counters_off, (uint64_t)h->max_vcpus * MAX_TARGETS * 8, size) ||
         !within(h->inline_off, MAX_TARGETS * 64, size) ||
         !within(h->ring_off, (uint64_t)h->max_vcpus *
                 (RING_HEAD_SIZE + (uint64_t)h->ring_entries * sizeof(struct hit)), size) ||
-        (h->counters_off | h->inline_off | h->ring_off) % 64) {
+        !within(h->args_off, (uint64_t)h->max_vcpus *
+                (RING_HEAD_SIZE + (uint64_t)h->args_entries * sizeof(struct argrec)), size) ||
+        (h->counters_off | h->inline_off | h->ring_off | h->args_off) % 64 ||
+        h->counters_off < HEADER_SIZE || h->inline_off < HEADER_SIZE || h->ring_off < HEADER_SIZE ||
+        h->args_off < HEADER_SIZE) {
         munmap(base, (size_t)size);
         return fail("not an aradia plugin file of this layout", path);
     }
@@ -288,13 +481,27 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 #ifdef ARADIA_HAVE_READ_MEMORY
     caps |= CAP_READ_MEMORY;
 #endif
+#ifdef ARADIA_ARGS
+    args_rings = (char *)base + h->args_off;
+    args_block = RING_HEAD_SIZE + (uint64_t)h->args_entries * sizeof(struct argrec);
+    args_mask = h->args_entries - 1;
+    vregs = calloc(max_vcpus, sizeof *vregs);
+    if (vregs == NULL) {
+        munmap(base, (size_t)size);
+        hdr = NULL;
+        return fail("out of memory", NULL);
+    }
+#endif
     h->plugin_api = QEMU_PLUGIN_VERSION;
     h->qemu_api_cur = (uint32_t)info->version.cur;
     h->smp_vcpus = info->system_emulation ? (uint32_t)info->system.smp_vcpus : 0;
-    h->caps = caps;
+    h->caps = caps; /* CAP_SYSCALL_ARGS is added when a vCPU has found its rdi */
     h->loaded_ns = now_ns();
     __atomic_store_n(&h->plugin_pid, (uint64_t)getpid(), __ATOMIC_RELEASE);
 
+#ifdef ARADIA_ARGS
+    qemu_plugin_register_vcpu_init_cb(id, on_vcpu_init);
+#endif
     qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
     return 0;
 }
