@@ -275,14 +275,36 @@ def _arm(tracer: Any, args: argparse.Namespace) -> None:
         tracer.add_watch(args.address, args.length, args.access, pid=args.target_pid)
 
 
+def _count(vm: Any, args: argparse.Namespace) -> int:
+    """``aradia trace count``: calls per function, inside the hypervisor when the QEMU allows it."""
+    from aradia.trace.counting import CallCounter
+
+    fast = {"auto": None, "plugin": True, "gdb": False}[args.path]
+    with CallCounter.open(vm, args.symbols, fast=fast) as counter:
+        print(f"counting {', '.join(args.symbols)} via {counter.path}"
+              f"{' (every call stops the VM)' if counter.path == 'gdb' else ''}; "
+              f"{'Ctrl-C to stop' if args.duration is None else f'{args.duration:g} s'}",
+              file=sys.stderr, flush=True)
+        counts = counter.run(args.duration)
+    for c in counts:
+        if args.json:
+            print(json.dumps({"symbol": c.symbol, "address": c.address, "count": c.count,
+                              "path": counter.path}))
+        else:
+            print(f"{c.count:>12}  {c.symbol}")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints."""
+    """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints, call counts."""
     from aradia.trace.tracer import Filter, Tracer
 
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
         _kernel(vm, args)
+        if args.what == "count":
+            return _count(vm, args)
         with Tracer.open(vm) as tracer:
             tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
                                    comms=set(args.comm) if args.comm else None,
@@ -380,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--args", metavar="SIG",
                     help="argument types, e.g. 'str,int' or 'path:str->int' (default: built in for "
                          "well-known functions, else raw registers)")
+    co = what.add_parser("count", help="calls of kernel functions, counted inside QEMU when it has aradia's "
+                         "plugin (no VM stop), else through breakpoints")
+    co.add_argument("symbols", nargs="+", metavar="SYMBOL")
+    co.add_argument("--path", choices=["auto", "plugin", "gdb"], default="auto",
+                    help="auto (default): the plugin when loaded; plugin: require it; gdb: breakpoints")
     pc = what.add_parser("procs", help="process lifecycle: fork, exec (program and argv), exit (status)")
     pc.add_argument("-e", default="fork,exec,exit", metavar="LIST", help="comma-separated (default: all)")
     wa = what.add_parser("watch", help="a watchpoint on a guest-virtual range")

@@ -206,6 +206,11 @@ class QMPClient:
         """Call ``callback(QMPEvent)`` for every event (on the reader thread)."""
         self._listeners.append(callback)
 
+    def off_event(self, callback: Any) -> None:
+        """Stop calling ``callback`` (registered with :meth:`on_event`)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = COMMAND_TIMEOUT) -> Any:
         """Run one QMP command and return its ``return`` value; :class:`QMPCommandError` on error."""

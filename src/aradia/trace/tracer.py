@@ -35,7 +35,7 @@ ENDBR64 = bytes.fromhex("f30f1efa")
 class Probe:
     """One armed probe."""
 
-    kind: str  # "kprobe", "syscall", "uprobe", "lifecycle", or "mmap" (aradia's own hook)
+    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", or "mmap" (aradia's own hook)
     name: str
     address: int
     ret: bool = False
@@ -109,6 +109,7 @@ class Tracer:
     _accepted: dict[tuple[int, int], bool] = field(default_factory=dict)  # (mm, address) -> maps it
     _stopped: bool = False
     _refault: dict[tuple[int, int], int] = field(default_factory=dict)  # (task, rip) -> rsp
+    _gone: str | None = None  # why the traced guest is gone (reset, shutdown, QEMU exit)
     _entry_stubs: tuple[int, int] | None = None
 
     @classmethod
@@ -120,7 +121,23 @@ class Tracer:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
         vm.load_kernel()
         stub = GuardedStub(gdb_address(vm.machine), was_running=vm.machine.status() == "running")
-        return cls(vm, stub)
+        tracer = cls(vm, stub)
+        vm.machine.qmp.on_event(tracer._on_qmp_event)
+        return tracer
+
+    def _on_qmp_event(self, ev: Any) -> None:
+        if ev.name == "RESET":
+            self._gone = ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
+                          "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
+        elif ev.name == "SHUTDOWN":
+            self._gone = f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
+
+    def _check_alive(self) -> None:
+        """Raise the clear error when the guest rebooted, shut down or its QEMU exited."""
+        if self._gone is None and not self.vm.machine.qmp.alive:
+            self._gone = "QEMU exited while tracing"
+        if self._gone is not None:
+            raise AradiaError(self._gone)
 
     # --- probes ------------------------------------------------------------------------------------
     def _symbol(self, name: str) -> int:
@@ -129,9 +146,10 @@ class Tracer:
             raise AradiaError(f"no kernel symbol {name!r}")
         return int(addr)
 
-    def add_kprobe(self, symbol: str, *, ret: bool = False) -> Probe:
-        """Probe kernel function ``symbol`` at entry (argument registers), or at return (``ret``)."""
-        return self._arm(Probe("kprobe", symbol, self._symbol(symbol), ret))
+    def add_kprobe(self, symbol: str, *, ret: bool = False, count_only: bool = False) -> Probe:
+        """Probe kernel function ``symbol`` at entry (argument registers), or at return (``ret``);
+        ``count_only`` events carry only the name and vCPU (no task lookup: for counting)."""
+        return self._arm(Probe("count" if count_only else "kprobe", symbol, self._symbol(symbol), ret))
 
     def add_syscall(self, name: str) -> Probe:
         """Probe syscall ``name`` (``execve``, ``openat``, ``connect``...) with decoded arguments."""
@@ -399,6 +417,8 @@ class Tracer:
                 raw = [int(getattr(ptregs, r)) for r in syscalls.ARG_REGS]
                 args = syscalls.decode(probe.name, raw, self._user_reader(regs))
                 out = self._event("syscall", probe.name, thread, regs, args)
+            elif probe.kind == "count":
+                out = Event(time.monotonic(), _vcpu(thread), "count", probe.name)
             elif probe.kind == "lifecycle":
                 args = self._lifecycle_args(probe.name, regs)
                 out = self._event(probe.name, probe.name, thread, regs, args)
@@ -477,9 +497,11 @@ class Tracer:
         end = None if duration is None else time.monotonic() + duration
         self.stub.cont()
         while (end is None or time.monotonic() < end) and not (until is not None and until()):
+            self._check_alive()
             stop = self.stub.wait_stop(0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
             if stop is None:
                 continue
+            self._check_alive()
             if stop["kind"] != "signal":
                 raise AradiaError(f"the VM ended while tracing ({stop['kind']})")
             thread = stop["thread"]
@@ -505,6 +527,8 @@ class Tracer:
 
     def close(self) -> None:
         """Disarm everything and let the guest run."""
+        with contextlib.suppress(AttributeError):
+            self.vm.machine.qmp.off_event(self._on_qmp_event)
         self.stub.close()
 
     def __enter__(self) -> Tracer:

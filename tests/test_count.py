@@ -1,0 +1,94 @@
+"""``aradia trace count``: the fast path is chosen by itself when QEMU has the plugin, and both paths count
+exactly the calls a guest program says it made.
+
+``/tmp/loop N`` makes exactly N ``getppid`` syscalls (and nothing else calls ``getppid`` while it runs
+but the shell that starts it, a few times at most).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aradia.machine.images import GuestImage
+from aradia.machine.launcher import Guest, launch
+from aradia.trace.plugin import PluginShm, build_plugin
+from guest_programs import build_loop
+
+SYMBOL = "__x64_sys_getppid"
+SHELL_EXTRA = 8  # getppid calls of the shell around the loop, at most
+
+
+def _install_loop(guest: Guest, tmp: Path) -> None:
+    data = build_loop(tmp)
+    guest.run(f"echo {base64.b64encode(data).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+
+
+def _count_cli(guest: Guest, n: int, path: str, duration: float) -> tuple[dict[str, object], str]:
+    """Run ``aradia trace count`` while the guest makes ``n`` calls, then stop it with Ctrl-C (SIGINT):
+    the counts it prints then, and its stderr."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
+                             "--duration", str(duration), "count", SYMBOL, "--path", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # printed once counting has begun
+        assert line.startswith("counting"), line + proc.stderr.read()
+        started = time.monotonic()
+        out = guest.run(f"/tmp/loop {n}", timeout=duration)
+        assert f"calls {n} " in out, out
+        assert time.monotonic() - started < duration, "the loop outlasted the count: raise the duration"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1]), line + stderr
+
+
+@pytest.fixture(scope="module")
+def plugin_guest(guest_image: Callable[[str], GuestImage], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Guest]:
+    so = build_plugin()
+    with PluginShm(max_vcpus=4) as shm:
+        guest = launch(guest_image("6.1"), smp=2, plugins=[shm.plugin_arg(so)])
+        try:
+            _install_loop(guest, tmp_path_factory.mktemp("loop"))
+            yield guest
+        finally:
+            guest.stop()
+
+
+@pytest.mark.timeout(240)
+def test_count_takes_the_plugin_by_itself_and_is_exact(plugin_guest: Guest) -> None:
+    n = 100_000
+    result, said = _count_cli(plugin_guest, n, "auto", duration=40)
+    assert "via plugin" in said and result["path"] == "plugin"
+    assert n <= int(result["count"]) <= n + SHELL_EXTRA, result  # type: ignore[call-overload]
+    # the slot was freed on exit: a second count starts from zero and is exact again
+    result, _ = _count_cli(plugin_guest, 5000, "plugin", duration=30)
+    assert 5000 <= int(result["count"]) <= 5000 + SHELL_EXTRA, result  # type: ignore[call-overload]
+
+
+@pytest.mark.timeout(300)
+def test_count_without_the_plugin_uses_breakpoints_and_is_exact(guest: Guest,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    _install_loop(guest, tmp_path_factory.mktemp("loop"))
+    n = 300
+    result, said = _count_cli(guest, n, "auto", duration=90)
+    assert "via gdb" in said and result["path"] == "gdb"
+    assert n <= int(result["count"]) <= n + SHELL_EXTRA, result  # type: ignore[call-overload]
+    # and the guest runs normally afterwards: nothing armed
+    out = guest.run("/tmp/loop 20000", timeout=60)
+    assert re.search(r"calls 20000 ns \d+", out), out
