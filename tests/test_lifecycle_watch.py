@@ -1,12 +1,14 @@
-"""Process lifecycle events and watchpoints against what the guest itself reports.
+"""Process lifecycle events, watchpoints and the event APIs against what the guest itself reports.
 
 A guest script starts known children that print their own pids and exit with known statuses; the
 trace must hold each one's fork, exec (program and argv) and exit (status). A guest process writes
-and reads known bytes of its own memory; a watchpoint on them reports exactly those accesses.
+and reads known bytes of its own memory; a watchpoint on them reports exactly those accesses. The
+async iterator delivers events while probes are added and removed as the guest runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Callable
@@ -38,7 +40,8 @@ def _traced(guest: Guest, arm: Callable[[Tracer], None], action: Callable[[], st
         arm(tracer)
         worker = threading.Thread(target=run)
         worker.start()
-        events = list(tracer.events(duration=limit, until=lambda: bool(out.get("done"))))
+        events: list[Event] = []
+        tracer.run(events.append, duration=limit, until=lambda: bool(out.get("done")))  # the callback API
     worker.join(30)
     if "error" in out:
         raise out["error"]  # type: ignore[misc]
@@ -107,3 +110,43 @@ def test_watchpoint_sees_exactly_the_process_own_writes_and_reads(guest: Guest) 
         assert reads == [(hold.pid, hold.vaddr + offset + 1, "r")] * 2, [e.line() for e in events]
     finally:
         hold.stop()
+
+
+@pytest.mark.timeout(300)
+def test_async_stream_with_probes_added_and_removed_while_running(guest: Guest) -> None:
+    async def scenario() -> list[tuple[str, object]]:
+        seen: list[tuple[str, object]] = []
+        with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+            execve = tracer.add_syscall("execve")
+            stream = tracer.stream(duration=150)
+
+            async def until(pred: Callable[[Event], bool], command: str) -> None:
+                job = asyncio.create_task(asyncio.to_thread(guest.run, command, 60))
+                async for ev in stream:
+                    seen.append((ev.name, ev.args.get("argv") or ev.args.get("path")))
+                    if pred(ev):
+                        break
+                await job
+
+            await until(lambda e: e.name == "execve" and "phase-a" in (e.args["argv"] or []),
+                        "/bin/true phase-a")
+            openat = await asyncio.to_thread(tracer.add_syscall, "openat")  # while the guest runs
+            await until(lambda e: e.name == "openat" and e.args["path"] == "/etc/passwd",
+                        "/bin/cat /etc/passwd > /dev/null")
+            await asyncio.to_thread(tracer.remove, execve)
+            await until(lambda e: e.name == "openat" and e.args["path"] == "/etc/shells",
+                        "/bin/true phase-c; /bin/cat /etc/shells > /dev/null")
+            await asyncio.to_thread(tracer.remove, openat)
+            await stream.aclose()
+        return seen
+
+    seen = asyncio.run(scenario())
+    names = [n for n, _ in seen]
+    a = seen.index(("execve", ["/bin/true", "phase-a"]))
+    first_open = names.index("openat")
+    assert a < first_open  # openat only after it was added
+    assert ("execve", ["/bin/cat", "/etc/passwd"]) in seen[a:]  # execve still armed then
+    assert ("openat", "/etc/passwd") in seen
+    tail = seen[seen.index(("openat", "/etc/passwd")) + 1:]
+    assert not any(n == "execve" and "phase-c" in (v or []) for n, v in tail), tail  # removed
+    assert ("openat", "/etc/shells") in tail

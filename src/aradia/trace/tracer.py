@@ -10,9 +10,11 @@ breakpoint and lets the guest run again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +112,8 @@ class Tracer:
     _stopped: bool = False
     _refault: dict[tuple[int, int], int] = field(default_factory=dict)  # (task, rip) -> rsp
     _gone: str | None = None  # why the traced guest is gone (reset, shutdown, QEMU exit)
+    #: one thread at a time talks to the stub: the event loop between waits, or a thread adding probes
+    _lock: threading.RLock = field(default_factory=threading.RLock)
     _entry_stubs: tuple[int, int] | None = None
 
     @classmethod
@@ -179,7 +183,7 @@ class Tracer:
         functions; ``ret`` reports the return value instead of the arguments.
         """
         target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args)
-        with self._halted():
+        with self._lock, self._halted():
             if MMAP_HOOK not in {p.name for p in self.probes.values() if p.kind == "mmap"}:
                 self._arm(Probe("mmap", MMAP_HOOK, self._symbol(MMAP_HOOK)))
             self._targets.append(target)
@@ -199,11 +203,16 @@ class Tracer:
         if address in self.watches:
             raise AradiaError(f"{address:#x} is already watched")
         w = Watch(address, length, access, pid)
-        self.stub.set_breakpoint(address, kind=w.gdb_kind, length=length)
-        self.watches[address] = w
+        with self._lock:
+            self.stub.set_breakpoint(address, kind=w.gdb_kind, length=length)
+            self.watches[address] = w
         return w
 
     def _arm(self, probe: Probe) -> Probe:
+        with self._lock:
+            return self._arm_locked(probe)
+
+    def _arm_locked(self, probe: Probe) -> Probe:
         if probe.address in self.probes:
             raise AradiaError(f"{probe.name} is already probed")
         # Single-stepping makes TCG flush all translated code (slow); when the function starts
@@ -232,11 +241,16 @@ class Tracer:
 
     def remove(self, probe: Probe) -> None:
         """Disarm one probe (returns already pending still report)."""
-        if self.probes.pop(probe.address, None) is not None and probe.address not in self._returns:
-            self.stub.remove_breakpoint(probe.address)
+        with self._lock:
+            if self.probes.pop(probe.address, None) is not None and probe.address not in self._returns:
+                self.stub.remove_breakpoint(probe.address)
 
     def remove_uprobe(self, target: UserTarget) -> None:
         """Disarm a user-space probe at all its addresses."""
+        with self._lock:
+            self._remove_uprobe(target)
+
+    def _remove_uprobe(self, target: UserTarget) -> None:
         if target in self._targets:
             self._targets.remove(target)
         for address in target.addresses:
@@ -247,8 +261,9 @@ class Tracer:
 
     def remove_watch(self, watch: Watch) -> None:
         """Disarm one watchpoint."""
-        if self.watches.pop(watch.address, None) is not None:
-            self.stub.remove_breakpoint(watch.address, kind=watch.gdb_kind, length=watch.length)
+        with self._lock:
+            if self.watches.pop(watch.address, None) is not None:
+                self.stub.remove_breakpoint(watch.address, kind=watch.gdb_kind, length=watch.length)
 
     def _kernel_root(self) -> tuple[int, bool]:
         prof = self.vm.linux.profile
@@ -257,16 +272,17 @@ class Tracer:
     @contextlib.contextmanager
     def _halted(self) -> Iterator[None]:
         """Stop the guest through the stub for the block, unless a hit already stopped it."""
-        if self._stopped:
-            yield
-            return
-        self.stub.interrupt()
-        self._stopped = True
-        try:
-            yield
-        finally:
-            self._stopped = False
-            self.stub.cont()
+        with self._lock:
+            if self._stopped:
+                yield
+                return
+            self.stub.interrupt()
+            self._stopped = True
+            try:
+                yield
+            finally:
+                self._stopped = False
+                self.stub.cont()
 
     def _syms(self) -> UserSymbols:
         if self._usersyms is None:
@@ -493,37 +509,84 @@ class Tracer:
     def events(self, duration: float | None = None,
                until: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Run the guest and yield events as probes hit, for ``duration`` seconds, or until ``until()``
-        (checked at least four times a second) says stop, or forever."""
+        (checked at least four times a second) says stop, or forever.
+
+        Other threads may add and remove probes meanwhile (they wait at most one quarter second).
+        """
         end = None if duration is None else time.monotonic() + duration
-        self.stub.cont()
+        with self._lock:
+            self.stub.cont()
         while (end is None or time.monotonic() < end) and not (until is not None and until()):
-            self._check_alive()
-            stop = self.stub.wait_stop(0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
-            if stop is None:
-                continue
-            self._check_alive()
-            if stop["kind"] != "signal":
-                raise AradiaError(f"the VM ended while tracing ({stop['kind']})")
-            thread = stop["thread"]
-            self._stopped = True
-            regs = self.stub.registers(thread)
-            rip = regs.get("rip", 0)
-            try:
-                if stop.get("watch") is not None:
-                    ev = self._watch_event(stop, thread, regs)
-                else:
-                    ev = self._handle(thread, regs)
-            finally:
-                probe = self.probes.get(rip)
-                if probe is not None and probe.skip:
-                    self.stub.set_register("rip", rip + probe.skip, thread)
-                elif probe is not None or rip in self._returns:
-                    self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
-                    self._check_step(thread, regs)
-                self._stopped = False
-                self.stub.cont()
+            with self._lock:
+                ev = self._next(0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
             if ev is not None and self.filter.keep(ev):
                 yield ev
+
+    def _next(self, timeout: float) -> Event | None:
+        """Wait up to ``timeout`` for one stop and handle it; the event it makes, if any."""
+        self._check_alive()
+        stop = self.stub.wait_stop(timeout)
+        if stop is None:
+            return None
+        self._check_alive()
+        if stop["kind"] != "signal":
+            raise AradiaError(f"the VM ended while tracing ({stop['kind']})")
+        thread = stop["thread"]
+        self._stopped = True
+        regs = self.stub.registers(thread)
+        rip = regs.get("rip", 0)
+        try:
+            if stop.get("watch") is not None:
+                return self._watch_event(stop, thread, regs)
+            return self._handle(thread, regs)
+        finally:
+            probe = self.probes.get(rip)
+            if probe is not None and probe.skip:
+                self.stub.set_register("rip", rip + probe.skip, thread)
+            elif probe is not None or rip in self._returns:
+                self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
+                self._check_step(thread, regs)
+            self._stopped = False
+            self.stub.cont()
+
+    def run(self, callback: Callable[[Event], object], duration: float | None = None,
+            until: Callable[[], bool] | None = None) -> int:
+        """Call ``callback(event)`` for each event (see :meth:`events`); returns how many there were."""
+        n = 0
+        for ev in self.events(duration, until):
+            callback(ev)
+            n += 1
+        return n
+
+    async def stream(self, duration: float | None = None,
+                     until: Callable[[], bool] | None = None) -> AsyncIterator[Event]:
+        """:meth:`events` as an async iterator: the loop runs in a worker thread, so the event loop
+        (and probes added from it, e.g. through ``asyncio.to_thread``) stays responsive."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for ev in self.events(duration, lambda: stop.is_set() or (until is not None and until())):
+                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as e:  # handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+        worker = threading.Thread(target=work, name="aradia-trace", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.to_thread(worker.join)
 
     def close(self) -> None:
         """Disarm everything and let the guest run."""
