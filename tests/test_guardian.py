@@ -7,6 +7,7 @@ another GDB client can arm the same address afterwards.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from aradia.errors import AradiaError, NotAttached
 from aradia.machine.launcher import Guest
 from aradia.machine.qemu import Qemu
 from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.guardian import GuardedStub
+from aradia.trace.tracer import Tracer
 from aradia.vm import attach
 from guest_programs import build_loop
 
@@ -135,3 +138,99 @@ def test_kill_9_of_the_tracer_leaves_the_guest_running(rig: Rig, tmp_path: Path)
         client.close()
     rig.guest.run("kill %1 2>/dev/null; pkill -f 'loop 100000000'; true", check=False)
     assert _loop_finishes(rig.guest, 1000, timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (exited, waiting for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_of_the_cli_tracer_leaves_the_guest_running(rig: Rig, tmp_path: Path) -> None:
+    rig.guest.send_console(b"/tmp/loop 100000000 > /dev/null &\n")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        cli = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{rig.guest.qmp_path}",
+                                "syscalls", "-e", "getppid"], stdout=fout, stderr=ferr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while out.read_text().count("getppid") < 20 and cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert out.read_text().count("getppid") >= 20, f"no hot events: {err.read_text()[-2000:]}"
+        guardians = [p for p in _children(cli.pid) if "aradia.trace.guardian" in
+                     Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(guardians) == 1, guardians
+        cli.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        status = cli.wait(timeout=15)
+        stopped = time.monotonic()
+        assert stopped - interrupted < 5, "the CLI took too long to stop"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    print(f"CLI exit status {status} after {stopped - interrupted:.2f} s; stderr {err.read_text()[-300:]!r}")
+    assert status in (0, 130), (status, err.read_text()[-2000:])
+    assert "Traceback" not in err.read_text(), err.read_text()[-2000:]
+    assert _gone(guardians[0], 5), "the guardian outlived the CLI"
+    # The guest's hot loop runs on (nothing armed, nothing holding the VM) and the stub is free.
+    assert _loop_finishes(rig.guest, 100_000, timeout=30), "the guest is frozen after Ctrl-C"
+    client = GdbClient(rig.address, was_running=True)
+    try:
+        client.set_breakpoint(0, rig.target)
+        client.remove_breakpoint(0, rig.target)
+    finally:
+        client.close()
+    rig.guest.run("pkill -f 'loop 100000000'; true", check=False)
+    assert _loop_finishes(rig.guest, 1000, timeout=30)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["qmp-quit", "kill-9"])
+def test_qemu_exiting_mid_trace_is_a_clear_error(boot_guest: Callable[..., contextlib.AbstractContextManager[Guest]],
+                                                 how: str) -> None:
+    with boot_guest("6.1", gdb=True) as guest, attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+        tracer.add_syscall("getppid")  # nothing in the idle guest calls it: the tracer waits for events
+        guardian = tracer.stub.guardian_pid
+        ended: list[float] = []
+
+        def end_qemu() -> None:
+            ended.append(time.monotonic())
+            if how == "qmp-quit":
+                vm.machine.qmp.execute("quit")
+            else:
+                os.kill(guest.pid, signal.SIGKILL)
+
+        timer = threading.Timer(1.0, end_qemu)
+        timer.start()
+        with pytest.raises(AradiaError) as info:
+            for _ in tracer.events(duration=60):
+                pass
+        took = time.monotonic() - ended[0]
+        timer.join()
+        assert took < 3, f"the tracer noticed QEMU's end only after {took:.1f} s"
+        assert isinstance(info.value, NotAttached)
+        assert "QEMU exited" in str(info.value), str(info.value)
+        assert _gone(guardian, 5), "the guardian outlived QEMU"
+        with pytest.raises(NotAttached, match="QEMU exited"):
+            tracer.stub.cont()  # later calls say the same, at once
+    assert not guest.alive

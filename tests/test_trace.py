@@ -6,6 +6,7 @@ address; the trace must hold exactly those events with exactly those decoded arg
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from aradia.machine.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from guest_programs import build_loop
 
 N_EXEC = 50
 WORK = "\n".join(
@@ -90,6 +92,30 @@ def test_lifecycle_exact(guest: Guest) -> None:
     assert [(e.args["status"], e.args["signal"]) for e in exits] == [(0, 0)] * N_EXEC
 
 
+@pytest.mark.timeout(300)
+def test_concurrent_hits_exact(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Four processes hit one breakpoint at once (all-stop parks the other vCPUs on it): every call of
+    every process is one event, none lost, none twice."""
+    loop = build_loop(tmp_path_factory.mktemp("loop"))
+    guest.run(f"echo {base64.b64encode(loop).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+    n, procs = 150, 4
+    done: dict[str, str] = {}
+    events: list[Event] = []
+    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+        tracer.add_syscall("getppid")
+        worker = threading.Thread(target=lambda: done.update(
+            out=guest.run(" & ".join([f"/tmp/loop {n}"] * procs) + "; wait", timeout=240)))
+        worker.start()
+        events.extend(tracer.events(duration=240, until=lambda: "out" in done))
+        worker.join(10)
+    assert done.get("out", "").count(f"calls {n} ") == procs, done
+    per_process: dict[int, int] = {}
+    for e in events:
+        if e.comm == "loop":
+            per_process[e.tgid] = per_process.get(e.tgid, 0) + 1
+    assert sorted(per_process.values()) == [n] * procs, per_process
+
+
 @pytest.mark.timeout(240)
 def test_kernel_function_entry_and_return(guest: Guest) -> None:
     events = run_traced(guest, [], kprobes=("do_sys_openat2",), ret=True)
@@ -105,7 +131,9 @@ def test_cli_trace_json(guest: Guest) -> None:
     p = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}",
                           "--json", "--comm", "true", "--duration", "60", "syscalls", "-e", "execve"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    assert p.stderr is not None
+    ready = p.stderr.readline()  # printed once the probes are armed
+    assert ready.startswith("tracing syscalls"), ready + p.stderr.read()
     guest.send_console(b"bash /tmp/work.sh\n")
     deadline = time.monotonic() + 60
     while "WORK-DONE" not in guest.console_text() and time.monotonic() < deadline:

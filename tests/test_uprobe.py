@@ -9,8 +9,12 @@ spaces is exercised too. The ELF reader is checked against binutils' ``readelf``
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -184,3 +188,27 @@ def _tiny_elf(chain: list[int]) -> bytes:
     phdrs = (struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, size, size, 0x1000)
              + struct.pack("<IIQQQQQQ", 2, 6, off_dyn, off_dyn, off_dyn, len(dyn), len(dyn), 8))
     return ehdr + phdrs + strtab.ljust(8, b"\0") + syms + hashtab + dyn
+
+
+@pytest.mark.timeout(180)
+def test_cli_uprobe_json_until_ctrl_c(guest: Guest) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
+                             "uprobe", "--process", "dropbear", "libcrypt.so.1:crypt"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        ready = proc.stderr.readline()  # printed once the probe is armed
+        assert ready.startswith("tracing uprobe"), ready + proc.stderr.read()
+        out = guest.ssh("echo cli-login-ok", password=True)
+        assert "cli-login-ok" in out
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    lines = [json.loads(x) for x in stdout.splitlines()]
+    assert [(x["kind"], x["comm"], x["args"]["phrase"]) for x in lines] == [
+        ("uprobe", "dropbear", guest.image.root_password)], (lines, stderr)
+    assert guest.run("echo still-running").strip() == "still-running"

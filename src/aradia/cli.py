@@ -310,6 +310,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
                                    comms=set(args.comm) if args.comm else None,
                                    uids=set(args.uid) if args.uid else None)
             _arm(tracer, args)
+            until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+            print(f"tracing {args.what} on {args.vm}, {until}", file=sys.stderr, flush=True)
             try:
                 for ev in tracer.events(duration=args.duration):
                     if args.json:

@@ -19,6 +19,14 @@ class Busy(AradiaError):
     """The VM's QMP socket or GDB stub is already held by another client."""
 
 
+class Migrated(AradiaError):
+    """The VM was live-migrated away (or waits for an incoming migration): it must not be resumed here.
+
+    QEMU's GDB stub resumes a VM on ``c``/``s``/``D`` whatever its run state, so a stale continue to
+    a migration *source* (run state ``finish-migrate`` or ``postmigrate``) would run the guest twice.
+    """
+
+
 class NotRAM(AradiaError):
     """A guest-physical address is not backed by RAM (or by the dump)."""
 

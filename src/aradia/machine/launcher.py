@@ -427,7 +427,7 @@ class MemHold:
 
 def _qemu_args(image: GuestImage, guest: Guest, *, accel: str, smp: int, memory: str, cpu: str | None,
                machine: str, append: str, plugins: Iterable[str], vmcoreinfo: bool,
-               extra_args: Sequence[str]) -> list[str]:
+               extra_args: Sequence[str], incoming: str | None = None) -> list[str]:
     machine_opt = machine
     args = [QEMU_BINARY, "-name", f"aradia-{image.series}", "-accel", accel, "-m", memory, "-smp", str(smp),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -452,6 +452,8 @@ def _qemu_args(image: GuestImage, guest: Guest, *, accel: str, smp: int, memory:
         args += ["-device", "vmcoreinfo"]
     for plugin in plugins:
         args += ["-plugin", plugin]
+    if incoming is not None:
+        args += ["-incoming", incoming]
     return [*args, *extra_args]
 
 
@@ -471,12 +473,17 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
            cpu: str | None = None, machine: str = "pc", gdb: bool = False, shared_memory: bool = False,
            ssh: bool = True, plugins: Iterable[str] = (), extra_args: Sequence[str] = (),
            workdir: Path | str | None = None, boot_timeout: float = 60, append: str = "",
-           vmcoreinfo: bool = False) -> Guest:
+           vmcoreinfo: bool = False, incoming: str | None = None) -> Guest:
     """Boot ``image`` in a new QEMU and wait until its init reports ready; returns the :class:`Guest`.
 
     ``accel`` is QEMU's accelerator (``"tcg"``; ``"kvm"`` where available), ``append`` adds to the
     kernel command line, ``plugins`` are ``-plugin`` values (``"lib.so,arg=v"``). Ports for ssh and
     the GDB stub are picked free at random; a start that loses a port race is retried.
+
+    ``incoming`` (``"unix:/path"``, ``"tcp:127.0.0.1:PORT"``, ``"defer"``) starts a live-migration
+    *destination* instead (QEMU's ``-incoming``; the other options must match the source's): nothing
+    boots, so this returns as soon as QEMU's QMP socket exists, with the VM in run state
+    ``inmigrate``. Once a source migrated into it the guest runs on, and :meth:`Guest.run` works.
     """
     plugins = tuple(plugins)
     last_error: GuestError | None = None
@@ -485,7 +492,7 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
             return _launch_once(image, accel=accel, smp=smp, memory=memory, cpu=cpu, machine=machine, gdb=gdb,
                                 shared_memory=shared_memory, ssh=ssh, plugins=plugins, extra_args=extra_args,
                                 workdir=workdir, boot_timeout=boot_timeout, append=append,
-                                vmcoreinfo=vmcoreinfo)
+                                vmcoreinfo=vmcoreinfo, incoming=incoming)
         except _PortRace as exc:
             last_error = GuestError(str(exc))
     assert last_error is not None
@@ -499,7 +506,7 @@ class _PortRace(GuestError):
 def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: str | None, machine: str,
                  gdb: bool, shared_memory: bool, ssh: bool, plugins: tuple[str, ...],
                  extra_args: Sequence[str], workdir: Path | str | None, boot_timeout: float, append: str,
-                 vmcoreinfo: bool) -> Guest:
+                 vmcoreinfo: bool, incoming: str | None = None) -> Guest:
     if shutil.which(QEMU_BINARY) is None:
         raise GuestError(f"{QEMU_BINARY} is not installed (Debian package qemu-system-x86)")
     res = _Resources()
@@ -523,7 +530,8 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
         guest.ssh_port = _free_port() if ssh else None
         guest.gdb_port = _free_port() if gdb else None
         guest.args = _qemu_args(image, guest, accel=accel, smp=smp, memory=memory, cpu=cpu, machine=machine,
-                                append=append, plugins=plugins, vmcoreinfo=vmcoreinfo, extra_args=extra_args)
+                                append=append, plugins=plugins, vmcoreinfo=vmcoreinfo, extra_args=extra_args,
+                                incoming=incoming)
         started = time.monotonic()
         res.stderr = open(guest.qemu_log, "wb")  # noqa: SIM115 (closed by _teardown)
         res.proc = subprocess.Popen([*_dies_with_us(), *guest.args], stdin=subprocess.DEVNULL,
@@ -532,6 +540,10 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
         res.reader = threading.Thread(target=_pump_console, args=(res.console, guest.console_log, res.closed),
                                       name=f"aradia-console-{res.proc.pid}", daemon=True)
         res.reader.start()
+        if incoming is not None:
+            _wait_qmp_socket(guest, started + boot_timeout)
+            guest.boot_seconds = time.monotonic() - started
+            return guest
         marker = re.compile(re.escape(image.ready_marker.encode()) + rb" (\S+)\n")
         try:
             _, m = guest._wait_ttys1(0, marker, boot_timeout - (time.monotonic() - started))
@@ -551,6 +563,18 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
                                                                    "Address already in use")):
             raise _PortRace(f"QEMU lost a port race: {log[-500:]}") from exc
         raise
+
+
+def _wait_qmp_socket(guest: Guest, deadline: float) -> None:
+    """Wait until QEMU created its QMP socket (a migration destination prints nothing to wait for)."""
+    proc = guest._res.proc
+    assert proc is not None
+    while not guest.qmp_path.exists():
+        if proc.poll() is not None:
+            raise GuestError(f"QEMU exited at start (status {proc.returncode}):\n{guest._tail()}")
+        if time.monotonic() > deadline:
+            raise GuestError(f"QEMU did not create its QMP socket:\n{guest._tail()}")
+        time.sleep(0.01)
 
 
 def _connect_console(guest: Guest, deadline: float) -> socket.socket:

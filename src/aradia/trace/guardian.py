@@ -4,12 +4,45 @@ QEMU keeps breakpoints armed after an abrupt client disconnect and freezes the g
 So the tracer never holds the stub itself: it spawns this guardian, which connects to the stub and
 serves the tracer's requests over a private socketpair. When that socket reaches end-of-file — the
 tracer detached, raised, was interrupted or was killed with SIGKILL (the kernel closes its end) —
-the guardian removes every breakpoint, detaches with ``D;1`` (QEMU resumes the guest) and exits.
-The guardian ignores SIGINT so a Ctrl-C in the tracer's terminal does not kill it before the cleanup.
+the guardian removes every breakpoint, detaches with ``D;1`` (QEMU resumes the guest; not after a
+migration, below) and exits. The guardian ignores SIGINT so a Ctrl-C in the tracer's terminal does
+not kill it before the cleanup; a Ctrl-C that interrupts the tracer between a request and its reply
+retires the channel (:meth:`GuardedStub.close` then ends it by end-of-file: the same cleanup).
+
+Live migration (measured on QEMU 7.2). Its GDB stub resumes the VM on ``c``, ``s``/``vCont;s`` and
+``D`` without looking at the run state: a ``c`` or ``D;1`` to a source in ``postmigrate`` sets it
+``running`` while the destination runs the same guest, and ``D;1`` to a destination still in
+``inmigrate`` starts it before its state arrived. And a source held at a breakpoint (run state
+``debug``) when the migration completes makes the destination abort (``invalid runstate transition:
+'inmigrate' -> 'debug'``: the source's run state travels with the guest). So the guardian asks QEMU
+through the stub it already holds (HMP through ``qRcmd``; no QMP needed, so this works whoever holds
+QMP, and after the tracer's death):
+
+* ``info status`` (0.06-0.2 ms) before every continue and single step of the stopped VM: in
+  ``finish-migrate`` or ``postmigrate`` (the guest lives on the destination now; once seen, this
+  guardian never resumes the VM again) and in ``inmigrate`` it refuses with
+  :class:`~aradia.errors.Migrated`. A ``T18`` (SIGXCPU) stop, which the stub reports when a
+  migration completes on a running VM, turns into that error at once.
+* ``info migrate`` at a stop, at most every :data:`MIGRATION_CHECK_INTERVAL`: while a migration is
+  under way the guardian steps aside — removes every breakpoint, detaches with ``D;1`` so the guest
+  runs and the migration completes from ``running`` — and the request fails with ``Migrated``.
+* Leaving (detach, or the tracer's end) asks ``info status`` first: a migrated VM gets its
+  breakpoints removed and the connection closed *without* ``D`` (closing leaves the run state
+  alone); any other VM gets ``D;1`` as above. If QEMU cannot say (no answer to ``info status``), the
+  guardian keeps the old behaviour, ``D;1``.
+
+What stays open: the instant between a check and the ``c``/``D`` after it (a migration completing
+exactly then is not caught; only QEMU's stub could close that), and a migration that starts and
+completes between two ``info migrate`` checks while the VM sits at a breakpoint.
+
+QEMU gone. When the stub connection breaks (QEMU exited: QMP ``quit``, a signal, a guest power-off)
+the request in progress fails with :class:`~aradia.errors.NotAttached` saying so, and the guardian
+exits right after that reply; the tracer's later calls repeat the same error.
 
 Protocol: one JSON object per line each way. Requests ``{"op": ..., ...}``; replies ``{"ok": value}``
-or ``{"error": text, "kind": class name}``. Each request is bounded in time (``wait_stop`` takes a
-timeout of at most :data:`MAX_WAIT`), so the guardian notices a vanished tracer within that time.
+or ``{"error": text, "kind": class name}`` (plus ``"fatal": true`` when the guardian exits after it).
+Each request is bounded in time (``wait_stop`` takes a timeout of at most :data:`MAX_WAIT`), so the
+guardian notices a vanished tracer within that time.
 """
 
 from __future__ import annotations
@@ -17,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,16 +58,141 @@ import sys
 import time
 from typing import Any
 
-from aradia.errors import AradiaError, Busy, NotAttached, PageFault, ProtocolError
+from aradia.errors import AradiaError, Busy, Migrated, NotAttached, PageFault, ProtocolError
 
 MAX_WAIT = 0.5
 MAX_LINE = 16 << 20
 START_TIMEOUT = 15.0
-_ERRORS: dict[str, type[AradiaError]] = {c.__name__: c for c in (AradiaError, Busy, NotAttached, PageFault,
-                                                                 ProtocolError)}
+#: Run states of a migration source whose guest already lives (or is about to live) on the destination.
+MIGRATED_STATES = frozenset({"finish-migrate", "postmigrate"})
+#: Run state of a migration destination that has not received its guest yet.
+INCOMING_STATES = frozenset({"inmigrate"})
+#: Migration states (``info migrate``) of a migration under way: the guardian steps aside.
+MIGRATION_ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug", "postcopy-active",
+                              "postcopy-paused", "postcopy-recover"})
+#: Seconds between two ``info migrate`` checks at breakpoint stops (each costs ~0.1-0.4 ms).
+MIGRATION_CHECK_INTERVAL = 0.02
+#: The stop signal QEMU's stub reports when a migration completes (RUN_STATE_FINISH_MIGRATE).
+SIGXCPU = 0x18
+_MIGRATION_STATUS = re.compile(r"^Migration status:\s*([\w-]+)", re.MULTILINE)
+_ERRORS: dict[str, type[AradiaError]] = {c.__name__: c for c in (AradiaError, Busy, Migrated, NotAttached,
+                                                                 PageFault, ProtocolError)}
+
+
+def parse_info_status(text: str) -> str:
+    """QEMU's run state from HMP ``info status`` (``VM status: paused (postmigrate)`` -> ``postmigrate``).
+
+    ``running`` and plain ``paused`` come back as such; ``(single step mode)`` is not a run state.
+    """
+    line = text.partition("VM status:")[2].strip().splitlines()
+    words = line[0] if line else text.strip()
+    state = "running" if words.startswith("running") else "paused" if words.startswith("paused") else ""
+    for part in words.split("(")[1:]:
+        inner = part.partition(")")[0].strip()
+        if inner and inner != "single step mode":
+            state = inner
+    if not state:
+        raise ProtocolError(f"cannot parse QEMU's 'info status' output {text.strip()[:80]!r}")
+    return state
 
 
 # --- the guardian process -------------------------------------------------------------------------------
+class _Guard:
+    """Keeps a migrated VM from being resumed through the stub (see the module docstring)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.migrated_state: str | None = None
+        self.migration_checked = 0.0
+        self.left = False
+
+    def run_state(self) -> str | None:
+        """QEMU's run state, asked through the stub's monitor; None if QEMU cannot say.
+
+        :class:`NotAttached` (the stub connection is gone) propagates.
+        """
+        try:
+            state = parse_info_status(self.client.monitor("info status"))
+        except NotAttached:
+            raise
+        except AradiaError:
+            return None
+        if state in MIGRATED_STATES:
+            self.migrated_state = state  # a source stays migrated for this guardian: never resume it
+        return state
+
+    def check(self, what: str) -> None:
+        """Raise :class:`Migrated` if ``what`` (a continue, a step) would resume a guest living elsewhere."""
+        state = self.migrated_state or self.run_state()
+        if self.migrated_state:
+            raise Migrated(f"refusing to {what}: the VM was live-migrated away (run state "
+                           f"{self.migrated_state}); resuming it here would run the guest twice. "
+                           "Trace the destination instead")
+        if state in INCOMING_STATES:
+            raise Migrated(f"refusing to {what}: the VM waits for an incoming migration (run state {state})")
+
+    def may_resume(self) -> bool:
+        """Whether leaving may resume the VM (``D``); True when QEMU cannot tell (the old behaviour)."""
+        if self.migrated_state:
+            return False
+        try:
+            state = self.run_state()
+        except AradiaError:
+            return True
+        return state not in MIGRATED_STATES and state not in INCOMING_STATES
+
+    def migration_status(self) -> str | None:
+        """Status of the current or last migration (``none``: never migrated); None if QEMU cannot say."""
+        try:
+            text = self.client.monitor("info migrate")
+        except NotAttached:
+            raise
+        except AradiaError:
+            return None
+        m = _MIGRATION_STATUS.search(text)
+        return m[1] if m else "none"
+
+    def watch_migration(self) -> None:
+        """At a stop: if a migration is under way, step aside (disarm, ``D;1``) and raise :class:`Migrated`.
+
+        Checks at most every :data:`MIGRATION_CHECK_INTERVAL`.
+        """
+        now = time.monotonic()
+        if now - self.migration_checked < MIGRATION_CHECK_INTERVAL:
+            return
+        self.migration_checked = now
+        status = self.migration_status()
+        if status not in MIGRATION_ACTIVE:
+            return
+        self.leave()
+        raise Migrated(f"a live migration of the VM is under way (status {status}): removed every breakpoint "
+                       "and let the guest run, since a source held at a breakpoint when the migration "
+                       "completes makes QEMU's destination abort. Trace the destination once it completed")
+
+    def leave(self) -> None:
+        """Remove every breakpoint and detach: with ``D;1`` (QEMU resumes the guest) unless migrated."""
+        if self.left:
+            return
+        self.left = True
+        if self.may_resume():
+            self.client.detach()
+        else:
+            self.client.close(resume=False)  # no D: closing the connection leaves the run state alone
+
+
+def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
+    ctl.sendall(json.dumps(msg).encode() + b"\n")
+
+
+def _gone(e: NotAttached) -> NotAttached:
+    """The error for a broken stub connection, saying what most likely happened."""
+    if "QEMU exited" in str(e):
+        return NotAttached(f"lost the VM: {e}")
+    if "has ended" in str(e):  # the stub's W/X packet: QEMU is exiting (quit, a signal, power-off)
+        return NotAttached(f"lost the VM: QEMU exited ({e})")
+    return NotAttached(f"lost the VM: QEMU exited or closed its GDB stub ({e})")
+
+
 def _serve(ctl: socket.socket, address: str, was_running: bool | None) -> None:
     from aradia.proto.gdbrsp import GdbClient
 
@@ -41,36 +200,51 @@ def _serve(ctl: socket.socket, address: str, was_running: bool | None) -> None:
     try:
         client = GdbClient(address, was_running=was_running)
     except AradiaError as e:
-        ctl.sendall(json.dumps({"error": str(e), "kind": type(e).__name__}).encode() + b"\n")
+        _send(ctl, {"error": str(e), "kind": type(e).__name__})
         return
-    threads = client.threads()
-    client.restore_run_state()  # connecting paused a running guest (QEMU does); let it run on
-    ctl.sendall(json.dumps({"ok": {"pid": os.getpid(), "threads": threads}}).encode() + b"\n")
+    guard = _Guard(client)
     try:
+        threads = client.threads()
+        with contextlib.suppress(Migrated):
+            guard.check("resume")
+            client.restore_run_state()  # connecting paused a running guest (QEMU does); let it run on
+        _send(ctl, {"ok": {"pid": os.getpid(), "threads": threads}})
         while True:
             line = reader.readline(MAX_LINE)
             if not line:
                 return  # the tracer is gone: clean up in finally
+            fatal = False
             try:
                 req = json.loads(line)
                 if req.get("op") == "detach":
-                    ctl.sendall(b'{"ok": null}\n')
+                    guard.leave()
+                    _send(ctl, {"ok": None})
                     return
-                result: Any = _handle(client, req)
-                reply = {"ok": result}
+                reply: dict[str, Any] = {"ok": _handle(client, guard, req)}
+            except NotAttached as e:
+                fatal = True  # the GdbClient drops the stub connection with every NotAttached
+                reply = {"error": str(_gone(e)), "kind": "NotAttached", "fatal": True}
             except AradiaError as e:
                 reply = {"error": str(e), "kind": type(e).__name__}
+                fatal = guard.left  # it stepped aside for a migration: nothing left to serve
+                if fatal:
+                    reply["fatal"] = True
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"error": f"bad request: {e}", "kind": "ProtocolError"}
-            ctl.sendall(json.dumps(reply).encode() + b"\n")
+            _send(ctl, reply)
+            if fatal:
+                return
     except OSError:
         return
+    except AradiaError as e:
+        with contextlib.suppress(OSError):
+            _send(ctl, {"error": str(e), "kind": type(e).__name__, "fatal": True})
     finally:
         with contextlib.suppress(AradiaError, OSError):
-            client.detach()  # removes our breakpoints and resumes the guest
+            guard.leave()  # removes our breakpoints; resumes the guest unless it migrated away
 
 
-def _handle(client: Any, req: dict[str, Any]) -> Any:
+def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
     op = req["op"]
     if op == "break":
         client.set_breakpoint(int(req.get("kind", 0)), int(req["addr"]), int(req.get("length", 1)))
@@ -79,6 +253,8 @@ def _handle(client: Any, req: dict[str, Any]) -> Any:
         client.remove_breakpoint(int(req.get("kind", 0)), int(req["addr"]), int(req.get("length", 1)))
         return None
     if op == "cont":
+        if not client.running:  # (asking a running VM would stop it, and a hit could slip by)
+            guard.check("continue the VM")
         client.cont()
         return None
     if op == "interrupt":
@@ -86,6 +262,10 @@ def _handle(client: Any, req: dict[str, Any]) -> Any:
         return None if ev is None else _event(ev)
     if op == "wait":
         ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT))
+        if ev is not None and ev.kind == "signal" and ev.signal == SIGXCPU:
+            guard.check("go on")  # QEMU stopped the VM to complete a migration
+        if ev is not None:
+            guard.watch_migration()
         return None if ev is None else _event(ev)
     if op == "regs":
         return client.registers(req.get("thread"))
@@ -96,11 +276,15 @@ def _handle(client: Any, req: dict[str, Any]) -> Any:
         data = client.read_memory(int(req["addr"]), int(req["size"]), physical=bool(req.get("physical")))
         return data.hex()
     if op == "step":
+        if not client.running:  # (a running VM cannot be stepped: the client says so)
+            guard.check("single-step the VM")  # a step resumes the VM too (vm_start), for one instruction
         return _event(client.step(req.get("thread"), until_pc_changes=True))
     if op == "threads":
         return client.threads()
     if op == "running":
         return bool(client.running)
+    if op == "status":
+        return guard.run_state()
     raise ProtocolError(f"unknown guardian request {op!r}")
 
 
@@ -139,6 +323,7 @@ class GuardedStub:
         child.close()
         self._sock = parent
         self._reader = parent.makefile("rb")
+        self._dead: AradiaError | None = None  # the error the guardian exited with
         parent.settimeout(START_TIMEOUT)
         hello = self._reply("connect")
         parent.settimeout(None)
@@ -156,16 +341,32 @@ class GuardedStub:
             raise NotAttached(f"the GDB guardian exited during {what}{status}")
         msg = json.loads(line)
         if "error" in msg:
-            raise _ERRORS.get(msg.get("kind", ""), AradiaError)(msg["error"])
+            err = _ERRORS.get(msg.get("kind", ""), AradiaError)(msg["error"])
+            if msg.get("fatal"):
+                self._dead = err  # the guardian exits after this reply: later calls say the same
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)  # reap it (no zombie while the tracer lives on)
+            raise err
         return msg["ok"]
 
     def call(self, op: str, **kw: Any) -> Any:
         """Send one request to the guardian and return its result."""
+        if self._dead is not None:
+            raise type(self._dead)(*self._dead.args)
         try:
             self._sock.sendall(json.dumps({"op": op, **kw}).encode() + b"\n")
         except OSError as e:
             raise NotAttached(f"the GDB guardian is gone: {e}") from e
-        return self._reply(op)
+        try:
+            return self._reply(op)
+        except AradiaError:
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C) between request and reply: the reply still comes and would answer
+            # the next request. Nothing more goes over this channel; close() ends it by EOF, and the
+            # guardian cleans up as when the tracer dies.
+            self._dead = NotAttached(f"a request to the GDB guardian ({op}) was interrupted")
+            raise
 
     def set_breakpoint(self, addr: int, kind: int = 0, length: int = 1) -> None:
         """Arm a breakpoint (kind 0/1) or watchpoint (2 write, 3 read, 4 access) at guest-virtual ``addr``."""
@@ -207,12 +408,26 @@ class GuardedStub:
         """Stop the guest."""
         return self.call("interrupt")
 
+    def run_state(self) -> str | None:
+        """QEMU's run state (``running``, ``debug``, ``paused``, ``postmigrate``...) through the stub;
+        None if QEMU cannot say."""
+        state = self.call("status")
+        return None if state is None else str(state)
+
     def close(self) -> None:
-        """Disarm everything and let the guest run; waits for the guardian to finish."""
-        with contextlib.suppress(AradiaError, OSError):
-            self.call("detach")
+        """Disarm everything and let the guest run (unless it migrated away); waits for the guardian.
+
+        Safe to call twice, and after any error (the guardian cleans up on end-of-file regardless).
+        """
+        if self._dead is None:
+            with contextlib.suppress(AradiaError, OSError):
+                self.call("detach")
         with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # end-of-file for the guardian, whatever else holds the fd
+        with contextlib.suppress(OSError):
+            self._reader.close()
             self._sock.close()
+        self._dead = self._dead or NotAttached("the GDB guardian was closed")
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -534,20 +534,29 @@ class Tracer:
         thread = stop["thread"]
         self._stopped = True
         regs = self.stub.registers(thread)
-        rip = regs.get("rip", 0)
         try:
             if stop.get("watch") is not None:
-                return self._watch_event(stop, thread, regs)
-            return self._handle(thread, regs)
-        finally:
-            probe = self.probes.get(rip)
-            if probe is not None and probe.skip:
-                self.stub.set_register("rip", rip + probe.skip, thread)
-            elif probe is not None or rip in self._returns:
-                self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
-                self._check_step(thread, regs)
-            self._stopped = False
-            self.stub.cont()
+                ev = self._watch_event(stop, thread, regs)
+            else:
+                ev = self._handle(thread, regs)
+        except Exception:
+            self._resume(thread, regs)
+            raise
+        # (a KeyboardInterrupt goes up as it is: close() has the guardian disarm and resume)
+        self._resume(thread, regs)
+        return ev
+
+    def _resume(self, thread: str, regs: dict[str, int]) -> None:
+        """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run."""
+        rip = regs.get("rip", 0)
+        probe = self.probes.get(rip)
+        if probe is not None and probe.skip:
+            self.stub.set_register("rip", rip + probe.skip, thread)
+        elif probe is not None or rip in self._returns:
+            self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
+            self._check_step(thread, regs)
+        self._stopped = False
+        self.stub.cont()
 
     def run(self, callback: Callable[[Event], object], duration: float | None = None,
             until: Callable[[], bool] | None = None) -> int:

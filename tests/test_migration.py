@@ -1,0 +1,265 @@
+"""Live migration under a guarded GDB stub: the source is never resumed, the destination lives.
+
+Real migrations between two QEMUs from the same guest image (the destination started with
+``-incoming unix:PATH``). Ground truth: QEMU's run state by QMP on both sides, polled without a break
+from the moment the migration completed, and the destination's guest answering a command.
+
+Measured on QEMU 7.2 (these tests rely on it): the stub resumes the VM on ``c``/``s``/``D`` whatever
+the run state (a ``c`` or ``D;1`` turns a ``postmigrate`` source ``running``; ``D;1`` starts an
+``inmigrate`` destination), and a source held at a breakpoint (``debug``) when the migration
+completes makes the destination abort ("invalid runstate transition: 'inmigrate' -> 'debug'").
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from aradia.errors import Migrated
+from aradia.machine.launcher import Guest
+from aradia.proto.qmp import QMPClient
+from aradia.trace.guardian import GuardedStub
+from aradia.vm import attach
+from guest_programs import build_loop
+
+HOT = "__x64_sys_getppid"  # the loop calls it without a pause
+COLD = "__x64_sys_reboot"  # nothing calls it while the test runs
+GUEST = {"smp": 2, "gdb": True}  # source and destination must be started alike
+BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
+
+TRACER = textwrap.dedent("""
+    import sys, time
+    from aradia.errors import AradiaError
+    from aradia.trace.guardian import GuardedStub
+    address, target, ending = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    stub = GuardedStub(address, was_running=True)
+    stub.set_breakpoint(target)
+    stub.cont()
+    print("armed", stub.guardian_pid, flush=True)
+    hits = 0
+    try:
+        while True:
+            ev = stub.wait_stop(0.5)
+            if ev is None:
+                continue
+            if ev["kind"] == "signal" and stub.registers(ev["thread"])["rip"] == target:
+                hits += 1
+                if hits % 20 == 0:
+                    print("hits", hits, flush=True)
+                stub.step(ev["thread"])
+            stub.cont()
+    except AradiaError as e:
+        print("error", type(e).__name__, str(e).replace("\\n", " "), flush=True)
+    try:
+        stub.cont()  # the stale continue
+        print("cont ok", flush=True)
+    except AradiaError as e:
+        print("cont", type(e).__name__, str(e).replace("\\n", " "), flush=True)
+    if ending == "close":
+        stub.close()
+        print("closed", flush=True)
+    time.sleep(600)
+""")
+
+
+@dataclass
+class Pair:
+    source: Guest
+    destination: Guest
+    uri: str
+    hot: int
+    cold: int
+
+
+@pytest.fixture(scope="module")
+def loop_binary(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return build_loop(tmp_path_factory.mktemp("loop"))
+
+
+@pytest.fixture
+def pair(boot_guest: BootGuest, loop_binary: bytes) -> Iterator[Pair]:
+    """A booted source with ``/tmp/loop`` and a destination waiting for it (both stopped afterwards)."""
+    sock = f"/tmp/aradia-mig-{os.getpid()}-{secrets.token_hex(4)}.sock"
+    try:
+        with boot_guest("6.1", **GUEST) as source, \
+                boot_guest("6.1", **GUEST, incoming=f"unix:{sock}") as destination:
+            source.run(f"echo {base64.b64encode(loop_binary).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+            with attach(f"qmp:{source.qmp_path}") as vm:
+                hot, cold = vm.linux.profile.symbol(HOT), vm.linux.profile.symbol(COLD)
+            assert hot is not None and cold is not None
+            yield Pair(source, destination, f"unix:{sock}", int(hot), int(cold))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+
+
+def _status(qmp: QMPClient) -> str:
+    return str(qmp.execute("query-status")["status"])
+
+
+def _migrate(qmp: QMPClient, uri: str, timeout: float = 60) -> dict[str, object]:
+    qmp.execute("migrate", {"uri": uri})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = qmp.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return dict(info)
+        time.sleep(0.02)
+    raise AssertionError(f"migration did not finish within {timeout} s: {qmp.execute('query-migrate')}")
+
+
+class StatePoller:
+    """Polls a QEMU's run state every 20 ms on its own QMP connection; ``states`` holds what it saw."""
+
+    def __init__(self, qmp: QMPClient) -> None:
+        self.qmp = qmp
+        self.states: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.states.add(_status(self.qmp))
+            time.sleep(0.02)
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.states
+
+
+def _expect(out: IO[str], prefix: str, timeout: float) -> str:
+    """The tracer's next output line that starts with ``prefix`` (other lines are skipped)."""
+    result: list[str] = []
+
+    def read() -> None:
+        for line in out:
+            if line.startswith(prefix):
+                result.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert result, f"the tracer printed no {prefix!r} line within {timeout} s"
+    return result[0]
+
+
+def _start_tracer(tmp_path: Path, address: str, target: int, ending: str) -> tuple[subprocess.Popen[str], int]:
+    script = tmp_path / "tracer.py"
+    script.write_text(TRACER)
+    tracer = subprocess.Popen([sys.executable, str(script), address, str(target), ending],
+                              stdout=subprocess.PIPE, text=True)
+    assert tracer.stdout is not None
+    guardian_pid = int(_expect(tracer.stdout, "armed", 30).split()[1])
+    return tracer, guardian_pid
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _destination_runs_the_guest(destination: Guest) -> None:
+    with QMPClient(destination.qmp_path) as qmp:
+        state = _status(qmp)
+    assert destination.alive and state == "running", f"destination {state}: {destination.qemu_log.read_text()[-500:]}"
+    out = destination.run("pkill -f 'loop 100000000'; echo dest-guest-alive; cat /proc/uptime", timeout=30)
+    assert "dest-guest-alive" in out
+
+
+@pytest.mark.timeout(240)
+def test_hot_probe_steps_aside_and_the_source_is_never_resumed(pair: Pair, tmp_path: Path) -> None:
+    """A tracer servicing a hot breakpoint when the migration starts: it gets Migrated, the migration
+    completes with the guest running (so the destination lives), and nothing resumes the source,
+    not the tracer's stale continue, not its kill -9."""
+    source, address = pair.source, f"127.0.0.1:{pair.source.gdb_port}"
+    source.send_console(b"/tmp/loop 100000000 > /dev/null &\n")
+    tracer, guardian_pid = _start_tracer(tmp_path, address, pair.hot, "sleep")
+    assert tracer.stdout is not None
+    try:
+        _expect(tracer.stdout, "hits", 30)  # the probe is hot: the guest stops at it all the time
+        with QMPClient(source.qmp_path) as qmp:
+            info = _migrate(qmp, pair.uri)
+            assert info["status"] == "completed", info
+            poller = StatePoller(qmp)
+            error = _expect(tracer.stdout, "error", 10)
+            print(error)
+            cont = _expect(tracer.stdout, "cont", 10)
+            assert error.startswith("error Migrated "), error
+            assert cont.startswith("cont Migrated "), cont
+            assert "migrat" in cont
+            _destination_runs_the_guest(pair.destination)
+            os.kill(tracer.pid, signal.SIGKILL)
+            tracer.wait()
+            assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
+            time.sleep(1.5)
+            seen = poller.stop()
+            assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
+            assert _status(qmp) == "postmigrate"
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ending", ["close", "kill9"])
+def test_probe_held_through_a_migration_refuses_to_continue(pair: Pair, tmp_path: Path, ending: str) -> None:
+    """A tracer whose (cold) probe stays armed through the migration: QEMU's T18 turns into Migrated,
+    the stale continue is refused, and neither an explicit detach nor kill -9 resumes the source."""
+    destination = pair.destination
+    # A destination still waiting for its guest: no continue, and leaving must not start it (D;1 would).
+    with GuardedStub(f"127.0.0.1:{destination.gdb_port}", was_running=False) as stub:
+        assert stub.run_state() == "inmigrate"
+        with pytest.raises(Migrated, match="incoming migration"):
+            stub.cont()
+    with QMPClient(destination.qmp_path) as qmp:
+        assert _status(qmp) == "inmigrate"
+
+    tracer, guardian_pid = _start_tracer(tmp_path, f"127.0.0.1:{pair.source.gdb_port}", pair.cold,
+                                         "close" if ending == "close" else "sleep")
+    assert tracer.stdout is not None
+    try:
+        with QMPClient(pair.source.qmp_path) as qmp:
+            assert _status(qmp) == "running"
+            info = _migrate(qmp, pair.uri)
+            assert info["status"] == "completed", info
+            poller = StatePoller(qmp)
+            error = _expect(tracer.stdout, "error", 10)
+            print(error)
+            cont = _expect(tracer.stdout, "cont", 10)
+            assert error.startswith("error Migrated ") and "live-migrated away" in error, error
+            assert cont.startswith("cont Migrated ") and "live-migrated away" in cont, cont
+            _destination_runs_the_guest(destination)
+            if ending == "close":
+                _expect(tracer.stdout, "closed", 10)
+            else:
+                os.kill(tracer.pid, signal.SIGKILL)
+                tracer.wait()
+            assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
+            time.sleep(1.5)
+            seen = poller.stop()
+            assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
+            assert _status(qmp) == "postmigrate"
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
