@@ -79,3 +79,54 @@ def build_unixpair(tmp: Path) -> bytes:
     subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(exe), str(src)], check=True, capture_output=True,
                    timeout=60)
     return exe.read_bytes()
+
+
+ACCEPT_C = r"""
+/* acceptpair: for IPv4 and IPv6 loopback, listen on a free port, connect to it, accept with the
+ * peer's address, then print what the guest itself knows: the listening port, the connecting
+ * socket's own port, the accepted fd, and the bytes the accepted socket read. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static int pair(int family) {
+    struct sockaddr_storage a = {0}, me = {0}, peer = {0};
+    socklen_t n = sizeof a;
+    if (family == AF_INET) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&a;
+        v4->sin_family = AF_INET; v4->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    } else {
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&a;
+        v6->sin6_family = AF_INET6; v6->sin6_addr = in6addr_loopback;
+    }
+    int l = socket(family, SOCK_STREAM, 0), c = socket(family, SOCK_STREAM, 0);
+    if (bind(l, (struct sockaddr *)&a, family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6)))
+        return 1;
+    if (listen(l, 1) || getsockname(l, (struct sockaddr *)&a, &n)) return 1;
+    if (connect(c, (struct sockaddr *)&a, n)) return 1;
+    n = sizeof me;
+    if (getsockname(c, (struct sockaddr *)&me, &n)) return 1;
+    n = sizeof peer;
+    int s = accept(l, (struct sockaddr *)&peer, &n);
+    if (s < 0) return 1;
+    char msg[32], buf[32] = {0};
+    int len = snprintf(msg, sizeof msg, "ping-%d", family);
+    if (write(c, msg, len) != len || read(s, buf, sizeof buf - 1) != len) return 1;
+    int lport = ntohs(((struct sockaddr_in *)&a)->sin_port), cport = ntohs(((struct sockaddr_in *)&me)->sin_port);
+    printf("family %d listen %d client %d accepted %d read %s\n", family, lport, cport, s, buf);
+    close(s); close(c); close(l);
+    return 0;
+}
+int main(void) { return pair(AF_INET) || pair(AF_INET6); }
+"""
+
+
+def build_acceptpair(tmp: Path) -> bytes:
+    """Compile ``acceptpair`` (static) on the host; its bytes."""
+    src, exe = tmp / "acceptpair.c", tmp / "acceptpair"
+    src.write_text(ACCEPT_C)
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(exe), str(src)], check=True, capture_output=True,
+                   timeout=60)
+    return exe.read_bytes()

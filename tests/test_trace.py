@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from aradia.machine.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
-from guest_programs import build_loop
+from guest_programs import build_acceptpair, build_loop
 
 N_EXEC = 50
 WORK = "\n".join(
@@ -114,6 +115,34 @@ def test_concurrent_hits_exact(guest: Guest, tmp_path_factory: pytest.TempPathFa
         if e.comm == "loop":
             per_process[e.tgid] = per_process.get(e.tgid, 0) + 1
     assert sorted(per_process.values()) == [n] * procs, per_process
+
+
+@pytest.mark.timeout(240)
+def test_accept_and_read_results(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """accept's peer address and read's bytes exist only when the syscall is done: the trace reports
+    them then, equal to what the guest program itself saw (its own ports, the bytes it read)."""
+    prog = build_acceptpair(tmp_path_factory.mktemp("accept"))
+    guest.run(f"echo {base64.b64encode(prog).decode()} | base64 -d > /tmp/acceptpair; chmod +x /tmp/acceptpair")
+    done: dict[str, str] = {}
+    events: list[Event] = []
+    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+        tracer.add_syscall("accept")
+        tracer.add_syscall("read")
+        tracer.filter.comms = {"acceptpair"}
+        worker = threading.Thread(target=lambda: done.update(out=guest.run("/tmp/acceptpair", timeout=120)))
+        worker.start()
+        events.extend(tracer.events(duration=150, until=lambda: "out" in done))
+        worker.join(10)
+    truth = re.findall(r"family (\d+) listen (\d+) client (\d+) accepted (\d+) read (\S+)", done.get("out", ""))
+    assert len(truth) == 2, done
+    accepts = [e for e in events if e.name == "accept"]
+    reads = [e for e in events if e.name == "read" and e.args["data"] and e.args["data"].startswith(b"ping-")]
+    assert len(accepts) == 2 and len(reads) == 2, [e.line() for e in events]
+    for (family, _listen, client, fd, data), acc, rd in zip(truth, accepts, reads, strict=True):
+        want = {"family": "inet", "address": "127.0.0.1"} if family == "2" else {"family": "inet6",
+                                                                                  "address": "::1"}
+        assert acc.args["addr"] == {**want, "port": int(client)} and acc.args["error"] is None, acc.args
+        assert rd.args["fd"] == int(fd) and rd.args["data"] == data.encode() and rd.args["ret"] == len(data)
 
 
 @pytest.mark.timeout(240)

@@ -88,7 +88,7 @@ def decode(name: str, args: list[int], read: ReadUser) -> dict[str, Any]:
     if name in ("connect", "bind"):
         return {"fd": _int32(a[0]), "addr": decode_sockaddr(read, a[1], a[2] & 0xFFFFFFFF)}
     if name in ("accept", "accept4"):
-        return {"fd": _int32(a[0])}
+        return {"fd": _int32(a[0])}  # the peer is known at the end: decode_exit
     if name in ("read", "write", "pread64", "pwrite64"):
         out: dict[str, Any] = {"fd": _int32(a[0]), "count": a[2]}
         if name.startswith(("write", "pwrite")) and a[2]:
@@ -104,3 +104,31 @@ def decode(name: str, args: list[int], read: ReadUser) -> dict[str, Any]:
     if name in ("clone", "clone3", "fork", "vfork"):
         return {"flags": a[0]} if name == "clone" else {}
     return {r: v for r, v in zip(ARG_REGS, a, strict=False)}
+
+
+MAX_ERRNO = 4095
+
+
+def decode_exit(name: str, args: list[int], ret: int, read: ReadUser) -> dict[str, Any]:
+    """The arguments and results of syscall ``name`` once its work is done: ``ret`` is what the
+    kernel function that did it returned (``do_accept``: a file or an error, ``vfs_read``: bytes)."""
+    out = decode(name, args, read)
+    error = -_int(ret) if (ret >= (1 << 64) - MAX_ERRNO) else None
+    out["error"] = error
+    if name in ("accept", "accept4"):
+        out["addr"] = None
+        if error is None and args[1] and args[2]:
+            try:
+                (length,) = struct.unpack("<i", read(args[2], 4))
+            except Exception:
+                length = 0
+            out["addr"] = decode_sockaddr(read, args[1], length)
+    elif name in ("read", "pread64"):
+        out["ret"] = _int(ret)
+        out["data"] = None
+        if error is None and ret > 0:
+            try:
+                out["data"] = read(args[1], min(ret, 64))
+            except Exception:
+                out["data"] = None
+    return out

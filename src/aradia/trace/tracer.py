@@ -37,7 +37,7 @@ ENDBR64 = bytes.fromhex("f30f1efa")
 class Probe:
     """One armed probe."""
 
-    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", or "mmap" (aradia's own hook)
+    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", or aradia's own "mmap"/"sysexit" hooks
     name: str
     address: int
     ret: bool = False
@@ -87,6 +87,8 @@ class _Pending:
     task: int
     rsp_after: int
     entry_time: float
+    #: a syscall whose results are read at this return: its name and raw arguments
+    syscall: tuple[str, list[int]] | None = None
 
 
 LIFECYCLE = {"fork": "proc_fork_connector", "exec": "proc_exec_connector", "exit": "proc_exit_connector"}
@@ -94,6 +96,11 @@ LIFECYCLE = {"fork": "proc_fork_connector", "exec": "proc_exec_connector", "exit
 MMAP_HOOK = "perf_event_mmap"
 """Called with every new ``struct vm_area_struct`` (mmap and exec): finds libraries mapped later."""
 CPL_MASK = 3
+SYSCALL_EXITS = {"accept": "do_accept", "accept4": "do_accept", "read": "vfs_read", "pread64": "vfs_read"}
+"""Syscalls whose results (the peer's address, the bytes read) exist only when they return, and the
+kernel function after whose return the results are in user memory. A return breakpoint there is hit
+only by these syscalls, unlike the syscall's own return address (shared by every syscall), which
+would stop the guest at every syscall while a server waits in ``accept``."""
 
 
 @dataclass
@@ -115,6 +122,7 @@ class Tracer:
     #: one thread at a time talks to the stub: the event loop between waits, or a thread adding probes
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _entry_stubs: tuple[int, int] | None = None
+    _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
 
     @classmethod
     def open(cls, vm: Any) -> Tracer:
@@ -160,8 +168,15 @@ class Tracer:
         for sym in (f"__x64_sys_{name}", f"__do_sys_{name}", f"sys_{name}"):
             addr = self.vm.linux.profile.symbol(sym)
             if addr is not None:
-                return self._arm(Probe("syscall", name, int(addr)))
-        raise AradiaError(f"no syscall entry for {name!r} in this kernel")
+                break
+        else:
+            raise AradiaError(f"no syscall entry for {name!r} in this kernel")
+        with self._lock:
+            hook = SYSCALL_EXITS.get(name)
+            hooks = {p.name for p in self.probes.values() if p.kind == "sysexit"}
+            if hook is not None and hook not in hooks:
+                self._arm(Probe("sysexit", hook, self._symbol(hook)))
+            return self._arm(Probe("syscall", name, int(addr)))
 
     def add_lifecycle(self, kinds: tuple[str, ...] = ("fork", "exec", "exit")) -> list[Probe]:
         """Process lifecycle events: ``fork`` (the new task), ``exec`` (its new program and argv),
@@ -431,8 +446,15 @@ class Tracer:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
                 raw = [int(getattr(ptregs, r)) for r in syscalls.ARG_REGS]
-                args = syscalls.decode(probe.name, raw, self._user_reader(regs))
-                out = self._event("syscall", probe.name, thread, regs, args)
+                if probe.name in SYSCALL_EXITS:
+                    self._in_syscall[self._task_address(regs)] = (probe.name, raw)  # reported at its end
+                else:
+                    args = syscalls.decode(probe.name, raw, self._user_reader(regs))
+                    out = self._event("syscall", probe.name, thread, regs, args)
+            elif probe.kind == "sysexit":
+                entry = self._in_syscall.get(self._task_address(regs))
+                if entry is not None and SYSCALL_EXITS.get(entry[0]) == probe.name:
+                    self._await_return(probe, regs, syscall=entry)
             elif probe.kind == "count":
                 out = Event(time.monotonic(), _vcpu(thread), "count", probe.name)
             elif probe.kind == "lifecycle":
@@ -445,13 +467,7 @@ class Tracer:
                 args = {r: regs.get(r, 0) for r in ARG_REGS}
                 out = self._event("kprobe", probe.name, thread, regs, args)
         elif probe is not None and probe.ret:
-            ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-            pend = _Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic())
-            if ret_addr not in self._returns:
-                self._returns[ret_addr] = []
-                if ret_addr not in self.probes:
-                    self.stub.set_breakpoint(ret_addr)
-            self._returns[ret_addr].append(pend)
+            self._await_return(probe, regs)
         if rip in self._returns:
             waiting = self._returns[rip]
             task = self._task_address(regs)
@@ -459,6 +475,12 @@ class Tracer:
                 if p.task == task and p.rsp_after == regs["rsp"]:
                     del waiting[i]
                     rax = regs.get("rax", 0)
+                    if p.syscall is not None:
+                        self._in_syscall.pop(task, None)
+                        name, raw = p.syscall
+                        args = syscalls.decode_exit(name, raw, rax, self._user_reader(regs))
+                        out = self._event("syscall", name, thread, regs, args)
+                        break
                     ret_val = (p.probe.target.return_value(rax, self._user_reader(regs))
                                if p.probe.target is not None else rax)
                     kind = "uretprobe" if p.probe.kind == "uprobe" else "kretprobe"
@@ -470,6 +492,17 @@ class Tracer:
                 if rip not in self.probes:
                     self.stub.remove_breakpoint(rip)  # gone: the vCPU continues with no step
         return out
+
+    def _await_return(self, probe: Probe, regs: dict[str, int],
+                      syscall: tuple[str, list[int]] | None = None) -> None:
+        """Break at the return address on the stack (keyed by task and stack pointer)."""
+        ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
+        pend = _Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall)
+        if ret_addr not in self._returns:
+            self._returns[ret_addr] = []
+            if ret_addr not in self.probes:
+                self.stub.set_breakpoint(ret_addr)
+        self._returns[ret_addr].append(pend)
 
     def _check_step(self, thread: str, before: dict[str, int]) -> None:
         """After stepping off a breakpoint: if the vCPU entered an exception or interrupt handler
