@@ -22,73 +22,15 @@ import drgn
 
 from aradia.errors import AradiaError
 from aradia.linux.guard import GUEST_ERRORS
-from aradia.linux.usersyms import UserSymbols
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
-from aradia.trace.uprobes import UserTarget
+from aradia.trace.probes import Filter, Pending, Probe, Watch
+from aradia.trace.uprobes import UserSpace, UserTarget
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 NOP5 = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
-
-
-@dataclass
-class Probe:
-    """One armed probe."""
-
-    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", or aradia's own "mmap"/"sysexit" hooks
-    name: str
-    address: int
-    ret: bool = False
-    #: Bytes to skip instead of single-stepping (the 5-byte ftrace NOP at function entry).
-    skip: int = 0
-    target: UserTarget | None = None
-
-
-@dataclass
-class Watch:
-    """One watchpoint: ``length`` bytes at guest-virtual ``address``; ``access`` is w, r or rw."""
-
-    address: int
-    length: int
-    access: str
-    pid: int | None = None  # report only accesses by this process (tgid)
-
-    @property
-    def gdb_kind(self) -> int:
-        """The GDB ``Z`` type: 2 write, 3 read, 4 access."""
-        return {"w": 2, "r": 3, "rw": 4}[self.access]
-
-
-@dataclass
-class Filter:
-    """Which events to keep (None: any)."""
-
-    pids: set[int] | None = None
-    comms: set[str] | None = None
-    uids: set[int] | None = None
-
-    def keep(self, ev: Event) -> bool:
-        """Whether ``ev`` passes."""
-        return ((self.pids is None or ev.tgid in self.pids or ev.pid in self.pids)
-                and (self.comms is None or ev.comm in self.comms)
-                and (self.uids is None or ev.uid in self.uids))
-
-
-@dataclass
-class _Pending:
-    """A return we wait for: the probe, the task and the stack pointer the return will leave.
-
-    Keyed by task, not vCPU: a task may sleep in the function and return on another vCPU.
-    """
-
-    probe: Probe
-    task: int
-    rsp_after: int
-    entry_time: float
-    #: a syscall whose results are read at this return: its name and raw arguments
-    syscall: tuple[str, list[int]] | None = None
 
 
 LIFECYCLE = {"fork": "proc_fork_connector", "exec": "proc_exec_connector", "exit": "proc_exit_connector"}
@@ -112,10 +54,8 @@ class Tracer:
     probes: dict[int, Probe] = field(default_factory=dict)
     watches: dict[int, Watch] = field(default_factory=dict)
     filter: Filter = field(default_factory=Filter)
-    _returns: dict[int, list[_Pending]] = field(default_factory=dict)
-    _targets: list[UserTarget] = field(default_factory=list)
-    _usersyms: UserSymbols | None = None
-    _accepted: dict[tuple[int, int], bool] = field(default_factory=dict)  # (mm, address) -> maps it
+    _returns: dict[int, list[Pending]] = field(default_factory=dict)
+    _userspace: UserSpace | None = None
     _stopped: bool = False
     _refault: dict[tuple[int, int], int] = field(default_factory=dict)  # (task, rip) -> rsp
     _gone: str | None = None  # why the traced guest is gone (reset, shutdown, QEMU exit)
@@ -201,9 +141,10 @@ class Tracer:
         with self._lock, self._halted():
             if MMAP_HOOK not in {p.name for p in self.probes.values() if p.kind == "mmap"}:
                 self._arm(Probe("mmap", MMAP_HOOK, self._symbol(MMAP_HOOK)))
-            self._targets.append(target)
-            for mm in self._address_spaces(target):
-                for us in self._syms().resolve(mm, target.lib, target.symbol):
+            user = self._user()
+            user.targets.append(target)
+            for mm in user.address_spaces(target):
+                for us in user.syms.resolve(mm, target.lib, target.symbol):
                     self._arm_user(target, us.address, us.file.mm)
         return target
 
@@ -247,7 +188,7 @@ class Tracer:
 
     def _arm_user(self, target: UserTarget, address: int, mm: int) -> None:
         target.addresses.setdefault(address, set()).add(mm)
-        self._accepted[(mm, address)] = True
+        self._user().accepted[(mm, address)] = True
         have = self.probes.get(address)
         if have is None:
             self._arm(Probe("uprobe", target.spec, address, target.ret, target=target))
@@ -266,8 +207,8 @@ class Tracer:
             self._remove_uprobe(target)
 
     def _remove_uprobe(self, target: UserTarget) -> None:
-        if target in self._targets:
-            self._targets.remove(target)
+        if target in self._user().targets:
+            self._user().targets.remove(target)
         for address in target.addresses:
             probe = self.probes.get(address)
             if probe is not None and probe.target is target:
@@ -299,73 +240,24 @@ class Tracer:
                 self._stopped = False
                 self.stub.cont()
 
-    def _syms(self) -> UserSymbols:
-        if self._usersyms is None:
-            self._usersyms = UserSymbols(self.vm.linux.prog)
-        return self._usersyms
-
-    # --- user space ----------------------------------------------------------------------------------
-    def _address_spaces(self, target: UserTarget) -> list[drgn.Object]:
-        """The ``mm`` of every process the target's filter takes now."""
-        from aradia.linux.walks import each_task
-
-        out = []
-        prog = self.vm.linux.prog
-        for task in each_task(prog, self._syms().warnings):
-            with contextlib.suppress(*GUEST_ERRORS):
-                if int(task.pid) != int(task.tgid) or not task.mm:
-                    continue
-                comm = task.comm.string_().decode(errors="replace")
-                if target.wants(int(task.tgid), comm, lambda t=task: _exe(t)):
-                    out.append(task.mm)
-        return out
+    def _user(self) -> UserSpace:
+        if self._userspace is None:
+            self._userspace = UserSpace(self.vm.linux.prog)
+        return self._userspace
 
     def _on_mmap(self, regs: dict[str, int]) -> None:
-        """A new mapping: arm targets whose library it maps from offset 0."""
-        if not self._targets:
-            return
-        prog = self.vm.linux.prog
-        try:
-            vma = drgn.Object(prog, "struct vm_area_struct *", value=regs["rdi"])
-            f = vma.vm_file
-            if not f or int(vma.vm_pgoff):
-                return
-            mm = int(vma.vm_mm.value_())
-            for key in [k for k in self._accepted if k[0] == mm]:
-                del self._accepted[key]  # the address space changed
-            from aradia.linux.walks import d_path
-
-            path = d_path(f.f_path).decode(errors="replace")
-            syms = self._syms()
-            for target in self._targets:
-                if not syms.file_matches(vma, path, target.lib):
-                    continue
-                elf = syms.elf(vma)
-                sym = None if elf is None else elf.lookup(target.symbol)
-                if elf is not None and sym is not None:
-                    self._arm_user(target, int(vma.vm_start) - elf.first_vaddr + sym.value, mm)
-        except GUEST_ERRORS:
-            return
+        """A new mapping: arm the targets whose library it maps (at their address in that process)."""
+        for target, address, mm in self._user().new_mapping(regs["rdi"]):
+            self._arm_user(target, address, mm)
 
     def _user_hit_ok(self, probe: Probe, regs: dict[str, int]) -> bool:
         """Whether a user-space breakpoint hit is the target's: right process, symbol mapped there."""
-        target = probe.target
-        assert target is not None
+        assert probe.target is not None
         try:
             task = self._current(regs)
-            if task is None or not task.mm:
-                return False
-            comm = task.comm.string_().decode(errors="replace")
-            if not target.wants(int(task.tgid), comm, lambda: _exe(task)):
-                return False
-            mm = int(task.mm.value_())
-            key = (mm, probe.address)
-            if key not in self._accepted:
-                found = self._syms().resolve(task.mm, target.lib, target.symbol)
-                self._accepted[key] = any(u.address == probe.address for u in found)
-            return self._accepted[key]
         except GUEST_ERRORS:
             return False
+        return task is not None and self._user().hit_ok(probe.target, probe.address, task)
 
     # --- the task on a vCPU ------------------------------------------------------------------------
     def _current(self, regs: dict[str, int]) -> drgn.Object | None:
@@ -497,7 +389,7 @@ class Tracer:
                       syscall: tuple[str, list[int]] | None = None) -> None:
         """Break at the return address on the stack (keyed by task and stack pointer)."""
         ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-        pend = _Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall)
+        pend = Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall)
         if ret_addr not in self._returns:
             self._returns[ret_addr] = []
             if ret_addr not in self.probes:
@@ -641,13 +533,6 @@ class Tracer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _exe(task: drgn.Object) -> str | None:
-    from aradia.linux.walks import d_path
-
-    exe = task.mm.exe_file
-    return d_path(exe.f_path).decode(errors="replace") if exe else None
 
 
 def _vcpu(thread: str | None) -> int:

@@ -13,13 +13,18 @@ Arguments are decoded by a signature: ``str`` (a C string in user memory), ``int
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import drgn
+
 from aradia.errors import AradiaError
-from aradia.linux.usersyms import parse_spec
+from aradia.linux.guard import GUEST_ERRORS
+from aradia.linux.usersyms import UserSymbols, parse_spec
+from aradia.linux.walks import d_path, each_task
 from aradia.trace.syscalls import read_cstring
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -127,3 +132,82 @@ class UserTarget:
     def return_value(self, rax: int, read: Callable[[int, int], bytes]) -> Any:
         """The decoded return value."""
         return decode_value(self.signature.ret or "hex", rax, read)
+
+
+@dataclass
+class UserSpace:
+    """The guest's address spaces as user-space probes see them: which processes a target takes,
+    where a new mapping puts a target's symbol, and whether a hit is really the target's."""
+
+    prog: drgn.Program
+    targets: list[UserTarget] = field(default_factory=list)
+    syms: UserSymbols = field(init=False)
+    #: (mm, address) -> whether that address space has the target's symbol at that address
+    accepted: dict[tuple[int, int], bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.syms = UserSymbols(self.prog)
+
+    def address_spaces(self, target: UserTarget) -> list[drgn.Object]:
+        """The ``mm`` of every process the target's filter takes now."""
+        out = []
+        for task in each_task(self.prog, self.syms.warnings):
+            with contextlib.suppress(*GUEST_ERRORS):
+                if int(task.pid) != int(task.tgid) or not task.mm:
+                    continue
+                comm = task.comm.string_().decode(errors="replace")
+                if target.wants(int(task.tgid), comm, lambda t=task: exe_path(t)):
+                    out.append(task.mm)
+        return out
+
+    def new_mapping(self, vma_address: int) -> list[tuple[UserTarget, int, int]]:
+        """``(target, address, mm)`` for each target whose library a new VMA maps from offset 0.
+
+        Every process is taken here (at mmap time an exec'ing task may not have its new name yet);
+        :meth:`hit_ok` applies the target's filter when the breakpoint hits.
+        """
+        out: list[tuple[UserTarget, int, int]] = []
+        if not self.targets:
+            return out
+        try:
+            vma = drgn.Object(self.prog, "struct vm_area_struct *", value=vma_address)
+            f = vma.vm_file
+            if not f or int(vma.vm_pgoff):
+                return out
+            mm = int(vma.vm_mm.value_())
+            for key in [k for k in self.accepted if k[0] == mm]:
+                del self.accepted[key]  # the address space changed
+            path = d_path(f.f_path).decode(errors="replace")
+            for target in self.targets:
+                if not self.syms.file_matches(vma, path, target.lib):
+                    continue
+                elf = self.syms.elf(vma)
+                sym = None if elf is None else elf.lookup(target.symbol)
+                if elf is not None and sym is not None:
+                    out.append((target, int(vma.vm_start) - elf.first_vaddr + sym.value, mm))
+        except GUEST_ERRORS:
+            return out
+        return out
+
+    def hit_ok(self, target: UserTarget, address: int, task: drgn.Object) -> bool:
+        """Whether ``task`` (running at ``address``) passes the target's filter and has the target's
+        symbol mapped there (checked once per address space)."""
+        try:
+            if not task.mm:
+                return False
+            comm = task.comm.string_().decode(errors="replace")
+            if not target.wants(int(task.tgid), comm, lambda: exe_path(task)):
+                return False
+            key = (int(task.mm.value_()), address)
+            if key not in self.accepted:
+                found = self.syms.resolve(task.mm, target.lib, target.symbol)
+                self.accepted[key] = any(u.address == address for u in found)
+            return self.accepted[key]
+        except GUEST_ERRORS:
+            return False
+
+
+def exe_path(task: drgn.Object) -> str | None:
+    """The path of a task's executable (``/proc/PID/exe``), None for a kernel thread."""
+    exe = task.mm.exe_file if task.mm else None
+    return d_path(exe.f_path).decode(errors="replace") if exe else None
