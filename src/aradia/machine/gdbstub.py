@@ -19,18 +19,25 @@ from aradia.sources.base import Segment
 from aradia.sources.gdbstub import GdbMemory
 
 
+def _chardev_address(dev: str) -> str | None:
+    """The address a ``tcp:HOST:PORT,…`` or ``unix:PATH,…`` character device listens on."""
+    if dev.startswith("tcp:"):
+        host, _, port = dev[4:].partition(",")[0].rpartition(":")
+        return f"{host or '127.0.0.1'}:{port}"
+    if dev.startswith("unix:"):
+        return "unix:" + dev[5:].partition(",")[0]
+    return None
+
+
 def gdb_address_from_cmdline(args: list[str]) -> str | None:
     """The ``host:port`` a QEMU command line makes its GDB stub listen on, if any."""
     for i, a in enumerate(args):
         if a == "-s":
             return "127.0.0.1:1234"
         if a in ("-gdb", "--gdb") and i + 1 < len(args):
-            dev = args[i + 1]
-            if dev.startswith("tcp:"):
-                host, _, port = dev[4:].partition(",")[0].rpartition(":")
-                return f"{host or '127.0.0.1'}:{port}"
-            if dev.startswith("unix:"):
-                return "unix:" + dev[5:].partition(",")[0]
+            addr = _chardev_address(args[i + 1])
+            if addr:
+                return addr
     return None
 
 
@@ -45,14 +52,8 @@ def _qemu_cmdline(pid: int) -> list[str]:
 def gdb_address_from_chardevs(chardevs: list[dict[str, object]]) -> str | None:
     """The address of a stub started at run time, from QMP ``query-chardev`` (label ``gdb``)."""
     for dev in chardevs:
-        if dev.get("label") != "gdb":
-            continue
-        name = str(dev.get("filename", "")).removeprefix("disconnected:")
-        if name.startswith("tcp:"):
-            host, _, port = name[4:].partition(",")[0].rpartition(":")
-            return f"{host or '127.0.0.1'}:{port}"
-        if name.startswith("unix:"):
-            return "unix:" + name[5:].partition(",")[0]
+        if dev.get("label") == "gdb":
+            return _chardev_address(str(dev.get("filename", "")).removeprefix("disconnected:"))
     return None
 
 
