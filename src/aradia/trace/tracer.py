@@ -112,10 +112,8 @@ class Tracer:
         else:
             raise AradiaError(f"no syscall entry for {name!r} in this kernel")
         with self._lock:
-            hook = SYSCALL_EXITS.get(name)
-            hooks = {p.name for p in self.probes.values() if p.kind == "sysexit"}
-            if hook is not None and hook not in hooks:
-                self._arm(Probe("sysexit", hook, self._symbol(hook)))
+            if name in SYSCALL_EXITS:
+                self._arm_hook("sysexit", SYSCALL_EXITS[name])
             return self._arm(Probe("syscall", name, int(addr)))
 
     def add_lifecycle(self, kinds: tuple[str, ...] = ("fork", "exec", "exit")) -> list[Probe]:
@@ -139,8 +137,7 @@ class Tracer:
         """
         target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args)
         with self._lock, self._halted():
-            if MMAP_HOOK not in {p.name for p in self.probes.values() if p.kind == "mmap"}:
-                self._arm(Probe("mmap", MMAP_HOOK, self._symbol(MMAP_HOOK)))
+            self._arm_hook("mmap", MMAP_HOOK)
             user = self._user()
             user.targets.append(target)
             for mm in user.address_spaces(target):
@@ -185,6 +182,11 @@ class Tracer:
         self.stub.set_breakpoint(probe.address)
         self.probes[probe.address] = probe
         return probe
+
+    def _arm_hook(self, kind: str, symbol: str) -> None:
+        """Arm one of aradia's own hooks on kernel function ``symbol``, once however many probes need it."""
+        if not any(p.kind == kind and p.name == symbol for p in self.probes.values()):
+            self._arm(Probe(kind, symbol, self._symbol(symbol)))
 
     def _arm_user(self, target: UserTarget, address: int, mm: int) -> None:
         target.addresses.setdefault(address, set()).add(mm)
