@@ -62,6 +62,7 @@ class Tracer:
     #: one thread at a time talks to the stub: the event loop between waits, or a thread adding probes
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _entry_stubs: tuple[int, int] | None = None
+    _current_off: int | None = None
     _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
 
     @classmethod
@@ -262,19 +263,27 @@ class Tracer:
         return task is not None and self._user().hit_ok(probe.target, probe.address, task)
 
     # --- the task on a vCPU ------------------------------------------------------------------------
+    def _current_offset(self) -> int | None:
+        """Offset of the current task pointer in a CPU's per-CPU area (``current_task``, or in
+        ``pcpu_hot`` from 6.2); looked up once, not at every hit."""
+        if self._current_off is None:
+            prof = self.vm.linux.profile
+            off = prof.symbol("current_task")
+            if off is None:
+                base = prof.symbol("pcpu_hot")
+                if base is None:
+                    return None
+                off = base + drgn.offsetof(self.vm.linux.prog.type("struct pcpu_hot"), "current_task")
+            self._current_off = int(off)
+        return self._current_off
+
     def _current(self, regs: dict[str, int]) -> drgn.Object | None:
         prog = self.vm.linux.prog
         # in user mode the kernel's per-CPU base is the one swapgs put aside
         gs = regs.get("k_gs_base", 0) if regs.get("cs", 0) & CPL_MASK else regs.get("gs_base", 0)
-        if not gs:
+        off = self._current_offset()
+        if not gs or off is None:
             return None
-        prof = self.vm.linux.profile
-        off = prof.symbol("current_task")
-        if off is None:
-            base = prof.symbol("pcpu_hot")
-            if base is None:
-                return None
-            off = base + drgn.offsetof(prog.type("struct pcpu_hot"), "current_task")
         ptr = int.from_bytes(prog.read(gs + off, 8, False), "little")
         return drgn.Object(prog, "struct task_struct *", value=ptr)
 
