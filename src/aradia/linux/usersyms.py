@@ -117,25 +117,37 @@ class UserSymbols:
         elf = self.elf(vma)
         return elf is not None and elf.soname == lib
 
+    def lookup(self, vma: drgn.Object, path: str, lib: str,
+               symbol: str) -> tuple[DynamicSymbols, ElfSymbol | None] | None:
+        """``(its symbols, symbol)`` when ``vma`` maps ``lib`` (the symbol None if ``lib`` has none of
+        that name); None when it maps another file, or one whose symbols cannot be read."""
+        if not self.file_matches(vma, path, lib):
+            return None
+        elf = self.elf(vma)
+        return None if elf is None else (elf, elf.lookup(symbol))
+
     def resolve(self, mm: drgn.Object, lib: str, symbol: str) -> list[UserSymbol]:
         """Addresses of ``lib``'s ``symbol`` in address space ``mm`` (one per mapping of ``lib``)."""
         out = []
         missing = None
         for vma, mf in self.mapped_files(mm):
             try:
-                if not self.file_matches(vma, mf.path, lib):
-                    continue
-                elf = self.elf(vma)
-                sym = None if elf is None else elf.lookup(symbol)
+                found = self.lookup(vma, mf.path, lib, symbol)
             except GUEST_ERRORS as e:
                 self.warnings.add(f"{mf.path}: symbols unreadable ({e})")
                 continue
-            if elf is None:
+            if found is None:
                 continue
+            elf, sym = found
             if sym is None:
                 missing = mf.path
                 continue
-            out.append(UserSymbol(mf.start - elf.first_vaddr + sym.value, sym, mf))
+            out.append(UserSymbol(load_address(mf.start, elf, sym), sym, mf))
         if not out and missing is not None:
             raise AradiaError(f"{missing} has no dynamic symbol {symbol!r}")
         return out
+
+
+def load_address(start: int, elf: DynamicSymbols, sym: ElfSymbol) -> int:
+    """Where ``sym`` is in a process that maps the file's first page at ``start``."""
+    return start - elf.first_vaddr + sym.value

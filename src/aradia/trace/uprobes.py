@@ -23,7 +23,7 @@ import drgn
 
 from aradia.errors import AradiaError
 from aradia.linux.guard import GUEST_ERRORS
-from aradia.linux.usersyms import UserSymbols, parse_spec
+from aradia.linux.usersyms import UserSymbols, load_address, parse_spec
 from aradia.linux.walks import d_path, each_task
 from aradia.trace.syscalls import read_cstring
 
@@ -109,9 +109,10 @@ class UserTarget:
     def make(cls, spec: str, *, ret: bool = False, process: str | None = None, pid: int | None = None,
              args: str | None = None) -> UserTarget:
         """A target; ``args`` is a signature (:func:`parse_signature`), else the built-in one if any."""
-        _lib, symbol = parse_spec(spec)
-        sig = parse_signature(args) if args else SIGNATURES.get(symbol.split("@", 1)[0], Signature())
-        return cls(spec, ret, process, pid, sig)
+        target = cls(spec, ret, process, pid)
+        target.signature = (parse_signature(args) if args
+                            else SIGNATURES.get(target.symbol.split("@", 1)[0], Signature()))
+        return target
 
     def wants(self, tgid: int, comm: str, exe: Callable[[], str | None]) -> bool:
         """Whether a task (``exe`` gives its executable's path, called only if needed) passes the filter."""
@@ -153,10 +154,7 @@ class UserSpace:
         out = []
         for task in each_task(self.prog, self.syms.warnings):
             with contextlib.suppress(*GUEST_ERRORS):
-                if int(task.pid) != int(task.tgid) or not task.mm:
-                    continue
-                comm = task.comm.string_().decode(errors="replace")
-                if target.wants(int(task.tgid), comm, lambda t=task: exe_path(t)):
+                if int(task.pid) == int(task.tgid) and task.mm and _takes(target, task):
                     out.append(task.mm)
         return out
 
@@ -179,12 +177,9 @@ class UserSpace:
                 del self.accepted[key]  # the address space changed
             path = d_path(f.f_path).decode(errors="replace")
             for target in self.targets:
-                if not self.syms.file_matches(vma, path, target.lib):
-                    continue
-                elf = self.syms.elf(vma)
-                sym = None if elf is None else elf.lookup(target.symbol)
-                if elf is not None and sym is not None:
-                    out.append((target, int(vma.vm_start) - elf.first_vaddr + sym.value, mm))
+                found = self.syms.lookup(vma, path, target.lib, target.symbol)
+                if found is not None and found[1] is not None:
+                    out.append((target, load_address(int(vma.vm_start), found[0], found[1]), mm))
         except GUEST_ERRORS:
             return out
         return out
@@ -193,10 +188,7 @@ class UserSpace:
         """Whether ``task`` (running at ``address``) passes the target's filter and has the target's
         symbol mapped there (checked once per address space)."""
         try:
-            if not task.mm:
-                return False
-            comm = task.comm.string_().decode(errors="replace")
-            if not target.wants(int(task.tgid), comm, lambda: exe_path(task)):
+            if not task.mm or not _takes(target, task):
                 return False
             key = (int(task.mm.value_()), address)
             if key not in self.accepted:
@@ -205,6 +197,12 @@ class UserSpace:
             return self.accepted[key]
         except GUEST_ERRORS:
             return False
+
+
+def _takes(target: UserTarget, task: drgn.Object) -> bool:
+    """Whether ``task`` passes the target's process filter (its exe path is read only if needed)."""
+    comm = task.comm.string_().decode(errors="replace")
+    return target.wants(int(task.tgid), comm, lambda: exe_path(task))
 
 
 def exe_path(task: drgn.Object) -> str | None:
