@@ -35,7 +35,6 @@ Ratios are printed last. Usage:
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib.util
 import math
 import os
@@ -368,8 +367,9 @@ def main() -> int:
 
     image = build_guest(args.kernel)
     so = build_plugin()
+    programs = guest_programs()
     with tempfile.TemporaryDirectory(prefix="aradia-bench-") as tmp:
-        loop = guest_programs().build_loop(Path(tmp))
+        loop = programs.build_loop(Path(tmp))
     ph = {n: Phase(n) for n in PHASES}
     checks: list[tuple[int, int]] = []
     hot_seen: list[int] = []
@@ -378,7 +378,7 @@ def main() -> int:
                    plugins=[shm.plugin_arg(so)]) as guest, \
             attach(f"qmp:{guest.qmp_path}") as vm:
         gdb_address = f"127.0.0.1:{guest.gdb_port}"
-        guest.run(f"echo {base64.b64encode(loop).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+        programs.install_program(guest, "loop", loop)
         vm.load_kernel()
         target = vm.linux.profile.symbol(HOT_SYMBOL)
         if target is None:

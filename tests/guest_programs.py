@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aradia.machine.launcher import Guest
+
+
+def install_program(guest: Guest, name: str, data: bytes) -> None:
+    """Copy a program into the guest as ``/tmp/NAME``, executable (through the console)."""
+    guest.run(f"echo {base64.b64encode(data).decode()} | base64 -d > /tmp/{name}; chmod +x /tmp/{name}")
+
+
+def _build_static(tmp: Path, name: str, source: str, flags: list[str]) -> bytes:
+    """Compile ``source`` as a static program ``name`` on the host; its bytes."""
+    src, exe = tmp / f"{name}.c", tmp / name
+    src.write_text(source)
+    subprocess.run(["gcc", "-static", *flags, "-o", str(exe), str(src)], check=True, capture_output=True,
+                   timeout=60)
+    return exe.read_bytes()
 
 LOOP_C = r"""
 /* loop N: N getppid() syscalls, then "calls N ns T" with T from CLOCK_MONOTONIC. No libc. */
@@ -43,12 +62,9 @@ __asm__(".globl _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call cmain\n
 
 def build_loop(tmp: Path) -> bytes:
     """Compile ``loop`` (static, no libc) on the host; its bytes, ready to copy into a guest."""
-    src, exe = tmp / "loop.c", tmp / "loop"
-    src.write_text(LOOP_C)
-    subprocess.run(["gcc", "-static", "-nostdlib", "-Os", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
-                    "-fno-pie", "-no-pie", "-s", "-Wl,-N", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-                    "-o", str(exe), str(src)], check=True, capture_output=True, timeout=60)
-    return exe.read_bytes()
+    return _build_static(tmp, "loop", LOOP_C, ["-nostdlib", "-Os", "-fno-stack-protector",
+                                                "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie", "-s",
+                                                "-Wl,-N", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments"])
 
 
 UNIX_C = r"""
@@ -74,11 +90,7 @@ int main(int argc, char **argv) {
 
 def build_unixpair(tmp: Path) -> bytes:
     """Compile ``unixpair`` (static) on the host; its bytes."""
-    src, exe = tmp / "unixpair.c", tmp / "unixpair"
-    src.write_text(UNIX_C)
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(exe), str(src)], check=True, capture_output=True,
-                   timeout=60)
-    return exe.read_bytes()
+    return _build_static(tmp, "unixpair", UNIX_C, ["-Os", "-s"])
 
 
 ACCEPT_C = r"""
@@ -125,8 +137,4 @@ int main(void) { return pair(AF_INET) || pair(AF_INET6); }
 
 def build_acceptpair(tmp: Path) -> bytes:
     """Compile ``acceptpair`` (static) on the host; its bytes."""
-    src, exe = tmp / "acceptpair.c", tmp / "acceptpair"
-    src.write_text(ACCEPT_C)
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(exe), str(src)], check=True, capture_output=True,
-                   timeout=60)
-    return exe.read_bytes()
+    return _build_static(tmp, "acceptpair", ACCEPT_C, ["-Os", "-s"])

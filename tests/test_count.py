@@ -7,7 +7,6 @@ but the shell that starts it, a few times at most).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -23,15 +22,14 @@ import pytest
 from aradia.machine.images import GuestImage
 from aradia.machine.launcher import Guest, launch
 from aradia.trace.plugin import PluginShm, build_plugin
-from guest_programs import build_loop
+from guest_programs import build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"
 SHELL_EXTRA = 8  # getppid calls of the shell around the loop, at most
 
 
 def _install_loop(guest: Guest, tmp: Path) -> None:
-    data = build_loop(tmp)
-    guest.run(f"echo {base64.b64encode(data).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+    install_program(guest, "loop", build_loop(tmp))
 
 
 def _count_cli(guest: Guest, n: int, path: str, duration: float) -> tuple[dict[str, object], str]:

@@ -6,7 +6,6 @@ another GDB client can arm the same address afterwards.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import signal
@@ -28,7 +27,7 @@ from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
-from guest_programs import build_loop
+from guest_programs import build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"
 
@@ -43,8 +42,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> Rig:
     guest = launch_guest("6.1", smp=2, gdb=True)
-    loop = build_loop(tmp_path_factory.mktemp("loop"))
-    guest.run(f"echo {base64.b64encode(loop).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+    install_program(guest, "loop", build_loop(tmp_path_factory.mktemp("loop")))
     with attach(f"qmp:{guest.qmp_path}") as vm:
         target = vm.linux.profile.symbol(SYMBOL)
     assert target is not None
@@ -130,14 +128,19 @@ def test_kill_9_of_the_tracer_leaves_the_guest_running(rig: Rig, tmp_path: Path)
     assert _loop_finishes(rig.guest, 100_000, timeout=30), "the guest is still frozen"
     assert time.monotonic() - killed < 30
     # No breakpoint remains: a new client can arm (and disarm) the very same address.
+    _arm_again(rig)
+    rig.guest.run("kill %1 2>/dev/null; pkill -f 'loop 100000000'; true", check=False)
+    assert _loop_finishes(rig.guest, 1000, timeout=30)
+
+
+def _arm_again(rig: Rig) -> None:
+    """A new client can arm (and disarm) the probe's address: the stub is free, nothing is left armed."""
     client = GdbClient(rig.address, was_running=True)
     try:
         client.set_breakpoint(0, rig.target)
         client.remove_breakpoint(0, rig.target)
     finally:
         client.close()
-    rig.guest.run("kill %1 2>/dev/null; pkill -f 'loop 100000000'; true", check=False)
-    assert _loop_finishes(rig.guest, 1000, timeout=30)
 
 
 def _alive(pid: int) -> bool:
@@ -194,12 +197,7 @@ def test_ctrl_c_of_the_cli_tracer_leaves_the_guest_running(rig: Rig, tmp_path: P
     assert _gone(guardians[0], 5), "the guardian outlived the CLI"
     # The guest's hot loop runs on (nothing armed, nothing holding the VM) and the stub is free.
     assert _loop_finishes(rig.guest, 100_000, timeout=30), "the guest is frozen after Ctrl-C"
-    client = GdbClient(rig.address, was_running=True)
-    try:
-        client.set_breakpoint(0, rig.target)
-        client.remove_breakpoint(0, rig.target)
-    finally:
-        client.close()
+    _arm_again(rig)
     rig.guest.run("pkill -f 'loop 100000000'; true", check=False)
     assert _loop_finishes(rig.guest, 1000, timeout=30)
 

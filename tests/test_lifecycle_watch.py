@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -19,33 +18,10 @@ from aradia.machine.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from tracing import trace_while
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2}
-
-
-def _traced(guest: Guest, arm: Callable[[Tracer], None], action: Callable[[], str],
-            limit: float = 120) -> tuple[list[Event], str]:
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["text"] = action()
-        except Exception as e:  # re-raised in the test thread
-            out["error"] = e
-        finally:
-            out["done"] = True
-
-    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
-        arm(tracer)
-        worker = threading.Thread(target=run)
-        worker.start()
-        events: list[Event] = []
-        tracer.run(events.append, duration=limit, until=lambda: bool(out.get("done")))  # the callback API
-    worker.join(30)
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return events, str(out.get("text", ""))
 
 
 @pytest.mark.timeout(300)
@@ -55,7 +31,7 @@ def test_fork_exec_exit_of_known_children(guest: Guest) -> None:
     def arm(tracer: Tracer) -> None:
         tracer.add_lifecycle()
 
-    events, text = _traced(guest, arm, lambda: guest.run(script, check=False))
+    events, text = trace_while(guest, arm, lambda: guest.run(script, check=False))
     children = {int(p): int(c) for p, c in re.findall(r"child=(\d+) code=(\d+)", text)}
     assert len(children) == 3, text
     for pid, code in children.items():
@@ -87,7 +63,7 @@ def test_watchpoint_sees_exactly_the_process_own_writes_and_reads(guest: Guest) 
             return ""
 
         before = hold.dump(offset, 4)
-        events, _ = _traced(guest, arm, writes)
+        events, _ = trace_while(guest, arm, writes)
         hits = [e for e in events if e.kind == "watch"]
         # memhold writes byte by byte, in address order: each poke is four writes, and after the k-th
         # the watched bytes are the new value's first k bytes and the old value's rest
@@ -104,7 +80,7 @@ def test_watchpoint_sees_exactly_the_process_own_writes_and_reads(guest: Guest) 
         def arm_read(tracer: Tracer) -> None:
             tracer.add_watch(hold.vaddr + offset + 1, 2, "r", pid=hold.pid)
 
-        events, _ = _traced(guest, arm_read, lambda: hold.dump(offset, 4).hex())
+        events, _ = trace_while(guest, arm_read, lambda: hold.dump(offset, 4).hex())
         reads = [(e.tgid, e.args["address"], e.args["access"]) for e in events if e.kind == "watch"]
         # dump reads byte by byte: bytes 1 and 2 of the four are watched
         assert reads == [(hold.pid, hold.vaddr + offset + 1, "r")] * 2, [e.line() for e in events]

@@ -12,7 +12,6 @@ completes makes the destination abort ("invalid runstate transition: 'inmigrate'
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import secrets
@@ -34,7 +33,7 @@ from aradia.machine.launcher import Guest
 from aradia.proto.qmp import QMPClient
 from aradia.trace.guardian import GuardedStub
 from aradia.vm import attach
-from guest_programs import build_loop
+from guest_programs import build_loop, install_program
 
 HOT = "__x64_sys_getppid"  # the loop calls it without a pause
 COLD = "__x64_sys_reboot"  # nothing calls it while the test runs
@@ -97,7 +96,7 @@ def pair(boot_guest: BootGuest, loop_binary: bytes) -> Iterator[Pair]:
     try:
         with boot_guest("6.1", **GUEST) as source, \
                 boot_guest("6.1", **GUEST, incoming=f"unix:{sock}") as destination:
-            source.run(f"echo {base64.b64encode(loop_binary).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+            install_program(source, "loop", loop_binary)
             with attach(f"qmp:{source.qmp_path}") as vm:
                 hot, cold = vm.linux.profile.symbol(HOT), vm.linux.profile.symbol(COLD)
             assert hot is not None and cold is not None
@@ -177,6 +176,31 @@ def _gone(pid: int, timeout: float) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
+def _refused(stdout: IO[str]) -> tuple[str, str]:
+    """The tracer's error after the migration and its refused stale continue: both ``Migrated``."""
+    error = _expect(stdout, "error", 10)
+    print(error)
+    cont = _expect(stdout, "cont", 10)
+    assert error.startswith("error Migrated "), error
+    assert cont.startswith("cont Migrated "), cont
+    return error, cont
+
+
+def _source_never_resumed(qmp: QMPClient, poller: StatePoller, guardian_pid: int) -> None:
+    """The guardian is gone, and the source never left its migrated state (polled all along)."""
+    assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
+    time.sleep(1.5)
+    seen = poller.stop()
+    assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
+    assert _status(qmp) == "postmigrate"
+
+
+def _stop(tracer: subprocess.Popen[str]) -> None:
+    if tracer.poll() is None:
+        tracer.kill()
+        tracer.wait()
+
+
 def _destination_runs_the_guest(destination: Guest) -> None:
     with QMPClient(destination.qmp_path) as qmp:
         state = _status(qmp)
@@ -200,24 +224,14 @@ def test_hot_probe_steps_aside_and_the_source_is_never_resumed(pair: Pair, tmp_p
             info = _migrate(qmp, pair.uri)
             assert info["status"] == "completed", info
             poller = StatePoller(qmp)
-            error = _expect(tracer.stdout, "error", 10)
-            print(error)
-            cont = _expect(tracer.stdout, "cont", 10)
-            assert error.startswith("error Migrated "), error
-            assert cont.startswith("cont Migrated "), cont
+            _error, cont = _refused(tracer.stdout)
             assert "migrat" in cont
             _destination_runs_the_guest(pair.destination)
             os.kill(tracer.pid, signal.SIGKILL)
             tracer.wait()
-            assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
-            time.sleep(1.5)
-            seen = poller.stop()
-            assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
-            assert _status(qmp) == "postmigrate"
+            _source_never_resumed(qmp, poller, guardian_pid)
     finally:
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
+        _stop(tracer)
 
 
 @pytest.mark.timeout(240)
@@ -243,23 +257,15 @@ def test_probe_held_through_a_migration_refuses_to_continue(pair: Pair, tmp_path
             info = _migrate(qmp, pair.uri)
             assert info["status"] == "completed", info
             poller = StatePoller(qmp)
-            error = _expect(tracer.stdout, "error", 10)
-            print(error)
-            cont = _expect(tracer.stdout, "cont", 10)
-            assert error.startswith("error Migrated ") and "live-migrated away" in error, error
-            assert cont.startswith("cont Migrated ") and "live-migrated away" in cont, cont
+            error, cont = _refused(tracer.stdout)
+            assert "live-migrated away" in error, error
+            assert "live-migrated away" in cont, cont
             _destination_runs_the_guest(destination)
             if ending == "close":
                 _expect(tracer.stdout, "closed", 10)
             else:
                 os.kill(tracer.pid, signal.SIGKILL)
                 tracer.wait()
-            assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
-            time.sleep(1.5)
-            seen = poller.stop()
-            assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
-            assert _status(qmp) == "postmigrate"
+            _source_never_resumed(qmp, poller, guardian_pid)
     finally:
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
+        _stop(tracer)

@@ -11,7 +11,6 @@ addresses and how many calls failed as they must.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
@@ -46,7 +45,7 @@ from aradia.trace.plugin import (
     plugin_shm_path,
 )
 from aradia.vm import VM, attach
-from guest_programs import build_loop
+from guest_programs import build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"
 N = 200_000
@@ -236,8 +235,7 @@ def rig(guest_image: Callable[[str], GuestImage], tmp_path_factory: pytest.TempP
                 target = vm.linux.profile.symbol(SYMBOL)
                 assert target is not None
                 for name, data in (("loop", loop), ("sysargs", sysargs)):
-                    guest.run(f"echo {base64.b64encode(data).decode()} | base64 -d > /tmp/{name}; "
-                              f"chmod +x /tmp/{name}")
+                    install_program(guest, name, data)
                 gdb = GdbClient(f"127.0.0.1:{guest.gdb_port}", was_running=True)
                 gdb.restore_run_state()
                 try:

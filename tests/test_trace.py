@@ -6,7 +6,6 @@ address; the trace must hold exactly those events with exactly those decoded arg
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -21,7 +20,8 @@ from aradia.machine.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
-from guest_programs import build_acceptpair, build_loop
+from guest_programs import build_acceptpair, build_loop, install_program
+from tracing import trace_while
 
 N_EXEC = 50
 WORK = "\n".join(
@@ -97,19 +97,15 @@ def test_lifecycle_exact(guest: Guest) -> None:
 def test_concurrent_hits_exact(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Four processes hit one breakpoint at once (all-stop parks the other vCPUs on it): every call of
     every process is one event, none lost, none twice."""
-    loop = build_loop(tmp_path_factory.mktemp("loop"))
-    guest.run(f"echo {base64.b64encode(loop).decode()} | base64 -d > /tmp/loop; chmod +x /tmp/loop")
+    install_program(guest, "loop", build_loop(tmp_path_factory.mktemp("loop")))
     n, procs = 150, 4
-    done: dict[str, str] = {}
-    events: list[Event] = []
-    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+
+    def arm(tracer: Tracer) -> None:
         tracer.add_syscall("getppid")
-        worker = threading.Thread(target=lambda: done.update(
-            out=guest.run(" & ".join([f"/tmp/loop {n}"] * procs) + "; wait", timeout=240)))
-        worker.start()
-        events.extend(tracer.events(duration=240, until=lambda: "out" in done))
-        worker.join(10)
-    assert done.get("out", "").count(f"calls {n} ") == procs, done
+
+    events, out = trace_while(guest, arm, lambda: guest.run(" & ".join([f"/tmp/loop {n}"] * procs) + "; wait",
+                                                            timeout=240), limit=240)
+    assert out.count(f"calls {n} ") == procs, out
     per_process: dict[int, int] = {}
     for e in events:
         if e.comm == "loop":
@@ -121,20 +117,16 @@ def test_concurrent_hits_exact(guest: Guest, tmp_path_factory: pytest.TempPathFa
 def test_accept_and_read_results(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """accept's peer address and read's bytes exist only when the syscall is done: the trace reports
     them then, equal to what the guest program itself saw (its own ports, the bytes it read)."""
-    prog = build_acceptpair(tmp_path_factory.mktemp("accept"))
-    guest.run(f"echo {base64.b64encode(prog).decode()} | base64 -d > /tmp/acceptpair; chmod +x /tmp/acceptpair")
-    done: dict[str, str] = {}
-    events: list[Event] = []
-    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+    install_program(guest, "acceptpair", build_acceptpair(tmp_path_factory.mktemp("accept")))
+
+    def arm(tracer: Tracer) -> None:
         tracer.add_syscall("accept")
         tracer.add_syscall("read")
         tracer.filter.comms = {"acceptpair"}
-        worker = threading.Thread(target=lambda: done.update(out=guest.run("/tmp/acceptpair", timeout=120)))
-        worker.start()
-        events.extend(tracer.events(duration=150, until=lambda: "out" in done))
-        worker.join(10)
-    truth = re.findall(r"family (\d+) listen (\d+) client (\d+) accepted (\d+) read (\S+)", done.get("out", ""))
-    assert len(truth) == 2, done
+
+    events, out = trace_while(guest, arm, lambda: guest.run("/tmp/acceptpair", timeout=120), limit=150)
+    truth = re.findall(r"family (\d+) listen (\d+) client (\d+) accepted (\d+) read (\S+)", out)
+    assert len(truth) == 2, out
     accepts = [e for e in events if e.name == "accept"]
     reads = [e for e in events if e.name == "read" and e.args["data"] and e.args["data"].startswith(b"ping-")]
     assert len(accepts) == 2 and len(reads) == 2, [e.line() for e in events]

@@ -15,9 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,38 +24,11 @@ from aradia.errors import GuestDataCorrupt
 from aradia.linux.elfsyms import DynamicSymbols
 from aradia.machine.images import default_cache_dir
 from aradia.machine.launcher import Guest
-from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
-from aradia.vm import attach
+from tracing import trace_while
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2}
-
-
-def _trace_while(guest: Guest, arm: Callable[[Tracer], None], action: Callable[[], object],
-                 limit: float = 120) -> tuple[list[Event], object]:
-    """Arm probes, run ``action`` (in a thread) while collecting events, return both."""
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = action()
-        except Exception as e:  # re-raised in the test thread
-            result["error"] = e
-        finally:
-            result["done"] = True
-
-    events: list[Event] = []
-    with attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
-        arm(tracer)
-        worker = threading.Thread(target=run)
-        worker.start()
-        events.extend(tracer.events(duration=limit, until=lambda: bool(result.get("done"))))
-    worker.join(30)
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    assert result.get("done"), "the guest action did not finish while traced"
-    return events, result.get("value")
 
 
 @pytest.mark.timeout(300)
@@ -69,7 +40,7 @@ def test_crypt_sees_the_password_of_an_ssh_login(guest: Guest) -> None:
         tracer.add_uprobe("libcrypt.so.1:crypt", process="dropbear")
         tracer.add_uprobe("libc.so.6:getpwnam", process="dropbear")
 
-    events, out = _trace_while(guest, arm, lambda: guest.ssh("echo session=$PPID", password=True))
+    events, out = trace_while(guest, arm, lambda: guest.ssh("echo session=$PPID", password=True))
     session = int(str(out).split("session=")[1].split()[0])  # dropbear's process for this login
     crypts = [e for e in events if e.name == "libcrypt.so.1:crypt"]
     assert len(crypts) == 1, [e.line() for e in events]
@@ -102,7 +73,7 @@ def test_readline_return_is_each_typed_command_line(guest: Guest) -> None:
     def arm(tracer: Tracer) -> None:
         tracer.add_uprobe("bash:readline", ret=True)
 
-    events, out = _trace_while(guest, arm, session)
+    events, out = trace_while(guest, arm, session)
     text = str(out)
     assert "typed-42" in text, text
     shell = int(text.split("shell=")[-1].split()[0])  # the interactive bash, as it reports itself
