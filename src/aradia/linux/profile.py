@@ -41,6 +41,7 @@ from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, Unsu
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
 from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
+from aradia.linux.vmlinux import notes_build_id
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine import images
 from aradia.machine.paging import translate
@@ -58,7 +59,6 @@ DIRECT_MAP_5L = 0xFF11_0000_0000_0000
 MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE
 MAX_VMCOREINFO = 4096
 PROFILE_FORMAT = 1
-_GNU_BUILD_ID = 3
 
 
 def default_cache_dir() -> Path:
@@ -227,24 +227,6 @@ def _maps_to(mem: PhysicalMemory, root: int, vaddr: int, paddr: int, la57: bool)
 
 def _read_u64(mem: PhysicalMemory, paddr: int) -> int:
     return int(struct.unpack("<Q", mem.read(paddr, 8))[0])
-
-
-def _build_id_from_notes(data: bytes) -> str | None:
-    """The GNU build ID in an ELF notes blob (``__start_notes``..``__stop_notes``)."""
-    pos = 0
-    for _ in range(256):
-        if pos + 12 > len(data):
-            return None
-        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
-        name_end = pos + 12 + ((namesz + 3) & ~3)
-        desc_end = name_end + ((descsz + 3) & ~3)
-        if desc_end > len(data):
-            return None
-        if ntype == _GNU_BUILD_ID and data[pos + 12:pos + 12 + namesz].rstrip(b"\0") == b"GNU" \
-                and 0 < descsz <= 64:
-            return data[name_end:name_end + descsz].hex()
-        pos = desc_end
-    return None
 
 
 class _Timer:
@@ -627,5 +609,5 @@ def _notes_build_id(mem: PhysicalMemory, symtab: ks.SymbolTable, phys: Callable[
     if start is None or stop is None or not 0 < stop - start <= 1 << 16:
         return None
     with contextlib.suppress(AradiaError):
-        return _build_id_from_notes(mem.read(phys(start), stop - start))
+        return notes_build_id(mem.read(phys(start), stop - start), max_notes=256)
     return None

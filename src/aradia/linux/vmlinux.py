@@ -271,10 +271,10 @@ def elf_btf(data: bytes) -> tuple[bytes, str | None]:
     return blob, build_id
 
 
-def notes_build_id(notes: bytes) -> str | None:
-    """The GNU build ID in an ELF notes blob, as hex, or None."""
+def notes_build_id(notes: bytes, max_notes: int = 1024) -> str | None:
+    """The GNU build ID in an ELF notes blob, as hex, or None (after at most ``max_notes`` notes)."""
     pos = 0
-    for _ in range(1024):
+    for _ in range(max_notes):
         if pos + 12 > len(notes):
             return None
         namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
