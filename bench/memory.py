@@ -16,8 +16,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from aradia.machine.images import build_guest
-from aradia.machine.launcher import launch
+from aradia.lab.images import build_guest
+from aradia.lab.launcher import launch
 from aradia.machine.qemu import Qemu
 from aradia.sources import dumpwrite
 from aradia.sources.dumpfile import open_dump

@@ -38,11 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aradia.cache import cache_dir
 from aradia.errors import AradiaError
-from aradia.machine import images
-from aradia.machine.debian import PrivateApt, deb_field
-from aradia.machine.images import GuestImage, build_guest
-from aradia.machine.launcher import launch
+from aradia.lab import images
+from aradia.lab.debian import PrivateApt, deb_field
+from aradia.lab.images import GuestImage, build_guest
+from aradia.lab.launcher import launch
 from aradia.sources.dumpwrite import write_raw
 from aradia.vm import attach, open_dump
 
@@ -405,7 +406,7 @@ def main() -> int:
     if missing:
         print(f"NOTE: {', '.join(missing)} not installed: the Volatility 3 comparison is skipped. "
               f"Install with: pip install 'aradia[bench]'  (or: pip install {' '.join(missing)})", flush=True)
-    image_cache = images.default_cache_dir()
+    image_cache = cache_dir()
     image = build_guest(args.kernel)  # guest images come from the normal cache; profiles go to temp dirs
     r: dict[str, float] = {}
     with launch(image, memory=args.memory, shared_memory=True, vmcoreinfo=True) as guest, \

@@ -50,8 +50,8 @@ from pathlib import Path
 from types import ModuleType
 
 from aradia.errors import AradiaError
-from aradia.machine.images import build_guest
-from aradia.machine.launcher import Guest, launch
+from aradia.lab.images import build_guest
+from aradia.lab.launcher import Guest, launch
 from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.events import Event
 from aradia.trace.plugin import PluginShm, build_plugin, force_retranslation

@@ -39,8 +39,8 @@ fi
 
 # Test guests (Debian kernels + busybox/bash/dropbear initramfs), cached after the first build.
 case "$target" in
-  demo) .venv/bin/python -m aradia.machine.images 6.1 ;;
-  test) .venv/bin/python -m aradia.machine.images 5.10 6.1 6.12 ;;
+  demo) .venv/bin/python -m aradia.lab.images 6.1 ;;
+  test) .venv/bin/python -m aradia.lab.images 5.10 6.1 6.12 ;;
 esac
 
 case "$target" in

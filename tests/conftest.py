@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from aradia.errors import GuestError
-from aradia.machine.images import GuestImage, build_guest
-from aradia.machine.launcher import QEMU_BINARY, Guest, launch
+from aradia.lab import GuestError
+from aradia.lab.images import GuestImage, build_guest
+from aradia.lab.launcher import Guest, launch
+from aradia.machine.qemu import QEMU_BINARY
 
 BOOT_TIMES: list[tuple[str, float]] = []
 BUILD_TIMES: list[tuple[str, float]] = []
@@ -88,6 +89,21 @@ def guest(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest]) ->
     series = getattr(request.module, "GUEST_SERIES", "6.1")
     options = dict(getattr(request.module, "GUEST_OPTIONS", {}))
     return launch_guest(series, **options)
+
+
+GUEST_FIXTURES = frozenset({"guest_image", "boot_guest", "launch_guest", "guest"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``guest`` every test that uses a guest fixture (directly or through another fixture).
+
+    So ``pytest -m "not guest"`` is the fast unit run by construction: every guest the suite boots
+    comes from these fixtures (bare QEMUs without a kernel, ``tests/bare_qemu.py``, start in ~0.1 s
+    and stay in the unit run; they need QEMU installed).
+    """
+    for item in items:
+        if GUEST_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.guest)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

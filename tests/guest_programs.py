@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from aradia.machine.launcher import Guest
+    from aradia.lab.launcher import Guest
 
 
 def install_program(guest: Guest, name: str, data: bytes) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from aradia.errors import NotRAM
+from aradia.lab.launcher import Guest, MemHold
 from aradia.linux.identify import find_banner, find_vmcoreinfo
-from aradia.machine.launcher import Guest, MemHold
 from aradia.sources import dumpwrite
 from aradia.sources.base import PhysicalMemory
 from aradia.vm import VM, attach, open_dump

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aradia.machine.launcher import Guest
+from aradia.lab.launcher import Guest
 from aradia.vm import attach
 
 GiB = 1 << 30

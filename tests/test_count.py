@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from aradia.machine.images import GuestImage
-from aradia.machine.launcher import Guest, launch
+from aradia.lab.images import GuestImage
+from aradia.lab.launcher import Guest, launch
 from aradia.trace.plugin import PluginShm, build_plugin
 from guest_programs import build_loop, install_program
 

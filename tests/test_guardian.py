@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from aradia.errors import AradiaError, NotAttached
-from aradia.machine.launcher import Guest
+from aradia.lab.launcher import Guest
 from aradia.machine.qemu import Qemu
 from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.guardian import GuardedStub

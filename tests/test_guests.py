@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from aradia.errors import GuestError
-from aradia.machine.images import GUEST_IP, GuestImage
-from aradia.machine.launcher import Guest, launch, memhold_pattern
+from aradia.lab import GuestError
+from aradia.lab.images import GUEST_IP, GuestImage
+from aradia.lab.launcher import Guest, launch, memhold_pattern
 
 pytestmark = pytest.mark.guest
 

@@ -43,9 +43,9 @@ from drgn.helpers.linux.pid import find_task, for_each_task
 from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
 from aradia.errors import AradiaError
+from aradia.lab.launcher import Guest
 from aradia.linux.guard import Warnings, bounded
 from aradia.linux.walks import open_files, xa_entries
-from aradia.machine.launcher import Guest
 from aradia.sources.dumpwrite import write_elf
 from aradia.vm import VM, attach, open_dump
 

@@ -29,7 +29,7 @@ from typing import IO
 import pytest
 
 from aradia.errors import Migrated
-from aradia.machine.launcher import Guest
+from aradia.lab.launcher import Guest
 from aradia.proto.qmp import QMPClient
 from aradia.trace.guardian import GuardedStub
 from aradia.vm import attach

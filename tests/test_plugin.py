@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from aradia.errors import GuestError
-from aradia.machine.images import GuestImage
-from aradia.machine.launcher import Guest, launch
+from aradia.lab import GuestError
+from aradia.lab.images import GuestImage
+from aradia.lab.launcher import Guest, launch
 from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.plugin import (
     DATA_MAX,

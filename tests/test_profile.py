@@ -21,6 +21,7 @@ import drgn
 import pytest
 
 from aradia.errors import GuestDataCorrupt
+from aradia.lab.launcher import Guest
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import (
     ARRAY,
@@ -48,7 +49,6 @@ from aradia.linux.btf import (
 )
 from aradia.linux.profile import KernelNotFound, ProfileCache, find_profile
 from aradia.linux.program import make_program, platform_x86_64
-from aradia.machine.launcher import Guest
 from aradia.sources.base import PhysicalMemory, Segment
 from aradia.vm import VM, attach, open_dump
 

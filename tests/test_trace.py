@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from aradia.machine.launcher import Guest
+from aradia.lab.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach

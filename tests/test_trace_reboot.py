@@ -14,7 +14,7 @@ import time
 import pytest
 
 from aradia.errors import AradiaError
-from aradia.machine.launcher import Guest
+from aradia.lab.launcher import Guest
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from aradia.cache import cache_dir
 from aradia.errors import GuestDataCorrupt
+from aradia.lab.launcher import Guest
 from aradia.linux.elfsyms import DynamicSymbols
-from aradia.machine.images import default_cache_dir
-from aradia.machine.launcher import Guest
 from aradia.trace.tracer import Tracer
 from tracing import trace_while
 
@@ -84,7 +84,7 @@ def test_readline_return_is_each_typed_command_line(guest: Guest) -> None:
 
 # --- the ELF reader ---------------------------------------------------------------------------------
 def _guest_files() -> list[Path]:
-    root = next((default_cache_dir() / "userland").glob("*/root"), None)
+    root = next((cache_dir("userland")).glob("*/root"), None)
     if root is None:
         pytest.fail("no guest userland in the cache (the guest fixture builds it)")
     return [root / "bin/bash", *sorted((root / "lib/x86_64-linux-gnu").glob("lib*.so*"))]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from aradia.lab.launcher import Guest
 from aradia.linux.identify import find_vmcoreinfo
-from aradia.machine.launcher import Guest
 from aradia.sources import dumpwrite
 from aradia.vm import VM, attach, open_dump
 from guest_programs import build_unixpair

@@ -25,14 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aradia.errors import AradiaError, UnsupportedKernel
+from aradia.lab.images import build_guest
+from aradia.lab.launcher import Guest
 from aradia.linux import vmlinux
 from aradia.linux.btf import INT, STRUCT, Btf
 from aradia.linux.kernel import Kernel
 from aradia.linux.module_btf import module_btfs
 from aradia.linux.profile import find_profile
 from aradia.linux.vmlinux import KernelFileError, btf_from_bytes, elf_sections, read_btf
-from aradia.machine.images import build_guest
-from aradia.machine.launcher import Guest
 from aradia.vm import attach
 
 BUILD_ID = bytes(range(20))

@@ -331,7 +331,7 @@ def _jsonable(v: object) -> object:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the default guest and show what aradia sees."""
-    from aradia.demo import run_demo
+    from aradia.lab.demo import run_demo
 
     return run_demo(kernel=args.kernel, accel=args.accel)
 

@@ -63,7 +63,3 @@ class UnsupportedKernel(AradiaError):
 
 class ProtocolError(AradiaError):
     """A peer (QMP, GDB stub) answered something the protocol does not allow."""
-
-
-class GuestError(AradiaError):
-    """A test/launcher-level failure: a guest did not boot or a guest command failed."""

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aradia.cache import cache_dir
 from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, UnsupportedKernel
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
 from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
 from aradia.linux.vmlinux import notes_build_id
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
-from aradia.machine import images
 from aradia.machine.paging import translate
 from aradia.sources.base import PhysicalMemory
 
@@ -59,11 +59,6 @@ DIRECT_MAP_5L = 0xFF11_0000_0000_0000
 MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE
 MAX_VMCOREINFO = 4096
 PROFILE_FORMAT = 1
-
-
-def default_cache_dir() -> Path:
-    """``$ARADIA_CACHE/profiles`` if set, else ``~/.cache/aradia/profiles``."""
-    return images.default_cache_dir() / "profiles"
 
 
 @dataclass
@@ -256,7 +251,7 @@ class ProfileCache:
     """``<root>/<build id>/``: ``profile.json``, ``names.bin`` (kallsyms), ``btf-index.bin``."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root) if root is not None else cache_dir("profiles")
 
     def _dir(self, build_id: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{8,128}", build_id):

@@ -1,1 +1,1 @@
-"""Machine layer: QEMU control, vCPUs, page-table walks and guest images."""
+"""Machine layer: QEMU control (QMP, run state, vCPU registers, GDB stub) and page-table walks."""

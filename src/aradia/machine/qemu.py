@@ -18,11 +18,17 @@ from dataclasses import dataclass
 
 from aradia.errors import AradiaError, NotAttached, ProtocolError
 from aradia.machine.registers import parse_info_registers
+from aradia.machine.stubaddress import free_port, gdb_address_from_chardevs, gdb_address_from_cmdline
+from aradia.proto.gdbrsp import GdbClient
 from aradia.proto.mtree import FlatRange, ram_ranges
 from aradia.proto.qmp import QMPClient, QMPCommandError, QMPEvent
 from aradia.sources.base import PhysicalMemory, Segment
+from aradia.sources.gdbstub import GdbMemory
 from aradia.sources.procmem import ProcMemory
 from aradia.sources.sharedfile import SharedFileMemory
+
+#: The QEMU to run (test lab, plugin builder); ``$ARADIA_QEMU`` points at another build or a wrapper.
+QEMU_BINARY = os.environ.get("ARADIA_QEMU", "qemu-system-x86_64")
 
 _GPA2HVA = re.compile(r"is\s+(0x[0-9a-fA-F]+)")
 
@@ -241,9 +247,40 @@ class Qemu:
         return ProcMemory(self.pid, [Segment(r.start, r.size, self.gpa2hva(r.start)) for r in ranges])
 
     def _gdb_memory(self, ranges: list[FlatRange]) -> PhysicalMemory:
-        from aradia.machine.gdbstub import open_gdb_memory
+        # QEMU >= 8.1 sends no stop reply on connect, so the client cannot tell by itself whether the
+        # VM ran; QMP can.
+        client = GdbClient(self.gdb_address(), was_running=self.status() == "running")
+        try:
+            return GdbMemory(client, [Segment(r.start, r.size, r.start) for r in ranges], own_client=True)
+        except BaseException:
+            client.close()
+            raise
 
-        return open_gdb_memory(self, [Segment(r.start, r.size, r.start) for r in ranges])
+    def cmdline(self) -> list[str]:
+        """QEMU's command line (from ``/proc``; empty when QEMU is not a readable process here)."""
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except (OSError, TypeError):
+            return []
+
+    def gdb_address(self, start: bool = True) -> str:
+        """The GDB stub address: from QEMU's command line, a stub started earlier, or a new one.
+
+        A stub QEMU already runs is never replaced: ``gdbserver`` would close it under its client
+        (and QEMU refuses a second one). With ``start=False`` a missing stub is :class:`NotAttached`.
+        """
+        addr = gdb_address_from_cmdline(self.cmdline()) if self.pid else None
+        addr = addr or gdb_address_from_chardevs(self.qmp.execute("query-chardev"))
+        if addr:
+            return addr
+        if not start:
+            raise NotAttached("QEMU has no GDB stub")
+        port = free_port()
+        out = self.qmp.hmp(f"gdbserver tcp:127.0.0.1:{port}")
+        if "error" in out.lower() or "could not" in out.lower():
+            raise NotAttached(f"QEMU could not start a GDB stub: {out.strip()}")
+        return f"127.0.0.1:{port}"
 
     # --- other ---------------------------------------------------------------------------------
     def dump_guest_memory(self, path: str, *, paging: bool = False, detach: bool = False) -> None:

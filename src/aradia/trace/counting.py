@@ -100,14 +100,13 @@ class CallCounter:
 
     def _retranslate(self, addresses: set[int]) -> None:
         """TCG instruments code when it translates it: redo the translations of ``addresses``."""
-        from aradia.machine.gdbstub import gdb_address
         from aradia.proto.gdbrsp import GdbClient
         from aradia.trace.plugin import force_retranslation
 
         if not addresses:
             return
         qemu = self.vm.machine
-        client = GdbClient(gdb_address(qemu), was_running=qemu.status() == "running")
+        client = GdbClient(qemu.gdb_address(), was_running=qemu.status() == "running")
         try:
             missed = force_retranslation(client, addresses)
         finally:

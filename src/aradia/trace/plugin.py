@@ -42,10 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aradia.cache
+from aradia.cache import cache_lock
 from aradia.errors import AradiaError
-from aradia.machine.debian import PrivateApt, run_tool
-from aradia.machine.images import cache_lock, default_cache_dir
-from aradia.machine.launcher import QEMU_BINARY
+from aradia.lab.debian import PrivateApt, run_tool
+from aradia.machine.qemu import QEMU_BINARY
 from aradia.trace.syscalls import ARG_REGS
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ def build_plugin(cache_dir: Path | None = None, *, header: Path | None = None,
     ``header`` overrides the download with a ``qemu-plugin.h`` of the installed QEMU's version (for
     a QEMU that is not Debian's). Raises :class:`PluginError` when a tool or the download fails.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
     info = installed_qemu()
     key = (str(cache), info.cache_name + (f"@{header}" if header else ""))

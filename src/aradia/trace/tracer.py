@@ -68,12 +68,11 @@ class Tracer:
     @classmethod
     def open(cls, vm: Any) -> Tracer:
         """A tracer on a live VM: finds (or starts) its GDB stub and puts a guardian in front of it."""
-        from aradia.machine.gdbstub import gdb_address
 
         if vm.machine is None:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
         vm.load_kernel()
-        stub = GuardedStub(gdb_address(vm.machine), was_running=vm.machine.status() == "running")
+        stub = GuardedStub(vm.machine.gdb_address(), was_running=vm.machine.status() == "running")
         tracer = cls(vm, stub)
         vm.machine.qmp.on_event(tracer._on_qmp_event)
         return tracer

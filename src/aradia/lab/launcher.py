@@ -1,4 +1,4 @@
-"""Launch a QEMU guest from a :class:`~aradia.machine.images.GuestImage` and talk to it.
+"""Launch a QEMU guest from a :class:`~aradia.lab.images.GuestImage` and talk to it.
 
 ``launch(image)`` starts ``qemu-system-x86_64`` (TCG by default) with QMP on a unix socket, the
 console (ttyS0) on a unix-socket chardev the launcher keeps one connection open to (everything it
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from aradia.errors import GuestError
-from aradia.machine.images import GuestImage
+from aradia.lab import GuestError
+from aradia.lab.images import GuestImage
+from aradia.machine.qemu import QEMU_BINARY
+from aradia.machine.stubaddress import free_port
 
-#: The QEMU to run; ``$ARADIA_QEMU`` points at another build (e.g. a newer QEMU, or a wrapper).
-QEMU_BINARY = os.environ.get("ARADIA_QEMU", "qemu-system-x86_64")
 _SUN_PATH_MAX = 107
 _RUN_CHUNK = 1500  # base64 characters per console line: far below the tty's 4 KiB line buffer
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
@@ -48,12 +48,6 @@ def memory_bytes(memory: str | int) -> int:
         raise GuestError(f"cannot parse memory size {memory!r}")
     shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
     return int(m.group(1)) << shift
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -527,8 +521,8 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         guest.memory_size = memory_bytes(memory)
-        guest.ssh_port = _free_port() if ssh else None
-        guest.gdb_port = _free_port() if gdb else None
+        guest.ssh_port = free_port() if ssh else None
+        guest.gdb_port = free_port() if gdb else None
         guest.args = _qemu_args(image, guest, accel=accel, smp=smp, memory=memory, cpu=cpu, machine=machine,
                                 append=append, plugins=plugins, vmcoreinfo=vmcoreinfo, extra_args=extra_args,
                                 incoming=incoming)

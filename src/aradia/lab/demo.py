@@ -6,9 +6,9 @@ import os
 import tempfile
 import time
 
+from aradia.lab.images import build_guest
+from aradia.lab.launcher import launch
 from aradia.linux.identify import find_banner, find_vmcoreinfo, parse_vmcoreinfo
-from aradia.machine.images import build_guest
-from aradia.machine.launcher import launch
 from aradia.sources import dumpwrite
 from aradia.vm import attach, open_dump
 

@@ -12,7 +12,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from aradia.errors import AradiaError, GuestError
+from aradia.errors import AradiaError
+from aradia.lab import GuestError
 
 KEYRING_DIR = Path("/usr/share/keyrings")
 MIRROR = "http://deb.debian.org/debian"

@@ -14,7 +14,6 @@ their results with atomic renames.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -32,8 +31,10 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
-from aradia.errors import GuestError
-from aradia.machine.debian import PrivateApt, deb_field, run_tool
+import aradia.cache
+from aradia.cache import cache_lock
+from aradia.lab import GuestError
+from aradia.lab.debian import PrivateApt, deb_field, run_tool
 
 ROOT_PASSWORD = "aradia-root"
 """The guest's root password (ssh password logins and the console use it)."""
@@ -109,12 +110,6 @@ class GuestImage:
         return self.kernel_path
 
 
-def default_cache_dir() -> Path:
-    """``$ARADIA_CACHE`` if set, else ``~/.cache/aradia``."""
-    env = os.environ.get("ARADIA_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "aradia").absolute()
-
-
 def build_guest(
     kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None
 ) -> GuestImage:
@@ -125,7 +120,7 @@ def build_guest(
     """
     if kernel not in SERIES:
         raise GuestError(f"unknown kernel series {kernel!r}; known: {', '.join(SERIES)}")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
     image_dir = cache / "images" / f"{kernel}-{_image_key(kernel)}"
     cached = _load_image(cache, image_dir)
@@ -202,17 +197,6 @@ def _load_image(cache: Path, image_dir: Path) -> GuestImage | None:
     if image.ssh_key is not None:
         needed.append(image.ssh_key)
     return image if all(p.exists() for p in needed) else None
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed) for the block: one builder at a time."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -645,7 +629,7 @@ done
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aradia.machine.images [SERIES...]``: build (or find cached) guest images."""
+    """``python -m aradia.lab.images [SERIES...]``: build (or find cached) guest images."""
     import sys
     import time
 

@@ -1,0 +1,17 @@
+"""aradia's test lab, beside the library and never imported by it.
+
+Debian test-guest images built from Debian packages (:mod:`~aradia.lab.images`, through a private apt
+configuration in :mod:`~aradia.lab.debian`), a QEMU launcher that boots them and talks to them
+(:mod:`~aradia.lab.launcher`), the TCG plugin builder (:mod:`~aradia.lab.plugin_build`) and the demo
+(:mod:`~aradia.lab.demo`). The library (``proto``, ``sources``, ``machine``, ``linux``, ``trace`` and
+what builds on them) must not import this package: ``tests/test_layers.py`` keeps that rule.
+"""
+
+from aradia.errors import AradiaError
+
+
+class GuestError(AradiaError):
+    """A lab failure: a guest image could not be built, a guest did not boot or a guest command failed."""
+
+
+__all__ = ["GuestError"]
