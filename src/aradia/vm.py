@@ -9,40 +9,19 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aradia.errors import AradiaError, NotAttached
+from aradia.machine.handle import CpuState, cpu_state
 from aradia.machine.paging import Translation, Translator
 from aradia.machine.qemu import Qemu
 from aradia.sources.base import PhysicalMemory, Range
 
-CR4_LA57 = 1 << 12
+if TYPE_CHECKING:
+    from aradia.linux.kernel import Kernel
+    from aradia.linux.profile import Progress
 
-
-@dataclass(frozen=True)
-class CpuState:
-    """The registers of one vCPU that address translation and a first look need."""
-
-    index: int
-    rip: int
-    rsp: int
-    cr3: int
-    cr4: int
-    cpl: int
-    regs: dict[str, int]
-
-    @property
-    def la57(self) -> bool:
-        """Whether the vCPU uses 5-level paging."""
-        return bool(self.cr4 & CR4_LA57)
-
-
-def _cpu_state(index: int, regs: dict[str, int]) -> CpuState:
-    cpl = regs.get("cpl", regs.get("cs", 0) & 3)
-    return CpuState(index, regs.get("rip", 0), regs.get("rsp", 0), regs.get("cr3", 0), regs.get("cr4", 0),
-                    cpl, regs)
-
+__all__ = ["VM", "CpuState", "attach", "open_dump"]
 
 class VM:
     """Guest memory, vCPUs and run control of one VM (a live QEMU or a dump)."""
@@ -55,10 +34,10 @@ class VM:
         self._dump_cpus = dump_cpus or []
         self._static = (id(self), 0)
         self.translator = Translator(memory, self.stamp)
-        self._kernel: Any = None
+        self._kernel: Kernel | None = None
 
     # --- the Linux layer (loaded on first use) ---------------------------------------------------
-    def load_kernel(self, progress: Any = None, *, btf_source: str | None = None) -> Any:
+    def load_kernel(self, progress: Progress | None = None, *, btf_source: str | None = None) -> Kernel:
         """Find the kernel profile in RAM and build the drgn Program (cached per VM and build ID).
 
         ``btf_source`` takes the BTF types from a vmlinuz/vmlinux file of the same build instead of RAM.
@@ -70,12 +49,12 @@ class VM:
         return self._kernel
 
     @property
-    def linux(self) -> Any:
+    def linux(self) -> Kernel:
         """The guest's Linux kernel: views (``processes()``, ``maps(pid)``...) and ``prog`` (drgn)."""
         return self.load_kernel()
 
     @property
-    def kernel(self) -> Any:
+    def kernel(self) -> Kernel:
         """Same object as :attr:`linux`; ``vm.kernel.prog`` is the drgn Program."""
         return self.load_kernel()
 
@@ -132,8 +111,8 @@ class VM:
     def cpus(self) -> list[CpuState]:
         """Register state of every vCPU (live: now; dump: as saved in the dump)."""
         if self.machine is not None:
-            return [_cpu_state(i, r) for i, r in sorted(self.machine.registers().items())]
-        return [_cpu_state(i, r) for i, r in enumerate(self._dump_cpus)]
+            return [cpu_state(i, r) for i, r in sorted(self.machine.registers().items())]
+        return [cpu_state(i, r) for i, r in enumerate(self._dump_cpus)]
 
     def cpu(self, index: int = 0) -> CpuState:
         """One vCPU's state."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import drgn
 
@@ -22,12 +22,13 @@ from aradia.linux import processes as _processes
 from aradia.linux.guard import Warnings
 from aradia.linux.profile import KernelProfile, find_profile
 from aradia.linux.program import make_program
+from aradia.machine.handle import VMHandle
 
 
 class Kernel:
     """The guest kernel seen through guest memory alone: no debug package, no agent."""
 
-    def __init__(self, vm: Any, progress: Callable[[str], None] | None = None, *,
+    def __init__(self, vm: VMHandle, progress: Callable[[str], None] | None = None, *,
                  btf_source: str | os.PathLike[str] | None = None) -> None:
         self.vm = vm
         self.profile: KernelProfile = find_profile(vm, progress, btf_source=btf_source)
@@ -70,3 +71,17 @@ class Kernel:
     def read_user(self, pid: int, address: int, size: int) -> bytes:
         """Read process ``pid``'s memory at user virtual ``address``."""
         return _maps.read_user(self.prog, pid, address, size)
+
+
+class LinuxVM(VMHandle, Protocol):
+    """A VM handle with its Linux kernel (what the trace layer takes; :class:`aradia.vm.VM` is one)."""
+
+    @property
+    def linux(self) -> Kernel:
+        """The guest's kernel (loaded on first use)."""
+        ...
+
+    def load_kernel(self, progress: Callable[[str], None] | None = None, *,
+                    btf_source: str | None = None) -> Kernel:
+        """Find the kernel profile in RAM and build the drgn Program (cached per VM)."""
+        ...

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import drgn
 
 from aradia.errors import AradiaError, NotRAM, PageFault
 from aradia.linux.btf import DATASEC, FUNC, VAR, DrgnTypes
 from aradia.linux.profile import KERNEL_HALF, KernelProfile, find_profile
+from aradia.machine.handle import VMHandle
 
 KERNEL_HALF_5L = 0xFF00_0000_0000_0000
 _TOP = 1 << 64
@@ -334,7 +334,7 @@ class KernelFinders:
 class _Reader:
     """drgn segment read functions over the VM's memory, raising drgn.FaultError on holes."""
 
-    def __init__(self, vm: Any, profile: KernelProfile) -> None:
+    def __init__(self, vm: VMHandle, profile: KernelProfile) -> None:
         self.vm = vm
         self.mem = vm.memory
         self.profile = profile
@@ -374,7 +374,7 @@ class _Reader:
             raise drgn.FaultError(f"virtual address {address:#x}: {e}", address) from None
 
 
-def make_program(vm: Any, profile: KernelProfile | None = None, *,
+def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
                  progress: Callable[[str], None] | None = None) -> drgn.Program:
     """A drgn Program for the kernel running in ``vm`` (live or a dump), with no DWARF.
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aradia.errors import AradiaError
+from aradia.linux.kernel import LinuxVM
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Count:
 class CallCounter:
     """Counts calls of kernel functions on a live VM (``vm`` from :func:`aradia.attach`)."""
 
-    vm: Any
+    vm: LinuxVM
     symbols: list[str]
     path: str = ""  # "plugin" or "gdb"
     addresses: dict[str, int] = field(default_factory=dict)
@@ -45,7 +46,7 @@ class CallCounter:
     _error: BaseException | None = None
 
     @classmethod
-    def open(cls, vm: Any, symbols: list[str], *, fast: bool | None = None) -> CallCounter:
+    def open(cls, vm: LinuxVM, symbols: list[str], *, fast: bool | None = None) -> CallCounter:
         """Start counting ``symbols``; ``fast`` True requires the plugin, False forces breakpoints,
         None (default) takes the plugin when the VM's QEMU has it."""
         from aradia.trace.plugin import plugin_shm_path
@@ -106,6 +107,7 @@ class CallCounter:
         if not addresses:
             return
         qemu = self.vm.machine
+        assert qemu is not None  # open() refuses a dump
         client = GdbClient(qemu.gdb_address(), was_running=qemu.status() == "running")
         try:
             missed = force_retranslation(client, addresses)
