@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from aradia import elf as E
 from aradia.elf import ElfFile, Note, iter_notes, notes_build_id
 from aradia.errors import AradiaError, DumpFormatError, GuestDataCorrupt
+from aradia.linux.elfsyms import DynamicSymbols
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -394,6 +395,19 @@ def test_notes_build_id() -> None:
     struct.pack_into("<I", broken, 4, 1 << 20)  # the first note's descsz runs off the end
     assert notes_build_id(bytes(broken)) is None
     assert notes_build_id(note(b"GNU", 3, BUILD_ID, little=False), little=False) == BUILD_ID.hex()
+
+
+# --- users of the reader -------------------------------------------------------------------------------
+def test_dynamic_symbols_use_the_bounded_reader() -> None:
+    """A guest file with a huge e_phnum is GuestDataCorrupt, and the 3.5 MiB table is never read."""
+    raw = bytearray(build(sample()))
+    struct.pack_into("<H", raw, 56, 0xFFFE)
+    read, sizes = recording(bytes(raw))
+    with pytest.raises(GuestDataCorrupt, match="absurd program header count"):
+        DynamicSymbols(read)
+    assert max(sizes) <= 64
+    with pytest.raises(GuestDataCorrupt, match="64-bit little-endian"):
+        DynamicSymbols(recording(build(sample(elf64=False)))[0])
 
 
 # --- against pyelftools -----------------------------------------------------------------------------------
