@@ -2,10 +2,11 @@
 
 The file is read through a callable ``read(offset, size)`` over the file's bytes, which
 :mod:`aradia.linux.usersyms` serves from guest memory (the page cache, or the process's own
-mapping). Only what the dynamic linker itself uses is parsed: the program headers, ``PT_DYNAMIC``
-and the ``.dynsym``/``.dynstr``/hash tables it points at — a stripped binary has exactly these.
-Lookups go through the GNU or SysV hash table, so finding one symbol reads a few hundred bytes.
-Everything is bounded: the file is guest data and may be corrupt or hostile.
+mapping). Only what the dynamic linker itself uses is parsed: the program headers and ``PT_DYNAMIC``
+(read by :class:`aradia.elf.ElfFile`, with its bounds) and the ``.dynsym``/``.dynstr``/hash tables
+they point at — a stripped binary has exactly these. Lookups go through the GNU or SysV hash table,
+so finding one symbol reads a few hundred bytes. Everything is bounded: the file is guest data and
+may be corrupt or hostile.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from aradia.elf import PT_LOAD, ElfFile
 from aradia.errors import GuestDataCorrupt
 
 ReadFile = Callable[[int, int], bytes]
 
-ET_EXEC, ET_DYN = 2, 3
-PT_LOAD, PT_DYNAMIC = 1, 2
-DT_NULL, DT_HASH, DT_STRTAB, DT_SYMTAB, DT_STRSZ, DT_SYMENT, DT_SONAME = 0, 4, 5, 6, 10, 11, 14
+DT_HASH, DT_STRTAB, DT_SYMTAB, DT_STRSZ, DT_SYMENT, DT_SONAME = 4, 5, 6, 10, 11, 14
 DT_GNU_HASH = 0x6FFFFEF5
 DT_VERSYM = 0x6FFFFFF0
 VERSYM_HIDDEN = 0x8000
@@ -73,38 +73,21 @@ class DynamicSymbols:
     """
 
     def __init__(self, read: ReadFile) -> None:
-        self._read = read
-        ehdr = self._bytes(0, 64, "ELF header")
-        if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
+        elf = ElfFile(read, error=GuestDataCorrupt, max_phnum=MAX_PHNUM)
+        if not (elf.elf64 and elf.little):
             raise GuestDataCorrupt("not a 64-bit little-endian ELF file")
-        self.type, = struct.unpack_from("<H", ehdr, 16)
-        phoff, = struct.unpack_from("<Q", ehdr, 32)
-        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
-        if phentsize < 56 or not 0 < phnum <= MAX_PHNUM:
-            raise GuestDataCorrupt(f"ELF program headers: {phnum} of {phentsize} bytes")
-        table = self._bytes(phoff, phentsize * phnum, "program headers")
-        self.loads: list[tuple[int, int, int]] = []  # (p_offset, p_vaddr, p_filesz)
-        dynamic: tuple[int, int] | None = None
-        for i in range(phnum):
-            p_type, _flags, off, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-            if p_type == PT_LOAD:
-                self.loads.append((off, vaddr, filesz))
-            elif p_type == PT_DYNAMIC:
-                dynamic = (off, filesz)
+        self._elf = elf
+        self.type = elf.type
+        self.loads: list[tuple[int, int, int]] = [  # (p_offset, p_vaddr, p_filesz)
+            (p.offset, p.vaddr, p.filesz) for p in elf.segments(PT_LOAD)]
         if not self.loads:
             raise GuestDataCorrupt("ELF file has no PT_LOAD segment")
         #: The link-time address the file's first page is loaded at (0 for a library or PIE).
         self.first_vaddr = min(v - o for o, v, _ in self.loads if o == 0) if any(
             o == 0 for o, _, _ in self.loads) else min(v for _, v, _ in self.loads) & ~0xFFF
         self._dyn: dict[int, int] = {}
-        if dynamic is not None:
-            count = min(dynamic[1] // 16, MAX_DYNAMIC)
-            raw = self._bytes(dynamic[0], count * 16, "dynamic section")
-            for i in range(count):
-                tag, val = struct.unpack_from("<qQ", raw, i * 16)
-                if tag == DT_NULL:
-                    break
-                self._dyn.setdefault(tag, val)
+        for tag, val in elf.dynamic(MAX_DYNAMIC):
+            self._dyn.setdefault(tag, val)
         self._symtab = self._offset(self._dyn.get(DT_SYMTAB))
         self._strtab = self._offset(self._dyn.get(DT_STRTAB))
         self._strsz = min(self._dyn.get(DT_STRSZ, 1 << 24), 1 << 24)
@@ -116,10 +99,7 @@ class DynamicSymbols:
 
     # --- raw access -----------------------------------------------------------------------------------
     def _bytes(self, offset: int, size: int, what: str) -> bytes:
-        data = self._read(offset, size)
-        if len(data) != size:
-            raise GuestDataCorrupt(f"ELF {what} at offset {offset:#x} runs past the end of the file")
-        return data
+        return self._elf.read(offset, size, f"ELF {what}")
 
     def _offset(self, vaddr: int | None) -> int | None:
         """File offset of a link-time address (``d_ptr`` values are addresses, not offsets)."""
@@ -133,18 +113,8 @@ class DynamicSymbols:
     def _string(self, index: int) -> str:
         if self._strtab is None or not 0 <= index < self._strsz:
             raise GuestDataCorrupt(f"ELF string index {index} out of range")
-        out = b""
-        pos = self._strtab + index
-        while len(out) < MAX_NAME:
-            chunk = self._read(pos, min(64, MAX_NAME - len(out)))
-            if not chunk:
-                break
-            end = chunk.find(b"\0")
-            if end >= 0:
-                return (out + chunk[:end]).decode(errors="replace")
-            out += chunk
-            pos += len(chunk)
-        raise GuestDataCorrupt(f"ELF string at index {index} is unterminated")
+        return self._elf.cstring(self._strtab + index, MAX_NAME, f"string at index {index}").decode(
+            errors="replace")
 
     def _symbol(self, index: int) -> ElfSymbol:
         assert self._symtab is not None

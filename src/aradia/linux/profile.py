@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from aradia.cache import cache_dir
+from aradia.elf import notes_build_id
 from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, UnsupportedKernel
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
 from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
-from aradia.linux.vmlinux import notes_build_id
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine.paging import translate
 from aradia.sources.base import PhysicalMemory
@@ -604,5 +604,5 @@ def _notes_build_id(mem: PhysicalMemory, symtab: ks.SymbolTable, phys: Callable[
     if start is None or stop is None or not 0 < stop - start <= 1 << 16:
         return None
     with contextlib.suppress(AradiaError):
-        return notes_build_id(mem.read(phys(start), stop - start), max_notes=256)
+        return notes_build_id(mem.read(phys(start), stop - start), limit=256)
     return None

@@ -21,7 +21,8 @@ zstd       ``28 b5 2f fd``         ``zstandard``
 Every compressor but gzip is followed by the uncompressed size as a little-endian ``u32`` (the
 kernel build's ``size_append``). The ELF's ``.BTF`` section is the kernel's BTF, byte-identical to
 ``__start_BTF``..``__stop_BTF`` in RAM; its ``.notes`` section carries the GNU build ID, which
-:func:`find_profile <aradia.linux.profile.find_profile>` checks against the running kernel.
+:func:`find_profile <aradia.linux.profile.find_profile>` checks against the running kernel. The ELF
+itself is read by :class:`aradia.elf.ElfFile`.
 
 Every size here comes from an untrusted file: output is capped at :data:`MAX_VMLINUX` bytes and
 every malformed input is a :class:`~aradia.errors.AradiaError` naming what is wrong.
@@ -41,6 +42,7 @@ from pathlib import Path
 import lz4.block
 import zstandard
 
+from aradia.elf import SHT_NOBITS, ElfFile, notes_build_id
 from aradia.errors import AradiaError
 
 MAX_VMLINUX = 1 << 30  # decompressed kernel image: Debian's is ~53 MB, with DWARF ~0.5 GB
@@ -50,7 +52,6 @@ LZ4_LEGACY_BLOCK = 8 << 20
 BTF_MAGIC = b"\x9f\xeb"
 ELF_MAGIC = b"\x7fELF"
 _SETUP_SECTS, _HDRS, _VERSION, _PAYLOAD = 0x1F1, 0x202, 0x206, 0x248
-_NT_GNU_BUILD_ID = 3
 
 
 class KernelFileError(AradiaError):
@@ -225,65 +226,39 @@ def decompress(data: bytes) -> tuple[str, bytes]:
 # --- ELF ---------------------------------------------------------------------------------------------
 
 
-def elf_sections(data: bytes) -> dict[str, tuple[int, int]]:
-    """Section name -> (file offset, size) of a little-endian ELF64 file, checked against its size."""
-    if len(data) < 64 or data[:4] != ELF_MAGIC:
-        raise KernelFileError("not an ELF file")
-    if data[4] != 2 or data[5] != 1:
+def kernel_elf(data: bytes) -> ElfFile:
+    """The little-endian ELF64 file ``data`` (a vmlinux or a module), as an :class:`ElfFile`."""
+    elf = ElfFile.from_bytes(data, error=KernelFileError)
+    if not (elf.elf64 and elf.little):
         raise KernelFileError("not a little-endian 64-bit ELF file (x86-64 kernels are)")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    if shnum == 0 or shentsize < 64 or shoff + shnum * shentsize > len(data):
-        raise KernelFileError(f"ELF section headers ({shnum} at {shoff:#x}) lie outside the file")
-    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    if shstrndx >= shnum:
-        raise KernelFileError("ELF section name table index out of range")
-    str_off, str_size = headers[shstrndx][4], headers[shstrndx][5]
-    if str_off + str_size > len(data):
-        raise KernelFileError("ELF section name table lies outside the file")
-    names = data[str_off:str_off + str_size]
+    return elf
+
+
+def elf_sections(data: bytes) -> dict[str, tuple[int, int]]:
+    """Section name -> (file offset, size) of a little-endian ELF64 file, checked against its size.
+
+    ``SHT_NOBITS`` sections (``.bss``: no file contents) are left out; of sections with one name,
+    the first is kept.
+    """
+    elf = kernel_elf(data)
     out: dict[str, tuple[int, int]] = {}
-    for name_off, sh_type, _flags, _addr, off, size, *_ in headers:
-        if name_off >= len(names):
+    for sec in elf.sections():
+        if sec.type == SHT_NOBITS:
             continue
-        name = names[name_off:names.find(b"\0", name_off)].decode("ascii", "replace")
-        if sh_type == 8:  # SHT_NOBITS (.bss): no file contents
-            continue
-        if off + size > len(data):
-            raise KernelFileError(f"ELF section {name} ({off:#x}+{size:#x}) lies outside the file")
-        out.setdefault(name, (off, size))
+        elf.check(sec.offset, sec.size, f"ELF section {sec.name}")
+        out.setdefault(sec.name, (sec.offset, sec.size))
     return out
 
 
 def elf_btf(data: bytes) -> tuple[bytes, str | None]:
     """The ``.BTF`` section and the GNU build ID (from ``.notes``) of a vmlinux ELF."""
-    sections = elf_sections(data)
-    if ".BTF" not in sections:
+    elf = kernel_elf(data)
+    btf = elf.section(".BTF")
+    if btf is None:
         raise KernelFileError("the kernel ELF has no .BTF section (built without CONFIG_DEBUG_INFO_BTF?)")
-    off, size = sections[".BTF"]
-    blob = data[off:off + size]
+    blob = elf.section_data(btf)
     if blob[:2] != BTF_MAGIC:
         raise KernelFileError("the .BTF section does not start with the BTF magic")
-    build_id = None
-    if ".notes" in sections:
-        n_off, n_size = sections[".notes"]
-        build_id = notes_build_id(data[n_off:n_off + n_size])
+    notes = elf.section(".notes")
+    build_id = notes_build_id(elf.section_data(notes)) if notes is not None else None
     return blob, build_id
-
-
-def notes_build_id(notes: bytes, max_notes: int = 1024) -> str | None:
-    """The GNU build ID in an ELF notes blob, as hex, or None (after at most ``max_notes`` notes)."""
-    pos = 0
-    for _ in range(max_notes):
-        if pos + 12 > len(notes):
-            return None
-        namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
-        name_end = pos + 12 + ((namesz + 3) & ~3)
-        desc_end = name_end + ((descsz + 3) & ~3)
-        if desc_end > len(notes):
-            return None
-        if ntype == _NT_GNU_BUILD_ID and notes[pos + 12:pos + 12 + namesz].rstrip(b"\0") == b"GNU" \
-                and 0 < descsz <= 64:
-            return notes[name_end:name_end + descsz].hex()
-        pos = desc_end
-    return None

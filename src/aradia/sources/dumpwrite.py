@@ -17,20 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from aradia.elf import EM_X86_64, ET_CORE, NT_PRSTATUS, PN_XNUM, PT_LOAD, PT_NOTE
 from aradia.errors import AradiaError
 from aradia.sources.base import PhysicalMemory, Range
 from aradia.sources.elfcore import (
-    EM_X86_64,
-    ET_CORE,
     GPR_NAMES,
-    NT_PRSTATUS,
-    PN_XNUM,
     PRSTATUS64_PID_OFFSET,
     PRSTATUS64_REG_OFFSET,
     PRSTATUS64_REGS,
     PRSTATUS64_SIZE,
-    PT_LOAD,
-    PT_NOTE,
     QEMU_CPUSTATE_FMT,
     QEMU_CPUSTATE_SIZE,
     QEMU_CPUSTATE_VERSION,

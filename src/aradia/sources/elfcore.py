@@ -9,9 +9,10 @@ virtual mappings at one file copy of a physical range (same address-to-offset re
 vmcores carry the kernel text twice (a second copy whose bytes are equal). Any other overlap is a
 :class:`~aradia.errors.DumpFormatError`.
 
-``PT_NOTE`` notes are parsed into :class:`Note`; the ``VMCOREINFO`` note text, the per-CPU
-``QEMU`` notes (``QEMUCPUState``: general registers, segments, cr0..cr4) and ``CORE``/``NT_PRSTATUS``
-notes are decoded for x86.
+Headers and notes are read by :mod:`aradia.elf`, which checks every count, size and offset; this
+module adds what is particular to a dump. ``PT_NOTE`` notes are kept as :class:`Note`; the
+``VMCOREINFO`` note text, the per-CPU ``QEMU`` notes (``QEMUCPUState``: general registers,
+segments, cr0..cr4) and ``CORE``/``NT_PRSTATUS`` notes are decoded for x86.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from aradia.elf import (
+    EM_386,
+    EM_X86_64,
+    ET_CORE,
+    NT_PRSTATUS,
+    PT_LOAD,
+    PT_NOTE,
+    ElfFile,
+    Note,
+    ProgramHeader,
+    iter_notes,
+)
 from aradia.errors import DumpFormatError
 from aradia.sources.base import Segment
 from aradia.sources.raw import MappedFile, MappedMemory, PathLike
 
-PT_LOAD = 1
-PT_NOTE = 4
-ET_CORE = 4
-EM_386 = 3
-EM_X86_64 = 62
-NT_PRSTATUS = 1
-PN_XNUM = 0xFFFF
-
-MAX_PHDRS = 1 << 20  # far above any real dump (QEMU: one per RAM block or mapping)
 MAX_NOTES = 1 << 16
 MAX_NOTE_BYTES = 64 << 20
 MAX_PADDR = 1 << 52  # x86-64 architectural limit of physical addresses
@@ -74,25 +78,9 @@ QEMU_CPUSTATE_SIZE = struct.calcsize(QEMU_CPUSTATE_FMT)  # 432
 QEMU_CPUSTATE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Note:
-    """One ELF note: ``name`` (without the trailing NUL), ``type`` and raw ``desc`` bytes."""
-
-    name: str
-    type: int
-    desc: bytes
-
-
-@dataclass(frozen=True)
-class LoadSegment:
-    """A ``PT_LOAD`` program header as found in the file."""
-
-    index: int
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
+#: A ``PT_LOAD`` program header as found in the file (``index``, ``offset``, ``vaddr``, ``paddr``,
+#: ``filesz``, ``memsz``, ...).
+LoadSegment = ProgramHeader
 
 
 @dataclass
@@ -177,91 +165,40 @@ class ElfCore(MappedMemory):
         return DumpFormatError(f"{self.path}: {msg}")
 
     def _parse(self) -> None:
-        m, fsize = self._file.map, self._file.size
-        if fsize < 16 or m[:4] != b"\x7fELF":
-            raise self._fail("not an ELF file")
-        ei_class, ei_data = m[4], m[5]
-        if ei_class not in (1, 2):
-            raise self._fail(f"bad ELF class {ei_class}")
-        if ei_data not in (1, 2):
-            raise self._fail(f"bad ELF data encoding {ei_data}")
-        self.elf64 = ei_class == 2
-        e = "<" if ei_data == 1 else ">"
-        self._endian = e
-        hdr_fmt = e + ("HHIQQQIHHHHHH" if self.elf64 else "HHIIIIIHHHHHH")
-        if fsize < 16 + struct.calcsize(hdr_fmt):
-            raise self._fail("truncated ELF header")
-        (e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize, e_phentsize, e_phnum,
-         e_shentsize, e_shnum, _shstrndx) = struct.unpack_from(hdr_fmt, m, 16)  # fmt: skip
-        if e_type != ET_CORE:
-            raise self._fail(f"ELF file is not a core dump (e_type {e_type}, expected {ET_CORE})")
-        self.machine = e_machine
-        if e_phnum == PN_XNUM:
-            e_phnum = self._extended_phnum(e_shoff, e_shentsize, e_shnum)
-        ph_fmt = e + ("IIQQQQQQ" if self.elf64 else "IIIIIIII")
-        ph_size = struct.calcsize(ph_fmt)
-        if e_phnum == 0:
+        f = self._file
+        elf = ElfFile(lambda off, n: f.map[off : off + n], f.size, context=f"{self.path}: ")
+        if elf.type != ET_CORE:
+            raise self._fail(f"ELF file is not a core dump (e_type {elf.type}, expected {ET_CORE})")
+        self.elf64, self.machine = elf.elf64, elf.machine
+        phdrs = elf.program_headers()
+        if not phdrs:
             raise self._fail("ELF core has no program headers")
-        if e_phnum > MAX_PHDRS:
-            raise self._fail(f"absurd program header count {e_phnum}")
-        if e_phentsize < ph_size:
-            raise self._fail(f"program header entry size {e_phentsize} is smaller than {ph_size}")
-        if e_phoff + e_phnum * e_phentsize > fsize:
-            raise self._fail(
-                f"truncated: {e_phnum} program headers at {e_phoff:#x} end past the end of the file "
-                f"({fsize:#x} bytes)"
-            )
-        self.loads: list[LoadSegment] = []
+        self.loads: list[LoadSegment] = [p for p in phdrs if p.type == PT_LOAD]
         self.notes: list[Note] = []
-        for i in range(e_phnum):
-            f = struct.unpack_from(ph_fmt, m, e_phoff + i * e_phentsize)
-            if self.elf64:
-                p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = f
-            else:
-                p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _pflags, _align = f
-            if p_type == PT_LOAD:
-                self.loads.append(LoadSegment(i, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
-            elif p_type == PT_NOTE:
-                self._parse_notes(i, p_offset, p_filesz)
+        for p in phdrs:
+            if p.type == PT_NOTE:
+                self._parse_notes(p, elf.little)
 
-    def _extended_phnum(self, shoff: int, shentsize: int, shnum: int) -> int:
-        """``e_phnum == PN_XNUM``: the real count is ``sh_info`` of section header 0."""
-        sh_size = 64 if self.elf64 else 40
-        info_off = 44 if self.elf64 else 28
-        if shoff == 0 or shentsize < sh_size or shoff + sh_size > self._file.size:
-            raise self._fail("e_phnum is PN_XNUM but section header 0 is missing or truncated")
-        (n,) = struct.unpack_from(self._endian + "I", self._file.map, shoff + info_off)
-        return int(n)
-
-    def _parse_notes(self, index: int, offset: int, size: int) -> None:
-        fsize = self._file.size
+    def _parse_notes(self, ph: ProgramHeader, little: bool) -> None:
+        fsize, offset, size = self._file.size, ph.offset, ph.filesz
         if size > MAX_NOTE_BYTES:
-            raise self._fail(f"PT_NOTE {index}: absurd size {size:#x}")
+            raise self._fail(f"PT_NOTE {ph.index}: absurd size {size:#x}")
         if offset + size > fsize:
-            msg = f"PT_NOTE {index} at {offset:#x}+{size:#x} ends past the end of the file ({fsize:#x})"
+            msg = f"PT_NOTE {ph.index} at {offset:#x}+{size:#x} ends past the end of the file ({fsize:#x})"
             if self.strict:
                 raise self._fail("truncated: " + msg)
             self.warnings.append(msg + "; parsed the part that is present")
             size = max(0, fsize - offset)
         data = self._file.map[offset : offset + size]
-        pos = 0
-        e = self._endian
-        while pos + 12 <= len(data):
-            if len(self.notes) >= MAX_NOTES:
-                raise self._fail(f"more than {MAX_NOTES} ELF notes")
-            namesz, descsz, ntype = struct.unpack_from(e + "III", data, pos)
-            name_at = pos + 12
-            desc_at = name_at + _align4(namesz)
-            end = desc_at + _align4(descsz)
-            if desc_at + descsz > len(data):
-                msg = f"PT_NOTE {index}: note at +{pos:#x} (namesz {namesz}, descsz {descsz}) overruns"
-                if self.strict:
-                    raise self._fail(msg + " its segment")
-                self.warnings.append(msg + " its segment; later notes dropped")
-                return
-            name = data[name_at : name_at + namesz].split(b"\0", 1)[0].decode("latin-1")
-            self.notes.append(Note(name, ntype, data[desc_at : desc_at + descsz]))
-            pos = end
+        try:
+            for note in iter_notes(data, limit=MAX_NOTES - len(self.notes), little=little):
+                self.notes.append(note)
+        except DumpFormatError as e:
+            if len(self.notes) >= MAX_NOTES:  # the limit, not a broken note: fatal even when lenient
+                raise self._fail(f"more than {MAX_NOTES} ELF notes") from None
+            if self.strict:
+                raise self._fail(f"PT_NOTE {ph.index}: {e}") from None
+            self.warnings.append(f"PT_NOTE {ph.index}: {e}; later notes dropped")
 
     def _build_segments(self) -> list[Segment]:
         fsize = self._file.size
@@ -349,10 +286,6 @@ def _continues(a: _Piece, b: _Piece) -> bool:
     if a.off < 0 or b.off < 0:
         return a.off < 0 and b.off < 0
     return a.off + a.size == b.off
-
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def parse_qemu_cpustate(desc: bytes) -> dict[str, int] | None:
