@@ -43,7 +43,8 @@ import drgn
 
 from aradia.errors import AradiaError, NotRAM, PageFault
 from aradia.linux.btf import DATASEC, FUNC, VAR, DrgnTypes
-from aradia.linux.profile import KERNEL_HALF, KernelProfile, find_profile
+from aradia.linux.placement import KERNEL_HALF
+from aradia.linux.profile import KernelProfile, find_profile
 
 KERNEL_HALF_5L = 0xFF00_0000_0000_0000
 _TOP = 1 << 64
