@@ -222,7 +222,7 @@ def attach(spec: str, *, memory: str = "auto") -> VM:
 
 def open_dump(path: str) -> VM:
     """Open a dump (raw, ELF core or LiME) as a VM."""
-    from aradia.sources.dumpfile import open_dump as open_file
+    from aradia.sources.dumpfile import open_dump_memory as open_file
 
     if not os.path.exists(path):
         raise NotAttached(f"no such dump file or VM spec: {path} (live VMs are qmp:PATH)")

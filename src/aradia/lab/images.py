@@ -23,7 +23,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import aradia.cache
 from aradia.cache import cache_lock
 from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, deb_field, run_tool
+from aradia.progress import Progress
 
 ROOT_PASSWORD = "aradia-root"
 """The guest's root password (ssh password logins and the console use it)."""
@@ -66,8 +67,6 @@ _WANTED_MODULES: tuple[tuple[str, bool], ...] = (
     ("virtio_rng", False),
     ("qemu_fw_cfg", False),
 )
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

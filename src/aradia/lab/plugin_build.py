@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import aradia.cache
 from aradia.cache import cache_lock
 from aradia.lab.debian import PrivateApt, run_tool
 from aradia.machine.qemu import QEMU_BINARY
+from aradia.progress import Progress
 from aradia.trace.pluginload import SO_PATTERN, SOURCE, PluginCapabilities, PluginError
 
 _BUILD_FORMAT = 2  # bump when the compile command or the manifest changes
@@ -56,8 +56,6 @@ GByteArray *g_byte_array_set_size(GByteArray *array, guint length);
 gchar *g_array_free(GArray *array, gboolean free_segment);
 #endif
 """
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

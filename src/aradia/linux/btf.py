@@ -34,7 +34,7 @@ from aradia.errors import GuestDataCorrupt
 BTF_MAGIC = 0xEB9F
 MAX_BTF_SIZE = 256 << 20
 MAX_TYPES = 1 << 22
-MAX_CHAIN = 64  # typedef/qualifier/pointer chains longer than this are cycles
+MAX_TYPE_CHAIN = 64  # typedef/qualifier/pointer chains longer than this are cycles
 
 # kinds
 (UNKN, INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO,
@@ -388,7 +388,7 @@ class Btf:
 
 def resolve(btf: Btf, tid: int) -> int:
     """Follow typedefs, qualifiers and type tags to the underlying type id (bounded)."""
-    for _ in range(MAX_CHAIN):
+    for _ in range(MAX_TYPE_CHAIN):
         k = btf.kind(tid)
         if k not in (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG):
             return tid
@@ -467,7 +467,7 @@ class DrgnTypes:
         t = self._memo.get(tid)
         if t is not None:
             return t
-        if tid in self._busy or len(self._busy) > MAX_CHAIN:
+        if tid in self._busy or len(self._busy) > MAX_TYPE_CHAIN:
             raise BtfError(f"BTF type {tid} refers to itself (corrupt BTF)")
         self._busy.add(tid)
         try:

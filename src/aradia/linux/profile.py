@@ -58,9 +58,8 @@ from aradia.linux.profile_cache import PROFILE_FORMAT, ProfileCache, valid_build
 from aradia.linux.vmlinux import notes_build_id
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine.paging import MASK64
+from aradia.progress import Progress
 from aradia.sources.base import PhysicalMemory
-
-Progress = Callable[[str], None]
 
 DIRECT_MAP_4L = 0xFFFF_8880_0000_0000
 DIRECT_MAP_5L = 0xFF11_0000_0000_0000
@@ -395,4 +394,4 @@ def _notes_build_id(mem: PhysicalMemory, symtab: ks.SymbolTable, phys: Callable[
     return None
 
 
-__all__ = ["KernelNotFound", "KernelProfile", "ProfileCache", "Progress", "find_profile"]
+__all__ = ["KernelNotFound", "KernelProfile", "ProfileCache", "find_profile"]

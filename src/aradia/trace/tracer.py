@@ -21,7 +21,7 @@ from typing import Any
 import drgn
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS
+from aradia.linux.bounds import GUEST_ERRORS
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
@@ -314,7 +314,7 @@ class Tracer:
         return read
 
     def _lifecycle_args(self, kind: str, regs: dict[str, int]) -> dict[str, Any]:
-        from aradia.linux.guard import Warnings
+        from aradia.linux.bounds import Warnings
         from aradia.linux.processes import task_info
 
         task = drgn.Object(self.vm.linux.prog, "struct task_struct *", value=regs["rdi"])
