@@ -1,5 +1,8 @@
 """The kernel's BTF type information (``__start_BTF``..``__stop_BTF``), parsed and turned into drgn types.
 
+One module past 500 lines on purpose: the drgn conversion walks the same kind-specific records the
+parser decodes (members, enumerators, parameters), so a change to one kind touches both.
+
 BTF layout (``include/uapi/linux/btf.h``): a header (magic ``0xeB9F``, version 1, flags, header
 length, then the offset and length of the type and string sections, relative to the header's end),
 then types numbered from 1 (0 is ``void``). Each type is a 12-byte ``btf_type`` -- name offset, info
