@@ -20,7 +20,7 @@ from aradia.lab.images import build_guest
 from aradia.lab.launcher import launch
 from aradia.machine.qemu import Qemu
 from aradia.sources import dumpwrite
-from aradia.sources.dumpfile import open_dump
+from aradia.sources.dumpfile import open_dump_memory
 
 PAGE = 4096
 
@@ -72,7 +72,7 @@ def main() -> int:
             for fmt in ("elf", "raw", "lime"):
                 out = os.path.join(tmp, f"mem.{fmt}")
                 getattr(dumpwrite, f"write_{fmt}")(paths["shared-file"], out)
-                paths[f"dump-{fmt}"] = open_dump(out)
+                paths[f"dump-{fmt}"] = open_dump_memory(out)
         for kind, mem in paths.items():
             rate, _ = measure(lambda a, m=mem: m.read(a, PAGE), pages, args.seconds)
             results[kind] = rate

@@ -52,9 +52,11 @@ from types import ModuleType
 from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
+from aradia.lab.plugin_build import build_plugin
 from aradia.proto.gdbrsp import GdbClient
 from aradia.trace.events import Event
-from aradia.trace.plugin import PluginShm, build_plugin, force_retranslation
+from aradia.trace.pluginload import force_retranslation
+from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
 

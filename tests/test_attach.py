@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from aradia.errors import NotRAM
-from aradia.lab.launcher import Guest, MemHold
+from aradia.lab.launcher import Guest
+from aradia.lab.memhold import MemHold
 from aradia.linux.identify import find_banner, find_vmcoreinfo
 from aradia.sources import dumpwrite
 from aradia.sources.base import PhysicalMemory

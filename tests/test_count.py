@@ -21,7 +21,8 @@ import pytest
 
 from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
-from aradia.trace.plugin import PluginShm, build_plugin
+from aradia.lab.plugin_build import build_plugin
+from aradia.trace.pluginshm import PluginShm
 from guest_programs import build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from aradia.errors import AradiaError, DumpFormatError, NotRAM
 from aradia.sources.base import PhysicalMemory, Segment
-from aradia.sources.dumpfile import dump_format, open_dump
+from aradia.sources.dumpfile import dump_format, open_dump_memory
 from aradia.sources.dumpwrite import write_elf, write_lime, write_raw
 from aradia.sources.elfcore import ElfCore
 from aradia.sources.lime import LimeDump
@@ -174,15 +174,15 @@ def test_raw_reads_file_offsets_and_base(tmp_path: Path) -> None:
 
 def test_open_dump_bad_paths(tmp_path: Path) -> None:
     with pytest.raises(DumpFormatError, match="directory"):
-        open_dump(tmp_path)
+        open_dump_memory(tmp_path)
     with pytest.raises(DumpFormatError, match="empty"):
-        open_dump(write(tmp_path, "empty", b""))
+        open_dump_memory(write(tmp_path, "empty", b""))
     with pytest.raises(DumpFormatError, match="cannot open"):
-        open_dump(tmp_path / "missing")
+        open_dump_memory(tmp_path / "missing")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(DumpFormatError, match="not a regular file"):
-        open_dump(fifo)  # must not block opening the FIFO
+        open_dump_memory(fifo)  # must not block opening the FIFO
 
 
 def test_open_dump_detects_formats(tmp_path: Path) -> None:
@@ -191,14 +191,14 @@ def test_open_dump_detects_formats(tmp_path: Path) -> None:
     raw = write(tmp_path, "a.raw", b"R" * 4096)
     for path, fmt, cls in ((elf, "elf", ElfCore), (lime, "lime", LimeDump), (raw, "raw", RawDump)):
         assert dump_format(path) == fmt
-        with open_dump(path) as m:
+        with open_dump_memory(path) as m:
             assert isinstance(m, cls)
             assert m.read(100, 1) == fmt[0].upper().encode()
     tiny = write(tmp_path, "tiny", b"\x7f")  # too short for any magic: a 1-byte raw image
-    assert open_dump(tiny).read(0, 1) == b"\x7f"
+    assert open_dump_memory(tiny).read(0, 1) == b"\x7f"
     for magic in (b"KDUMP   ", b"makedumpfile", b"PAGEDU64", b"QEVM"):
         with pytest.raises(DumpFormatError, match="unsupported"):
-            open_dump(write(tmp_path, "x", magic + bytes(4096)))
+            open_dump_memory(write(tmp_path, "x", magic + bytes(4096)))
 
 
 # --- ELF cores -------------------------------------------------------------------------------------
@@ -270,9 +270,9 @@ def test_elf_truncated_strict_and_lenient(tmp_path: Path) -> None:
     gone = write(tmp_path, "gone.elf", full[: len(full) - 0x4000])  # second load entirely missing
     with ElfCore(gone, strict=False) as m:
         assert [(r.start, r.size) for r in m.ranges()] == [(0, 0x4000)]
-    assert open_dump(gone, strict=False).read(0, 4) == a[:4]
+    assert open_dump_memory(gone, strict=False).read(0, 4) == a[:4]
     with pytest.raises(DumpFormatError, match="truncated"):
-        open_dump(gone)
+        open_dump_memory(gone)
 
 
 def test_elf_truncated_notes(tmp_path: Path) -> None:
@@ -417,7 +417,7 @@ def test_write_elf_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "o.elf"
     write_elf(mem, out, vmcoreinfo=VMCI, cpu_states=cpus, progress=lambda d, t: seen.append((d, t)),
               chunk=0x40000)
-    with open_dump(out) as d:
+    with open_dump_memory(out) as d:
         assert isinstance(d, ElfCore)
         assert_same(mem, d)
         assert d.vmcoreinfo == VMCI
@@ -439,7 +439,7 @@ def test_write_elf_round_trip(tmp_path: Path) -> None:
 def test_write_lime_and_raw_round_trip(tmp_path: Path) -> None:
     mem = sample_memory()
     write_lime(mem, tmp_path / "o.lime", chunk=0x10000)
-    with open_dump(tmp_path / "o.lime") as d:
+    with open_dump_memory(tmp_path / "o.lime") as d:
         assert isinstance(d, LimeDump)
         assert_same(mem, d)
     small = BytesMemory({0x1000: pattern(0x3000, 13), 0x8000: pattern(0x1000, 14)})
@@ -483,7 +483,7 @@ def test_write_elf_to_file_object(tmp_path: Path) -> None:
     p = tmp_path / "f.elf"
     with open(p, "wb") as f:
         write_elf(mem, f, vmcoreinfo=VMCI)
-    with open_dump(p) as d:
+    with open_dump_memory(p) as d:
         assert_same(mem, d)
 
 
@@ -567,7 +567,7 @@ def test_real_qemu_dump(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
-    with open_dump(out) as d:
+    with open_dump_memory(out) as d:
         assert isinstance(d, ElfCore)
         ranges = [(r.start, r.size) for r in d.ranges()]
         assert ranges[0] == (0, 32 << 20)  # -nodefaults: no VGA hole, all of pc.ram
@@ -581,7 +581,7 @@ def test_real_qemu_dump(tmp_path: Path) -> None:
         # The reset vector in the ROM is a far jump.
         assert d.read(0xFFFFFFF0, 1) == b"\xea"
         write_elf(d, tmp_path / "copy.elf", cpu_states=d.cpu_states)
-        with open_dump(tmp_path / "copy.elf") as c:
+        with open_dump_memory(tmp_path / "copy.elf") as c:
             assert_same(d, c)
             assert c.cpu_states == d.cpu_states
 
@@ -605,7 +605,7 @@ def test_readers_agree_with_source(tmp_path: Path, chunks: dict[int, bytearray],
     mem = BytesMemory(chunks)
     write_elf(mem, tmp_path / "p.elf")
     write_lime(mem, tmp_path / "p.lime")
-    dumps = [open_dump(tmp_path / "p.elf"), open_dump(tmp_path / "p.lime")]
+    dumps = [open_dump_memory(tmp_path / "p.elf"), open_dump_memory(tmp_path / "p.lime")]
     try:
         for addr, size in reads:
             try:

@@ -17,7 +17,8 @@ import pytest
 
 from aradia.lab import GuestError
 from aradia.lab.images import GUEST_IP, GuestImage
-from aradia.lab.launcher import Guest, launch, memhold_pattern
+from aradia.lab.launcher import Guest, launch
+from aradia.lab.memhold import memhold_pattern
 
 pytestmark = pytest.mark.guest
 

@@ -44,7 +44,7 @@ from drgn.helpers.linux.rbtree import rbtree_inorder_for_each_entry
 
 from aradia.errors import AradiaError
 from aradia.lab.launcher import Guest
-from aradia.linux.guard import Warnings, bounded
+from aradia.linux.bounds import Warnings, bounded
 from aradia.linux.walks import open_files, xa_entries
 from aradia.sources.dumpwrite import write_elf
 from aradia.vm import VM, attach, open_dump

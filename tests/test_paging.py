@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from aradia.errors import AradiaError, GuestDataCorrupt, PageFault
 from aradia.machine.paging import (
-    Mapping,
+    PageMapping,
     Translator,
     canonical,
     mappings,
@@ -283,8 +283,8 @@ def test_read_virt_spans_pages_and_sizes() -> None:
         (0, 0x2000_0000, 0x1000), (0x1000, 0x1000_0000, 0x1000), (0x2000, 0x3000_2000, 0x1FE000),
         (0x200000, 0x4000_0000, 0x200000)]
     assert list(mappings(mem, t.root, start=base + 0x1800, end=base + 0x3000)) == [
-        Mapping(base + 0x1800, 0x1000_0800, 0x800, True, True, False),
-        Mapping(base + 0x2000, 0x3000_2000, 0x1000, True, True, False)]
+        PageMapping(base + 0x1800, 0x1000_0800, 0x800, True, True, False),
+        PageMapping(base + 0x2000, 0x3000_2000, 0x1000, True, True, False)]
 
 
 def test_canonical_and_la57() -> None:

@@ -28,22 +28,16 @@ import pytest
 from aradia.lab import GuestError
 from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
+from aradia.lab.plugin_build import build_plugin, header_capabilities, installed_qemu
 from aradia.proto.gdbrsp import GdbClient
-from aradia.trace.plugin import (
-    DATA_MAX,
-    MAX_TARGETS,
-    ArgCapture,
-    Hit,
-    HitBatch,
+from aradia.trace.pluginload import (
     PluginError,
-    PluginShm,
-    build_plugin,
     force_retranslation,
-    header_capabilities,
-    installed_qemu,
     plugin_capabilities,
+    plugin_shm_from_cmdline,
     plugin_shm_path,
 )
+from aradia.trace.pluginshm import DATA_MAX, MAX_TARGETS, ArgCapture, Hit, HitBatch, PluginShm
 from aradia.vm import VM, attach
 from guest_programs import build_loop, install_program
 
@@ -332,6 +326,17 @@ def test_shm_path_of_a_process() -> None:
         plugin_shm_path(1 << 30)
 
 
+def test_shm_path_from_a_command_line() -> None:
+    """Each spelling of ``-plugin`` QEMU accepts names the file; another plugin or no ``shm=`` does not."""
+    so = "/c/plugins/7.2/counter-0123456789ab.so"
+    for argv in (["qemu", "-m", "1G", "-plugin", f"{so},shm=/dev/shm/a"], ["qemu", f"--plugin={so},shm=/dev/shm/a"],
+                 ["qemu", "-plugin", f"file={so},shm=/dev/shm/a"], ["qemu", "--plugin", f"{so},x=1,shm=/dev/shm/a"]):
+        assert plugin_shm_from_cmdline(argv) == Path("/dev/shm/a"), argv
+    for argv in (["qemu", "-plugin", "/usr/lib/libinsn.so,shm=/dev/shm/a"], ["qemu", "-plugin", so],
+                 ["qemu", "-plugin"], ["qemu", f"{so},shm=/dev/shm/a"]):
+        assert plugin_shm_from_cmdline(argv) is None, argv
+
+
 @pytest.mark.timeout(60)
 def test_plugin_refuses_a_foreign_file(guest_image: Callable[[str], GuestImage], tmp_path: Path) -> None:
     """A shared file aradia did not lay out stops QEMU at start with the plugin's message."""
@@ -486,7 +491,7 @@ def test_open_a_running_qemus_file(rig: Rig) -> None:
         mine, theirs, later = list(rig.shm.drain()), list(other.drain()), list(rig.shm.drain())
         assert len(mine) >= 1000 and theirs == (mine + later)[:len(theirs)] and len(theirs) >= len(mine)
         # a separate process opening the file sees the same target and count
-        script = ("import sys; from aradia.trace.plugin import PluginShm\n"
+        script = ("import sys; from aradia.trace.pluginshm import PluginShm\n"
                   "s = PluginShm.open(sys.argv[1]); print(s.targets()[0], s.count(0)); s.close()")
         out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
                              timeout=60, check=True).stdout.split()

@@ -90,7 +90,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
-class Progress:
+class ByteProgressBar:
     """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
 
     def __init__(self, label: str, *, stream: Any = None) -> None:
@@ -121,7 +121,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from aradia.linux.identify import find_vmcoreinfo
     from aradia.sources import dumpwrite
 
-    progress = Progress(f"dump {os.path.basename(args.output)}")
+    progress = ByteProgressBar(f"dump {os.path.basename(args.output)}")
     with _open(args) as vm:
         t0 = time.monotonic()
         pause = vm.live and not args.no_pause

@@ -19,7 +19,7 @@ from aradia.sources.base import PhysicalMemory, Range
 
 if TYPE_CHECKING:
     from aradia.linux.kernel import Kernel
-    from aradia.linux.profile import Progress
+    from aradia.progress import Progress
 
 __all__ = ["VM", "CpuState", "attach", "open_dump"]
 
@@ -201,7 +201,7 @@ def attach(spec: str, *, memory: str = "auto") -> VM:
 
 def open_dump(path: str) -> VM:
     """Open a dump (raw, ELF core or LiME) as a VM."""
-    from aradia.sources.dumpfile import open_dump as open_file
+    from aradia.sources.dumpfile import open_dump_memory as open_file
 
     if not os.path.exists(path):
         raise NotAttached(f"no such dump file or VM spec: {path} (live VMs are qmp:PATH)")

@@ -1,5 +1,8 @@
 """The kernel's BTF type information (``__start_BTF``..``__stop_BTF``), parsed and turned into drgn types.
 
+One module past 500 lines on purpose: the drgn conversion walks the same kind-specific records the
+parser decodes (members, enumerators, parameters), so a change to one kind touches both.
+
 BTF layout (``include/uapi/linux/btf.h``): a header (magic ``0xeB9F``, version 1, flags, header
 length, then the offset and length of the type and string sections, relative to the header's end),
 then types numbered from 1 (0 is ``void``). Each type is a 12-byte ``btf_type`` -- name offset, info
@@ -34,7 +37,7 @@ from aradia.errors import GuestDataCorrupt
 BTF_MAGIC = 0xEB9F
 MAX_BTF_SIZE = 256 << 20
 MAX_TYPES = 1 << 22
-MAX_CHAIN = 64  # typedef/qualifier/pointer chains longer than this are cycles
+MAX_TYPE_CHAIN = 64  # typedef/qualifier/pointer chains longer than this are cycles
 
 # kinds
 (UNKN, INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO,
@@ -388,7 +391,7 @@ class Btf:
 
 def resolve(btf: Btf, tid: int) -> int:
     """Follow typedefs, qualifiers and type tags to the underlying type id (bounded)."""
-    for _ in range(MAX_CHAIN):
+    for _ in range(MAX_TYPE_CHAIN):
         k = btf.kind(tid)
         if k not in (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG):
             return tid
@@ -467,7 +470,7 @@ class DrgnTypes:
         t = self._memo.get(tid)
         if t is not None:
             return t
-        if tid in self._busy or len(self._busy) > MAX_CHAIN:
+        if tid in self._busy or len(self._busy) > MAX_TYPE_CHAIN:
             raise BtfError(f"BTF type {tid} refers to itself (corrupt BTF)")
         self._busy.add(tid)
         try:

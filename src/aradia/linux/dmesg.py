@@ -18,7 +18,7 @@ import drgn
 from drgn.helpers.linux.printk import get_printk_records
 
 from aradia.errors import GuestDataCorrupt
-from aradia.linux.guard import GUEST_ERRORS, Warnings
+from aradia.linux.bounds import GUEST_ERRORS, Warnings
 
 MAX_COUNT_BITS = 24  # the kernel's log_buf_len limit keeps this far lower; more means corruption
 MAX_DATA_BITS = 31  # log_buf_len is an int

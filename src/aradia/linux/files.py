@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import drgn
 
-from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, attempt, bounded, cstring
 from aradia.linux.processes import find_task
-from aradia.linux.walks import NAME_MAX, d_path, open_files
+from aradia.linux.walks import MAX_FDS, NAME_MAX, d_path, open_files
 
 O_CLOEXEC = 0o2000000
-MAX_FDS = 1 << 20
 
 # Pseudo filesystems whose dentries name themselves (d_op->d_dname), as /proc/<pid>/fd shows them.
 _DNAME = {

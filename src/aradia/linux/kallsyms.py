@@ -1,5 +1,9 @@
 """The kernel's own symbol table (kallsyms), recovered from guest memory.
 
+One module past 500 lines on purpose: decoding the tables and finding them in RAM both rest on the
+same layout knowledge below (table order per kernel version, alignment, marker spacing), which
+changes in one place when a kernel changes it.
+
 ``scripts/kallsyms`` compiles every vmlinux symbol into a few ``.rodata`` tables; ``/proc/kallsyms``
 (the vmlinux part) prints them back in table order, which is address order. The tables, all aligned
 to 8 bytes, as Linux 5.10 to 6.12 lay them out:

@@ -7,7 +7,6 @@ leaves what it had to skip in :attr:`Kernel.warnings`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Protocol
 
 import drgn
@@ -19,16 +18,17 @@ from aradia.linux import modules as _modules
 from aradia.linux import mounts as _mounts
 from aradia.linux import net as _net
 from aradia.linux import processes as _processes
-from aradia.linux.guard import Warnings
+from aradia.linux.bounds import Warnings
 from aradia.linux.profile import KernelProfile, find_profile
 from aradia.linux.program import make_program
 from aradia.machine.handle import VMHandle
+from aradia.progress import Progress
 
 
 class Kernel:
     """The guest kernel seen through guest memory alone: no debug package, no agent."""
 
-    def __init__(self, vm: VMHandle, progress: Callable[[str], None] | None = None, *,
+    def __init__(self, vm: VMHandle, progress: Progress | None = None, *,
                  btf_source: str | os.PathLike[str] | None = None) -> None:
         self.vm = vm
         self.profile: KernelProfile = find_profile(vm, progress, btf_source=btf_source)
@@ -81,7 +81,7 @@ class LinuxVM(VMHandle, Protocol):
         """The guest's kernel (loaded on first use)."""
         ...
 
-    def load_kernel(self, progress: Callable[[str], None] | None = None, *,
+    def load_kernel(self, progress: Progress | None = None, *,
                     btf_source: str | None = None) -> Kernel:
         """Find the kernel profile in RAM and build the drgn Program (cached per VM)."""
         ...

@@ -10,7 +10,7 @@ import drgn
 from drgn.helpers.linux.mm import access_remote_vm, for_each_vma
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, attempt, bounded, cstring
 from aradia.linux.processes import find_task
 from aradia.linux.walks import d_path, mt_entries
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import drgn
 
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, cstring
 from aradia.linux.btf import Btf, BtfError
-from aradia.linux.guard import GUEST_ERRORS, Warnings, cstring
 from aradia.linux.walks import xa_entries
 
 MAX_MODULE_BTF = 64 << 20

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import drgn
 from drgn.helpers.linux.module import for_each_module
 
-from aradia.linux.guard import Warnings, bounded
+from aradia.linux.bounds import Warnings, bounded
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import drgn
 from drgn.helpers.linux.list import list_for_each_entry
 
-from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded, cstring
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, bounded, cstring
 from aradia.linux.walks import NAME_MAX, PATH_MAX, d_path, rb_inorder
 
 MNT_READONLY = 0x40

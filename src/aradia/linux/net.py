@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import drgn
 
-from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, bounded
 from aradia.linux.walks import each_task, open_files
 
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10

@@ -9,9 +9,8 @@ from drgn.helpers.linux.mm import cmdline as task_cmdline
 from drgn.helpers.linux.sched import task_state_to_char
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS, Warnings, attempt, bounded, cstring
-from aradia.linux.walks import d_path, each_task
-from aradia.linux.walks import find_task as walk_find_task
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, attempt, bounded, cstring
+from aradia.linux.walks import d_path, each_task, task_by_pid
 
 MAX_ARGV_BYTES = 1 << 20
 
@@ -128,8 +127,9 @@ def processes(prog: drgn.Program, *, threads: bool = False,
 
 
 def find_task(prog: drgn.Program, pid: int) -> drgn.Object:
-    """The ``struct task_struct *`` of ``pid``; :class:`AradiaError` if there is none."""
-    task = walk_find_task(prog, pid)
+    """The ``struct task_struct *`` of ``pid``; :class:`AradiaError` if there is none (see
+    :func:`aradia.linux.walks.task_by_pid` for the lookup that returns None)."""
+    task = task_by_pid(prog, pid)
     if task is None:
         raise AradiaError(f"no process {pid} in the guest")
     return task

@@ -1,64 +1,69 @@
 """The kernel profile, found in guest RAM alone: where the kernel is, its symbols and its types.
 
-:func:`find_profile` works on a live VM or a dump, with no debug package and no System.map:
+:func:`find_profile` works on a live VM or a dump, with no debug package and no System.map, in named
+steps:
 
-1. **Locate the kernel.** The VMCOREINFO text the kernel writes at boot (``OSRELEASE=...``; present
-   in RAM even without QEMU's vmcoreinfo device) gives ``KERNELOFFSET`` (the KASLR slide),
-   ``phys_base``, ``init_top_pgt``, ``pgtable_l5_enabled``, ``BUILD-ID`` and, since 6.0, the kallsyms
-   table addresses. Without it, the kallsyms token table is found by its ``"0\\0" .. "9\\0"`` run --
-   first near the physical address of a vCPU's kernel RIP, then anywhere in RAM -- and the slide
-   and ``phys_base`` follow from the decoded symbols: the one ``phys_base`` under which the kernel's
-   own page tables map ``_text`` to where it is.
+1. **Locate the kernel** (:mod:`aradia.linux.placement`). The VMCOREINFO text the kernel writes at
+   boot (``OSRELEASE=...``; present in RAM even without QEMU's vmcoreinfo device) gives
+   ``KERNELOFFSET`` (the KASLR slide), ``phys_base``, ``init_top_pgt``, ``pgtable_l5_enabled``,
+   ``BUILD-ID`` and, since 6.0, the kallsyms table addresses. Without it, the kallsyms token table is
+   found by its ``"0\\0" .. "9\\0"`` run -- first near the physical address of a vCPU's kernel RIP,
+   then anywhere in RAM -- and the slide and ``phys_base`` follow from the decoded symbols: the one
+   ``phys_base`` under which the kernel's own page tables map ``_text`` to where it is.
 2. **kallsyms** (:mod:`aradia.linux.kallsyms`) and **BTF** (:mod:`aradia.linux.btf`) are read through
    the kernel image's physical mapping (``__pa_symbol``: ``vaddr - __START_KERNEL_map + phys_base``),
    no page-table walk needed.
 3. ``page_offset_base`` (the direct-map base) is read from the kernel's variable, the paging mode
    is checked by walking the kernel's root table (``init_top_pgt``) for ``_text``.
 
-**Cache.** Under ``$ARADIA_CACHE/profiles/<build id>/`` (default ``~/.cache/aradia``): the decoded
-kallsyms names and types, the table layout *relative to the kernel base*, and the BTF index. Nothing
-that changes per boot is cached: the slide, ``phys_base``, the symbol addresses (the s32 offsets
-table is re-read; it is small) and ``page_offset_base`` are read from RAM on every attach. A cached
-part is only used when the digest of the bytes it was decoded from matches the bytes in RAM now.
+**Cache** (:mod:`aradia.linux.profile_cache`). Under ``$ARADIA_CACHE/profiles/<build id>/`` (default
+``~/.cache/aradia``): the decoded kallsyms names and types, the table layout *relative to the kernel
+base*, and the BTF index. Nothing that changes per boot is cached: the slide, ``phys_base``, the
+symbol addresses (the s32 offsets table is re-read; it is small) and ``page_offset_base`` are read
+from RAM on every attach. A cached part is only used when the digest of the bytes it was decoded from
+matches the bytes in RAM now.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import marshal
 import os
-import re
 import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aradia.cache import cache_dir
 from aradia.elf import notes_build_id
-from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, UnsupportedKernel
+from aradia.errors import AradiaError, GuestDataCorrupt, UnsupportedKernel
 from aradia.linux import kallsyms as ks
 from aradia.linux.btf import Btf
-from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
+from aradia.linux.identify import KernelNotFound
+from aradia.linux.placement import (
+    DEFAULT_START_KERNEL,
+    KERNEL_HALF,
+    START_KERNEL_MAP,
+    Anchor,
+    anchor_from_vmcoreinfo,
+    anchor_plausible,
+    check_anchor,
+    image_reader,
+    kernel_windows,
+    paging_mode,
+    phys_base_by_scan,
+    scan_tables,
+    va_minus_pa,
+    vmcoreinfo_candidates,
+)
+from aradia.linux.profile_cache import PROFILE_FORMAT, ProfileCache, valid_build_id
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
-from aradia.machine.paging import translate
+from aradia.machine.handle import VMHandle
+from aradia.machine.paging import MASK64
+from aradia.progress import Progress
 from aradia.sources.base import PhysicalMemory
 
-Progress = Callable[[str], None]
-
-MASK64 = (1 << 64) - 1
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-DEFAULT_START_KERNEL = START_KERNEL_MAP + 0x100_0000  # __START_KERNEL with PHYSICAL_START = 16 MiB
-KERNEL_HALF = 0xFFFF_8000_0000_0000
-PHYSICAL_ALIGN = 0x20_0000
 DIRECT_MAP_4L = 0xFFFF_8880_0000_0000
 DIRECT_MAP_5L = 0xFF11_0000_0000_0000
-MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE
-MAX_VMCOREINFO = 4096
-PROFILE_FORMAT = 1
 
 
 @dataclass
@@ -128,103 +133,9 @@ class KernelProfile:
                 "cached": dict(self.cached), "timings": dict(self.timings)}
 
 
-# --- VMCOREINFO -----------------------------------------------------------------------------------
-
-def _vmcoreinfo_candidates(mem: PhysicalMemory) -> Iterator[str]:
-    """A dump's VMCOREINFO note first (QEMU's ``-device vmcoreinfo``, kdump), then RAM's texts."""
-    note = getattr(mem, "vmcoreinfo", None)
-    if isinstance(note, str) and note:
-        yield note
-    for _addr, text in find_vmcoreinfo_texts(mem):
-        yield text
-
-
-@dataclass(frozen=True)
-class _Anchor:
-    """The kernel's placement: slide and phys_base (and the VMCOREINFO text they came from)."""
-
-    slide: int
-    phys_base: int
-    info: dict[str, str]
-    text: str | None
-
-    def phys(self, vaddr: int) -> int:
-        return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
-
-    def sym(self, name: str) -> int | None:
-        v = self.info.get(f"SYMBOL({name})")
-        try:
-            return int(v, 16) if v else None
-        except ValueError:
-            return None
-
-
-def _anchor_from_vmcoreinfo(text: str) -> _Anchor | None:
-    info = parse_vmcoreinfo(text)
-    try:
-        slide = int(info["KERNELOFFSET"], 16)
-        phys_base = int(info["NUMBER(phys_base)"], 0) & MASK64
-    except (KeyError, ValueError):
-        return None
-    if slide & (PHYSICAL_ALIGN - 1) or slide >= MAX_IMAGE:
-        return None
-    return _Anchor(slide, phys_base, info, text)
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-def _kernel_windows(vm: Any, mem: PhysicalMemory) -> list[tuple[int, int]]:
-    """Physical windows likely to hold the kernel image: around each vCPU's kernel-mode RIP."""
-    out: list[tuple[int, int]] = []
-    for c in _cpus(vm):
-        if c.rip < KERNEL_HALF or not c.cr3:
-            continue
-        try:
-            pa = translate(mem, c.cr3, c.rip, la57=c.la57).paddr
-        except AradiaError:
-            continue
-        w = (max(0, pa - (48 << 20)), pa + (64 << 20))
-        if w not in out:
-            out.append(w)
-    return out
-
-
-def _cpus(vm: Any) -> list[Any]:
-    try:
-        return list(vm.cpus())
-    except AradiaError:
-        return []
-
-
-def _token_tables(mem: PhysicalMemory, windows: list[tuple[int, int]],
-                  whole_ram: bool) -> Iterator[tuple[int, int]]:
-    seen: set[int] = set()
-    sources: list[Iterator[int]] = [mem.search(ks.DIGIT_TOKENS, start=lo, end=hi, limit=256)
-                                    for lo, hi in windows]
-    if whole_ram:
-        sources.append(mem.search(ks.DIGIT_TOKENS, limit=256))
-    for hits in sources:
-        for hit in hits:
-            if hit in seen:
-                continue
-            seen.add(hit)
-            found = ks.token_table_at(mem, hit)
-            if found is not None:
-                yield found
-
-
-def _maps_to(mem: PhysicalMemory, root: int, vaddr: int, paddr: int, la57: bool) -> bool:
-    try:
-        return translate(mem, root, vaddr, la57=la57).paddr == paddr
-    except (PageFault, NotRAM):
-        return False
-
-
-def _read_u64(mem: PhysicalMemory, paddr: int) -> int:
-    return int(struct.unpack("<Q", mem.read(paddr, 8))[0])
-
-
 class _Timer:
+    """Progress lines and the time each step of :func:`find_profile` took."""
+
     def __init__(self, progress: Progress | None) -> None:
         self.t = time.perf_counter()
         self.start = self.t
@@ -245,88 +156,9 @@ class _Timer:
         return self.out
 
 
-# --- the cache ------------------------------------------------------------------------------------
-
-class ProfileCache:
-    """``<root>/<build id>/``: ``profile.json``, ``names.bin`` (kallsyms), ``btf-index.bin``."""
-
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else cache_dir("profiles")
-
-    def _dir(self, build_id: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{8,128}", build_id):
-            raise AradiaError(f"bad build id {build_id!r}")
-        return self.root / build_id
-
-    def load_meta(self, build_id: str) -> dict[str, Any] | None:
-        """The cached profile description, or None."""
-        try:
-            meta = json.loads((self._dir(build_id) / "profile.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
-            return None
-        return meta
-
-    def load_names(self, build_id: str, digest: str) -> ks.NameTable | None:
-        """Cached kallsyms names and types decoded from bytes with ``digest``, or None."""
-        try:
-            d = marshal.loads((self._dir(build_id) / "names.bin").read_bytes())
-            if d.get("digest") != digest:
-                return None
-            return ks.NameTable(list(d["names"]), str(d["types"]), digest)
-        except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError):
-            return None
-
-    def load_btf_index(self, build_id: str) -> dict[str, Any] | None:
-        """The cached BTF index (checked against the blob's digest by :class:`Btf`), or None."""
-        try:
-            return Btf.load_index((self._dir(build_id) / "btf-index.bin").read_bytes())
-        except OSError:
-            return None
-
-    def find_by_kallsyms(self, digest: str) -> str | None:
-        """Build id of the cached kernel whose kallsyms bytes have ``digest`` (kernels found by scan)."""
-        try:
-            bid = (self.root / "by-kallsyms" / digest).read_text().strip()
-        except OSError:
-            return None
-        return bid if re.fullmatch(r"[0-9a-f]{8,128}", bid) else None
-
-    def store(self, build_id: str, meta: dict[str, Any], names: ks.NameTable | None,
-              btf: Btf | None) -> None:
-        """Write (atomically, file by file) what was learnt; failures to write are ignored."""
-        with contextlib.suppress(OSError):
-            d = self._dir(build_id)
-            d.mkdir(parents=True, exist_ok=True)
-            if names is not None:
-                _atomic_write(d / "names.bin", marshal.dumps(
-                    {"digest": names.digest, "names": names.names, "types": names.types}))
-            if btf is not None:
-                _atomic_write(d / "btf-index.bin", btf.dump_index())
-            _atomic_write(d / "profile.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-            digest = meta.get("kallsyms_digest")
-            if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{32}", digest):
-                alias = self.root / "by-kallsyms"
-                alias.mkdir(exist_ok=True)
-                _atomic_write(alias / digest, build_id.encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # --- finding the profile ------------------------------------------------------------------------------
 
-def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCache | bool | None = True,
+def find_profile(vm: VMHandle, progress: Progress | None = None, *, cache: ProfileCache | bool | None = True,
                  with_btf: bool = True, use_vmcoreinfo: bool = True,
                  btf_source: str | os.PathLike[str] | None = None) -> KernelProfile:
     """The kernel profile of ``vm`` (an :class:`aradia.vm.VM`: live or a dump) from its RAM alone.
@@ -343,248 +175,203 @@ def find_profile(vm: Any, progress: Progress | None = None, *, cache: ProfileCac
     mem: PhysicalMemory = vm.memory
     store = ProfileCache() if cache is True else (cache or None)
     tm = _Timer(progress)
+    found = _Found(store)
     tm.say("looking for VMCOREINFO")
-    anchor: _Anchor | None = None
-    for text in _vmcoreinfo_candidates(mem) if use_vmcoreinfo else ():
-        a = _anchor_from_vmcoreinfo(text)
-        if a is not None and _anchor_plausible(vm, mem, a):
-            anchor = a
-            break
+    anchor = _anchor_by_vmcoreinfo(vm, mem) if use_vmcoreinfo else None
     tm.lap("vmcoreinfo")
-    cached: dict[str, bool] = {}
-    build_id = anchor.info.get("BUILD-ID", "").lower() if anchor else ""
-    meta = store.load_meta(build_id) if store and build_id and re.fullmatch(r"[0-9a-f]{8,128}", build_id) \
-        else None
-
-    # --- the kallsyms tables, as kernel virtual addresses ---
-    phys_tables: ks.KallsymsTables | None = None
     if anchor is not None:
-        read_v = _image_reader(mem, anchor.phys)
-        tables: ks.KallsymsTables | None = None
-        if meta and "tables" in meta:
-            with contextlib.suppress(AradiaError, KeyError, TypeError, ValueError):
-                cand = ks.KallsymsTables.from_dict(meta["tables"]).shifted(START_KERNEL_MAP + anchor.slide)
-                if ks.names_digest(read_v, cand) == meta.get("kallsyms_digest"):
-                    tables = cand
-                    cached["layout"] = True
-        if tables is None and anchor.sym("kallsyms_names") is not None:
-            tm.say("reading the kallsyms tables named by VMCOREINFO")
-            with contextlib.suppress(AradiaError):  # bad symbols: fall back to scanning
-                tables = ks.tables_from_symbols(read_v, anchor.sym)
-        if tables is None:
-            tm.say("scanning the kernel image for the kallsyms tables")
-            stext = anchor.sym("_stext") or DEFAULT_START_KERNEL + anchor.slide
-            lo = anchor.phys(stext)
-            phys_tables = _scan_tables(mem, [(lo, lo + (96 << 20))], whole_ram=False)
-            tables = phys_tables.shifted(_va_minus_pa(anchor))
-        reader: ks.Reader = read_v
-    else:
-        tm.say("no VMCOREINFO: scanning RAM for the kallsyms token table")
-        phys_tables = _scan_tables(mem, _kernel_windows(vm, mem))
-        tables = phys_tables
-        reader = mem.read
+        found.build_id = anchor.info.get("BUILD-ID", "").lower()
+        found.meta = store.load_meta(found.build_id) if store and valid_build_id(found.build_id) else None
+    tables, phys_tables, reader = _locate_kallsyms(vm, mem, anchor, found, tm)
     tm.lap("locate")
-
-    # --- names (cacheable) and addresses (per boot) ---
-    names: ks.NameTable | None = None
-    digest = ks.names_digest(reader, tables)
-    if store and not build_id:
-        bid = store.find_by_kallsyms(digest)
-        if bid:
-            build_id, meta = bid, store.load_meta(bid)
-    if store and build_id:
-        names = store.load_names(build_id, digest)
-    cached["kallsyms"] = names is not None
-    if names is None:
-        tm.say(f"decoding {tables.count} kallsyms symbols")
-        names = ks.decode_names(reader, tables)
-    addrs = ks.read_addresses(reader, tables)
-    symtab = ks.SymbolTable(addrs, names.types, names.names)
+    names, symtab = _read_kallsyms(reader, tables, found, tm)
     tm.lap("kallsyms")
-
-    # --- placement: slide and phys_base ---
-    text_va = symtab.address("_text") or symtab.address("_stext")
-    if text_va is None or text_va < KERNEL_HALF:
-        raise GuestDataCorrupt("kallsyms has no _text symbol in the kernel half")
-    if anchor is None:
-        # kaslr_offset() is _text - __START_KERNEL; __START_KERNEL is 16 MiB into the kernel map
-        # unless CONFIG_PHYSICAL_START was changed (then this is the slide plus that difference).
-        slide = (text_va - DEFAULT_START_KERNEL) & MASK64
-        assert phys_tables is not None
-        phys_base, la57_found = _phys_base_by_scan(mem, symtab, phys_tables, text_va)
-        anchor = _Anchor(slide & MASK64, phys_base, {}, None)
-        tables = phys_tables.shifted(_va_minus_pa(anchor))
-    else:
-        la57_found = None
-        _check_anchor(anchor, symtab)
-    phys = anchor.phys
-    release_from_info = anchor.info.get("OSRELEASE")
-
-    # --- page tables, direct map ---
-    root_va = (symtab.address("init_top_pgt") or anchor.sym("init_top_pgt")
-               or symtab.address("swapper_pg_dir") or anchor.sym("swapper_pg_dir"))
-    if root_va is None:
-        raise UnsupportedKernel("no init_top_pgt/swapper_pg_dir symbol: not an x86-64 kernel?")
-    root = phys(root_va)
-    la57 = _paging_mode(mem, anchor, symtab, root, text_va, la57_found)
-    pob_va = symtab.address("page_offset_base")
-    page_offset_base = _read_u64(mem, phys(pob_va)) if pob_va else (DIRECT_MAP_5L if la57 else DIRECT_MAP_4L)
-    if page_offset_base < KERNEL_HALF and not (la57 and page_offset_base >= 0xFF00_0000_0000_0000):
-        raise GuestDataCorrupt(f"page_offset_base {page_offset_base:#x} is not a kernel address")
-
-    # --- identity ---
-    banner = _banner(mem, symtab, phys)
-    release = release_from_info or (banner.split(" ")[2] if banner.count(" ") >= 2 else "")
-    notes = _notes_build_id(mem, symtab, phys)
-    build_id = notes or build_id
-    if not build_id:
-        raise UnsupportedKernel("the kernel has no build ID (neither .notes nor VMCOREINFO)")
+    anchor, tables, text_va, la57_found = _place_kernel(mem, symtab, anchor, tables, phys_tables)
+    root, la57, page_offset_base = _page_tables(mem, anchor, symtab, text_va, la57_found)
+    release, banner = _identity(mem, anchor, symtab, found)
     tm.lap("layout")
-
-    # --- BTF ---
-    btf: Btf | None = None
-    if with_btf:
-        start, stop = symtab.address("__start_BTF"), symtab.address("__stop_BTF")
-        blob: bytes | None = None
-        if btf_source is not None:
-            tm.say(f"reading BTF from {btf_source}")
-            kf = read_kernel_file_btf(btf_source)
-            if kf.build_id is not None and kf.build_id != build_id:
-                raise UnsupportedKernel(f"{btf_source} is kernel build {kf.build_id}; "
-                                        f"the guest runs {build_id}")
-            blob = kf.blob
-        elif start is not None and stop is not None and stop > start:
-            blob = mem.read(phys(start), stop - start)
-        if blob is not None:
-            index = store.load_btf_index(build_id) if store else None
-            if index is None:
-                tm.say("indexing BTF")
-            btf = Btf(blob, index=index)
-            cached["btf"] = index is not None and index.get("digest") == btf.digest
+    btf = _load_btf(mem, anchor, symtab, found, btf_source, tm) if with_btf else None
     tm.lap("btf")
-
     profile = KernelProfile(
-        release=release, build_id=build_id, banner=banner, kaslr_offset=anchor.slide,
+        release=release, build_id=found.build_id, banner=banner, kaslr_offset=anchor.slide,
         phys_base=anchor.phys_base, la57=la57, page_offset_base=page_offset_base, kernel_root=root,
         symbols=symtab, kallsyms_tables=tables, btf=btf, vmcoreinfo=anchor.text,
-        source="vmcoreinfo" if anchor.text else "scan", cached=cached)
-    stale = meta is None or not cached.get("kallsyms") or (btf is not None and not cached.get("btf")) \
-        or (anchor.text is not None and not cached.get("layout"))
-    if store and stale:
-        meta = {"format": PROFILE_FORMAT, "release": release, "build_id": build_id, "banner": banner,
-                "tables": tables.shifted(-profile.kernel_base).to_dict(), "kallsyms_digest": names.digest,
-                "btf_digest": btf.digest if btf else None}
-        store.store(build_id, meta, None if cached.get("kallsyms") else names,
-                    btf if btf is not None and not cached.get("btf") else None)
+        source="vmcoreinfo" if anchor.text else "scan", cached=found.cached)
+    _store(profile, names, found)
     tm.lap("cache")
     profile.timings = tm.total()
     return profile
 
 
-def _image_reader(mem: PhysicalMemory, phys: Callable[[int], int]) -> ks.Reader:
-    def read(vaddr: int, size: int) -> bytes:
-        return mem.read(phys(vaddr), size)
+@dataclass
+class _Found:
+    """What the steps of one :func:`find_profile` share: the cache, the build ID and cached
+    description as far as known, and which parts came from the cache."""
 
-    return read
-
-
-def _va_minus_pa(a: _Anchor) -> int:
-    """What to add to a kernel-image physical address to get its virtual address."""
-    return (START_KERNEL_MAP - a.phys_base) & MASK64
-
-
-def _scan_tables(mem: PhysicalMemory, windows: list[tuple[int, int]], *,
-                 whole_ram: bool = True) -> ks.KallsymsTables:
-    errors: list[str] = []
-    for tt, ti in _token_tables(mem, windows, whole_ram):
-        try:
-            return ks.locate_tables(mem, tt, ti)
-        except AradiaError as e:
-            errors.append(f"{tt:#x}: {e}")
-            if len(errors) > 16:
-                break
-    detail = "; ".join(errors[:3])
-    raise KernelNotFound("no Linux kernel found in RAM: no usable kallsyms table"
-                         + (f" ({detail})" if detail else ""))
+    store: ProfileCache | None
+    build_id: str = ""
+    meta: dict[str, Any] | None = None
+    cached: dict[str, bool] = field(default_factory=dict)
 
 
-def _anchor_plausible(vm: Any, mem: PhysicalMemory, a: _Anchor) -> bool:
-    """A VMCOREINFO can be stale (a previous boot's page): the kernel it describes must be in RAM
-    where it says, and a vCPU in kernel mode (if any) must map its text there."""
-    stext = a.sym("_stext")
-    if stext is None:
-        return mem.is_ram(a.phys(DEFAULT_START_KERNEL + a.slide))
-    pa = a.phys(stext)
-    if not mem.is_ram(pa, 4096):
-        return False
-    checked = False
-    for c in _cpus(vm):
-        if c.rip < KERNEL_HALF or not c.cr3:
-            continue
-        try:
-            got = translate(mem, c.cr3, stext, la57=c.la57).paddr
-        except AradiaError:
-            continue
-        checked = True
-        if got == pa:
-            return True
-    return not checked
+def _anchor_by_vmcoreinfo(vm: VMHandle, mem: PhysicalMemory) -> Anchor | None:
+    """The placement the first plausible VMCOREINFO text in the dump or RAM states, or None."""
+    for text in vmcoreinfo_candidates(mem):
+        a = anchor_from_vmcoreinfo(text)
+        if a is not None and anchor_plausible(vm, mem, a):
+            return a
+    return None
 
 
-def _check_anchor(a: _Anchor, symtab: ks.SymbolTable) -> None:
-    for name in ("_stext", "init_uts_ns", "init_top_pgt"):
-        want, got = a.sym(name), symtab.address(name)
-        if want is not None and got is not None and want != got:
-            raise GuestDataCorrupt(f"VMCOREINFO says {name} is at {want:#x}, kallsyms says {got:#x}")
+def _locate_kallsyms(vm: Any, mem: PhysicalMemory, anchor: Anchor | None, found: _Found,
+                     tm: _Timer) -> tuple[ks.KallsymsTables, ks.KallsymsTables | None, ks.Reader]:
+    """The kallsyms tables and a reader for their addresses.
 
-
-def _phys_base_by_scan(mem: PhysicalMemory, symtab: ks.SymbolTable, t_phys: ks.KallsymsTables,
-                       text_va: int) -> tuple[int, bool]:
-    """The phys_base under which the kernel's own page tables map ``_text`` to its physical copy.
-
-    The token table's virtual address is unknown, but it lies in the image and is congruent to its
-    physical address modulo the 2 MiB alignment of both placements: a few dozen candidates.
+    With a VMCOREINFO ``anchor``: kernel virtual addresses, from the cached layout, the symbols
+    VMCOREINFO names or a scan of the kernel image. Without: a scan of RAM, physical addresses (the
+    second item is then those tables too: the placement is derived from them later).
     """
-    end_va = symtab.address("_end") or text_va + (128 << 20)
-    root_va = symtab.address("init_top_pgt") or symtab.address("swapper_pg_dir")
+    if anchor is None:
+        tm.say("no VMCOREINFO: scanning RAM for the kallsyms token table")
+        phys_tables = scan_tables(mem, kernel_windows(vm, mem))
+        return phys_tables, phys_tables, mem.read
+    read_v = image_reader(mem, anchor.phys)
+    meta = found.meta
+    if meta and "tables" in meta:
+        with contextlib.suppress(AradiaError, KeyError, TypeError, ValueError):
+            cand = ks.KallsymsTables.from_dict(meta["tables"]).shifted(START_KERNEL_MAP + anchor.slide)
+            if ks.names_digest(read_v, cand) == meta.get("kallsyms_digest"):
+                found.cached["layout"] = True
+                return cand, None, read_v
+    if anchor.sym("kallsyms_names") is not None:
+        tm.say("reading the kallsyms tables named by VMCOREINFO")
+        with contextlib.suppress(AradiaError):  # bad symbols: fall back to scanning
+            return ks.tables_from_symbols(read_v, anchor.sym), None, read_v
+    tm.say("scanning the kernel image for the kallsyms tables")
+    stext = anchor.sym("_stext") or DEFAULT_START_KERNEL + anchor.slide
+    lo = anchor.phys(stext)
+    phys_tables = scan_tables(mem, [(lo, lo + (96 << 20))], whole_ram=False)
+    return phys_tables.shifted(va_minus_pa(anchor)), phys_tables, read_v
+
+
+def _read_kallsyms(reader: ks.Reader, tables: ks.KallsymsTables, found: _Found,
+                   tm: _Timer) -> tuple[ks.NameTable, ks.SymbolTable]:
+    """Names and types (from the cache when their bytes' digest matches) and this boot's addresses.
+
+    A kernel found without a build ID is looked up in the cache by its kallsyms digest.
+    """
+    store = found.store
+    names: ks.NameTable | None = None
+    digest = ks.names_digest(reader, tables)
+    if store and not found.build_id:
+        bid = store.find_by_kallsyms(digest)
+        if bid:
+            found.build_id, found.meta = bid, store.load_meta(bid)
+    if store and found.build_id:
+        names = store.load_names(found.build_id, digest)
+    found.cached["kallsyms"] = names is not None
+    if names is None:
+        tm.say(f"decoding {tables.count} kallsyms symbols")
+        names = ks.decode_names(reader, tables)
+    addrs = ks.read_addresses(reader, tables)
+    return names, ks.SymbolTable(addrs, names.types, names.names)
+
+
+def _place_kernel(mem: PhysicalMemory, symtab: ks.SymbolTable, anchor: Anchor | None,
+                  tables: ks.KallsymsTables, phys_tables: ks.KallsymsTables | None,
+                  ) -> tuple[Anchor, ks.KallsymsTables, int, bool | None]:
+    """Where the kernel is: the VMCOREINFO ``anchor`` checked against kallsyms or, for a kernel found
+    by scanning, the slide from ``_text`` and the ``phys_base`` its page tables agree with.
+
+    Returns the placement, the kallsyms tables in kernel virtual addresses, ``_text`` and the paging
+    mode when placing the kernel already found it (None: not yet known).
+    """
+    text_va = symtab.address("_text") or symtab.address("_stext")
+    if text_va is None or text_va < KERNEL_HALF:
+        raise GuestDataCorrupt("kallsyms has no _text symbol in the kernel half")
+    if anchor is not None:
+        check_anchor(anchor, symtab)
+        return anchor, tables, text_va, None
+    # kaslr_offset() is _text - __START_KERNEL; __START_KERNEL is 16 MiB into the kernel map
+    # unless CONFIG_PHYSICAL_START was changed (then this is the slide plus that difference).
+    slide = (text_va - DEFAULT_START_KERNEL) & MASK64
+    assert phys_tables is not None
+    phys_base, la57 = phys_base_by_scan(mem, symtab, phys_tables, text_va)
+    anchor = Anchor(slide & MASK64, phys_base, {}, None)
+    return anchor, phys_tables.shifted(va_minus_pa(anchor)), text_va, la57
+
+
+def _page_tables(mem: PhysicalMemory, anchor: Anchor, symtab: ks.SymbolTable, text_va: int,
+                 la57_found: bool | None) -> tuple[int, bool, int]:
+    """The kernel's page-table root (physical), whether it has five levels, and ``page_offset_base``."""
+    root_va = (symtab.address("init_top_pgt") or anchor.sym("init_top_pgt")
+               or symtab.address("swapper_pg_dir") or anchor.sym("swapper_pg_dir"))
     if root_va is None:
         raise UnsupportedKernel("no init_top_pgt/swapper_pg_dir symbol: not an x86-64 kernel?")
-    tt = t_phys.token_table
-    first = text_va + ((tt - text_va) % PHYSICAL_ALIGN)
-    found: list[tuple[int, bool]] = []
-    for va in range(first, min(end_va, text_va + MAX_IMAGE), PHYSICAL_ALIGN):
-        phys_base = (tt - (va - START_KERNEL_MAP)) & MASK64
-        a = _Anchor(0, phys_base, {}, None)
-        root, text_pa = a.phys(root_va), a.phys(text_va)
-        if not mem.is_ram(root, 4096) or not mem.is_ram(text_pa, 4096):
-            continue
-        for la57 in (False, True):
-            if _maps_to(mem, root, text_va, text_pa, la57):
-                found.append((phys_base, la57))
-                break
-    if len(found) != 1:
-        raise GuestDataCorrupt(f"cannot place the kernel image: {len(found)} candidate phys_base values")
-    return found[0]
+    root = anchor.phys(root_va)
+    la57 = paging_mode(mem, anchor, symtab, root, text_va, la57_found)
+    pob_va = symtab.address("page_offset_base")
+    page_offset_base = (_read_u64(mem, anchor.phys(pob_va)) if pob_va
+                        else DIRECT_MAP_5L if la57 else DIRECT_MAP_4L)
+    if page_offset_base < KERNEL_HALF and not (la57 and page_offset_base >= 0xFF00_0000_0000_0000):
+        raise GuestDataCorrupt(f"page_offset_base {page_offset_base:#x} is not a kernel address")
+    return root, la57, page_offset_base
 
 
-def _paging_mode(mem: PhysicalMemory, a: _Anchor, symtab: ks.SymbolTable, root: int, text_va: int,
-                 known: bool | None) -> bool:
-    order: list[bool] = []
-    if known is not None:
-        order.append(known)
-    v = a.info.get("NUMBER(pgtable_l5_enabled)")
-    if v is not None and v.strip() in ("0", "1"):
-        order.append(v.strip() == "1")
-    l5_va = symtab.address("__pgtable_l5_enabled")
-    if l5_va is not None:
-        with contextlib.suppress(AradiaError):
-            order.append(bool(struct.unpack("<I", mem.read(a.phys(l5_va), 4))[0]))
-    order += [False, True]
-    text_pa = a.phys(text_va)
-    for la57 in dict.fromkeys(order):
-        if _maps_to(mem, root, text_va, text_pa, la57):
-            return la57
-    raise GuestDataCorrupt(f"the kernel page tables at {root:#x} do not map _text to {text_pa:#x}")
+def _identity(mem: PhysicalMemory, anchor: Anchor, symtab: ks.SymbolTable, found: _Found) -> tuple[str, str]:
+    """The release and banner; the build ID from the kernel's notes (it wins over VMCOREINFO's)."""
+    banner = _banner(mem, symtab, anchor.phys)
+    release = anchor.info.get("OSRELEASE") or (banner.split(" ")[2] if banner.count(" ") >= 2 else "")
+    found.build_id = _notes_build_id(mem, symtab, anchor.phys) or found.build_id
+    if not found.build_id:
+        raise UnsupportedKernel("the kernel has no build ID (neither .notes nor VMCOREINFO)")
+    return release, banner
+
+
+def _load_btf(mem: PhysicalMemory, anchor: Anchor, symtab: ks.SymbolTable, found: _Found,
+              btf_source: str | os.PathLike[str] | None, tm: _Timer) -> Btf | None:
+    """The kernel's BTF from ``btf_source`` or from RAM (``__start_BTF``..``__stop_BTF``), with its
+    index from the cache when it matches; None when the kernel has none."""
+    start, stop = symtab.address("__start_BTF"), symtab.address("__stop_BTF")
+    blob: bytes | None = None
+    if btf_source is not None:
+        tm.say(f"reading BTF from {btf_source}")
+        kf = read_kernel_file_btf(btf_source)
+        if kf.build_id is not None and kf.build_id != found.build_id:
+            raise UnsupportedKernel(f"{btf_source} is kernel build {kf.build_id}; "
+                                    f"the guest runs {found.build_id}")
+        blob = kf.blob
+    elif start is not None and stop is not None and stop > start:
+        blob = mem.read(anchor.phys(start), stop - start)
+    if blob is None:
+        return None
+    index = found.store.load_btf_index(found.build_id) if found.store else None
+    if index is None:
+        tm.say("indexing BTF")
+    btf = Btf(blob, index=index)
+    found.cached["btf"] = index is not None and index.get("digest") == btf.digest
+    return btf
+
+
+def _store(profile: KernelProfile, names: ks.NameTable, found: _Found) -> None:
+    """Write to the cache what it lacked or held stale (nothing when everything came from it)."""
+    cached, btf = found.cached, profile.btf
+    stale = found.meta is None or not cached.get("kallsyms") or (btf is not None and not cached.get("btf")) \
+        or (profile.vmcoreinfo is not None and not cached.get("layout"))
+    if not found.store or not stale:
+        return
+    tables = profile.kallsyms_tables.shifted(-profile.kernel_base).to_dict()
+    meta = {"format": PROFILE_FORMAT, "release": profile.release, "build_id": profile.build_id,
+            "banner": profile.banner, "tables": tables, "kallsyms_digest": names.digest,
+            "btf_digest": btf.digest if btf else None}
+    found.store.store(profile.build_id, meta, None if cached.get("kallsyms") else names,
+                      btf if btf is not None and not cached.get("btf") else None)
+
+
+# --- small reads ---------------------------------------------------------------------------------------
+
+def _read_u64(mem: PhysicalMemory, paddr: int) -> int:
+    return int(struct.unpack("<Q", mem.read(paddr, 8))[0])
 
 
 def _banner(mem: PhysicalMemory, symtab: ks.SymbolTable, phys: Callable[[int], int]) -> str:
@@ -606,3 +393,6 @@ def _notes_build_id(mem: PhysicalMemory, symtab: ks.SymbolTable, phys: Callable[
     with contextlib.suppress(AradiaError):
         return notes_build_id(mem.read(phys(start), stop - start), limit=256)
     return None
+
+
+__all__ = ["KernelNotFound", "KernelProfile", "ProfileCache", "find_profile"]

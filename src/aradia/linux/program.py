@@ -36,14 +36,16 @@ new profile and Program.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import drgn
 
 from aradia.errors import AradiaError, NotRAM, PageFault
 from aradia.linux.btf import DATASEC, FUNC, VAR, DrgnTypes
-from aradia.linux.profile import KERNEL_HALF, KernelProfile, find_profile
+from aradia.linux.placement import KERNEL_HALF
+from aradia.linux.profile import KernelProfile, find_profile
 from aradia.machine.handle import VMHandle
+from aradia.progress import Progress
 
 KERNEL_HALF_5L = 0xFF00_0000_0000_0000
 _TOP = 1 << 64
@@ -375,7 +377,7 @@ class _Reader:
 
 
 def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
-                 progress: Callable[[str], None] | None = None) -> drgn.Program:
+                 progress: Progress | None = None) -> drgn.Program:
     """A drgn Program for the kernel running in ``vm`` (live or a dump), with no DWARF.
 
     ``profile`` defaults to :func:`~aradia.linux.profile.find_profile` (cached). The program's

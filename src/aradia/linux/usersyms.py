@@ -16,8 +16,8 @@ import drgn
 from drgn.helpers.linux.mm import access_remote_vm
 
 from aradia.errors import AradiaError
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, bounded
 from aradia.linux.elfsyms import DynamicSymbols, ElfSymbol
-from aradia.linux.guard import GUEST_ERRORS, Warnings, bounded
 from aradia.linux.maps import vmas
 from aradia.linux.pagecache import NotCached, read_cached
 from aradia.linux.walks import d_path
@@ -26,7 +26,7 @@ PAGE = 4096
 
 
 @dataclass(frozen=True)
-class MappedFile:
+class LoadedFile:
     """A file mapped from offset 0 in one address space: where, and what file."""
 
     path: str
@@ -41,7 +41,7 @@ class UserSymbol:
 
     address: int
     symbol: ElfSymbol
-    file: MappedFile
+    file: LoadedFile
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -68,7 +68,7 @@ class UserSymbols:
     warnings: Warnings = field(default_factory=Warnings)
     _files: dict[int, DynamicSymbols | None] = field(default_factory=dict)
 
-    def mapped_files(self, mm: drgn.Object) -> list[tuple[drgn.Object, MappedFile]]:
+    def mapped_files(self, mm: drgn.Object) -> list[tuple[drgn.Object, LoadedFile]]:
         """The ``(vma, file)`` of every mapping of a file from offset 0 in ``mm``."""
         out = []
         what = f"mm {mm.value_():#x}"
@@ -79,7 +79,7 @@ class UserSymbols:
                 if not f or int(vma.vm_pgoff):
                     continue
                 path = d_path(f.f_path).decode(errors="replace")
-                out.append((vma, MappedFile(path, f.f_inode.value_(), int(vma.vm_start), mm.value_())))
+                out.append((vma, LoadedFile(path, f.f_inode.value_(), int(vma.vm_start), mm.value_())))
             except GUEST_ERRORS as e:
                 self.warnings.add(f"{what}: VMA at {vma.value_():#x} unreadable ({e})")
         return out

@@ -1,12 +1,12 @@
 """Bounded versions of the few drgn walks that can loop forever on corrupt guest data.
 
 drgn's helpers trust the kernel's invariants. On a hostile or corrupt guest some of their walks
-never end without yielding anything, so :func:`~aradia.linux.guard.bounded` cannot stop them:
+never end without yielding anything, so :func:`~aradia.linux.bounds.bounded` cannot stop them:
 
 * ``for_each_task`` walks the pid IDR (an XArray) in Python with an unbounded stack: a node whose
   slot points back at itself or an ancestor is pushed again and again;
-* ``find_task`` (``xa_load`` in drgn's C code) follows node pointers until a leaf: a self-pointing
-  interior node spins in C, where no Python-level cap can reach;
+* ``find_task`` (``xa_load`` in drgn's C code; here :func:`task_by_pid`) follows node pointers
+  until a leaf: a self-pointing interior node spins in C, where no Python-level cap can reach;
 * ``for_each_vma`` (6.1+) walks the maple tree breadth-first with an unbounded queue;
 * ``d_path`` follows ``d_parent`` and mount parents with no step limit, and reads each name with no
   length limit;
@@ -28,7 +28,7 @@ import drgn
 from drgn.helpers.linux.pid import pid_task
 
 from aradia.errors import AradiaError, GuestDataCorrupt
-from aradia.linux.guard import GUEST_ERRORS, Warnings, cstring
+from aradia.linux.bounds import GUEST_ERRORS, Warnings, cstring
 
 MAX_TREE_NODES = 1 << 16  # XArray / maple tree nodes visited per walk
 MAPLE_HEIGHT_MAX = 31
@@ -177,8 +177,9 @@ def each_task(prog: drgn.Program, warnings: Warnings) -> Iterator[drgn.Object]:
             yield task
 
 
-def find_task(prog: drgn.Program, pid: int) -> drgn.Object | None:
-    """The ``struct task_struct *`` of ``pid`` in the initial pid namespace, or None."""
+def task_by_pid(prog: drgn.Program, pid: int) -> drgn.Object | None:
+    """The ``struct task_struct *`` of ``pid`` in the initial pid namespace, or None (see
+    :func:`aradia.linux.processes.find_task` for the lookup that raises)."""
     ns = _pid_ns(prog)
     try:
         entry = xa_load(ns.idr.idr_rt.address_of_(), pid - int(ns.idr.idr_base)) if pid >= 0 else 0

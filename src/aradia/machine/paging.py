@@ -66,7 +66,7 @@ class Translation(NamedTuple):
         return self.paddr & ~(self.page_size - 1)
 
 
-class Mapping(NamedTuple):
+class PageMapping(NamedTuple):
     """A run of virtual memory ``[vaddr, vaddr + size)`` mapped contiguously to ``paddr``."""
 
     vaddr: int
@@ -209,7 +209,7 @@ def mappings(
     *,
     max_tables: int = DEFAULT_MAX_TABLES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
-) -> Iterator[Mapping]:
+) -> Iterator[PageMapping]:
     """Mapped runs of ``[start, end)`` (unsigned addresses), in address order.
 
     Adjacent pages are merged while both virtual and physical addresses continue and the
@@ -290,10 +290,10 @@ def mappings(
                 rn += n
                 continue
             if rf >= 0:
-                yield Mapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
+                yield PageMapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
             rv, rp, rn, rf = vlo, plo, n, f
     if rf >= 0:
-        yield Mapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
+        yield PageMapping(rv, rp, rn, bool(rf & 1), bool(rf & 2), bool(rf & 4))
 
 
 def _ram_parts(starts: list[int], ram: list[Range], lo: int, hi: int) -> Iterator[tuple[int, int]]:
@@ -451,6 +451,6 @@ class Translator:
 
     def mappings(
         self, root: int, la57: bool = False, start: int = 0, end: int = 1 << 64
-    ) -> Iterator[Mapping]:
+    ) -> Iterator[PageMapping]:
         """Mapped runs (see :func:`mappings`); always read fresh."""
         return mappings(self.mem, root, la57, start, end)

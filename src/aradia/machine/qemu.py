@@ -33,6 +33,17 @@ QEMU_BINARY = os.environ.get("ARADIA_QEMU", "qemu-system-x86_64")
 _GPA2HVA = re.compile(r"is\s+(0x[0-9a-fA-F]+)")
 
 
+def process_cmdline(pid: int) -> list[str]:
+    """The command line of process ``pid`` as its ``argv`` (from ``/proc/PID/cmdline``).
+
+    Arguments are decoded with ``surrogateescape`` (a path in them round-trips to the same bytes);
+    empty arguments are kept. Raises :class:`OSError` when the process is gone or not readable.
+    """
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        raw = f.read()
+    return [a.decode(errors="surrogateescape") for a in raw.removesuffix(b"\0").split(b"\0")] if raw else []
+
+
 @dataclass(frozen=True)
 class VCpu:
     """One virtual CPU as QEMU lists it."""
@@ -258,10 +269,11 @@ class Qemu:
 
     def cmdline(self) -> list[str]:
         """QEMU's command line (from ``/proc``; empty when QEMU is not a readable process here)."""
+        if not self.pid:
+            return []
         try:
-            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except (OSError, TypeError):
+            return process_cmdline(self.pid)
+        except OSError:
             return []
 
     def gdb_address(self, start: bool = True) -> str:

@@ -46,8 +46,10 @@ def dump_format(path: PathLike) -> str:
     return "raw"
 
 
-def open_dump(path: PathLike, *, strict: bool = True, raw_base: int = 0) -> PhysicalMemory:
-    """Open the dump at ``path`` read-only, detecting its format from its magic bytes.
+def open_dump_memory(path: PathLike, *, strict: bool = True, raw_base: int = 0) -> PhysicalMemory:
+    """The physical memory of the dump at ``path``, read-only, its format detected from its magic bytes.
+
+    (:func:`aradia.vm.open_dump` wraps this in a :class:`~aradia.vm.VM`.)
 
     ``strict=False`` lets a truncated ELF or LiME dump open with what it holds (see the reader's
     ``warnings``). ``raw_base`` is the guest-physical address of a raw image's first byte.

@@ -34,7 +34,8 @@ from aradia.sources.elfcore import (
 from aradia.sources.lime import LIME_HEADER, LIME_MAGIC, LIME_VERSION
 from aradia.sources.raw import PathLike
 
-Progress = Callable[[int, int], None]
+ByteProgress = Callable[[int, int], None]
+"""Called with the bytes written so far and the total while a dump is written."""
 Output = PathLike | BinaryIO
 
 DEFAULT_CHUNK = 4 << 20
@@ -50,7 +51,7 @@ def write_elf(
     *,
     vmcoreinfo: str | None = None,
     cpu_states: Sequence[Mapping[str, int]] | None = None,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> None:
     """Write ``mem`` as an x86-64 ELF64 core (``ET_CORE``, ``EM_X86_64``), the way QEMU does.
@@ -107,7 +108,7 @@ def write_lime(
     mem: PhysicalMemory,
     out: Output,
     *,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> None:
     """Write ``mem`` as a LiME file: one 32-byte header (inclusive end address) per RAM range."""
@@ -124,7 +125,7 @@ def write_raw(
     mem: PhysicalMemory,
     out: Output,
     *,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> None:
     """Write ``mem`` as a flat image: file offset = guest-physical address, holes read as zeros.
@@ -170,7 +171,7 @@ def _copy_ranges(
     mem: PhysicalMemory,
     ranges: list[Range],
     f: BinaryIO,
-    progress: Progress | None,
+    progress: ByteProgress | None,
     chunk: int,
     header: Callable[[Range], bytes],
 ) -> None:

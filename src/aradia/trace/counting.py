@@ -1,11 +1,12 @@
 """Counting calls of kernel functions: inside the hypervisor when possible, through breakpoints when not.
 
 A count needs no arguments and no stop, so it is the case for the fast path: when the VM's QEMU was
-started with aradia's TCG plugin (``-plugin …/counter-*.so,shm=PATH``, see :mod:`aradia.trace.plugin`
-and ``launch(plugins=…)``), :class:`CallCounter` maps that shared file, points free target slots at the
-functions and makes TCG re-translate them; the guest never stops. Otherwise (an unpatched QEMU, or
-KVM) it falls back to GDB-stub breakpoints through the guardian: exact too, but every call stops all
-vCPUs. :attr:`CallCounter.path` says which one is in use.
+started with aradia's TCG plugin (``-plugin …/counter-*.so,shm=PATH``, see
+:mod:`aradia.trace.pluginload` and ``launch(plugins=…)``), :class:`CallCounter` maps that shared file
+(:mod:`aradia.trace.pluginshm`), points free target slots at the functions and makes TCG re-translate
+them; the guest never stops. Otherwise (an unpatched QEMU, or KVM) it falls back to GDB-stub
+breakpoints through the guardian: exact too, but every call stops all vCPUs. :attr:`CallCounter.path`
+says which one is in use.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class CallCounter:
     def open(cls, vm: LinuxVM, symbols: list[str], *, fast: bool | None = None) -> CallCounter:
         """Start counting ``symbols``; ``fast`` True requires the plugin, False forces breakpoints,
         None (default) takes the plugin when the VM's QEMU has it."""
-        from aradia.trace.plugin import plugin_shm_path
+        from aradia.trace.pluginload import plugin_shm_path
 
         if vm.machine is None:
             raise AradiaError("counting calls needs a live VM (qmp:PATH), not a dump")
@@ -73,7 +74,7 @@ class CallCounter:
 
     # --- the plugin --------------------------------------------------------------------------------
     def _start_plugin(self, shm_path: Any) -> None:
-        from aradia.trace.plugin import PluginShm
+        from aradia.trace.pluginshm import PluginShm
 
         shm = PluginShm.open(shm_path)
         try:
@@ -102,7 +103,7 @@ class CallCounter:
     def _retranslate(self, addresses: set[int]) -> None:
         """TCG instruments code when it translates it: redo the translations of ``addresses``."""
         from aradia.proto.gdbrsp import GdbClient
-        from aradia.trace.plugin import force_retranslation
+        from aradia.trace.pluginload import force_retranslation
 
         if not addresses:
             return

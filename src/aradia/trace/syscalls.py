@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from aradia.linux import guard
+from aradia.linux import bounds
 
 MAX_STR = 4096
 MAX_ARGV = 256
@@ -17,13 +17,16 @@ ARG_REGS = ("di", "si", "dx", "r10", "r8", "r9")
 ReadUser = Callable[[int, int], bytes]
 
 
-def read_cstring(read: ReadUser, addr: int, limit: int = MAX_STR) -> str | None:
-    """A NUL-terminated string of user memory; None when unreadable (a guest pointer may be anything)."""
+def user_cstring(read: ReadUser, addr: int, limit: int = MAX_STR) -> str | None:
+    """A NUL-terminated string of user memory; None when unreadable (a guest pointer may be anything).
+
+    (:func:`aradia.linux.bounds.read_cstring` is the read that raises.)
+    """
     if not addr:
         return None
     try:
-        return guard.read_cstring(read, addr, limit, partial=True)
-    except guard.GUEST_ERRORS:
+        return bounds.read_cstring(read, addr, limit, partial=True)
+    except bounds.GUEST_ERRORS:
         return None
 
 
@@ -39,7 +42,7 @@ def read_argv(read: ReadUser, addr: int) -> list[str] | None:
             return out or None
         if not p:
             return out
-        out.append(read_cstring(read, p) or "")
+        out.append(user_cstring(read, p) or "")
     return out
 
 
@@ -80,11 +83,11 @@ def decode(name: str, args: list[int], read: ReadUser) -> dict[str, Any]:
     a = args
     if name in ("execve", "execveat"):
         off = 1 if name == "execveat" else 0
-        return {"path": read_cstring(read, a[off]), "argv": read_argv(read, a[off + 1])}
+        return {"path": user_cstring(read, a[off]), "argv": read_argv(read, a[off + 1])}
     if name in ("openat", "openat2"):
-        return {"dfd": _int32(a[0]), "path": read_cstring(read, a[1]), "flags": a[2] & 0xFFFFFFFF}
+        return {"dfd": _int32(a[0]), "path": user_cstring(read, a[1]), "flags": a[2] & 0xFFFFFFFF}
     if name == "open":
-        return {"path": read_cstring(read, a[0]), "flags": a[1] & 0xFFFFFFFF}
+        return {"path": user_cstring(read, a[0]), "flags": a[1] & 0xFFFFFFFF}
     if name in ("connect", "bind"):
         return {"fd": _int32(a[0]), "addr": decode_sockaddr(read, a[1], a[2] & 0xFFFFFFFF)}
     if name in ("accept", "accept4"):

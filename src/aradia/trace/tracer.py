@@ -1,6 +1,9 @@
 """Breakpoint probes on a live VM: kernel and user-space function entry and return, syscalls with
 decoded arguments, process lifecycle events and watchpoints.
 
+One module past 500 lines on purpose: it is one :class:`Tracer` whose arming, hit loop and task
+lookup share one lock and one guarded stub, so the state they change together stays in one place.
+
 All probes go through one :class:`~aradia.trace.guardian.GuardedStub` per VM (QEMU's stub serves one
 client), so whatever happens to the tracing process the guest is left running with nothing armed.
 A hit stops every vCPU (all-stop); the tracer reads the registers, identifies the task from the
@@ -21,7 +24,7 @@ from typing import Any
 import drgn
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS
+from aradia.linux.bounds import GUEST_ERRORS
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
@@ -314,7 +317,7 @@ class Tracer:
         return read
 
     def _lifecycle_args(self, kind: str, regs: dict[str, int]) -> dict[str, Any]:
-        from aradia.linux.guard import Warnings
+        from aradia.linux.bounds import Warnings
         from aradia.linux.processes import task_info
 
         task = drgn.Object(self.vm.linux.prog, "struct task_struct *", value=regs["rdi"])

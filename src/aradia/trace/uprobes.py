@@ -22,10 +22,10 @@ from typing import Any
 import drgn
 
 from aradia.errors import AradiaError
-from aradia.linux.guard import GUEST_ERRORS
+from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.usersyms import UserSymbols, load_address, parse_spec
 from aradia.linux.walks import d_path, each_task
-from aradia.trace.syscalls import read_cstring
+from aradia.trace.syscalls import user_cstring
 
 ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 TYPES = ("str", "int", "hex")
@@ -84,7 +84,7 @@ def parse_signature(text: str) -> Signature:
 def decode_value(typ: str, value: int, read: Callable[[int, int], bytes]) -> Any:
     """One register value as ``typ`` says (a string is read from user memory; None if unreadable)."""
     if typ == "str":
-        return read_cstring(read, value)
+        return user_cstring(read, value)
     if typ == "int":
         return value - (1 << 64) if value >= 1 << 63 else value
     return value

@@ -3,7 +3,7 @@
  * ever stopping the VM; where the QEMU allows it, capture a syscall's arguments with the hit.
  *
  * Load:  -plugin counter.so,shm=/dev/shm/FILE
- * FILE is created and laid out by aradia (aradia/trace/plugin.py, class PluginShm), which also
+ * FILE is created and laid out by aradia (aradia/trace/pluginshm.py, class PluginShm), which also
  * owns the layout constants below: keep both in step (ARADIA_LAYOUT is checked at load).
  *
  * Targets live in the shared file, so aradia changes them while the guest runs. TCG decides what
@@ -24,14 +24,15 @@
  * first bytes behind one of them (TF_DATA, e.g. a path). The record goes to the vCPU's args ring
  * before the hit that points at it is published.
  *
- * Compile-time capabilities come from the header of the installed QEMU (plugin.py detects them):
+ * Compile-time capabilities come from the header of the installed QEMU (aradia/lab/plugin_build.py
+ * detects them):
  *   ARADIA_HAVE_INSN_INLINE  qemu_plugin_register_vcpu_insn_exec_inline (QEMU < 9): a counter
  *                            add emitted into the translated code, no call; one counter per target
  *                            shared by all vCPUs and not atomic, so exact only on one vCPU.
  *   ARADIA_HAVE_READ_REGISTER  qemu_plugin_get_registers + qemu_plugin_read_register (QEMU >= 9)
  *   ARADIA_HAVE_READ_MEMORY    qemu_plugin_read_memory_vaddr (QEMU >= 9.2)
  * Argument capture needs both of the last two; without them an args target is a plain logged hit.
- * No glib of our own: QEMU >= 9's header includes <glib.h> for GArray/GByteArray, which plugin.py
+ * No glib of our own: QEMU >= 9's header includes <glib.h> for GArray/GByteArray, which plugin_build.py
  * satisfies with a minimal stand-in when glib's headers are not installed (QEMU links glib, so
  * the few g_* calls below resolve in the QEMU process).
  */

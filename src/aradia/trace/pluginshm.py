@@ -1,59 +1,36 @@
-"""The TCG plugin fast path: build aradia's QEMU plugin and talk to it through shared memory.
+"""The shared file between aradia and its TCG plugin in a QEMU: targets, counters, hit log.
 
-:func:`build_plugin` compiles ``plugin/counter.c`` against ``qemu-plugin.h`` of exactly the QEMU
-aradia launches (``$ARADIA_QEMU``, default ``qemu-system-x86_64``): Debian does not ship the header,
-so it comes from Debian's source package of that version (``apt-get source --download-only``
-through a private deb-src list, only the header is taken out of the orig tarball). QEMU >= 9's
-header includes ``<glib.h>`` for two types; a minimal stand-in is generated next to it, so glib's
-development files are not needed (QEMU itself links glib). The ``.so`` is cached under
-``$ARADIA_CACHE/plugins/<qemu>/``; a second build only looks the QEMU version up.
+:class:`PluginShm` is the file the plugin maps (``-plugin counter.so,shm=PATH``, see
+:func:`aradia.trace.pluginload.plugin_args`): up to :data:`MAX_TARGETS` target addresses that aradia
+changes at run time, per-vCPU hit counters and a ring of logged hits (vCPU, target, address, host
+``CLOCK_MONOTONIC`` ns) per vCPU. Where the QEMU offers register and memory reads (QEMU >= 9.2), a
+target on a syscall entry ``__x64_sys_NAME`` also logs the syscall's six arguments, read by the plugin
+from the ``struct pt_regs`` the entry receives (see :class:`ArgCapture`). After a target change, make
+TCG re-translate the addresses it returns (:func:`aradia.trace.pluginload.force_retranslation`).
+Another aradia process maps a running QEMU's file with :meth:`PluginShm.open` (find it with
+:func:`aradia.trace.pluginload.plugin_shm_path`).
 
-:class:`PluginShm` is the shared file the plugin maps (``-plugin counter.so,shm=PATH``, see
-:func:`plugin_args`): up to :data:`MAX_TARGETS` target addresses that aradia changes at run time,
-per-vCPU hit counters and a ring of logged hits (vCPU, target, address, host ``CLOCK_MONOTONIC``
-ns) per vCPU. Where the QEMU offers register and memory reads (QEMU >= 9.2), a target on a syscall
-entry ``__x64_sys_NAME`` also logs the syscall's six arguments, read by the plugin from the
-``struct pt_regs`` the entry receives (see :class:`ArgCapture`). TCG instruments code when it
-translates it, so after a target change the old and new addresses must be re-translated:
-:func:`force_retranslation` writes back the byte already there through the GDB stub, which makes
-QEMU drop the translations that hold it. Another aradia process finds a running QEMU's file with
-:func:`plugin_shm_path` and maps it with :meth:`PluginShm.open`.
+This file stays one module past 500 lines because it is one binary format: the layout constants,
+the check of a file another process made, and the reader and writer must change together, and in
+step with ``plugin/counter.c``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
-import lzma
 import mmap
 import os
-import re
 import secrets
-import shutil
 import struct
-import subprocess
-import tarfile
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import aradia.cache
-from aradia.cache import cache_lock
-from aradia.errors import AradiaError
-from aradia.lab.debian import PrivateApt, run_tool
-from aradia.machine.qemu import QEMU_BINARY
+from aradia.trace.pluginload import PluginError, plugin_args
 from aradia.trace.syscalls import ARG_REGS
-
-if TYPE_CHECKING:
-    from aradia.proto.gdbrsp import GdbClient
-
-SOURCE = Path(__file__).resolve().parent / "plugin" / "counter.c"
-"""The plugin's C source, shipped as package data."""
 
 MAX_TARGETS = 64
 """Target slots in the shared file (fixed by the plugin's layout)."""
@@ -74,11 +51,6 @@ _TF_ACTIVE, _TF_LOG, _TF_INLINE, _TF_ARGS, _TF_DATA = 1, 2, 4, 8, 16
 _CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY, _CAP_SYSCALL_ARGS = 1, 2, 4, 8
 _HIT_ARGS = 1
 _AR_ARGS, _AR_DATA = 1, 2
-_BUILD_FORMAT = 2  # bump when the compile command or the manifest changes
-_HEADER_MEMBER = "include/qemu/qemu-plugin.h"
-_MAX_HEADER_BYTES = 1 << 20
-_QEMU_PACKAGE = "qemu-system-x86"
-_SO_PATTERN = re.compile(r"counter-[0-9a-f]{12}\.so")
 
 # header (see counter.c): creation fields, plugin-written fields, aradia-written fields, more
 # plugin-written fields, targets, argument specs
@@ -95,327 +67,6 @@ _H_ARGSPECS = _H_TARGETS + MAX_TARGETS * _TARGET.size
 _ARGSPEC = struct.Struct("<6HBBH")
 _ARGREC_HEAD = struct.Struct("<6QQII")  # args, seq, status, data_len; then DATA_MAX bytes
 _RING_HEAD_SIZE = 64
-
-# what qemu-plugin.h (QEMU >= 9) needs of <glib.h>: the public heads of GArray and GByteArray (stable
-# glib ABI) and the calls counter.c makes; QEMU links glib, so they resolve when it loads the plugin
-_GLIB_STANDIN = """\
-/* aradia's stand-in for <glib.h>: only what qemu-plugin.h and counter.c use (glib's stable ABI). */
-#ifndef ARADIA_GLIB_STANDIN_H
-#define ARADIA_GLIB_STANDIN_H
-typedef char gchar;
-typedef int gboolean;
-typedef unsigned int guint;
-typedef unsigned char guint8;
-typedef struct _GArray { gchar *data; guint len; } GArray;
-typedef struct _GByteArray { guint8 *data; guint len; } GByteArray;
-GByteArray *g_byte_array_new(void);
-GByteArray *g_byte_array_set_size(GByteArray *array, guint length);
-gchar *g_array_free(GArray *array, gboolean free_segment);
-#endif
-"""
-
-Progress = Callable[[str], None]
-
-
-class PluginError(AradiaError):
-    """The plugin could not be built or loaded, or its shared file is not what aradia made."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# build
-
-
-@dataclass(frozen=True)
-class QemuBuildInfo:
-    """The installed QEMU the plugin must match."""
-
-    version: str  # QEMU's own, e.g. "7.2.22"
-    package_version: str  # Debian binary package version, "" if QEMU is not Debian's
-    source_package: str
-    source_version: str
-
-    @property
-    def cache_name(self) -> str:
-        """Directory name under ``plugins/`` (no ``,`` or ``:``: the path goes into ``-plugin``)."""
-        name = f"{self.version}_{self.package_version}" if self.package_version else self.version
-        return re.sub(r"[^A-Za-z0-9.+~_-]", "_", name)
-
-
-@dataclass(frozen=True)
-class PluginCapabilities:
-    """What the header of the installed QEMU offers plugins."""
-
-    api_version: int  # QEMU_PLUGIN_VERSION
-    insn_inline: bool  # qemu_plugin_register_vcpu_insn_exec_inline (shared counter, no call; QEMU < 9)
-    read_register: bool  # qemu_plugin_get_registers + qemu_plugin_read_register (QEMU >= 9)
-    read_memory: bool  # qemu_plugin_read_memory_vaddr (QEMU >= 9.2)
-    glib: bool = False  # the header includes <glib.h> (QEMU >= 9): built with aradia's stand-in
-
-    @property
-    def syscall_args(self) -> bool:
-        """Whether a plugin built against this header can capture syscall arguments."""
-        return self.read_register and self.read_memory
-
-    def defines(self) -> list[str]:
-        """The ``-D`` flags ``counter.c`` is compiled with."""
-        flags = []
-        if self.insn_inline:
-            flags.append("-DARADIA_HAVE_INSN_INLINE")
-        if self.read_register:
-            flags.append("-DARADIA_HAVE_READ_REGISTER")
-        if self.read_memory:
-            flags.append("-DARADIA_HAVE_READ_MEMORY")
-        return flags
-
-
-def header_capabilities(text: str) -> PluginCapabilities:
-    """Detect the plugin API version and optional calls from the text of ``qemu-plugin.h``."""
-    m = re.search(r"^\s*#\s*define\s+QEMU_PLUGIN_VERSION\s+(\d+)\s*$", text, re.MULTILINE)
-    if m is None:
-        raise PluginError("qemu-plugin.h defines no QEMU_PLUGIN_VERSION")
-
-    def declares(name: str) -> bool:
-        return re.search(rf"\b{name}\s*\(", text) is not None
-
-    return PluginCapabilities(int(m.group(1)),
-                              insn_inline=declares("qemu_plugin_register_vcpu_insn_exec_inline"),
-                              read_register=declares("qemu_plugin_read_register")
-                              and declares("qemu_plugin_get_registers"),
-                              read_memory=declares("qemu_plugin_read_memory_vaddr"),
-                              glib=re.search(r"^\s*#\s*include\s*<glib\.h>", text, re.MULTILINE) is not None)
-
-
-def _run(cmd: list[str], *, timeout: float, what: str, cwd: Path | None = None) -> str:
-    return run_tool(cmd, timeout=timeout, what=what, cwd=cwd, error=PluginError)
-
-
-def installed_qemu(binary: str | None = None) -> QemuBuildInfo:
-    """Version of the QEMU aradia launches (``binary``, default ``$ARADIA_QEMU`` or
-    ``qemu-system-x86_64``) and of the Debian packages it comes from."""
-    binary = binary or QEMU_BINARY
-    out = _run([binary, "--version"], timeout=30, what=f"{binary} --version")
-    m = re.search(r"version\s+(\d+\.\d+(?:\.\d+)?)", out)
-    if m is None:
-        raise PluginError(f"cannot read the QEMU version from {out[:200]!r}")
-    debian = re.search(r"\(Debian\s+([^)\s]+)\)", out)
-    if debian is None:
-        return QemuBuildInfo(m.group(1), "", "", "")
-    try:
-        fields = _run(["dpkg-query", "-W", "-f", "${source:Package} ${source:Version} ${Version}",
-                       _QEMU_PACKAGE], timeout=30, what="dpkg-query").split()
-    except PluginError:
-        fields = []
-    if len(fields) != 3 or fields[2] != debian.group(1):
-        raise PluginError(f"{binary} says it is Debian {debian.group(1)} but package {_QEMU_PACKAGE} is "
-                          f"{' '.join(fields) or 'not installed'}: cannot tell which source to build against")
-    return QemuBuildInfo(m.group(1), fields[2], fields[0], fields[1])
-
-
-def _host_suite() -> str:
-    try:
-        text = Path("/etc/os-release").read_text()
-    except OSError as exc:
-        raise PluginError(f"cannot read /etc/os-release: {exc}") from exc
-    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)\"?$", text, re.MULTILINE)
-    if m is None or "ID=debian" not in text:
-        raise PluginError("the host is not a Debian release with a VERSION_CODENAME:"
-                          " pass header= to build_plugin")
-    return m.group(1)
-
-
-def _source_apt(cache: Path, suite: str) -> PrivateApt:
-    """A private apt with the suite's deb-src lines (its own dir: the image builder owns ``apt/``)."""
-    return PrivateApt(cache / "apt-src" / suite, suite, kind="deb-src", backports=True)
-
-
-def _orig_header(tarball: Path) -> bytes:
-    """``include/qemu/qemu-plugin.h`` out of an upstream tarball, streaming (no full extraction)."""
-    try:
-        with tarfile.open(tarball, "r|*") as tf:
-            for member in tf:
-                parts = member.name.split("/", 1)
-                if len(parts) == 2 and parts[1] == _HEADER_MEMBER and member.isfile():
-                    if member.size > _MAX_HEADER_BYTES:
-                        raise PluginError(f"{tarball.name}: {_HEADER_MEMBER} is {member.size} bytes")
-                    fh = tf.extractfile(member)
-                    assert fh is not None
-                    return fh.read()
-    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
-        raise PluginError(f"cannot read {tarball.name}: {exc}") from exc
-    raise PluginError(f"{tarball.name} holds no {_HEADER_MEMBER}")
-
-
-def _header_patches(debian_tar: Path) -> list[str]:
-    """The hunks of Debian's patches (in series order) that change the plugin header."""
-    patches: dict[str, bytes] = {}
-    series = b""
-    try:
-        with tarfile.open(debian_tar, "r|*") as tf:
-            for member in tf:
-                if not member.isfile() or member.size > 64 << 20:
-                    continue
-                if member.name == "debian/patches/series" or member.name.startswith("debian/patches/"):
-                    fh = tf.extractfile(member)
-                    assert fh is not None
-                    data = fh.read()
-                    if member.name == "debian/patches/series":
-                        series = data
-                    elif _HEADER_MEMBER.encode() in data:
-                        patches[member.name.removeprefix("debian/patches/")] = data
-    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
-        raise PluginError(f"cannot read {debian_tar.name}: {exc}") from exc
-    hunks = []
-    for line in series.decode(errors="replace").splitlines():
-        name = line.split("#", 1)[0].strip().split(" ")[0]
-        if name in patches:
-            hunks.append(_file_diff(patches[name].decode(errors="replace"), _HEADER_MEMBER))
-    return [h for h in hunks if h]
-
-
-def _file_diff(patch: str, path: str) -> str:
-    """The part of a unified diff that changes ``path`` (``a/``-``b/``-prefixed or not)."""
-    out: list[str] = []
-    lines = patch.splitlines(keepends=True)
-    keep = False
-    for i, line in enumerate(lines):
-        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
-            target = lines[i + 1][4:].split("\t")[0].strip()
-            keep = target.split("/", 1)[-1] == path or target == path
-        elif line.startswith("diff "):
-            keep = False
-        if keep:
-            out.append(line)
-    return "".join(out)
-
-
-def _fetch_header(info: QemuBuildInfo, cache: Path, say: Progress) -> bytes:
-    """The plugin header of exactly the installed QEMU, from Debian's source package."""
-    if not info.source_version:
-        raise PluginError(f"QEMU {info.version} is not Debian's:"
-                          " pass header= (its qemu-plugin.h) to build_plugin")
-    suite = _host_suite()
-    apt = _source_apt(cache, suite)
-    say(f"apt-get update (Debian {suite} sources, private lists)")
-    _run(["apt-get", *apt.options, "-q", "update"], timeout=600, what=f"apt-get update ({suite} deb-src)")
-    work = Path(tempfile.mkdtemp(prefix=".plugin-src-", dir=cache))
-    try:
-        spec = f"{info.source_package}={info.source_version}"
-        say(f"apt-get source --download-only {spec}")
-        _run(["apt-get", *apt.options, "-q", "source", "--download-only", spec], cwd=work, timeout=1800,
-             what=f"apt-get source {spec} (needs Debian's deb-src for {suite})")
-        upstream = info.source_version.split(":", 1)[-1].rsplit("-", 1)[0]
-        origs = sorted(work.glob(f"{info.source_package}_{upstream}.orig.tar.*"))
-        origs = [p for p in origs if not p.name.endswith(".asc")]
-        if not origs:
-            left = sorted(p.name for p in work.iterdir())
-            raise PluginError(f"apt-get source {spec} left no orig tarball: {left}")
-        say(f"extracting {_HEADER_MEMBER} from {origs[0].name}")
-        header = _orig_header(origs[0])
-        debian_tars = sorted(work.glob(f"{info.source_package}_*.debian.tar.*"))
-        hunks = _header_patches(debian_tars[0]) if debian_tars else []
-        if hunks:
-            header = _apply_hunks(header, hunks, work)
-        return header
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _apply_hunks(header: bytes, hunks: list[str], work: Path) -> bytes:
-    """Apply Debian's changes to the header with ``patch`` (rare: 7.2 and 10.0 have none)."""
-    target = work / "patched" / _HEADER_MEMBER
-    target.parent.mkdir(parents=True)
-    target.write_bytes(header)
-    for hunk in hunks:
-        res = subprocess.run(["patch", "--batch", "--forward", str(target)], input=hunk, text=True,
-                             capture_output=True, timeout=60, check=False)
-        if res.returncode != 0:
-            raise PluginError(f"applying Debian's patch to {_HEADER_MEMBER} failed: {res.stdout[-500:]}")
-    return target.read_bytes()
-
-
-def _so_name() -> str:
-    stamp = f"{_BUILD_FORMAT}\0{_GLIB_STANDIN}\0".encode()
-    digest = hashlib.sha256(stamp + SOURCE.read_bytes()).hexdigest()[:12]
-    return f"counter-{digest}.so"
-
-
-_BUILT: dict[tuple[str, str], Path] = {}
-
-
-def build_plugin(cache_dir: Path | None = None, *, header: Path | None = None,
-                 progress: Progress | None = None) -> Path:
-    """Build (or find in the cache) the plugin for the installed QEMU; returns the ``.so`` path.
-
-    ``header`` overrides the download with a ``qemu-plugin.h`` of the installed QEMU's version (for
-    a QEMU that is not Debian's). Raises :class:`PluginError` when a tool or the download fails.
-    """
-    cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
-    say = progress or (lambda _msg: None)
-    info = installed_qemu()
-    key = (str(cache), info.cache_name + (f"@{header}" if header else ""))
-    if key in _BUILT and _BUILT[key].exists():
-        return _BUILT[key]
-    directory = cache / "plugins" / (info.cache_name if header is None else f"{info.cache_name}-custom")
-    so = directory / _so_name()
-    if not so.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with cache_lock(directory / ".lock"):
-            if not so.exists():
-                _build(info, cache, directory, so, header, say)
-    _BUILT[key] = so
-    return so
-
-
-def _build(info: QemuBuildInfo, cache: Path, directory: Path, so: Path, header: Path | None,
-           say: Progress) -> None:
-    hdr_path = directory / "qemu-plugin.h"
-    if header is not None:
-        shutil.copyfile(header, hdr_path)
-    elif not hdr_path.exists():
-        data = _fetch_header(info, cache, say)
-        tmp = hdr_path.with_suffix(".h.tmp")
-        tmp.write_bytes(data)
-        tmp.rename(hdr_path)
-    caps = header_capabilities(hdr_path.read_text(errors="replace"))
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise PluginError("gcc is not installed (needed to build the TCG plugin)")
-    includes = [f"-I{directory}"]
-    if caps.glib:
-        standin = directory / "glib-standin"
-        standin.mkdir(exist_ok=True)
-        (standin / "glib.h").write_text(_GLIB_STANDIN)
-        includes.append(f"-I{standin}")
-    tmp_so = directory / f".{so.name}.{os.getpid()}.tmp"
-    say(f"gcc {SOURCE.name} (plugin API {caps.api_version})")
-    _run([gcc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-std=gnu11", *includes,
-          *caps.defines(), "-o", str(tmp_so), str(SOURCE)], timeout=120, what=f"gcc {SOURCE.name}")
-    manifest = {"qemu": asdict(info), "capabilities": asdict(caps), "source_sha256":
-                hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
-    so.with_suffix(".json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp_so.rename(so)
-
-
-def plugin_capabilities(so: Path) -> PluginCapabilities:
-    """The capabilities a built plugin was compiled with (from the manifest next to it)."""
-    try:
-        data = json.loads(so.with_suffix(".json").read_text())
-        return PluginCapabilities(**data["capabilities"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PluginError(f"{so} has no readable build manifest: {exc}") from exc
-
-
-def plugin_args(shm_path: Path | str, so: Path | None = None) -> str:
-    """The ``-plugin`` value (for ``launch(..., plugins=[...])``) loading the plugin on ``shm_path``."""
-    so = so or build_plugin()
-    for part in (str(so), str(shm_path)):
-        if "," in part:
-            raise PluginError(f"{part!r}: a path in -plugin cannot contain ','")
-    return f"{so},shm={shm_path}"
-
-
-# ----------------------------------------------------------------------------------------------------
-# the shared file
 
 
 @dataclass(frozen=True)
@@ -565,8 +216,9 @@ class PluginShm:
     """The shared file between aradia and one QEMU's plugin: targets, counters, hit log.
 
     The VM's owner creates it (``PluginShm()``) before launching QEMU and passes :meth:`plugin_arg`
-    (or :func:`plugin_args`) to ``launch(plugins=...)``; another aradia process maps the same file
-    with :meth:`open` (find it with :func:`plugin_shm_path`). The file is the single truth about
+    (or :func:`~aradia.trace.pluginload.plugin_args`) to ``launch(plugins=...)``; another aradia
+    process maps the same file with :meth:`open` (find it with
+    :func:`~aradia.trace.pluginload.plugin_shm_path`). The file is the single truth about
     targets and count bases, so every mapping reports the same counts; target changes are
     serialised by a lock on the file. Each mapping drains the hit log on its own (reading does not
     consume): an opened mapping sees the hits logged after it was opened.
@@ -635,8 +287,8 @@ class PluginShm:
         self._lost_args = 0
 
     # -- life cycle ---------------------------------------------------------------------------------
-    def plugin_arg(self, so: Path | None = None) -> str:
-        """The ``-plugin`` value for this file (builds the plugin if needed)."""
+    def plugin_arg(self, so: Path | str) -> str:
+        """The ``-plugin`` value loading the built plugin ``so`` on this file."""
         return plugin_args(self.path, so)
 
     def close(self) -> None:
@@ -711,8 +363,8 @@ class PluginShm:
         it, see :attr:`PluginStatus.insn_inline`). ``args`` (with ``log``) makes every hit of a
         syscall entry carry the syscall's arguments where the plugin can read them
         (:attr:`syscall_args`); elsewhere the target still counts and logs, with ``Hit.args`` None.
-        Returns the addresses whose translations must be redone (:func:`force_retranslation`)
-        before the change is fully in effect.
+        Returns the addresses whose translations must be redone
+        (:func:`~aradia.trace.pluginload.force_retranslation`) before the change is fully in effect.
         """
         if not 0 <= index < MAX_TARGETS:
             raise PluginError(f"target slot {index} is out of range 0..{MAX_TARGETS - 1}")
@@ -931,49 +583,4 @@ def _read_layout(fd: int, path: Path) -> _Layout:
     return want
 
 
-def plugin_shm_path(pid: int) -> Path | None:
-    """The shared file of aradia's plugin in the running QEMU ``pid``, from its command line.
-
-    Looks for ``-plugin DIR/counter-<hash>.so,shm=PATH`` (also ``--plugin``, ``-plugin=…`` and
-    ``file=…``); None when that QEMU has no aradia plugin. The path is as QEMU sees it (relative
-    to its root); map it with :meth:`PluginShm.open`. Raises :class:`PluginError` when the
-    process's command line cannot be read (no such process, no rights).
-    """
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError as exc:
-        raise PluginError(f"cannot read the command line of process {pid}: {exc}") from exc
-    argv = [a.decode(errors="surrogateescape") for a in raw.split(b"\0")]
-    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-plugin", "--plugin")]
-    values += [a.split("=", 1)[1] for a in argv if a.startswith(("-plugin=", "--plugin="))]
-    for value in values:
-        parts = value.split(",")
-        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        so = parts[0].removeprefix("file=")
-        if _SO_PATTERN.fullmatch(Path(so).name) and options.get("shm"):
-            return Path(options["shm"])
-    return None
-
-
-def force_retranslation(gdb: GdbClient, vaddrs: Iterable[int]) -> list[int]:
-    """Make TCG re-translate the code at ``vaddrs`` by writing back each byte already there.
-
-    Uses the GDB stub (virtual addresses through the current vCPU's page tables: give kernel
-    addresses, or user addresses while their process is current). Returns the addresses it could
-    not reach (unmapped now); the others are re-instrumented at their next execution.
-    """
-    missed: list[int] = []
-    with gdb.halted():
-        for va in sorted(set(vaddrs)):
-            try:
-                byte = gdb.read_memory(va, 1)
-                gdb.write_memory(va, byte)
-            except AradiaError:
-                missed.append(va)
-    return missed
-
-
-__all__ = ["DATA_MAX", "MAX_TARGETS", "NARGS", "SOURCE", "ArgCapture", "Hit", "HitBatch",
-           "PluginCapabilities", "PluginError", "PluginShm", "PluginStatus", "QemuBuildInfo", "build_plugin",
-           "force_retranslation", "header_capabilities", "installed_qemu", "plugin_args",
-           "plugin_capabilities", "plugin_shm_path"]
+__all__ = ["DATA_MAX", "MAX_TARGETS", "NARGS", "ArgCapture", "Hit", "HitBatch", "PluginShm", "PluginStatus"]
