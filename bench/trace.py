@@ -52,7 +52,7 @@ from types import ModuleType
 from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
-from aradia.proto.gdbrsp import GdbClient
+from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.events import Event
 from aradia.trace.plugin import PluginShm, build_plugin, force_retranslation
 from aradia.trace.tracer import Tracer
@@ -200,7 +200,7 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
         head = gdb.read_memory(entry, 9)
         addr, skip = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
         skip_len = 5 if skip[:5] == NOP5 else 0
-        gdb.set_breakpoint(0, addr)
+        gdb.set_breakpoint(addr, BP_SOFTWARE)
 
         def work() -> None:
             try:

@@ -5,7 +5,8 @@ acknowledgements, packets, stop replies; :mod:`aradia.proto.gdbtransport`), run 
 continue, interrupt, wait, single-step packets, leaving; :mod:`aradia.proto.gdbrun`) and, here, the
 commands: the target description and registers, memory, breakpoints and watchpoints, single steps
 that make progress, monitor commands. The wire format is :mod:`aradia.proto.gdbwire`, busy-stub
-detection :mod:`aradia.proto.gdbconn`.
+detection :mod:`aradia.proto.gdbconn`. It satisfies :class:`aradia.proto.gdbstub_api.GdbStub`, as
+the guardian's :class:`~aradia.trace.guardian.GuardedStub` does.
 
 What QEMU's stub does that shapes the commands (measured on QEMU 7.2, TCG):
 
@@ -25,6 +26,15 @@ from collections import Counter
 from aradia.errors import AradiaError, NotRAM, PageFault, ProtocolError
 from aradia.proto.gdbconn import parse_address
 from aradia.proto.gdbrun import GdbRunControl
+from aradia.proto.gdbstub_api import (
+    BP_HARDWARE,
+    BP_SOFTWARE,
+    BREAKPOINT_KINDS,
+    WP_ACCESS,
+    WP_READ,
+    WP_WRITE,
+    GdbStub,
+)
 from aradia.proto.gdbtransport import BUSY_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WINDOW, PROBE, SIGINT
 from aradia.proto.gdbwire import (
     RegisterInfo,
@@ -43,14 +53,6 @@ from aradia.proto.gdbwire import (
 )
 
 _MAX_XML = 1 << 20
-
-# Breakpoint kinds of the Z/z packets.
-BP_SOFTWARE = 0
-BP_HARDWARE = 1
-WP_WRITE = 2
-WP_READ = 3
-WP_ACCESS = 4
-BREAKPOINT_KINDS = frozenset({BP_SOFTWARE, BP_HARDWARE, WP_WRITE, WP_READ, WP_ACCESS})
 _ERRNO = {0x01: "EPERM", 0x02: "ENOENT", 0x05: "EIO", 0x0E: "EFAULT", 0x16: "EINVAL"}
 _BIG_ENDIAN_ARCHES = ("s390", "powerpc:common", "powerpc:e500", "sparc", "m68k", "mips", "hppa")
 
@@ -76,7 +78,7 @@ class GdbClient(GdbRunControl):
         holds the VM; ``window`` is how many packets a bulk read keeps in flight.
         """
         super().__init__(address, timeout=timeout, window=window, was_running=was_running)
-        self._breakpoints: Counter[tuple[int, int, int]] = Counter()  # (kind, addr, length) -> count
+        self._breakpoints: Counter[tuple[int, int, int]] = Counter()  # (addr, kind, length) -> count
         self._m_chunk = 2048
         self._x_supported: bool | None = None
         self.architecture = ""
@@ -380,10 +382,13 @@ class GdbClient(GdbRunControl):
         return ProtocolError(f"{self._where()} answered a memory {what} at {addr:#x} with {reply[:40]!r}")
 
     # --- breakpoints ---------------------------------------------------------------------------
-    def set_breakpoint(self, kind: int, addr: int, length: int = 1) -> None:
-        """Insert a breakpoint/watchpoint: ``kind`` 0 sw, 1 hw, 2 write, 3 read, 4 access (``Z``).
+    def set_breakpoint(self, addr: int, kind: int = BP_SOFTWARE, length: int = 1) -> None:
+        """Insert a breakpoint or watchpoint at ``addr`` (``Z``): ``kind`` :data:`BP_SOFTWARE`,
+        :data:`BP_HARDWARE`, or a watchpoint on ``length`` bytes: :data:`WP_WRITE`, :data:`WP_READ`,
+        :data:`WP_ACCESS`.
 
-        Addresses are guest-virtual. Under TCG, kind 0 plants no 0xCC: it is invisible to the guest.
+        Addresses are guest-virtual. Under TCG a software breakpoint plants no 0xCC: it is invisible
+        to the guest.
         """
         if kind not in BREAKPOINT_KINDS or addr < 0 or not 0 < length <= 1 << 20:
             raise AradiaError(f"bad breakpoint Z{kind},{addr:#x},{length:#x}")
@@ -392,14 +397,14 @@ class GdbClient(GdbRunControl):
             if reply == b"":
                 raise AradiaError(f"{self._where()} does not support breakpoints of kind {kind}")
             self._check_ok(reply, f"Z{kind} at {addr:#x}")
-            self._breakpoints[(kind, addr, length)] += 1
+            self._breakpoints[(addr, kind, length)] += 1
 
-    def remove_breakpoint(self, kind: int, addr: int, length: int = 1) -> None:
-        """Remove a breakpoint set with :meth:`set_breakpoint` (``z``)."""
+    def remove_breakpoint(self, addr: int, kind: int = BP_SOFTWARE, length: int = 1) -> None:
+        """Remove a breakpoint or watchpoint set with :meth:`set_breakpoint` (``z``)."""
         with self.halted():
             reply = self._request(b"z%d,%x,%x" % (kind, addr, length), idempotent=False)
             self._check_ok(reply, f"z{kind} at {addr:#x}")
-            key = (kind, addr, length)
+            key = (addr, kind, length)
             if self._breakpoints[key] > 0:
                 self._breakpoints[key] -= 1
             if self._breakpoints[key] <= 0:
@@ -407,7 +412,8 @@ class GdbClient(GdbRunControl):
 
     @property
     def breakpoints(self) -> list[tuple[int, int, int]]:
-        """The (kind, address, length) of breakpoints this client inserted, one entry per insertion."""
+        """The (address, kind, length) of breakpoints this client inserted, one entry per insertion
+        (the arguments of :meth:`set_breakpoint`, in its order)."""
         return list(self._breakpoints.elements())
 
     # --- monitor -------------------------------------------------------------------------------
@@ -441,7 +447,7 @@ class GdbClient(GdbRunControl):
     # --- leaving -------------------------------------------------------------------------------
     def _cleanup(self) -> None:
         """Remove our breakpoints, leave physical mode, restore the single-step flags."""
-        for kind, addr, length in list(self._breakpoints.elements()):
+        for addr, kind, length in list(self._breakpoints.elements()):
             with contextlib.suppress(AradiaError):
                 self._check_ok(self._request(b"z%d,%x,%x" % (kind, addr, length), idempotent=False), "z")
         self._breakpoints.clear()
@@ -460,6 +466,7 @@ __all__ = [
     "WP_READ",
     "WP_WRITE",
     "GdbClient",
+    "GdbStub",
     "RegisterInfo",
     "StopEvent",
     "checksum",
