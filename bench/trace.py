@@ -53,7 +53,7 @@ from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin
-from aradia.proto.gdbrsp import GdbClient
+from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.events import Event
 from aradia.trace.pluginload import force_retranslation
 from aradia.trace.pluginshm import PluginShm
@@ -202,7 +202,7 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
         head = gdb.read_memory(entry, 9)
         addr, skip = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
         skip_len = 5 if skip[:5] == NOP5 else 0
-        gdb.set_breakpoint(0, addr)
+        gdb.set_breakpoint(addr, BP_SOFTWARE)
 
         def work() -> None:
             try:

@@ -29,6 +29,8 @@ from aradia.proto.gdbrsp import (
     BP_SOFTWARE,
     WP_WRITE,
     GdbClient,
+    GdbStub,
+    StopEvent,
     checksum,
     decode_rle,
     escape,
@@ -41,6 +43,7 @@ from aradia.proto.gdbrsp import (
 from aradia.proto.mtree import ram_ranges
 from aradia.sources.base import Segment
 from aradia.sources.gdbstub import GdbMemory
+from aradia.trace.guardian import GuardedStub
 from bare_qemu import BareQemu, bare_qemu
 
 MIB = 1 << 20
@@ -351,7 +354,7 @@ def test_unmapped_and_not_ram(vm: Vm) -> None:
 LOOP = bytes([0x40, 0xA3, 0x00, 0x80, 0x43, 0xEB, 0xF9])
 
 
-def _start_loop(c: GdbClient) -> None:
+def _start_loop(c: GdbStub) -> None:
     c.write_memory(0x7000, LOOP, physical=True)
     for name, value in (("cs", 0), ("rip", 0x7000), ("rax", 0), ("rbx", 0), ("rcx", 0)):
         c.write_register(name, value, "p01.01")
@@ -361,8 +364,8 @@ def _start_loop(c: GdbClient) -> None:
 def test_breakpoint_hit_step_and_remove(vm: Vm) -> None:
     with connect(vm.gdb) as c:
         _start_loop(c)
-        c.set_breakpoint(BP_SOFTWARE, 0x7004)
-        assert c.breakpoints == [(BP_SOFTWARE, 0x7004, 1)]
+        c.set_breakpoint(0x7004, BP_SOFTWARE)
+        assert c.breakpoints == [(0x7004, BP_SOFTWARE, 1)]
         c.cont()
         ev = c.wait_stop(10)
         assert ev is not None and ev.signal == 5 and ev.thread == "p01.01"
@@ -374,7 +377,7 @@ def test_breakpoint_hit_step_and_remove(vm: Vm) -> None:
         assert ev.signal == 5
         assert c.read_register("rip", "p01.01") == 0x7005
         assert c.read_register("rbx", "p01.01") & 0xFFFF == ax  # inc bx executed once
-        c.remove_breakpoint(BP_SOFTWARE, 0x7004)
+        c.remove_breakpoint(0x7004, BP_SOFTWARE)
         assert c.breakpoints == []
         c.cont()
         assert c.wait_stop(0.5) is None  # nothing stops it now
@@ -383,11 +386,11 @@ def test_breakpoint_hit_step_and_remove(vm: Vm) -> None:
         assert status(vm.q) == "paused"
         assert c.read_register("rax", "p01.01") & 0xFFFF != ax
         # a write watchpoint on the loop's store
-        c.set_breakpoint(WP_WRITE, 0x8000, 2)
+        c.set_breakpoint(0x8000, WP_WRITE, 2)
         c.cont()
         ev = c.wait_stop(10)
         assert ev is not None and ev.watch_address == 0x8000
-        c.remove_breakpoint(WP_WRITE, 0x8000, 2)
+        c.remove_breakpoint(0x8000, WP_WRITE, 2)
         # a GDB write invalidates translated code: patch "inc bx" into "inc cx" while it loops
         c.cont()
         time.sleep(0.1)
@@ -396,6 +399,44 @@ def test_breakpoint_hit_step_and_remove(vm: Vm) -> None:
         time.sleep(0.2)
         c.interrupt()
         assert c.read_register("rcx", "p01.01") & 0xFFFF > 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["GdbClient", "GuardedStub"])
+def test_the_same_scenario_through_either_gdb_stub(vm: Vm, kind: str) -> None:
+    """The two implementations of the GdbStub interface, driven by the same code, do the same."""
+    stub: GdbStub = connect(vm.gdb) if kind == "GdbClient" else GuardedStub(vm.gdb, was_running=False)
+    try:
+        assert stub.threads() == ["p01.01", "p01.02"]
+        _start_loop(stub)
+        assert stub.read_register("rip", "p01.01") == 0x7000
+        stub.set_breakpoint(0x7004)
+        stub.cont()
+        ev = stub.wait_stop(10)
+        assert isinstance(ev, StopEvent) and (ev.kind, ev.signal, ev.thread) == ("signal", 5, "p01.01")
+        assert stub.registers("p01.01")["rip"] == 0x7004
+        ax = stub.read_register("rax", "p01.01") & 0xFFFF
+        ev = stub.step("p01.01", until_pc_changes=True)
+        assert isinstance(ev, StopEvent) and ev.signal == 5
+        assert stub.read_register("rip", "p01.01") == 0x7005
+        assert stub.read_register("rbx", "p01.01") & 0xFFFF == ax  # inc bx executed once
+        stub.remove_breakpoint(0x7004)
+        stub.set_breakpoint(0x8000, WP_WRITE, 2)
+        stub.cont()
+        ev = stub.wait_stop(10)
+        assert isinstance(ev, StopEvent) and (ev.watch_address, ev.watch_kind) == (0x8000, "watch")
+        stub.remove_breakpoint(0x8000, WP_WRITE, 2)
+        stub.cont()
+        assert stub.wait_stop(0.5) is None  # nothing armed any more
+        assert status(vm.q) == "running"
+        ev = stub.interrupt()
+        assert isinstance(ev, StopEvent) and ev.signal == 2
+        assert status(vm.q) == "paused"
+        assert stub.monitor("info status").strip() == "VM status: paused"
+        stub.write_memory(0x7004, b"\x41", physical=True)  # inc bx -> inc cx
+        assert stub.read_memory(0x7000, len(LOOP), physical=True) == LOOP[:4] + b"\x41" + LOOP[5:]
+    finally:
+        stub.close()
 
 
 @pytest.mark.timeout(60)
@@ -407,7 +448,7 @@ def test_sstep_flags_and_modes_restored_on_close(vm: Vm) -> None:
         assert c.sstep_flags() == 1
         c.read_memory(0, 16, physical=True)  # leaves the stub in physical mode
         _start_loop(c)
-        c.set_breakpoint(BP_SOFTWARE, 0x7000)
+        c.set_breakpoint(0x7000, BP_SOFTWARE)
     with connect(vm.gdb) as c:
         assert c.sstep_flags() == before
         assert c.request("qqemu.PhyMemMode") == b"0"
@@ -598,7 +639,7 @@ c = GdbClient(sys.argv[1])
 c.write_memory(0x7000, bytes.fromhex(sys.argv[2]), physical=True)
 c.write_register("cs", 0, "p01.01")
 c.write_register("rip", 0x7000, "p01.01")
-c.set_breakpoint(BP_SOFTWARE, 0x7004)
+c.set_breakpoint(0x7004, BP_SOFTWARE)
 c.cont()
 print("hit" if c.wait_stop(10) else "miss", flush=True)
 time.sleep(60)

@@ -23,7 +23,7 @@ import pytest
 from aradia.errors import AradiaError, NotAttached
 from aradia.lab.launcher import Guest
 from aradia.machine.qemu import Qemu
-from aradia.proto.gdbrsp import GdbClient
+from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
@@ -77,10 +77,10 @@ def test_breakpoint_hits_counted_exactly_then_clean_close(rig: Rig) -> None:
             ev = stub.wait_stop(0.3)
             if ev is None:
                 continue
-            regs = stub.registers(ev["thread"])
+            regs = stub.registers(ev.thread)
             if regs["rip"] == rig.target:
                 hits += 1
-                stub.step(ev["thread"])  # step off the breakpoint, or the continue re-hits it
+                stub.step(ev.thread, until_pc_changes=True)  # step off the breakpoint, or the continue re-hits it
             stub.cont()
         worker.join(timeout=5)
     assert result and f"calls {n} " in result[0]
@@ -137,8 +137,8 @@ def _arm_again(rig: Rig) -> None:
     """A new client can arm (and disarm) the probe's address: the stub is free, nothing is left armed."""
     client = GdbClient(rig.address, was_running=True)
     try:
-        client.set_breakpoint(0, rig.target)
-        client.remove_breakpoint(0, rig.target)
+        client.set_breakpoint(rig.target, BP_SOFTWARE)
+        client.remove_breakpoint(rig.target, BP_SOFTWARE)
     finally:
         client.close()
 

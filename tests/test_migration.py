@@ -55,11 +55,11 @@ TRACER = textwrap.dedent("""
             ev = stub.wait_stop(0.5)
             if ev is None:
                 continue
-            if ev["kind"] == "signal" and stub.registers(ev["thread"])["rip"] == target:
+            if ev.kind == "signal" and stub.registers(ev.thread)["rip"] == target:
                 hits += 1
                 if hits % 20 == 0:
                     print("hits", hits, flush=True)
-                stub.step(ev["thread"])
+                stub.step(ev.thread, until_pc_changes=True)
             stub.cont()
     except AradiaError as e:
         print("error", type(e).__name__, str(e).replace("\\n", " "), flush=True)

@@ -155,6 +155,3 @@ def linger_queued(sock: socket.socket, lifetime: float) -> None:
         return
     finally:
         sock.close()
-
-
-# --- the client ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The GDB remote serial protocol on the wire: framing, escapes, stop replies, target descriptions.
 
-Pure functions over bytes, shared by :mod:`aradia.proto.gdbrsp`.
+Pure functions over bytes, shared by the GDB client's layers (:mod:`aradia.proto.gdbtransport`,
+:mod:`aradia.proto.gdbrun`, :mod:`aradia.proto.gdbrsp`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _MAX_XML_FILES = 32
 MAX_PACKET = 1 << 20  # a frame longer than this is not from a sane stub
 _HEX = b"0123456789abcdefABCDEF"
 _STOP_RE = re.compile(rb"^(?:[TS][0-9a-fA-F]{2}|[WX][0-9a-fA-F]{2}(?:;|$))")
+_ERROR_RE = re.compile(rb"^E(?:[0-9a-fA-F]{2}$|\.)")
 
 
 def checksum(payload: bytes) -> int:
@@ -98,6 +100,11 @@ def is_stop_reply(payload: bytes) -> bool:
     return bool(_STOP_RE.match(payload))
 
 
+def is_error(payload: bytes) -> bool:
+    """Whether a reply is an error: ``ENN`` (two hex digits, an errno) or ``E.text``."""
+    return bool(_ERROR_RE.match(payload))
+
+
 def resumes(packet: bytes) -> bool:
     """Whether a packet lets the VM run (after it, any byte we send would stop the VM again)."""
     return packet[:1] in (b"c", b"C", b"s", b"S", b"D") or packet.startswith(b"vCont;")
@@ -133,6 +140,11 @@ class StopEvent:
                 except ValueError:
                     return None
         return None
+
+    @property
+    def watch_kind(self) -> str | None:
+        """``watch`` (write), ``rwatch`` (read) or ``awatch`` (access) for a watchpoint hit, else None."""
+        return next((key for key in ("watch", "rwatch", "awatch") if key in self.info), None)
 
     @property
     def ended(self) -> bool:
@@ -250,6 +262,3 @@ def parse_version(text: str) -> tuple[int, ...]:
     """``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)`` -> (7, 2, 22)."""
     m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
     return tuple(int(x) for x in m.groups() if x is not None) if m else ()
-
-
-# --- addresses and busy detection ---------------------------------------------------------------------

@@ -16,14 +16,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from aradia.proto.gdbrsp import GdbClient
+from aradia.proto.gdbstub_api import GdbStub
 from aradia.proto.mtree import ram_ranges
 from aradia.sources.base import PhysicalMemory, Segment
 
 _MEMDEV = re.compile(r"^\s*memory backend:\s*(\S+)", re.M)
 
 
-def probe_ram_segments(client: GdbClient) -> list[Segment]:
-    """Ask QEMU (HMP through the stub) for the guest-physical RAM map."""
+def probe_ram_segments(client: GdbStub) -> list[Segment]:
+    """Ask QEMU (HMP through the stub, held directly or by a guardian) for the guest-physical RAM map."""
     memdevs = set(_MEMDEV.findall(client.monitor("info memdev")))
     return [Segment(r.start, r.size, r.start) for r in ram_ranges(client.monitor("info mtree -f"), memdevs)]
 

@@ -59,6 +59,8 @@ import time
 from typing import Any
 
 from aradia.errors import AradiaError, Busy, Migrated, NotAttached, PageFault, ProtocolError
+from aradia.proto.gdbstub_api import BP_SOFTWARE
+from aradia.proto.gdbwire import StopEvent
 
 MAX_WAIT = 0.5
 MAX_LINE = 16 << 20
@@ -247,10 +249,10 @@ def _serve(ctl: socket.socket, address: str, was_running: bool | None) -> None:
 def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
     op = req["op"]
     if op == "break":
-        client.set_breakpoint(int(req.get("kind", 0)), int(req["addr"]), int(req.get("length", 1)))
+        client.set_breakpoint(int(req["addr"]), int(req.get("kind", 0)), int(req.get("length", 1)))
         return None
     if op == "unbreak":
-        client.remove_breakpoint(int(req.get("kind", 0)), int(req["addr"]), int(req.get("length", 1)))
+        client.remove_breakpoint(int(req["addr"]), int(req.get("kind", 0)), int(req.get("length", 1)))
         return None
     if op == "cont":
         if not client.running:  # (asking a running VM would stop it, and a hit could slip by)
@@ -269,28 +271,45 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         return None if ev is None else _event(ev)
     if op == "regs":
         return client.registers(req.get("thread"))
+    if op == "reg":
+        return client.read_register(str(req["name"]), req.get("thread"))
     if op == "set_reg":
         client.write_register(str(req["name"]), int(req["value"]), req.get("thread"))
         return None
     if op == "read":
         data = client.read_memory(int(req["addr"]), int(req["size"]), physical=bool(req.get("physical")))
         return data.hex()
+    if op == "write":
+        client.write_memory(int(req["addr"]), bytes.fromhex(req["data"]), physical=bool(req.get("physical")))
+        return None
     if op == "step":
         if not client.running:  # (a running VM cannot be stepped: the client says so)
             guard.check("single-step the VM")  # a step resumes the VM too (vm_start), for one instruction
-        return _event(client.step(req.get("thread"), until_pc_changes=True))
+        timeout = req.get("timeout")
+        return _event(client.step(req.get("thread"), timeout=None if timeout is None else float(timeout),
+                                  until_pc_changes=bool(req.get("until_pc_changes")),
+                                  max_attempts=int(req.get("max_attempts", 8))))
     if op == "threads":
         return client.threads()
     if op == "running":
         return bool(client.running)
     if op == "status":
         return guard.run_state()
+    if op == "monitor":
+        timeout = req.get("timeout")
+        return client.monitor(str(req["command"]), None if timeout is None else float(timeout))
     raise ProtocolError(f"unknown guardian request {op!r}")
 
 
-def _event(ev: Any) -> dict[str, Any]:
-    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info,
-            "watch": ev.watch_address}
+def _event(ev: StopEvent) -> dict[str, Any]:
+    """A stop as JSON for the pipe (:func:`_stop_event` rebuilds it on the tracer's side)."""
+    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info, "raw": ev.raw}
+
+
+def _stop_event(msg: dict[str, Any]) -> StopEvent:
+    """The :class:`StopEvent` that :func:`_event` sent."""
+    return StopEvent(str(msg["kind"]), int(msg["signal"]), msg["thread"],
+                     {str(k): str(v) for k, v in msg["info"].items()}, str(msg["raw"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +330,8 @@ class GuardedStub:
     """A VM's GDB stub reached through a guardian process (see the module docstring).
 
     Only one thread may use a GuardedStub at a time. ``close()`` (or the end of this process, however
-    it ends) makes the guardian remove every breakpoint and let the guest run.
+    it ends) makes the guardian remove every breakpoint and let the guest run. It satisfies
+    :class:`aradia.proto.gdbstub_api.GdbStub`, as :class:`aradia.proto.gdbrsp.GdbClient` does.
     """
 
     def __init__(self, address: str, *, was_running: bool | None = None) -> None:
@@ -328,7 +348,6 @@ class GuardedStub:
         hello = self._reply("connect")
         parent.settimeout(None)
         self.guardian_pid = int(hello["pid"])
-        self.threads: list[str] = list(hello["threads"])
 
     def _reply(self, what: str) -> Any:
         try:
@@ -368,11 +387,11 @@ class GuardedStub:
             self._dead = NotAttached(f"a request to the GDB guardian ({op}) was interrupted")
             raise
 
-    def set_breakpoint(self, addr: int, kind: int = 0, length: int = 1) -> None:
+    def set_breakpoint(self, addr: int, kind: int = BP_SOFTWARE, length: int = 1) -> None:
         """Arm a breakpoint (kind 0/1) or watchpoint (2 write, 3 read, 4 access) at guest-virtual ``addr``."""
         self.call("break", addr=addr, kind=kind, length=length)
 
-    def remove_breakpoint(self, addr: int, kind: int = 0, length: int = 1) -> None:
+    def remove_breakpoint(self, addr: int, kind: int = BP_SOFTWARE, length: int = 1) -> None:
         """Disarm one breakpoint or watchpoint."""
         self.call("unbreak", addr=addr, kind=kind, length=length)
 
@@ -380,33 +399,52 @@ class GuardedStub:
         """Let the guest run."""
         self.call("cont")
 
-    def wait_stop(self, timeout: float) -> dict[str, Any] | None:
-        """The next stop (a dict with kind, signal, thread, info, watch) or None after ``timeout``."""
+    def wait_stop(self, timeout: float) -> StopEvent | None:
+        """The next stop or None after ``timeout``."""
         end = time.monotonic() + timeout
         while True:
             ev = self.call("wait", timeout=max(0.0, min(MAX_WAIT, end - time.monotonic())))
             if ev is not None or time.monotonic() >= end:
-                return ev
+                return None if ev is None else _stop_event(ev)
 
     def registers(self, thread: str | None = None) -> dict[str, int]:
         """Registers of one vCPU (thread id as the stub names it)."""
         return {k: int(v) for k, v in self.call("regs", thread=thread).items()}
 
-    def set_register(self, name: str, value: int, thread: str | None = None) -> None:
+    def read_register(self, name: str, thread: str | None = None) -> int:
+        """One register of one vCPU."""
+        return int(self.call("reg", name=name, thread=thread))
+
+    def write_register(self, name: str, value: int, thread: str | None = None) -> None:
         """Write one register of one vCPU."""
         self.call("set_reg", name=name, value=value, thread=thread)
+
+    def threads(self) -> list[str]:
+        """The vCPU thread ids (``p01.01``, ``p01.02``, ...)."""
+        return [str(t) for t in self.call("threads")]
 
     def read_memory(self, addr: int, size: int, *, physical: bool = False) -> bytes:
         """Read guest memory through the stub (virtual in the stopped vCPU's view, or physical)."""
         return bytes.fromhex(self.call("read", addr=addr, size=size, physical=physical))
 
-    def step(self, thread: str | None = None) -> dict[str, Any]:
-        """Single-step one vCPU until its PC moves."""
-        return dict(self.call("step", thread=thread))
+    def write_memory(self, addr: int, data: bytes, *, physical: bool = False) -> None:
+        """Write guest memory through the stub (virtual in the stopped vCPU's view, or physical)."""
+        self.call("write", addr=addr, data=data.hex(), physical=physical)
 
-    def interrupt(self) -> dict[str, Any] | None:
-        """Stop the guest."""
-        return self.call("interrupt")
+    def step(self, thread: str | None = None, *, timeout: float | None = None,
+             until_pc_changes: bool = False, max_attempts: int = 8) -> StopEvent:
+        """Single-step one vCPU; ``until_pc_changes`` repeats a step that left the PC unchanged."""
+        return _stop_event(self.call("step", thread=thread, timeout=timeout,
+                                     until_pc_changes=until_pc_changes, max_attempts=max_attempts))
+
+    def interrupt(self) -> StopEvent | None:
+        """Stop the guest; the stop it reported, or None if it was not running."""
+        ev = self.call("interrupt")
+        return None if ev is None else _stop_event(ev)
+
+    def monitor(self, command: str, timeout: float | None = None) -> str:
+        """Run a QEMU monitor (HMP) command through the stub and return its output."""
+        return str(self.call("monitor", command=command, timeout=timeout))
 
     def run_state(self) -> str | None:
         """QEMU's run state (``running``, ``debug``, ``paused``, ``postmigrate``...) through the stub;

@@ -25,6 +25,7 @@ import drgn
 
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS
+from aradia.proto.gdbwire import StopEvent
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
@@ -296,7 +297,8 @@ class Tracer:
             return 0
         return 0 if task is None else task.value_()
 
-    def _event(self, kind: str, name: str, thread: str, regs: dict[str, int], args: dict[str, Any]) -> Event:
+    def _event(self, kind: str, name: str, thread: str | None, regs: dict[str, int],
+               args: dict[str, Any]) -> Event:
         ev = Event(time.monotonic(), _vcpu(thread), kind, name, args=args)
         try:
             task = self._current(regs)
@@ -334,7 +336,7 @@ class Tracer:
         return args
 
     # --- the event loop ----------------------------------------------------------------------------
-    def _handle(self, thread: str, regs: dict[str, int]) -> Event | None:
+    def _handle(self, thread: str | None, regs: dict[str, int]) -> Event | None:
         rip = regs.get("rip", 0)
         out: Event | None = None
         probe = self.probes.get(rip)
@@ -409,7 +411,7 @@ class Tracer:
                 self.stub.set_breakpoint(ret_addr)
         self._returns[ret_addr].append(pend)
 
-    def _check_step(self, thread: str, before: dict[str, int]) -> None:
+    def _check_step(self, thread: str | None, before: dict[str, int]) -> None:
         """After stepping off a breakpoint: if the vCPU entered an exception or interrupt handler
         instead (the probed instruction faulted — e.g. the first touch of a code page — and will run
         again), the next hit of this task at this address is that re-run, not a new call."""
@@ -426,8 +428,10 @@ class Tracer:
         lo, hi = self._entry_stubs
         return lo <= pc < hi
 
-    def _watch_event(self, stop: dict[str, Any], thread: str, regs: dict[str, int]) -> Event | None:
-        addr = int(stop["watch"])
+    def _watch_event(self, stop: StopEvent, thread: str | None, regs: dict[str, int]) -> Event | None:
+        addr = stop.watch_address
+        if addr is None:
+            return None
         w = self.watches.get(addr) or next((w for w in self.watches.values()
                                             if w.address <= addr < w.address + w.length), None)
         if w is None:
@@ -436,7 +440,7 @@ class Tracer:
         # instruction (x86 reports after it ran) and value the range as it is now
         ev = self._event("watch", f"{w.address:#x}", thread, regs,
                          {"address": addr, "access": {"watch": "w", "rwatch": "r", "awatch": "rw"}.get(
-                             str(stop.get("info") or ""), w.access), "rip": regs.get("rip", 0)})
+                             stop.watch_kind or "", w.access), "rip": regs.get("rip", 0)})
         if w.pid is not None and ev.tgid != w.pid:
             return None
         read = self._user_reader(regs)
@@ -467,13 +471,13 @@ class Tracer:
         if stop is None:
             return None
         self._check_alive()
-        if stop["kind"] != "signal":
-            raise AradiaError(f"the VM ended while tracing ({stop['kind']})")
-        thread = stop["thread"]
+        if stop.kind != "signal":
+            raise AradiaError(f"the VM ended while tracing ({stop.kind})")
+        thread = stop.thread
         self._stopped = True
         regs = self.stub.registers(thread)
         try:
-            if stop.get("watch") is not None:
+            if stop.watch_address is not None:
                 ev = self._watch_event(stop, thread, regs)
             else:
                 ev = self._handle(thread, regs)
@@ -484,14 +488,15 @@ class Tracer:
         self._resume(thread, regs)
         return ev
 
-    def _resume(self, thread: str, regs: dict[str, int]) -> None:
+    def _resume(self, thread: str | None, regs: dict[str, int]) -> None:
         """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run."""
         rip = regs.get("rip", 0)
         probe = self.probes.get(rip)
         if probe is not None and probe.skip:
-            self.stub.set_register("rip", rip + probe.skip, thread)
+            self.stub.write_register("rip", rip + probe.skip, thread)
         elif probe is not None or rip in self._returns:
-            self.stub.step(thread)  # off the breakpoint, or the continue would re-hit it
+            # off the breakpoint, or the continue would re-hit it
+            self.stub.step(thread, until_pc_changes=True)
             self._check_step(thread, regs)
         self._stopped = False
         self.stub.cont()
