@@ -25,6 +25,7 @@ import drgn
 
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS
+from aradia.linux.kernel import LinuxVM
 from aradia.proto.gdbwire import StopEvent
 from aradia.trace import syscalls
 from aradia.trace.events import Event
@@ -53,7 +54,7 @@ would stop the guest at every syscall while a server waits in ``accept``."""
 class Tracer:
     """Probes on one live VM (``vm`` from :func:`aradia.attach`), events through :meth:`events`."""
 
-    vm: Any
+    vm: LinuxVM
     stub: GuardedStub
     probes: dict[int, Probe] = field(default_factory=dict)
     watches: dict[int, Watch] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class Tracer:
     _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
 
     @classmethod
-    def open(cls, vm: Any) -> Tracer:
+    def open(cls, vm: LinuxVM) -> Tracer:
         """A tracer on a live VM: finds (or starts) its GDB stub and puts a guardian in front of it."""
 
         if vm.machine is None:
