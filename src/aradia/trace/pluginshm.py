@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aradia.trace.pluginload import PluginError, plugin_args
-from aradia.trace.syscalls import ARG_REGS
+from aradia.trace.syscalls import SYSCALL_ARG_REGS
 
 MAX_TARGETS = 64
 """Target slots in the shared file (fixed by the plugin's layout)."""
@@ -105,7 +105,7 @@ class ArgCapture:
 
         try:
             regs = prog.type("struct pt_regs")
-            offsets = tuple(drgn.offsetof(regs, name) for name in ARG_REGS)
+            offsets = tuple(drgn.offsetof(regs, name) for name in SYSCALL_ARG_REGS)
         except (LookupError, ValueError) as exc:
             raise PluginError(f"the kernel's struct pt_regs lacks the argument registers: {exc}") from exc
         return cls(offsets, data_arg, data_len)

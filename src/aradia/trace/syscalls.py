@@ -12,7 +12,8 @@ from aradia.linux import bounds
 
 MAX_STR = 4096
 MAX_ARGV = 256
-ARG_REGS = ("di", "si", "dx", "r10", "r8", "r9")
+#: pt_regs fields of a syscall's arguments (the syscall ABI: r10, not rcx, holds the fourth).
+SYSCALL_ARG_REGS = ("di", "si", "dx", "r10", "r8", "r9")
 
 ReadUser = Callable[[int, int], bytes]
 
@@ -106,7 +107,7 @@ def decode(name: str, args: list[int], read: ReadUser) -> dict[str, Any]:
         return {"status": a[0] & 0xFF}
     if name in ("clone", "clone3", "fork", "vfork"):
         return {"flags": a[0]} if name == "clone" else {}
-    return {r: v for r, v in zip(ARG_REGS, a, strict=False)}
+    return {r: v for r, v in zip(SYSCALL_ARG_REGS, a, strict=False)}
 
 
 MAX_ERRNO = 4095

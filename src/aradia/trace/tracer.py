@@ -31,9 +31,8 @@ from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.probes import Filter, Pending, Probe, Watch
-from aradia.trace.uprobes import UserSpace, UserTarget
+from aradia.trace.uprobes import CALL_ARG_REGS, UserSpace, UserTarget
 
-ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 NOP5 = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
 
@@ -353,7 +352,7 @@ class Tracer:
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
-                raw = [int(getattr(ptregs, r)) for r in syscalls.ARG_REGS]
+                raw = [int(getattr(ptregs, r)) for r in syscalls.SYSCALL_ARG_REGS]
                 if probe.name in SYSCALL_EXITS:
                     self._in_syscall[self._task_address(regs)] = (probe.name, raw)  # reported at its end
                 else:
@@ -372,7 +371,7 @@ class Tracer:
                 args = probe.target.entry_args(regs, self._user_reader(regs))
                 out = self._event("uprobe", probe.name, thread, regs, args)
             else:
-                args = {r: regs.get(r, 0) for r in ARG_REGS}
+                args = {r: regs.get(r, 0) for r in CALL_ARG_REGS}
                 out = self._event("kprobe", probe.name, thread, regs, args)
         elif probe is not None and probe.ret:
             self._await_return(probe, regs)

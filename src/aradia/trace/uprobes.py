@@ -27,7 +27,8 @@ from aradia.linux.usersyms import UserSymbols, load_address, parse_spec
 from aradia.linux.walks import d_path, each_task
 from aradia.trace.syscalls import user_cstring
 
-ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+#: Registers of a function call's integer arguments (System V AMD64 ABI), as the GDB stub names them.
+CALL_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 TYPES = ("str", "int", "hex")
 
 
@@ -73,8 +74,8 @@ def parse_signature(text: str) -> Signature:
         if typ not in TYPES or (name and not re.fullmatch(r"[A-Za-z_]\w*", name)):
             raise AradiaError(f"argument {part!r}: give TYPE or NAME:TYPE, TYPE one of {', '.join(TYPES)}")
         pairs.append((name or f"arg{i}", typ))
-    if len(pairs) > len(ARG_REGS):
-        raise AradiaError(f"at most {len(ARG_REGS)} register arguments")
+    if len(pairs) > len(CALL_ARG_REGS):
+        raise AradiaError(f"at most {len(CALL_ARG_REGS)} register arguments")
     ret = ret.strip() or None
     if ret is not None and ret not in TYPES:
         raise AradiaError(f"return type {ret!r} is not one of {', '.join(TYPES)}")
@@ -126,9 +127,9 @@ class UserTarget:
     def entry_args(self, regs: dict[str, int], read: Callable[[int, int], bytes]) -> dict[str, Any]:
         """The decoded arguments at function entry (raw argument registers without a signature)."""
         if not self.signature.args:
-            return {r: regs.get(r, 0) for r in ARG_REGS}
+            return {r: regs.get(r, 0) for r in CALL_ARG_REGS}
         return {name: decode_value(typ, regs.get(reg, 0), read)
-                for (name, typ), reg in zip(self.signature.args, ARG_REGS, strict=False)}
+                for (name, typ), reg in zip(self.signature.args, CALL_ARG_REGS, strict=False)}
 
     def return_value(self, rax: int, read: Callable[[int, int], bytes]) -> Any:
         """The decoded return value."""
