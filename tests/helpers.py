@@ -1,4 +1,4 @@
-"""Helpers several test modules share: in-memory RAM and the guest's own /proc.
+"""Helpers several test modules share: in-memory RAM, running the CLI, and the guest's own /proc.
 
 (Tracing while a guest acts is in ``tracing.py``; guest programs built on the host in
 ``guest_programs.py``; bare QEMUs without a kernel in ``bare_qemu.py``.)
@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
 
 from aradia.sources.base import PhysicalMemory, Segment
 
@@ -41,6 +43,31 @@ class BytesMemory(PhysicalMemory):
 
     def _write_backing(self, seg: Segment, offset: int, data: bytes) -> None:
         self.bufs[seg.backing][offset : offset + len(data)] = data
+
+
+# --- the command line, as a user runs it ------------------------------------------------------------------
+def cli_argv(*args: str) -> list[str]:
+    """The argv that runs ``aradia ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "aradia.cli", *args]
+
+
+def run_cli(*args: str, timeout: float = 120, text: bool = True, input: str | None = None,
+            ) -> subprocess.CompletedProcess[Any]:
+    """Run ``aradia ARGS`` as a separate process (stdin /dev/null unless ``input``); its result."""
+    return subprocess.run(cli_argv(*args), capture_output=True, text=text, timeout=timeout, input=input,
+                          stdin=subprocess.DEVNULL if input is None else None)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit status 2, nothing on stdout, and one ``aradia: error: ...`` line holding every needle."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aradia: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.stdout == "", r.stdout
+    return lines[0]
 
 
 # --- ground truth: what the guest's own /proc says ----------------------------------------------------
