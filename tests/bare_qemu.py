@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import pytest
+
+from aradia.machine.qemu import QEMU_BINARY
 
 
 @dataclass
@@ -27,11 +32,16 @@ class BareQemu:
 @contextlib.contextmanager
 def bare_qemu(memory: str = "256M", *, shared: bool = False, smp: int = 1,
               extra: tuple[str, ...] = ()) -> Iterator[BareQemu]:
-    """Run ``qemu-system-x86_64 -accel tcg`` with QMP on a unix socket; always killed afterwards."""
+    """Run ``qemu-system-x86_64 -accel tcg`` with QMP on a unix socket; always killed afterwards.
+
+    A missing QEMU fails the test with a clear message (never a skip): ``scripts/dev.sh`` installs it.
+    """
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.fail(f"{QEMU_BINARY} is not installed: run `bash scripts/dev.sh setup`", pytrace=False)
     tmp = tempfile.mkdtemp(prefix="aradia-bare-")
     qmp = os.path.join(tmp, "qmp.sock")
     shm = f"/dev/shm/aradia-test-{uuid.uuid4().hex[:8]}" if shared else None
-    args = [os.environ.get("ARADIA_QEMU", "qemu-system-x86_64"), "-accel", "tcg", "-display", "none", "-nodefaults", "-m", memory,
+    args = [QEMU_BINARY, "-accel", "tcg", "-display", "none", "-nodefaults", "-m", memory,
             "-smp", str(smp), "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
     if shm:
         args += ["-object", f"memory-backend-file,id=m0,size={memory},mem-path={shm},share=on",

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from aradia.errors import NotRAM
+from aradia.errors import NotRAM, PageFault
 from aradia.lab.launcher import Guest
 from aradia.lab.memhold import MemHold
 from aradia.linux.identify import find_banner, find_vmcoreinfo
 from aradia.sources import dumpwrite
 from aradia.sources.base import PhysicalMemory
 from aradia.vm import VM, attach, open_dump
+from helpers import proc_maps
 
 LIVE_PATHS = ("shared-file", "proc-mem", "gdb")
 DUMP_FORMATS = ("elf", "raw", "lime")
@@ -88,26 +89,43 @@ def test_pattern_by_physical_address(setup: Setup, path: str) -> None:
         assert mem.read(paddr, 4096) == hold.expected(i * 4096, 4096), f"page {i} at {paddr:#x}"
 
 
-@pytest.mark.timeout(120)
-def test_pattern_by_virtual_address_through_process_cr3(setup: Setup) -> None:
-    hold = setup.hold
-    vm = setup.vms["shared-file"]
-    cr3 = None
+def memhold_cr3(vm: VM, hold: MemHold) -> int:
+    """The page-table root of the memhold process, taken from a vCPU caught running it.
+
+    A vCPU is taken for memhold only when its RIP is in one of memhold's executable mappings (from the
+    guest's /proc/PID/maps: its text, or the vDSO its clock calls run) *and* its CR3 maps every page of
+    memhold's region to the frame the guest's /proc/self/pagemap gave. Other static programs
+    (busybox) run at the same addresses, but their page tables do not map memhold's region: a CR3
+    is never taken on the RIP alone.
+    """
+    code = [(lo, hi) for lo, hi, perms, *_ in proc_maps(hold.guest, hold.pid) if "x" in perms]
+    assert code, "memhold has no executable mapping"
+    rejected: list[str] = []
     for _ in range(5):
         with hold.spinning(3):
             deadline = time.monotonic() + 3
-            while cr3 is None and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 with vm.paused():
                     for c in vm.cpus():
-                        # memhold is static, so its code is near 0x400000; its CR3 maps its region.
-                        if c.cpl == 3 and 0x400000 <= c.rip < 0x800000:
-                            tr = vm.translate(hold.vaddr, cr3=c.cr3, la57=c.la57)
-                            if tr.paddr == hold.pages[0]:
-                                cr3 = c.cr3
+                        if c.cpl != 3 or not any(lo <= c.rip < hi for lo, hi in code):
+                            continue
+                        try:
+                            frames = [vm.translate(hold.vaddr + i * 4096, cr3=c.cr3, la57=c.la57).paddr
+                                      for i in range(len(hold.pages))]
+                        except PageFault:
+                            rejected.append(f"cr3 {c.cr3:#x} (rip {c.rip:#x}) does not map the region")
+                            continue
+                        if frames == hold.pages:
+                            return c.cr3
+                        rejected.append(f"cr3 {c.cr3:#x} (rip {c.rip:#x}) maps the region elsewhere")
                 time.sleep(0.05)
-        if cr3 is not None:
-            break
-    assert cr3 is not None, "never caught memhold on a vCPU"
+    raise AssertionError(f"never caught memhold on a vCPU; rejected: {rejected[-5:]}")
+
+
+@pytest.mark.timeout(120)
+def test_pattern_by_virtual_address_through_process_cr3(setup: Setup) -> None:
+    hold = setup.hold
+    cr3 = memhold_cr3(setup.vms["shared-file"], hold)
     for path in ("shared-file", "dump-elf"):
         v = setup.vms[path]
         assert v.read_virt(hold.vaddr, hold.size, cr3=cr3) == hold.expected()

@@ -1,8 +1,9 @@
 """``aradia trace count``: the fast path is chosen by itself when QEMU has the plugin, and both paths count
 exactly the calls a guest program says it made.
 
-``/tmp/loop N`` makes exactly N ``getppid`` syscalls (and nothing else calls ``getppid`` while it runs
-but the shell that starts it, a few times at most).
+``/tmp/loop N 124`` makes exactly N ``getsid`` syscalls, and nothing else in the guest calls ``getsid``
+(``getppid``, the loop's default, is also called by every bash that starts, e.g. the one that runs the
+loop): the count must equal N.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin
 from aradia.trace.pluginshm import PluginShm
-from guest_programs import build_loop, install_program
+from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
 
-SYMBOL = "__x64_sys_getppid"
-SHELL_EXTRA = 8  # getppid calls of the shell around the loop, at most
+SYMBOL = QUIET_SYMBOL
 
 
 def _install_loop(guest: Guest, tmp: Path) -> None:
@@ -45,7 +45,7 @@ def _count_cli(guest: Guest, n: int, path: str, duration: float) -> tuple[dict[s
         line = proc.stderr.readline()  # printed once counting has begun
         assert line.startswith("counting"), line + proc.stderr.read()
         started = time.monotonic()
-        out = guest.run(f"/tmp/loop {n}", timeout=duration)
+        out = guest.run(f"/tmp/loop {n} {QUIET_NR}", timeout=duration)
         assert f"calls {n} " in out, out
         assert time.monotonic() - started < duration, "the loop outlasted the count: raise the duration"
         proc.send_signal(signal.SIGINT)
@@ -74,10 +74,10 @@ def test_count_takes_the_plugin_by_itself_and_is_exact(plugin_guest: Guest) -> N
     n = 100_000
     result, said = _count_cli(plugin_guest, n, "auto", duration=40)
     assert "via plugin" in said and result["path"] == "plugin"
-    assert n <= int(result["count"]) <= n + SHELL_EXTRA, result  # type: ignore[call-overload]
+    assert result["count"] == n and result["symbol"] == SYMBOL, result
     # the slot was freed on exit: a second count starts from zero and is exact again
     result, _ = _count_cli(plugin_guest, 5000, "plugin", duration=30)
-    assert 5000 <= int(result["count"]) <= 5000 + SHELL_EXTRA, result  # type: ignore[call-overload]
+    assert result["count"] == 5000, result
 
 
 @pytest.mark.timeout(300)
@@ -87,7 +87,7 @@ def test_count_without_the_plugin_uses_breakpoints_and_is_exact(guest: Guest,
     n = 300
     result, said = _count_cli(guest, n, "auto", duration=90)
     assert "via gdb" in said and result["path"] == "gdb"
-    assert n <= int(result["count"]) <= n + SHELL_EXTRA, result  # type: ignore[call-overload]
+    assert result["count"] == n and result["symbol"] == SYMBOL, result
     # and the guest runs normally afterwards: nothing armed
     out = guest.run("/tmp/loop 20000", timeout=60)
     assert re.search(r"calls 20000 ns \d+", out), out

@@ -3,47 +3,33 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
-import socket
+import re
 import struct
-import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import drgn
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aradia.errors import AradiaError, DumpFormatError, NotRAM
-from aradia.sources.base import PhysicalMemory, Segment
+from aradia.lab.launcher import Guest
+from aradia.proto.qmp import QMPClient
+from aradia.sources.base import PhysicalMemory
 from aradia.sources.dumpfile import dump_format, open_dump_memory
 from aradia.sources.dumpwrite import write_elf, write_lime, write_raw
 from aradia.sources.elfcore import ElfCore
 from aradia.sources.lime import LimeDump
 from aradia.sources.raw import RawDump
+from bare_qemu import bare_qemu
+from helpers import BytesMemory
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class BytesMemory(PhysicalMemory):
-    """RAM held in bytearrays: ``{gpa: bytearray}``."""
-
-    kind = "bytes"
-    writable = True
-
-    def __init__(self, chunks: dict[int, bytearray]) -> None:
-        self.bufs = chunks
-        super().__init__(Segment(gpa, len(b), gpa) for gpa, b in chunks.items())
-
-    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
-        return bytes(self.bufs[seg.backing][offset : offset + size])
-
-    def _write_backing(self, seg: Segment, offset: int, data: bytes) -> None:
-        self.bufs[seg.backing][offset : offset + len(data)] = data
 
 
 def pattern(n: int, seed: int) -> bytearray:
@@ -502,7 +488,6 @@ def test_drgn_accepts_written_elf(tmp_path: Path) -> None:
     kernel data (symbols, tasks) is out of reach without a kernel, so only those are checked here
     (page-table walks through drgn are checked in test_paging).
     """
-    drgn = pytest.importorskip("drgn")
     mem = sample_memory()
     out = tmp_path / "k.elf"
     vmci = VMCI + "SYMBOL(swapper_pg_dir)=ffffffff9f00a000\nNUMBER(phys_base)=0\n"
@@ -518,62 +503,84 @@ def test_drgn_accepts_written_elf(tmp_path: Path) -> None:
         assert prog.read(r.end - 32, 32, True) == mem.read(r.end - 32, 32)
 
 
-# --- a real QEMU dump -------------------------------------------------------------------------------------
-def _qmp(sock_path: str, timeout: float = 20.0) -> tuple[socket.socket, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(timeout)
-            s.connect(sock_path)
-            break
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    f = s.makefile("rw")
-    json.loads(f.readline())
-    return s, f
+# --- real QEMU dumps against QEMU's own register report -------------------------------------------------
+_SEG_RE = re.compile(r"^(ES|CS|SS|DS|FS|GS|LDT|TR) *=([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+)", re.M)
+_TABLE_RE = re.compile(r"^(GDT|IDT)=\s+([0-9a-f]+) ([0-9a-f]+)", re.M)
+_REG_RE = re.compile(r"\b([RE]?[A-Z][A-Z0-9]*|R\d+)\s*=([0-9a-f]+)\b")
+_HMP_NAMES = {"RFL": "rflags", "EFL": "rflags", "RIP": "rip", "EIP": "rip",
+              **{f"{p}{r}": f"r{r.lower()}" for p in "RE" for r in ("AX", "BX", "CX", "DX", "SI", "DI", "SP", "BP")},
+              **{f"R{i}": f"r{i}" for i in range(8, 16)}, **{f"CR{i}": f"cr{i}" for i in (0, 2, 3, 4)}}
 
 
-def _execute(f, command: str, **args: object) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    f.write(json.dumps({"execute": command, "arguments": args}) + "\n")
-    f.flush()
-    for _ in range(1000):
-        msg = json.loads(f.readline())
-        if "return" in msg or "error" in msg:
-            return msg
-    raise AssertionError("no QMP reply")
+def info_registers(text: str) -> dict[int, dict[str, int]]:
+    """HMP ``info registers -a``, parsed here (not by aradia): per vCPU the general registers, RIP
+    (EIP), RFLAGS, CR0/2/3/4, segments (selector, base, limit, flags as HMP masks them) and GDT/IDT.
+    ``wide`` is 0 when QEMU printed the 32-bit form (values are then the low 32 bits)."""
+    out: dict[int, dict[str, int]] = {}
+    for index, block in re.findall(r"^CPU#(\d+)\n(.*?)(?=^CPU#|\Z)", text.replace("\r", ""), re.M | re.S):
+        general = "\n".join(line for line in block.splitlines()
+                            if not _SEG_RE.match(line) and not _TABLE_RE.match(line))
+        regs = {_HMP_NAMES[k]: int(v, 16) for k, v in _REG_RE.findall(general) if k in _HMP_NAMES}
+        regs["wide"] = int("RIP=" in block)
+        for name, sel, base, limit, flags in _SEG_RE.findall(block):
+            n = name.lower()
+            regs.update({n: int(sel, 16), f"{n}_base": int(base, 16), f"{n}_limit": int(limit, 16),
+                         f"{n}_flags": int(flags, 16)})
+        for name, base, limit in _TABLE_RE.findall(block):
+            regs.update({f"{name.lower()}_base": int(base, 16), f"{name.lower()}_limit": int(limit, 16)})
+        out[int(index)] = regs
+    return out
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def _dump_and_truth(qmp: QMPClient, out: Path) -> tuple[ElfCore, dict[int, dict[str, int]]]:
+    """Stop the VM, take QEMU's register report, let QEMU dump the same moment; the dump and the report."""
+    qmp.execute("stop")
+    truth = info_registers(qmp.hmp("info registers -a"))
+    qmp.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{out}"})
+    assert qmp.execute("query-status")["status"] == "paused"  # the report is of the dumped moment
+    core = open_dump_memory(out)
+    assert isinstance(core, ElfCore)
+    return core, truth
+
+
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr")
+
+
+def assert_registers_equal(dumped: list[dict[str, int]], truth: dict[int, dict[str, int]]) -> None:
+    """Each vCPU's registers in the dump's QEMU notes equal what QEMU reported for it at dump time."""
+    assert sorted(truth) == list(range(len(dumped))) and dumped
+    for index, regs in enumerate(dumped):
+        want = truth[index]
+        mask = (1 << 64) - 1 if want["wide"] else 0xFFFFFFFF
+        compared = 0
+        for name, value in want.items():
+            if name == "wide":
+                continue
+            if name.endswith("_flags"):
+                assert regs[name] & 0x00FFFF00 == value, (index, name, hex(regs[name]), hex(value))
+            elif name.endswith(("_base", "_limit")) or name in SEGMENTS:
+                assert regs[name] == value, (index, name, hex(regs[name]), hex(value))
+            else:
+                assert regs[name] & mask == value, (index, name, hex(regs[name]), hex(value))
+            compared += 1
+        # 8 (or 16) GPRs, rip, rflags, 4 CRs, 8 segments x 4, GDT and IDT x 2
+        assert compared == (58 if want["wide"] else 50), (index, sorted(want))
+
+
 @pytest.mark.timeout(60)
 def test_real_qemu_dump(tmp_path: Path) -> None:
-    """QEMU's own dump-guest-memory output (firmware only, no OS): layout, notes, registers."""
-    sock = str(tmp_path / "qmp.sock")
+    """QEMU's own dump-guest-memory output (firmware only, no OS): layout, notes, and registers equal
+    to QEMU's own report of the same stopped moment."""
     out = tmp_path / "q.elf"
-    proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-m", "32M", "-smp", "2",
-         "-display", "none", "-nodefaults", "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        s, f = _qmp(sock)
-        with s:
-            assert "return" in _execute(f, "qmp_capabilities")
-            time.sleep(0.3)  # let the firmware run a little
-            assert "return" in _execute(f, "dump-guest-memory", paging=False, protocol=f"file:{out}")
-    finally:
-        proc.kill()
-        proc.wait(10)
-    with open_dump_memory(out) as d:
-        assert isinstance(d, ElfCore)
+    with bare_qemu("32M", smp=2) as q, QMPClient(q.qmp_path) as qmp:
+        time.sleep(0.3)  # let the firmware run a little
+        d, truth = _dump_and_truth(qmp, out)
+    with d:
         ranges = [(r.start, r.size) for r in d.ranges()]
         assert ranges[0] == (0, 32 << 20)  # -nodefaults: no VGA hole, all of pc.ram
         assert ranges[-1][0] + ranges[-1][1] == 1 << 32  # the BIOS ROM just below 4 GiB
         assert len(d.cpu_states) == 2 and len(d.prstatus) == 2
-        assert {c["cr0"] & 1 for c in d.cpu_states} <= {0, 1}
+        assert_registers_equal(d.cpu_states, truth)
         assert all(c["cr3"] == 0 for c in d.cpu_states)  # firmware: no paging yet
         # QEMU writes its registers twice: the QEMU note and NT_PRSTATUS must agree.
         for c, p in zip(d.cpu_states, d.prstatus, strict=True):
@@ -584,6 +591,29 @@ def test_real_qemu_dump(tmp_path: Path) -> None:
         with open_dump_memory(tmp_path / "copy.elf") as c:
             assert_same(d, c)
             assert c.cpu_states == d.cpu_states
+
+
+@pytest.mark.timeout(180)
+def test_real_qemu_dump_of_a_booted_guest(launch_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    """A booted 64-bit Linux guest: every vCPU in the dump is in long mode with paging on, and every
+    register equals what QEMU reported for that vCPU at dump time; aradia's own ELF writer keeps them."""
+    guest = launch_guest("6.1", smp=2)
+    with QMPClient(guest.qmp_path) as qmp:
+        try:
+            d, truth = _dump_and_truth(qmp, tmp_path / "linux.elf")
+        finally:
+            qmp.execute("cont")
+    with d:
+        assert len(d.cpu_states) == 2 and all(t["wide"] for t in truth.values())
+        assert_registers_equal(d.cpu_states, truth)
+        for c in d.cpu_states:
+            assert c["cr0"] & 0x80000001 == 0x80000001, hex(c["cr0"])  # PE and PG: protected, paging
+            assert c["cr4"] & 0x20 and c["cr3"] != 0, (hex(c["cr4"]), hex(c["cr3"]))  # PAE, a page-table root
+            assert c["cs"] in (0x10, 0x33), hex(c["cs"])  # the kernel's or user space's 64-bit code segment
+        write_elf(d, tmp_path / "copy.elf", cpu_states=d.cpu_states)
+        with open_dump_memory(tmp_path / "copy.elf") as c:
+            assert c.cpu_states == d.cpu_states
+            assert_registers_equal(c.cpu_states, truth)
 
 
 @st.composite

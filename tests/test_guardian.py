@@ -27,7 +27,7 @@ from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
-from guest_programs import build_loop, install_program
+from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"
 
@@ -37,6 +37,7 @@ class Rig:
     guest: Guest
     address: str
     target: int
+    quiet: int  # QUIET_SYMBOL: only ``loop N QUIET_NR`` calls it
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def rig(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFac
     guest = launch_guest("6.1", smp=2, gdb=True)
     install_program(guest, "loop", build_loop(tmp_path_factory.mktemp("loop")))
     with attach(f"qmp:{guest.qmp_path}") as vm:
-        target = vm.linux.profile.symbol(SYMBOL)
-    assert target is not None
-    return Rig(guest, f"127.0.0.1:{guest.gdb_port}", target)
+        target, quiet = vm.linux.profile.symbol(SYMBOL), vm.linux.profile.symbol(QUIET_SYMBOL)
+    assert target is not None and quiet is not None
+    return Rig(guest, f"127.0.0.1:{guest.gdb_port}", target, quiet)
 
 
 def _loop_finishes(guest: Guest, n: int, timeout: float) -> bool:
@@ -65,11 +66,11 @@ def test_breakpoint_hits_counted_exactly_then_clean_close(rig: Rig) -> None:
     result: list[str] = []
 
     def run_loop() -> None:
-        result.append(rig.guest.run(f"/tmp/loop {n}", timeout=90))
+        result.append(rig.guest.run(f"/tmp/loop {n} {QUIET_NR}", timeout=90))
         done.set()
 
     with GuardedStub(rig.address, was_running=True) as stub:
-        stub.set_breakpoint(rig.target)
+        stub.set_breakpoint(rig.quiet)
         worker = threading.Thread(target=run_loop, daemon=True)
         worker.start()
         deadline = time.monotonic() + 90
@@ -78,14 +79,15 @@ def test_breakpoint_hits_counted_exactly_then_clean_close(rig: Rig) -> None:
             if ev is None:
                 continue
             regs = stub.registers(ev.thread)
-            if regs["rip"] == rig.target:
+            if regs["rip"] == rig.quiet:
                 hits += 1
                 stub.step(ev.thread, until_pc_changes=True)  # step off the breakpoint, or the continue re-hits it
             stub.cont()
         worker.join(timeout=5)
     assert result and f"calls {n} " in result[0]
-    # The loop's calls, plus the few getppid() calls of the shell that ran it.
-    assert n <= hits <= n + 10, hits
+    # Exactly the loop's calls: nothing else in the guest calls getsid (getppid would also count the
+    # bash that runs the loop).
+    assert hits == n, hits
     assert _loop_finishes(rig.guest, 200_000, timeout=30), "a breakpoint was left armed"
 
 

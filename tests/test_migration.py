@@ -1,8 +1,10 @@
 """Live migration under a guarded GDB stub: the source is never resumed, the destination lives.
 
 Real migrations between two QEMUs from the same guest image (the destination started with
-``-incoming unix:PATH``). Ground truth: QEMU's run state by QMP on both sides, polled without a break
-from the moment the migration completed, and the destination's guest answering a command.
+``-incoming unix:PATH``). Ground truth: QEMU's run state and migration status by QMP, polled without a
+break on the source from before the migration starts until the test ends (the poller must see the
+migration in progress; a poller that dies or stalls fails the test), the destination's run state, and
+the destination's guest answering a command.
 
 Measured on QEMU 7.2 (these tests rely on it): the stub resumes the VM on ``c``/``s``/``D`` whatever
 the run state (a ``c`` or ``D;1`` turns a ``postmigrate`` source ``running``; ``D;1`` starts an
@@ -13,6 +15,7 @@ completes makes the destination abort ("invalid runstate transition: 'inmigrate'
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import signal
@@ -110,7 +113,11 @@ def _status(qmp: QMPClient) -> str:
     return str(qmp.execute("query-status")["status"])
 
 
+MIGRATION_BANDWIDTH = 64 << 20  # bytes/s: the migration lasts long enough for the poller to watch it
+
+
 def _migrate(qmp: QMPClient, uri: str, timeout: float = 60) -> dict[str, object]:
+    qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
     qmp.execute("migrate", {"uri": uri})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,25 +128,46 @@ def _migrate(qmp: QMPClient, uri: str, timeout: float = 60) -> dict[str, object]
     raise AssertionError(f"migration did not finish within {timeout} s: {qmp.execute('query-migrate')}")
 
 
+IN_PROGRESS = ("setup", "active", "pre-switchover", "device")  # query-migrate's status while it runs
+MAX_GAP = 2.0  # seconds between two samples at most: "without a break", on a loaded machine
+
+
 class StatePoller:
-    """Polls a QEMU's run state every 20 ms on its own QMP connection; ``states`` holds what it saw."""
+    """Polls a QEMU's run state and migration status every 20 ms in its own thread (through the test's
+    QMP client, which serialises commands); ``samples`` holds (time, run state, migration status).
+
+    Start it before ``migrate``. :meth:`stop` fails the test if the poller raised, hung, or left a
+    gap of more than :data:`MAX_GAP` seconds between two samples.
+    """
 
     def __init__(self, qmp: QMPClient) -> None:
         self.qmp = qmp
-        self.states: set[str] = set()
+        self.samples: list[tuple[float, str, str]] = []
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.states.add(_status(self.qmp))
-            time.sleep(0.02)
+        try:
+            while not self._stop.is_set():
+                state = _status(self.qmp)
+                migration = str(self.qmp.execute("query-migrate").get("status", "none"))
+                self.samples.append((time.monotonic(), state, migration))
+                time.sleep(0.02)
+        except BaseException as e:  # reported by stop(), in the test's thread
+            self.error = e
 
-    def stop(self) -> set[str]:
+    def stop(self) -> list[tuple[float, str, str]]:
         self._stop.set()
-        self._thread.join(timeout=5)
-        return self.states
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the state poller hung"
+        assert self.error is None, f"the state poller died: {self.error!r}"
+        assert self.samples, "the state poller took no sample"
+        times = [t for t, _, _ in self.samples]
+        gap = max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+        assert gap < MAX_GAP, f"the state poller paused for {gap:.2f} s"
+        return self.samples
 
 
 def _expect(out: IO[str], prefix: str, timeout: float) -> str:
@@ -187,11 +215,22 @@ def _refused(stdout: IO[str]) -> tuple[str, str]:
 
 
 def _source_never_resumed(qmp: QMPClient, poller: StatePoller, guardian_pid: int) -> None:
-    """The guardian is gone, and the source never left its migrated state (polled all along)."""
+    """The guardian is gone; the poller watched the migration run and complete, and from the moment
+    the source left its running states it never came back to them (polled all along)."""
     assert _gone(guardian_pid, 5), "the guardian outlived its tracer"
     time.sleep(1.5)
-    seen = poller.stop()
-    assert seen <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {seen}"
+    samples = poller.stop()
+    migrations = [m for _, _, m in samples]
+    assert any(m in IN_PROGRESS for m in migrations), f"the poller never saw the migration run: {set(migrations)}"
+    assert migrations[-1] == "completed", migrations[-1]
+    ended = next((i for i, (_, state, _) in enumerate(samples) if state in ("finish-migrate", "postmigrate")),
+                 None)
+    assert ended is not None and ended > 0, "the poller did not see the source before and after the switch"
+    assert {state for _, state, _ in samples[:ended]} <= {"running", "debug"}, samples[:ended]
+    after = {state for _, state, _ in samples[ended:]}
+    assert after <= {"finish-migrate", "postmigrate"}, f"the source left postmigrate: {after}"
+    print(f"poller: {len(samples)} samples, migration {migrations.count('active')} active, states "
+          f"{[s for i, (_, s, _) in enumerate(samples) if i == 0 or s != samples[i - 1][1]]}")
     assert _status(qmp) == "postmigrate"
 
 
@@ -221,9 +260,9 @@ def test_hot_probe_steps_aside_and_the_source_is_never_resumed(pair: Pair, tmp_p
     try:
         _expect(tracer.stdout, "hits", 30)  # the probe is hot: the guest stops at it all the time
         with QMPClient(source.qmp_path) as qmp:
+            poller = StatePoller(qmp)
             info = _migrate(qmp, pair.uri)
             assert info["status"] == "completed", info
-            poller = StatePoller(qmp)
             _error, cont = _refused(tracer.stdout)
             assert "migrat" in cont
             _destination_runs_the_guest(pair.destination)
@@ -254,9 +293,9 @@ def test_probe_held_through_a_migration_refuses_to_continue(pair: Pair, tmp_path
     try:
         with QMPClient(pair.source.qmp_path) as qmp:
             assert _status(qmp) == "running"
+            poller = StatePoller(qmp)
             info = _migrate(qmp, pair.uri)
             assert info["status"] == "completed", info
-            poller = StatePoller(qmp)
             error, cont = _refused(tracer.stdout)
             assert "live-migrated away" in error, error
             assert "live-migrated away" in cont, cont

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import drgn
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -24,31 +25,13 @@ from aradia.machine.paging import (
     write_virt,
 )
 from aradia.sources.base import PhysicalMemory, Segment
+from helpers import BytesMemory
 
 pytestmark = pytest.mark.timeout(120)
 
 P, RW, US, PS, NX = 1, 2, 4, 0x80, 1 << 63
 ADDR = 0x000F_FFFF_FFFF_F000
 SIZES = (1 << 12, 1 << 21, 1 << 30)
-
-
-class BytesMemory(PhysicalMemory):
-    """RAM held in bytearrays: ``{gpa: bytearray}``."""
-
-    kind = "bytes"
-    writable = True
-
-    def __init__(self, chunks: dict[int, bytearray]) -> None:
-        self.bufs = chunks
-        self.reads = 0
-        super().__init__(Segment(gpa, len(b), gpa) for gpa, b in chunks.items())
-
-    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
-        self.reads += 1
-        return bytes(self.bufs[seg.backing][offset : offset + size])
-
-    def _write_backing(self, seg: Segment, offset: int, data: bytes) -> None:
-        self.bufs[seg.backing][offset : offset + len(data)] = data
 
 
 class SparseMemory(PhysicalMemory):
@@ -449,7 +432,6 @@ def test_drgn_agrees(tmp_path: Path, data: st.DataObject, la57: bool, seed: int)
     drgn also maps every PT_LOAD at its p_vaddr (0 in our dumps, as in QEMU's), so it reads virtual
     addresses below the top of RAM as physical ones without a walk: those are not compared.
     """
-    drgn = pytest.importorskip("drgn")
     from aradia.sources.dumpwrite import write_elf
 
     ram = 16 << 20
@@ -490,7 +472,6 @@ def test_drgn_agrees(tmp_path: Path, data: st.DataObject, la57: bool, seed: int)
 @pytest.mark.parametrize("la57", [False, True])
 def test_drgn_agrees_fixed_layout(tmp_path: Path, la57: bool) -> None:
     """A Linux-like layout (direct map with 1 GiB and 2 MiB pages, vmalloc 4 KiB pages) read by both."""
-    drgn = pytest.importorskip("drgn")
     from aradia.sources.dumpwrite import write_elf
 
     ram = 16 << 20

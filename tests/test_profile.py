@@ -49,23 +49,10 @@ from aradia.linux.btf import (
 )
 from aradia.linux.profile import KernelNotFound, ProfileCache, find_profile
 from aradia.linux.program import make_program, platform_x86_64
-from aradia.sources.base import PhysicalMemory, Segment
 from aradia.vm import VM, attach, open_dump
+from helpers import BytesMemory
 
 # --- crafted memory ---------------------------------------------------------------------------------
-
-
-class BytesMemory(PhysicalMemory):
-    """RAM held in one bytearray at guest-physical 0."""
-
-    kind = "bytes"
-
-    def __init__(self, data: bytearray) -> None:
-        self.buf = data
-        super().__init__([Segment(0, len(data), 0)])
-
-    def _read_backing(self, seg: Segment, offset: int, size: int) -> bytes:
-        return bytes(self.buf[offset:offset + size])
 
 
 def _align(buf: bytearray, n: int = 8) -> None:

@@ -138,13 +138,31 @@ def test_second_client_gets_busy_quickly() -> None:
         first.close()
 
 
+def pmemsave(qemu: Qemu, addr: int, size: int, tmp: Path) -> bytes:
+    """QEMU's own copy of guest-physical memory (QMP ``pmemsave``): ground truth for the paths."""
+    out = tmp / f"pmem-{addr:x}-{size:x}.bin"
+    qemu.qmp.execute("pmemsave", {"val": addr, "size": size, "filename": str(out)})
+    return out.read_bytes()
+
+
 @pytest.mark.timeout(60)
-def test_qemu_exit_while_attached() -> None:
+def test_qemu_exit_while_attached(tmp_path: Path) -> None:
     with bare_qemu(shared=True) as q:
         qemu = Qemu(q.qmp_path)
         mems = [qemu.memory("shared-file"), qemu.memory("proc-mem")]
-        for m in mems:
-            assert m.read(0x1000, 16) == m.read(0x1000, 16)
+        deadline = time.monotonic() + 20
+        while pmemsave(qemu, 0, 0x2000, tmp_path) == bytes(0x2000) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the firmware has written its tables (interrupt vectors, BDA)
+        with qemu.paused():  # the firmware's pages hold still while compared
+            low = pmemsave(qemu, 0, 0x2000, tmp_path)
+            assert low != bytes(len(low)), "the firmware wrote nothing below 8 KiB: nothing to compare"
+            for m in mems:
+                assert m.read(0, 0x2000) == low, m.kind
+        for i, m in enumerate(mems):  # a write through one path is seen through the other and by QEMU
+            marker = os.urandom(16)
+            m.write(0x200000 + 64 * i, marker)
+            assert [k.read(0x200000 + 64 * i, 16) for k in mems] == [marker, marker]
+            assert pmemsave(qemu, 0x200000 + 64 * i, 16, tmp_path) == marker
         os.kill(q.pid, 9)
         q.proc.wait()
         deadline = time.monotonic() + 5

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
 from guest_programs import build_acceptpair, build_loop, install_program
+from helpers import cli_argv
 from tracing import trace_while
 
 N_EXEC = 50
@@ -146,24 +148,45 @@ def test_kernel_function_entry_and_return(guest: Guest) -> None:
     assert sum(1 for e in rets if e.args["ret"] == 3) >= 5
 
 
-@pytest.mark.timeout(240)
-def test_cli_trace_json(guest: Guest) -> None:
+def _cli_trace_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
+    """``aradia trace --vm ... --json ARGS`` while the guest runs the work script, ended with Ctrl-C
+    (SIGINT) once the script is done: the events it printed. It must exit 0 having said only its
+    ready line on stderr."""
     guest.run(f"cat > /tmp/work.sh <<'EOF'\n{WORK}\nEOF")
-    p = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}",
-                          "--json", "--comm", "true", "--duration", "60", "syscalls", "-e", "execve"],
+    p = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", *args),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stderr is not None
-    ready = p.stderr.readline()  # printed once the probes are armed
-    assert ready.startswith("tracing syscalls"), ready + p.stderr.read()
-    guest.send_console(b"bash /tmp/work.sh\n")
-    deadline = time.monotonic() + 60
-    while "WORK-DONE" not in guest.console_text() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    p.terminate()  # like Ctrl-C: the tracer detaches and the guest runs on
-    out, err = p.communicate(timeout=30)
-    lines = [json.loads(x) for x in out.splitlines()]
-    got = [x["args"]["argv"] for x in lines if x["name"] == "execve"]
-    # --comm filters on the name at the time of the call: execve runs in the forked shell ("bash"),
-    # so --comm true keeps nothing; the filter is honest about that.
-    assert got == [], (got, err)
+    try:
+        assert p.stderr is not None
+        ready = p.stderr.readline()  # printed once the probes are armed
+        assert ready.startswith(f"tracing syscalls on qmp:{guest.qmp_path}, for 60 s"), ready + p.stderr.read()
+        marker = len(guest.console_text())
+        guest.send_console(b"bash /tmp/work.sh\n")
+        deadline = time.monotonic() + 60
+        while "WORK-DONE" not in guest.console_text()[marker:] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "WORK-DONE" in guest.console_text()[marker:], "the script did not finish while traced"
+        p.send_signal(signal.SIGINT)  # Ctrl-C: the tracer detaches and the guest runs on
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and err == "", (p.returncode, err)
+    return [json.loads(x) for x in out.splitlines()]
+
+
+@pytest.mark.timeout(300)
+def test_cli_trace_json_comm_filter(guest: Guest) -> None:
+    """``--comm`` keeps exactly the calls made under that name: execve runs in the shell's forked
+    child, still named "bash" until the exec, so ``--comm bash`` yields every exec of the script in
+    order and ``--comm true`` (the name only after the exec) yields none."""
+    events = _cli_trace_work(guest, "--json", "--comm", "bash", "--duration", "60", "syscalls", "-e", "execve")
+    assert events and all((e["name"], e["comm"]) == ("execve", "bash") for e in events), events[:3]
+    got = [e["args"]["argv"] for e in events if any("aradia-t" in a for a in e["args"]["argv"] or [])]
+    assert got == [["/bin/true", f"aradia-t{i}", f"arg-{i * 7}"] for i in range(N_EXEC)]
+    cats = [e["args"]["argv"] for e in events if e["args"]["path"] == "/bin/cat"]
+    assert cats == [["/bin/cat", f"/tmp/aradia-f{i}"] for i in range(1, 6)]
+
+    events = _cli_trace_work(guest, "--json", "--comm", "true", "--duration", "60", "syscalls", "-e", "execve")
+    assert events == []
     assert guest.run("echo still-alive").strip() == "still-alive"

@@ -8,6 +8,7 @@ QEMU exiting.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 
@@ -17,6 +18,7 @@ from aradia.errors import AradiaError
 from aradia.lab.launcher import Guest
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from tracing import trace_while
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2, "extra_args": ["-action", "reboot=reset"]}
@@ -39,7 +41,11 @@ def test_reboot_mid_trace_is_a_clear_error(guest: Guest) -> None:
     assert guest.console_text().count(guest.image.ready_marker) >= 2, guest.console_text()[-2000:]
     with attach(f"qmp:{guest.qmp_path}") as vm:
         assert vm.status() == "running"
-        with Tracer.open(vm) as tracer:  # the stub is free again and the new kernel's address arms
-            tracer.add_syscall("openat")
-            events = list(tracer.events(duration=5, until=lambda: False))
-            assert all(e.name == "openat" for e in events)
+    # The stub is free again and the new kernel's address arms: a file the guest opens after the
+    # reboot is seen, once, with its path.
+    probe = f"/tmp/aradia-after-reboot-{secrets.token_hex(4)}"
+    events, _ = trace_while(guest, lambda tracer: tracer.add_syscall("openat"),
+                            lambda: guest.run(f"echo x > {probe}; cat {probe}"), limit=60)
+    assert events and all(e.name == "openat" for e in events), [e.line() for e in events[:5]]
+    mine = [(e.comm, e.args["path"]) for e in events if e.args["path"] == probe]
+    assert mine == [("bash", probe), ("cat", probe)], mine  # the shell's redirection, then cat

@@ -371,7 +371,9 @@ def d_path(path_or_mnt: drgn.Object, dentry: drgn.Object | None = None) -> bytes
 def open_files(task: drgn.Object) -> Iterator[tuple[int, drgn.Object]]:
     """``(fd, struct file *)`` of every open descriptor of ``task``, like drgn's ``for_each_file``,
     reading the open-descriptor bitmap in one read; a table of more than :data:`MAX_FDS`
-    descriptors is :class:`~aradia.errors.GuestDataCorrupt`."""
+    descriptors is :class:`~aradia.errors.GuestDataCorrupt`. A descriptor whose bit is set but whose
+    file is not installed yet (the kernel reserves the number first, e.g. while ``accept`` waits) is
+    not open: skipped, as ``/proc/PID/fd`` skips it."""
     files = task.files.read_()
     if not files:
         return
@@ -392,4 +394,6 @@ def open_files(task: drgn.Object) -> Iterator[tuple[int, drgn.Object]]:
             word ^= low
             if fd >= max_fds:
                 return
-            yield fd, drgn.Object(prog, file_ptr, int.from_bytes(prog.read(fd_array + 8 * fd, 8), "little"))
+            ptr = int.from_bytes(prog.read(fd_array + 8 * fd, 8), "little")
+            if ptr:  # a descriptor reserved but not installed yet (accept() waiting): /proc skips it too
+                yield fd, drgn.Object(prog, file_ptr, ptr)

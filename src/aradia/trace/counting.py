@@ -151,14 +151,28 @@ class CallCounter:
         return [Count(s, self.addresses[s], self._counts.get(s, 0)) for s in self.symbols]
 
     def run(self, duration: float | None) -> list[Count]:
-        """Count for ``duration`` seconds (None: until KeyboardInterrupt) and return the counts."""
+        """Count for ``duration`` seconds (None: until KeyboardInterrupt) and return the counts: every
+        call the guest made before the end is in them."""
         end = None if duration is None else time.monotonic() + duration
         with contextlib.suppress(KeyboardInterrupt):
             while end is None or time.monotonic() < end:
                 time.sleep(0.1 if end is None else max(0.0, min(0.1, end - time.monotonic())))
                 if self._error is not None:
                     break
+        self._stop_gdb_loop()
         return self.counts()
+
+    def _stop_gdb_loop(self) -> None:
+        """Stop taking breakpoint hits and wait for the hit in hand to be tallied.
+
+        The event loop lets the guest go on before it hands the hit over, so a call the guest has
+        already returned from may not be counted yet: reading the counts at that moment lost the last
+        call of a burst that ended just before Ctrl-C. A hit after this waits (the VM stays at the
+        breakpoint) until :meth:`close` disarms.
+        """
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(10)
 
     def close(self) -> None:
         """Stop counting: free the plugin slots (and re-translate), or disarm the breakpoints."""
@@ -172,9 +186,7 @@ class CallCounter:
             self._shm.close()
             self._shm = None
         if self._tracer is not None:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join(10)
+            self._stop_gdb_loop()
             self._tracer.close()
             self._tracer = None
 
