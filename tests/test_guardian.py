@@ -194,7 +194,9 @@ def test_ctrl_c_of_the_cli_tracer_leaves_the_guest_running(rig: Rig, tmp_path: P
             cli.kill()
             cli.wait()
     print(f"CLI exit status {status} after {stopped - interrupted:.2f} s; stderr {err.read_text()[-300:]!r}")
-    assert status in (0, 130), (status, err.read_text()[-2000:])
+    # Ctrl-C while events stream ends the trace normally (cli.py: the tracer disarms, exit 0); 130 is
+    # only for a Ctrl-C before the trace started.
+    assert status == 0, (status, err.read_text()[-2000:])
     assert "Traceback" not in err.read_text(), err.read_text()[-2000:]
     assert _gone(guardians[0], 5), "the guardian outlived the CLI"
     # The guest's hot loop runs on (nothing armed, nothing holding the VM) and the stub is free.
