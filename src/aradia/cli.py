@@ -187,8 +187,9 @@ def _view(args: argparse.Namespace, fetch: Callable[[Any], list[Any]],
 def cmd_ps(args: argparse.Namespace) -> int:
     """Processes (or threads) of the guest."""
     def render(rows: list[Any]) -> str:
-        return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.comm,
-                        " ".join(p.cmdline) if p.cmdline else f"[{p.comm}]"] for p in rows],
+        # COMM as /proc/PID/stat shows it: a kernel thread's full name, a kworker's current work
+        return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.name,
+                        " ".join(p.cmdline) if p.cmdline else f"[{p.name}]"] for p in rows],
                       ["PID", "PPID", "UID", "S", "START", "COMM", "CMDLINE"])
     return _view(args, lambda k: k.processes(threads=args.threads), render)
 
