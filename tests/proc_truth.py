@@ -78,11 +78,13 @@ class Samples:
 
 
 def sample_stat(guest: Guest, during: Callable[[], T], *, before: int = 3, after: int = 3,
-                timeout: float = 120) -> tuple[Samples, T]:
-    """Read ``/proc/*/stat`` in the guest over and over (an ssh session) while ``during()`` runs on the
-    host, with at least ``before`` snapshots before it starts and ``after`` once it returned."""
+                threads: bool = False, timeout: float = 120) -> tuple[Samples, T]:
+    """Read ``/proc/*/stat`` (every thread's ``/proc/*/task/*/stat`` with ``threads``) in the guest over
+    and over (an ssh session) while ``during()`` runs on the host, with at least ``before`` snapshots
+    before it starts and ``after`` once it returned."""
+    files = "/proc/[0-9]*/task/[0-9]*/stat" if threads else "/proc/[0-9]*/stat"
     stop = f"/tmp/.aradia-stop-{secrets.token_hex(4)}"
-    loop = (f"while [ ! -e {stop} ]; do cat /proc/[0-9]*/stat 2>/dev/null; echo {MARK}; sleep 0.05; done;"
+    loop = (f"while [ ! -e {stop} ]; do cat {files} 2>/dev/null; echo {MARK}; sleep 0.05; done;"
             f" rm -f {stop}")
     proc = subprocess.Popen([*guest.ssh_argv(), loop], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, text=True)
