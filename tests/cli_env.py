@@ -215,3 +215,47 @@ class Workload:
     def stop(self) -> None:
         self.hold.stop()
         self.guest.run(f"kill {self.worker} {self.listener[0]} {self.threads}", check=False)
+
+
+# --- actors and openers (tests/cli_programs.py) -----------------------------------------------------
+def start_actors(guest: Guest, specs: dict[str, int]) -> dict[str, int]:
+    """Start ``name -> uid`` actors (comm ``aradia-act``, or ``aradia-decoy`` for names starting with
+    "decoy"), each waiting for SIGUSR1; name -> pid."""
+    pids = {}
+    for i, (name, uid) in enumerate(specs.items()):
+        prog = "/tmp/aradia-decoy" if name.startswith("decoy") else "/tmp/aradia-act"
+        pids[name], _ = start_program(guest, f"{prog} actor {name} {uid} {7100 + i}", f"actor-{name}")
+    return pids
+
+
+def release_actors(guest: Guest, pids: dict[str, int]) -> None:
+    """Let the actors act, and wait until each has exec'd /bin/true and is gone."""
+    ids = " ".join(str(p) for p in pids.values())
+    guest.run(f"kill -USR1 {ids}; for i in $(seq 200); do kill -0 {ids} 2>/dev/null || break; sleep 0.05;"
+              f" done; for p in {ids}; do while kill -0 $p 2>/dev/null; do sleep 0.05; done; done", timeout=60)
+
+
+def actor_events(name: str, port: int) -> list[tuple[str, dict[str, Any]]]:
+    """What actor ``name`` does, as syscall events with decoded arguments."""
+    return [("openat", {"dfd": -100, "path": f"/tmp/aradia-open-{name}", "flags": 0}),
+            ("connect", {"addr": {"family": "inet", "address": "127.0.0.1", "port": port}}),
+            ("execve", {"path": "/bin/true", "argv": ["/bin/true", name]})]
+
+
+ACTORS = {"a": 4321, "b": 0, "decoy": 4321, "d": 4321}
+
+
+def start_opener(guest: Guest, tag: str, paths: list[str]) -> tuple[int, str]:
+    """Start ``/tmp/opener PATHS...``, waiting for SIGUSR1; (pid, its output file)."""
+    return start_program(guest, f"/tmp/opener {' '.join(paths)}", tag)
+
+
+def release_opener(guest: Guest, pid: int, out: str) -> list[list[str]]:
+    """SIGUSR1 the opener and wait for its report of this round: [path, flags-hex, address, result]
+    per call."""
+    before = int(guest.run(f"grep -c '^done' {out}; true").split()[0])
+    guest.run(f"kill -USR1 {pid}; for i in $(seq 400); do [ $(grep -c '^done' {out}) -gt {before} ] && break;"
+              " sleep 0.05; done")
+    rounds = "\n".join(program_lines(guest, out, "done")).split("done")
+    assert len(rounds) == before + 2, rounds
+    return [x.split()[1:] for x in rounds[before].splitlines() if x.startswith("open ")]

@@ -39,7 +39,19 @@ from cli_checks import (
     check_ps,
     proc_details,
 )
-from cli_env import SRC, Cli, Ticker, Workload, event_lines, program_lines, start_program
+from cli_env import (
+    ACTORS,
+    SRC,
+    Cli,
+    Ticker,
+    Workload,
+    actor_events,
+    event_lines,
+    release_actors,
+    release_opener,
+    start_actors,
+    start_opener,
+)
 from proc_truth import sample_stat
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -302,37 +314,10 @@ def shell(env: Env, line: str, subs: dict[str, str]) -> None:
 
 
 # --- trace -------------------------------------------------------------------------------------------
-def start_actors(env: Env, specs: dict[str, int]) -> dict[str, int]:
-    """Start ``name -> uid`` actors (comm ``aradia-act``, or ``aradia-decoy`` for names starting with
-    "decoy"), each waiting for SIGUSR1; name -> pid."""
-    pids = {}
-    for i, (name, uid) in enumerate(specs.items()):
-        prog = "/tmp/aradia-decoy" if name.startswith("decoy") else "/tmp/aradia-act"
-        pids[name], _ = start_program(env.guest, f"{prog} actor {name} {uid} {7100 + i}", f"actor-{name}")
-    return pids
-
-
-def release_actors(env: Env, pids: dict[str, int]) -> None:
-    """Let the actors act, and wait until each has exec'd /bin/true and is gone."""
-    ids = " ".join(str(p) for p in pids.values())
-    env.guest.run(f"kill -USR1 {ids}; for i in $(seq 200); do kill -0 {ids} 2>/dev/null || break; sleep 0.05;"
-                  f" done; for p in {ids}; do while kill -0 $p 2>/dev/null; do sleep 0.05; done; done", timeout=60)
-
-
-def actor_events(name: str, port: int) -> list[tuple[str, dict[str, Any]]]:
-    """What actor ``name`` does, as syscall events with decoded arguments."""
-    return [("openat", {"dfd": -100, "path": f"/tmp/aradia-open-{name}", "flags": 0}),
-            ("connect", {"addr": {"family": "inet", "address": "127.0.0.1", "port": port}}),
-            ("execve", {"path": "/bin/true", "argv": ["/bin/true", name]})]
-
-
-ACTORS = {"a": 4321, "b": 0, "decoy": 4321, "d": 4321}
-
-
 def trace_syscalls(env: Env, line: str, subs: dict[str, str]) -> None:
-    pids = start_actors(env, ACTORS)
+    pids = start_actors(env.guest, ACTORS)
     cmd = env.fill(line, subs, pid=pids["a"], comm="aradia-act", uid=4321)
-    result, _ = env.cli.live(cmd, lambda: release_actors(env, pids))
+    result, _ = env.cli.live(cmd, lambda: release_actors(env.guest, pids))
     assert result.returncode == 0, result.stderr
     ports = {name: 7100 + i for i, name in enumerate(ACTORS)}
     if "--json" in cmd:  # all three filters: only actor a (b: other uid, decoy: other comm, d: other pid)
@@ -353,21 +338,6 @@ def trace_syscalls(env: Env, line: str, subs: dict[str, str]) -> None:
             assert f"argv=['/bin/true', '{name}']" in mine[2].args
 
 
-def start_opener(env: Env, tag: str, paths: list[str]) -> tuple[int, str]:
-    return start_program(env.guest, f"/tmp/opener {' '.join(paths)}", tag)
-
-
-def release_opener(env: Env, pid: int, out: str) -> list[list[str]]:
-    """SIGUSR1 the opener and wait for its report of this round: [path, flags-hex, address, result]
-    per call."""
-    before = int(env.guest.run(f"grep -c '^done' {out}; true").split()[0])
-    env.guest.run(f"kill -USR1 {pid}; for i in $(seq 400); do [ $(grep -c '^done' {out}) -gt {before} ] && break;"
-                  " sleep 0.05; done")
-    rounds = "\n".join(program_lines(env.guest, out, "done")).split("done")
-    assert len(rounds) == before + 2, rounds
-    return [x.split()[1:] for x in rounds[before].splitlines() if x.startswith("open ")]
-
-
 def _args(text: str) -> dict[str, Any]:
     """An event line's ``k=v, ...`` (values are Python literals)."""
     call = ast.parse(f"f({text})", mode="eval").body
@@ -379,8 +349,8 @@ OPEN_PATHS = ["/etc/hostname", "/etc/passwd", "/nonexistent-aradia"]
 
 
 def probe(env: Env, line: str, subs: dict[str, str]) -> None:
-    pid, out = start_opener(env, f"probe-{len(subs)}", OPEN_PATHS)
-    result, calls = env.cli.live(env.fill(line, subs), lambda: release_opener(env, pid, out))
+    pid, out = start_opener(env.guest, f"probe-{len(subs)}", OPEN_PATHS)
+    result, calls = env.cli.live(env.fill(line, subs), lambda: release_opener(env.guest, pid, out))
     assert result.returncode == 0, result.stderr
     assert [c[0] for c in calls] == OPEN_PATHS and int(calls[2][3]) == -2, calls
     mine = [x for x in event_lines(result.stdout) if x.tgid == pid]
