@@ -505,6 +505,7 @@ COMMANDS: dict[str, Case] = {
 }
 
 
+@pytest.mark.timeout(30)
 def test_every_readme_command_has_a_test() -> None:
     lines = readme_commands()
     assert len(lines) == len(set(lines)) and len(lines) > 20
