@@ -9,6 +9,7 @@ in aradia's view.
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import threading
@@ -22,6 +23,15 @@ from aradia.lab.launcher import Guest
 T = TypeVar("T")
 PF_KTHREAD = 0x00200000
 MARK = "@@sample"
+#: A pool worker's name: its id, then "+" and the workqueue of the work it runs, or "-" and the last
+#: one; the part after the id changes from one instant to the next.
+WORKER = re.compile(r"^(kworker/(?:\d+:\d+H?|u\d+:\d+))(?:[+-].+)?$")
+
+
+def worker_id(name: str) -> str | None:
+    """The id of a pool worker's name (``kworker/0:1-events`` -> ``kworker/0:1``), None for others."""
+    m = WORKER.match(name)
+    return m[1] if m else None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ substitutions of its placeholders (``qmp:/run/vm1/qmp.sock`` -> the test guest's
 ``aradia`` of this source tree first on ``PATH``) and compares the output with ground truth taken
 inside the guest. A README line without an entry, or an entry whose line left the README, fails
 :func:`test_every_readme_command_has_a_test`; each line is its own test case.
+
+(Longer than this project's ~500 lines per file on purpose: one check per README line, next to the
+table that names them, so a README change and its test are read together.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -464,7 +467,6 @@ class Case:
     check: Callable[[Env, str, dict[str, str]], None] | None
     variants: tuple[dict[str, str], ...] = ({},)
     exempt: str = ""  # why the line is not run (then check is None)
-    subs: dict[str, str] = field(default_factory=dict)
 
 
 QMP = {"qmp:/run/vm1/qmp.sock": "qmp:{qmp}"}
