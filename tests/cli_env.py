@@ -56,25 +56,52 @@ class Cli:
         return r.stdout
 
     def live(self, line: str, action: Callable[[], Any], *, ready: str = "tracing", timeout: float = 240,
-             interrupt: bool = True) -> tuple[subprocess.CompletedProcess[str], Any]:
+             interrupt: bool = True, settle: float = 1.5) -> tuple[subprocess.CompletedProcess[str], Any]:
         """Start ``line`` (a trace), wait until its first stderr line says ``ready`` (probes armed),
-        run ``action()``, then Ctrl-C it (``interrupt``) or let it end; (result, what action returned)."""
+        run ``action()``, then (``interrupt``) wait until its output has been quiet for ``settle``
+        seconds (an event of the action's last moment may still be on its way) and Ctrl-C it, or
+        let it end by itself; (result, what ``action`` returned)."""
         proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env, text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        chunks: list[str] = []
+        errors: list[str] = []
+        last = [time.monotonic()]
+
+        def read_out() -> None:
+            assert proc.stdout is not None
+            for text in proc.stdout:
+                chunks.append(text)
+                last[0] = time.monotonic()
+
+        def read_err() -> None:
+            assert proc.stderr is not None
+            errors.extend(proc.stderr)
+
+        threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
         try:
             assert proc.stderr is not None
             first = proc.stderr.readline()
+            for t in threads:
+                t.start()
             if not first.startswith(ready):
                 proc.kill()
-                out, err = proc.communicate(timeout=30)
-                raise AssertionError(f"{line}: not ready: {first}{err}{out}")
+                proc.wait(30)
+                for t in threads:
+                    t.join(30)
+                raise AssertionError(f"{line}: not ready: {first}{''.join(errors)}{''.join(chunks)}")
             value = action()
             if interrupt:
+                last[0] = time.monotonic()
+                deadline = time.monotonic() + 60
+                while time.monotonic() - last[0] < settle and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
+            for t in threads:
+                t.join(30)
         finally:
             proc.kill()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + err), value
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(chunks), first + "".join(errors)), value
 
 
 EVENT = re.compile(r"^(?P<time>\d+\.\d+) cpu(?P<vcpu>\d+) (?P<comm>.*)\[(?P<tgid>\d+)/(?P<pid>\d+)\] "

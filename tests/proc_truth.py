@@ -68,6 +68,7 @@ class Samples:
     """Consecutive snapshots of the guest's ``/proc/*/stat``."""
 
     snaps: list[dict[int, Stat]]
+    sampler: int = 0  # the guest shell that took them (its children come and go between samples)
 
     @property
     def stable(self) -> set[int]:
@@ -94,7 +95,7 @@ def sample_stat(guest: Guest, during: Callable[[], T], *, before: int = 3, after
     before it starts and ``after`` once it returned."""
     files = "/proc/[0-9]*/task/[0-9]*/stat" if threads else "/proc/[0-9]*/stat"
     stop = f"/tmp/.aradia-stop-{secrets.token_hex(4)}"
-    loop = (f"while [ ! -e {stop} ]; do cat {files} 2>/dev/null; echo {MARK}; sleep 0.05; done;"
+    loop = (f"echo sampler $$; while [ ! -e {stop} ]; do cat {files} 2>/dev/null; echo {MARK}; sleep 0.05; done;"
             f" rm -f {stop}")
     proc = subprocess.Popen([*guest.ssh_argv(), loop], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, text=True)
@@ -122,14 +123,15 @@ def sample_stat(guest: Guest, during: Callable[[], T], *, before: int = 3, after
     finally:
         proc.kill()
     snaps, current = [], []
-    for line in chunks:
+    sampler = int(chunks[0].split()[1])
+    for line in chunks[1:]:
         if line.strip() == MARK:
             snaps.append(parse_stat("".join(current)))
             current = []
         else:
             current.append(line)
     assert len(snaps) >= start + after, (len(snaps), start)
-    return Samples(snaps), value
+    return Samples(snaps, sampler), value
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
