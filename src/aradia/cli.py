@@ -187,8 +187,9 @@ def _view(args: argparse.Namespace, fetch: Callable[[Any], list[Any]],
 def cmd_ps(args: argparse.Namespace) -> int:
     """Processes (or threads) of the guest."""
     def render(rows: list[Any]) -> str:
-        return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.comm,
-                        " ".join(p.cmdline) if p.cmdline else f"[{p.comm}]"] for p in rows],
+        # COMM as /proc/PID/stat shows it: a kernel thread's full name, a kworker's current work
+        return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.name,
+                        " ".join(p.cmdline) if p.cmdline else f"[{p.name}]"] for p in rows],
                       ["PID", "PPID", "UID", "S", "START", "COMM", "CMDLINE"])
     return _view(args, lambda k: k.processes(threads=args.threads), render)
 
@@ -234,8 +235,14 @@ def cmd_mounts(args: argparse.Namespace) -> int:
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
     """The kernel log."""
+    def stamp(seconds: float) -> str:  # as the kernel and dmesg print it: microseconds, truncated
+        sec, usec = divmod(round(seconds * 1e9) // 1000, 1_000_000)
+        return f"[{sec:5d}.{usec:06d}]"
+
+    # like dmesg: every line of a record of several lines carries the record's time
     return _view(args, lambda k: k.dmesg(),
-                 lambda rows: "\n".join(f"[{r.timestamp:12.6f}] {r.text}" for r in rows))
+                 lambda rows: "\n".join(f"{stamp(r.timestamp)} {line}"
+                                        for r in rows for line in r.text.split("\n")))
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -299,6 +306,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints, call counts."""
     from aradia.trace.tracer import Filter, Tracer
 
+    if args.what != "count" and args.path != "auto":
+        raise AradiaError("--path applies to trace count only")
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
@@ -337,20 +346,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------------
+def _vm_options(*, after: bool = False) -> argparse.ArgumentParser:
+    """``--vm``, ``--memory``, ``--btf``: on every command that looks at a VM.
+
+    ``after=True`` is the copy a nested parser (``trace ... WHAT``) takes so they may also follow
+    ``WHAT``: its defaults are suppressed, so a value given before ``WHAT`` is not overwritten.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--vm", metavar="SPEC", default=argparse.SUPPRESS if after else None,
+                   help="qmp:PATH of a live QEMU, or a dump file (required)")
+    p.add_argument("--memory", choices=["auto", "shared-file", "proc-mem", "gdb"],
+                   default=argparse.SUPPRESS if after else "auto",
+                   help="path to live guest RAM (default: fastest available)")
+    p.add_argument("--btf", metavar="FILE", default=argparse.SUPPRESS if after else None,
+                   help="take kernel types from this vmlinuz/vmlinux (same build) instead of RAM")
+    return p
+
+
+def _trace_options(*, after: bool = False) -> argparse.ArgumentParser:
+    """The options every ``aradia trace WHAT`` shares, before or after ``WHAT`` (see :func:`_vm_options`)."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after else value
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--duration", type=float, metavar="S", default=default(None),
+                   help="stop after S seconds (default: Ctrl-C)")
+    p.add_argument("--json", action="store_true", default=default(False), help="one JSON object per event")
+    p.add_argument("--pid", type=int, action="append", default=default(None),
+                   help="only this process (repeatable)")
+    p.add_argument("--comm", action="append", default=default(None),
+                   help="only tasks with this name (repeatable)")
+    p.add_argument("--uid", type=int, action="append", default=default(None),
+                   help="only this user (repeatable)")
+    p.add_argument("--path", choices=["auto", "plugin", "gdb"], default=default("auto"),
+                   help="count: auto (default) the plugin when loaded, plugin: require it, gdb: breakpoints")
+    return p
+
+
+def _view_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``aradia`` command."""
     p = argparse.ArgumentParser(prog="aradia", description="Virtual machine introspection for QEMU guests "
                                 "and memory dumps.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def vm_parser(name: str, func: Callable[[argparse.Namespace], int],
-                  help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--vm", required=True, metavar="SPEC", help="qmp:PATH of a live QEMU, or a dump file")
-        sp.add_argument("--memory", default="auto", choices=["auto", "shared-file", "proc-mem", "gdb"],
-                        help="path to live guest RAM (default: fastest available)")
-        sp.add_argument("--btf", metavar="FILE",
-                        help="take kernel types from this vmlinuz/vmlinux (same build) instead of RAM")
+    def vm_parser(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+                  *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, parents=[_vm_options(), *parents])
         sp.set_defaults(func=func)
         return sp
 
@@ -370,33 +418,30 @@ def build_parser() -> argparse.ArgumentParser:
                               ("net", cmd_net, "sockets and the processes holding them"),
                               ("mounts", cmd_mounts, "mounted filesystems"),
                               ("dmesg", cmd_dmesg, "the kernel log")):
-        sp = vm_parser(name, func, help_)
-        sp.add_argument("--json", action="store_true", help="one JSON document")
-        sp.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
+        sp = vm_parser(name, func, help_, _view_options())
         if name == "ps":
             sp.add_argument("--threads", action="store_true", help="every thread, not only processes")
     for name, func, help_ in (("maps", cmd_maps, "memory maps of a process"),
                               ("files", cmd_files, "open files of a process")):
-        sp = vm_parser(name, func, help_)
+        sp = vm_parser(name, func, help_, _view_options())
         sp.add_argument("pid", type=int, metavar="PID")
-        sp.add_argument("--json", action="store_true", help="one JSON document")
-        sp.add_argument("--pause", action="store_true", help="pause the guest for a consistent view")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
-    sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)")
-    sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
-    sp.add_argument("--json", action="store_true", help="one JSON object per event")
-    sp.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
-    sp.add_argument("--comm", action="append", help="only tasks with this name (repeatable)")
-    sp.add_argument("--uid", type=int, action="append", help="only this user (repeatable)")
+    sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)",
+                   _trace_options())
     what = sp.add_subparsers(dest="what", required=True, metavar="WHAT")
-    sc = what.add_parser("syscalls", help="syscalls with decoded arguments")
+
+    def what_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        return what.add_parser(name, help=help_, description=help_,
+                               parents=[_vm_options(after=True), _trace_options(after=True)])
+
+    sc = what_parser("syscalls", "syscalls with decoded arguments")
     sc.add_argument("-e", default="execve,openat,connect", metavar="LIST",
                     help="comma-separated syscall names (default: execve,openat,connect)")
-    pr = what.add_parser("probe", help="kernel functions: entry with argument registers, or --ret")
+    pr = what_parser("probe", "kernel functions: entry with argument registers, or --ret")
     pr.add_argument("symbols", nargs="+", metavar="SYMBOL")
     pr.add_argument("--ret", action="store_true", help="report returns with the return value")
-    up = what.add_parser("uprobe", help="user-space functions LIB:SYMBOL (e.g. libcrypt.so.1:crypt)")
+    up = what_parser("uprobe", "user-space functions LIB:SYMBOL (e.g. libcrypt.so.1:crypt)")
     up.add_argument("specs", nargs="+", metavar="LIB:SYMBOL")
     up.add_argument("--process", metavar="NAME", help="only in processes with this name (comm or executable)")
     up.add_argument("--in-pid", dest="target_pid", type=int, metavar="PID", help="only in this process")
@@ -404,14 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--args", metavar="SIG",
                     help="argument types, e.g. 'str,int' or 'path:str->int' (default: built in for "
                          "well-known functions, else raw registers)")
-    co = what.add_parser("count", help="calls of kernel functions, counted inside QEMU when it has aradia's "
-                         "plugin (no VM stop), else through breakpoints")
+    co = what_parser("count", "calls of kernel functions, counted inside QEMU when it has aradia's plugin "
+                     "(no VM stop), else through breakpoints")
     co.add_argument("symbols", nargs="+", metavar="SYMBOL")
-    co.add_argument("--path", choices=["auto", "plugin", "gdb"], default="auto",
-                    help="auto (default): the plugin when loaded; plugin: require it; gdb: breakpoints")
-    pc = what.add_parser("procs", help="process lifecycle: fork, exec (program and argv), exit (status)")
+    pc = what_parser("procs", "process lifecycle: fork, exec (program and argv), exit (status)")
     pc.add_argument("-e", default="fork,exec,exit", metavar="LIST", help="comma-separated (default: all)")
-    wa = what.add_parser("watch", help="a watchpoint on a guest-virtual range")
+    wa = what_parser("watch", "a watchpoint on a guest-virtual range")
     wa.add_argument("address", type=_int, metavar="ADDR")
     wa.add_argument("length", type=_int, metavar="LEN")
     wa.add_argument("--access", choices=["w", "r", "rw"], default="w", help="writes (default), reads or both")
@@ -432,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; an AradiaError is one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "vm", "") is None:  # accepted anywhere on the line, so checked once it is parsed
+        parser.error(f"{args.command}: --vm SPEC is required")
     try:
         return int(args.func(args) or 0)
     except AradiaError as e:

@@ -7,8 +7,10 @@ and its own mapping puts the symbol at that address (checked once per address sp
 Processes that map LIB later (a new login, a re-exec) are found by the tracer's hook on the
 kernel's ``perf_event_mmap``, which runs for every new mapping.
 
-Arguments are decoded by a signature: ``str`` (a C string in user memory), ``int`` (signed),
-``hex`` (unsigned); well-known functions have one built in (:data:`SIGNATURES`).
+Arguments are decoded by a signature: ``str`` (a C string in user memory), ``int`` (a C ``int``:
+the low 32 bits of the register, signed; the x86-64 ABI leaves the upper half undefined, and a
+function returning -1 leaves 0xffffffff in ``rax``), ``hex`` (the whole register, unsigned);
+well-known functions have one built in (:data:`SIGNATURES`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ SIGNATURES: dict[str, Signature] = {
     "crypt_rn": _sig("phrase:str,setting:str,data:hex,size:int", "str"),
     "crypt_ra": _sig("phrase:str,setting:str,data:hex,size:hex", "str"),
     "getpwnam": _sig("name:str", "hex"),
-    "getpwnam_r": _sig("name:str,pwd:hex,buf:hex,buflen:int,result:hex", "int"),
+    "getpwnam_r": _sig("name:str,pwd:hex,buf:hex,buflen:hex,result:hex", "int"),  # buflen: a size_t
     "getspnam": _sig("name:str", "hex"),
     "readline": _sig("prompt:str", "str"),
     "system": _sig("command:str", "int"),
@@ -87,7 +89,8 @@ def decode_value(typ: str, value: int, read: Callable[[int, int], bytes]) -> Any
     if typ == "str":
         return user_cstring(read, value)
     if typ == "int":
-        return value - (1 << 64) if value >= 1 << 63 else value
+        low = value & 0xFFFFFFFF
+        return low - (1 << 32) if low >= 1 << 31 else low
     return value
 
 
