@@ -1,20 +1,17 @@
-"""Helpers several test modules share: in-memory RAM, running the CLI, and the guest's own /proc.
+"""Helpers several test modules share: in-memory RAM and running the CLI.
 
-(Tracing while a guest acts is in ``tracing.py``; guest programs built on the host in
-``guest_programs.py``; bare QEMUs without a kernel in ``bare_qemu.py``.)
+(The guest's own /proc is read in ``guest_truth.py``; tracing while a guest acts is in ``tracing.py``;
+guest programs built on the host in ``guest_programs.py``; bare QEMUs without a kernel in
+``bare_qemu.py``.)
 """
 
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aradia.sources.base import PhysicalMemory, Segment
-
-if TYPE_CHECKING:
-    from aradia.lab.launcher import Guest
 
 
 # --- RAM in bytearrays ----------------------------------------------------------------------------------
@@ -68,60 +65,3 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) ->
         assert n in lines[0], lines[0]
     assert r.stdout == "", r.stdout
     return lines[0]
-
-
-# --- ground truth: what the guest's own /proc says ----------------------------------------------------
-Map = tuple[int, int, str, int, int, str]  # start, end, perms, offset, inode, path
-
-
-def proc_maps(guest: Guest, pid: int) -> list[Map]:
-    """``/proc/PID/maps`` of the guest process: (start, end, perms, offset, inode, path) per line."""
-    out = []
-    for line in guest.run(f"cat /proc/{pid}/maps").splitlines():
-        f = line.split(None, 5)
-        lo, hi = (int(x, 16) for x in f[0].split("-"))
-        out.append((lo, hi, f[1], int(f[2], 16), int(f[4]), f[5].strip() if len(f) > 5 else ""))
-    return out
-
-
-def proc_fds(guest: Guest, pid: int) -> dict[int, tuple[str, int]]:
-    """``/proc/PID/fd`` of the guest process: {fd: (readlink path, flags from fdinfo)}."""
-    text = guest.run(f"cd /proc/{pid}/fd && for f in *; do echo \"$f|$(readlink $f)|"
-                     f"$(grep flags ../fdinfo/$f | cut -f2)\"; done")
-    return {int(a): (b, int(c, 8)) for a, b, c in (line.split("|") for line in text.splitlines())}
-
-
-Tcp = tuple[str, int, str, int, str, int]  # local address, port, remote address, port, state, inode
-TCP_STATES = {"01": "ESTABLISHED", "0A": "LISTEN"}
-
-
-def proc_tcp(guest: Guest) -> set[Tcp]:
-    """The ESTABLISHED and LISTEN sockets of ``/proc/net/tcp`` and ``tcp6``."""
-    out = set()
-    for fam, fname in (("inet", "tcp"), ("inet6", "tcp6")):
-        for line in guest.run(f"cat /proc/net/{fname}").splitlines()[1:]:
-            f = line.split()
-            if f[3] not in TCP_STATES:
-                continue
-
-            def addr(x: str, fam: str = fam) -> tuple[str, int]:
-                a, p = x.split(":")
-                raw = bytes.fromhex(a)
-                if fam == "inet":
-                    return str(ipaddress.ip_address(raw[::-1])), int(p, 16)
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                return str(ipaddress.ip_address(words)), int(p, 16)
-
-            la, lp = addr(f[1])
-            ra, rp = addr(f[2])
-            out.add((la, lp, ra, rp, TCP_STATES[f[3]], int(f[9])))
-    return out
-
-
-def proc_mounts(guest: Guest) -> list[tuple[str, str, str, str]]:
-    """``/proc/mounts``: (source, target, type, "ro" or "rw") per line, in order."""
-    out = []
-    for line in guest.run("cat /proc/mounts").splitlines():
-        f = line.split()
-        out.append((f[0], f[1], f[2], f[3].split(",")[0]))
-    return out

@@ -26,7 +26,6 @@ from cli_checks import (
     check_mounts,
     check_net,
     check_ps,
-    proc_details,
 )
 from cli_env import (
     ACTORS,
@@ -41,7 +40,7 @@ from cli_env import (
     start_opener,
 )
 from cli_programs import TWIN_VA
-from proc_truth import sample_stat
+from guest_truth import proc_details, sample_stat
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2, "gdb": True, "shared_memory": True}

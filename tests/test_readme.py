@@ -40,7 +40,6 @@ from cli_checks import (
     check_mounts,
     check_net,
     check_ps,
-    proc_details,
 )
 from cli_env import (
     ACTORS,
@@ -55,7 +54,7 @@ from cli_env import (
     start_actors,
     start_opener,
 )
-from proc_truth import sample_stat
+from guest_truth import proc_details, sample_stat
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GUEST_SERIES = "6.1"
