@@ -11,24 +11,11 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING
 
+from cli_runner import table
 from guest_truth import Samples, proc_fds_pos, proc_maps, proc_modules, proc_mounts, socket_fds, worker_id
 
 if TYPE_CHECKING:
     from aradia.lab.launcher import Guest
-
-
-def table(text: str) -> list[dict[str, str]]:
-    """Rows of an aradia table (a header, columns padded to the widest cell) as header -> cell."""
-    lines = text.rstrip("\n").splitlines()
-    assert lines, "no output"
-    header = lines[0]
-    names = header.split()
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    rows = []
-    for line in lines[1:]:
-        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
-        rows.append(dict(zip(names, cells, strict=True)))
-    return rows
 
 
 # --- ps ------------------------------------------------------------------------------------------------

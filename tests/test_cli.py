@@ -17,8 +17,8 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from aradia.vm import attach
+from cli_runner import assert_one_line_error, cli_argv, run_cli
 from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_tcp
-from helpers import assert_one_line_error, cli_argv, run_cli
 
 GiB = 1 << 30
 

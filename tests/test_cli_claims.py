@@ -29,7 +29,6 @@ from cli_checks import (
 )
 from cli_env import (
     ACTORS,
-    Cli,
     Ticker,
     Workload,
     actor_events,
@@ -40,6 +39,7 @@ from cli_env import (
     start_opener,
 )
 from cli_programs import TWIN_VA
+from cli_runner import Cli
 from guest_truth import proc_details, sample_stat
 
 GUEST_SERIES = "6.1"

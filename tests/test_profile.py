@@ -50,8 +50,8 @@ from aradia.linux.btf import (
 from aradia.linux.profile import KernelNotFound, ProfileCache, find_profile
 from aradia.linux.program import make_program, platform_x86_64
 from aradia.vm import VM, attach, open_dump
+from bytes_memory import BytesMemory
 from guest_truth import proc_modules
-from helpers import BytesMemory
 
 # --- crafted memory ---------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ import shlex
 import string
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,17 +42,15 @@ from cli_checks import (
 )
 from cli_env import (
     ACTORS,
-    SRC,
-    Cli,
     Ticker,
     Workload,
     actor_events,
-    event_lines,
     release_actors,
     release_opener,
     start_actors,
     start_opener,
 )
+from cli_runner import Cli, event_lines, run_cli
 from guest_truth import proc_details, sample_stat
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -565,8 +562,7 @@ def test_missing_vm_and_misplaced_path_are_one_line_errors() -> None:
     for argv, needle in ((["trace", "syscalls"], "--vm SPEC is required"),
                          (["ps"], "--vm SPEC is required"),
                          (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "syscalls"], "--path applies to")):
-        r = subprocess.run([sys.executable, "-m", "aradia.cli", *argv], capture_output=True, text=True, timeout=60,
-                           env={"PYTHONPATH": str(SRC)})
+        r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert needle in r.stderr.strip().splitlines()[-1], r.stderr
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from aradia.errors import GuestDataCorrupt
 from aradia.lab.launcher import Guest
 from aradia.linux.elfsyms import DynamicSymbols
 from aradia.trace.tracer import Tracer
+from cli_runner import cli_argv
 from tracing import trace_while
 
 GUEST_SERIES = "6.1"
@@ -163,8 +163,8 @@ def _tiny_elf(chain: list[int]) -> bytes:
 
 @pytest.mark.timeout(180)
 def test_cli_uprobe_json_until_ctrl_c(guest: Guest) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
-                             "uprobe", "--process", "dropbear", "libcrypt.so.1:crypt"],
+    proc = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
+                                     "uprobe", "--process", "dropbear", "libcrypt.so.1:crypt"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
