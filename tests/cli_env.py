@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aradia.lab.launcher import Guest
+from guest_programs import build_loop, install_cli_programs, install_program
 
 
 def program_lines(guest: Guest, out: str, what: str, timeout: float = 30) -> list[str]:
@@ -114,10 +115,7 @@ class Workload:
 
     @classmethod
     def start(cls, guest: Guest, tmp: Path) -> Workload:
-        from cli_programs import install
-        from guest_programs import build_loop, install_program
-
-        install(guest, tmp)
+        install_cli_programs(guest, tmp)
         install_program(guest, "loop", build_loop(tmp))
         worker, _ = start_program(guest, W1, "w1")
         lpid, lout = start_program(guest, "/tmp/multi listen", "listen")
@@ -131,7 +129,7 @@ class Workload:
         self.guest.run(f"kill {self.worker} {self.listener[0]} {self.threads}", check=False)
 
 
-# --- actors and openers (tests/cli_programs.py) -----------------------------------------------------
+# --- actors and openers (multi actor, opener) -----------------------------------------------------
 def start_actors(guest: Guest, specs: dict[str, int]) -> dict[str, int]:
     """Start ``name -> uid`` actors (comm ``aradia-act``, or ``aradia-decoy`` for names starting with
     "decoy"), each waiting for SIGUSR1; name -> pid."""

@@ -38,8 +38,8 @@ from cli_env import (
     start_actors,
     start_opener,
 )
-from cli_programs import TWIN_VA
 from cli_runner import Cli
+from guest_programs import TWIN_VA
 from guest_truth import proc_details, sample_stat
 
 GUEST_SERIES = "6.1"

@@ -6,8 +6,6 @@ a connected TCP socket. Ground truth is what the guest's /proc says; aradia read
 
 from __future__ import annotations
 
-import base64
-import gzip
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from aradia.lab.launcher import Guest
 from aradia.linux.identify import find_vmcoreinfo
 from aradia.sources import dumpwrite
 from aradia.vm import VM, attach, open_dump
-from guest_programs import build_unixpair
+from guest_programs import build_unixpair, install_program
 from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_processes, proc_tcp
 
 WORKLOAD = r"""
@@ -38,9 +36,8 @@ class Env:
 
     def __init__(self, guest: Guest, tmp: Path) -> None:
         self.guest = guest
-        unixpair = base64.b64encode(gzip.compress(build_unixpair(tmp))).decode()
-        guest.run(f"echo {unixpair} | base64 -d | gunzip > /tmp/unixpair; chmod +x /tmp/unixpair;"
-                  " /tmp/unixpair /tmp/aradia.sock >/dev/null 2>&1 &")
+        install_program(guest, "unixpair", build_unixpair(tmp))
+        guest.run("/tmp/unixpair /tmp/aradia.sock >/dev/null 2>&1 &")
         guest.run(WORKLOAD)
         self.workers = {name: int(guest.run(f"ps -o pid,comm | awk '$2==\"{name}\"{{print $1}}'").split()[0])
                         for name in ("aradia-w1", "aradia-w2", "aradia-w3")}
