@@ -5,7 +5,7 @@ words. ``loop`` and ``sysargs`` are static without libc (exact syscalls, nothing
 ``acceptpair`` static with glibc; ``multi`` is one static multi-call program (its first argument picks
 the part; its comm is the name it is installed as, so the same bytes serve as ``aradia-act`` and
 ``aradia-decoy``) and ``opener`` a dynamic one calling the guest's libc (for user-space probes).
-:func:`install_program` copies a program into the guest; ``tests/cli_env.py`` starts them.
+:func:`install_program` copies a program into the guest; ``tests/guest_workload.py`` starts them.
 
 (``bench/trace.py`` imports this file by its path for ``loop``: it imports nothing from ``tests/``.)
 """

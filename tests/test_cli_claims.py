@@ -27,7 +27,10 @@ from cli_checks import (
     check_net,
     check_ps,
 )
-from cli_env import (
+from cli_runner import Cli
+from guest_programs import TWIN_VA
+from guest_truth import proc_details, sample_stat
+from guest_workload import (
     ACTORS,
     Ticker,
     Workload,
@@ -38,9 +41,6 @@ from cli_env import (
     start_actors,
     start_opener,
 )
-from cli_runner import Cli
-from guest_programs import TWIN_VA
-from guest_truth import proc_details, sample_stat
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2, "gdb": True, "shared_memory": True}

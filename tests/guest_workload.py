@@ -1,6 +1,10 @@
-"""Guest programs started and driven for the command-line tests (the command itself runs through
-``cli_runner.py``). :class:`Ticker` reads a guest program's clock from outside to tell whether (and how
-long) the guest was paused.
+"""Guest programs at work: started in the guest, waited for, driven and heard from.
+
+The programs of ``tests/guest_programs.py`` print ``ready PID`` once set up and then what they did as
+the guest saw it; :func:`start_program` starts one in the background and waits for that line.
+:class:`Ticker` reads the ``multi ticker`` program's clock from outside to tell whether (and how long)
+the guest was paused; :class:`Workload` is what the command-line tests look at; actors and openers
+act on SIGUSR1; :func:`ssh_typed` types command lines into an interactive login shell.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -171,3 +176,21 @@ def release_opener(guest: Guest, pid: int, out: str) -> list[list[str]]:
     rounds = "\n".join(program_lines(guest, out, "done")).split("done")
     assert len(rounds) == before + 2, rounds
     return [x.split()[1:] for x in rounds[before].splitlines() if x.startswith("open ")]
+
+
+# --- an interactive login -------------------------------------------------------------------------------
+def ssh_typed(guest: Guest, lines: list[str]) -> str:
+    """Log in over ssh with a terminal (``-tt``), type each of ``lines`` and then ``exit``, 1.5 s
+    apart; everything the session printed."""
+    proc = subprocess.Popen([*guest.ssh_argv(), "-tt"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdin is not None
+    time.sleep(3)  # login and the first prompt
+    for typed in [*lines, "exit"]:
+        proc.stdin.write(typed.encode() + b"\n")
+        proc.stdin.flush()
+        time.sleep(1.5)
+    try:
+        return proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        proc.kill()
