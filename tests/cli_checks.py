@@ -9,45 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from aradia.lab.launcher import Guest
-from proc_truth import Samples, worker_id
+from cli_runner import table
+from guest_truth import Samples, proc_fds_pos, proc_maps, proc_modules, proc_mounts, socket_fds, worker_id
 
-
-def table(text: str) -> list[dict[str, str]]:
-    """Rows of an aradia table (a header, columns padded to the widest cell) as header -> cell."""
-    lines = text.rstrip("\n").splitlines()
-    assert lines, "no output"
-    header = lines[0]
-    names = header.split()
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    rows = []
-    for line in lines[1:]:
-        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
-        rows.append(dict(zip(names, cells, strict=True)))
-    return rows
+if TYPE_CHECKING:
+    from aradia.lab.launcher import Guest
 
 
 # --- ps ------------------------------------------------------------------------------------------------
-def proc_details(guest: Guest, pids: Iterable[int]) -> dict[int, tuple[int, list[str]]]:
-    """pid -> (real uid, argv) from the guest's /proc/PID/status and cmdline (processes that are gone
-    are left out)."""
-    script = "for p in " + " ".join(str(p) for p in pids) + "; do u=$(grep '^Uid:' /proc/$p/status 2>/dev/null" \
-             " | cut -f2) || continue; echo \"P|$p|$u|$(tr '\\0' '\\1' < /proc/$p/cmdline 2>/dev/null)\"; done"
-    out = {}
-    for line in guest.run(script, timeout=60).splitlines():
-        if line.startswith("P|"):
-            _, pid, uid, cmd = line.split("|", 3)
-            if uid:
-                args = cmd.split("\x01")
-                out[int(pid)] = (int(uid), args[:-1] if args and args[-1] == "" else args)
-    return out
-
-
 def check_ps(out: str, truth: Samples, details: dict[int, tuple[int, list[str]]], *,
              volatile: frozenset[int] = frozenset()) -> dict[int, dict[str, str]]:
-    """``aradia ps`` rows against /proc sampled around it (:func:`proc_truth.sample_stat`): every
+    """``aradia ps`` rows against /proc sampled around it (:func:`guest_truth.sample_stat`): every
     process /proc showed throughout is there with its ppid, uid, start time, name (as /proc/PID/stat
     shows it) and cmdline; no process /proc never showed, but for the sampler's own short-lived
     children. ``volatile`` pids change name and cmdline all the time (only their presence counts)."""
@@ -78,18 +52,9 @@ def check_ps(out: str, truth: Samples, details: dict[int, tuple[int, list[str]]]
 
 # --- lsmod, maps, files, mounts ----------------------------------------------------------------------
 def check_lsmod(out: str, guest: Guest) -> None:
-    truth = [(f[0], f[1], int(f[5], 16)) for f in (line.split() for line in guest.run("cat /proc/modules").splitlines())]
+    truth = [(name, str(size), base) for name, size, base in proc_modules(guest)]
     got = [(r["MODULE"], r["SIZE"], int(r["BASE"], 16)) for r in table(out)]
     assert truth and got == truth
-
-
-def proc_maps(guest: Guest, pid: int) -> list[tuple[int, int, str, int, int, str]]:
-    out = []
-    for line in guest.run(f"cat /proc/{pid}/maps").splitlines():
-        f = line.split(None, 5)
-        lo, hi = (int(x, 16) for x in f[0].split("-"))
-        out.append((lo, hi, f[1], int(f[2], 16), int(f[4]), f[5].strip() if len(f) > 5 else ""))
-    return out
 
 
 def check_maps(out: str, guest: Guest, pid: int) -> None:
@@ -104,30 +69,19 @@ def check_maps(out: str, guest: Guest, pid: int) -> None:
 
 
 def check_files(out: str, guest: Guest, pid: int) -> dict[int, tuple[str, int, int]]:
-    text = guest.run(f"cd /proc/{pid}/fd && for f in *; do echo \"$f|$(readlink $f)|"
-                     f"$(grep flags ../fdinfo/$f | cut -f2)|$(grep pos ../fdinfo/$f | cut -f2)\"; done")
-    truth = {int(a): (b, int(c, 8), int(d)) for a, b, c, d in (line.split("|") for line in text.splitlines())}
+    truth = proc_fds_pos(guest, pid)
     got = {int(r["FD"]): (r["PATH"], int(r["FLAGS"], 8), int(r["POS"])) for r in table(out)}
     assert got == truth
     return got
 
 
 def check_mounts(out: str, guest: Guest) -> None:
-    truth = [(f[0], f[1], f[2], f[3].split(",")[0]) for f in (line.split() for line in guest.run("cat /proc/mounts").splitlines())]
+    truth = proc_mounts(guest)
     got = [(r["SOURCE"], r["TARGET"], r["TYPE"], r["MODE"]) for r in table(out)]
     assert got == truth
 
 
 # --- net ---------------------------------------------------------------------------------------------
-SOCKET_FDS = ("for p in /proc/[0-9]*; do for f in $p/fd/*; do l=$(readlink $f 2>/dev/null); case $l in"
-              " socket:*) echo \"${p#/proc/} ${f##*/} $l\";; esac; done; done")
-
-
-def socket_fds(guest: Guest) -> set[tuple[int, int]]:
-    """(pid, fd) of every socket a process holds, from the guest's /proc/PID/fd."""
-    return {(int(p), int(fd)) for p, fd, _ in (line.split() for line in guest.run(SOCKET_FDS, timeout=60).splitlines())}
-
-
 def fmt_addr(address: str, port: int) -> str:
     """An address as the ``net`` table prints it (``[::1]:22``, ``127.0.0.1:7``)."""
     a = str(ipaddress.ip_address(address))

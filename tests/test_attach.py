@@ -21,7 +21,7 @@ from aradia.linux.identify import find_banner, find_vmcoreinfo
 from aradia.sources import dumpwrite
 from aradia.sources.base import PhysicalMemory
 from aradia.vm import VM, attach, open_dump
-from helpers import proc_maps
+from guest_truth import proc_maps
 
 LIVE_PATHS = ("shared-file", "proc-mem", "gdb")
 DUMP_FORMATS = ("elf", "raw", "lime")

@@ -17,7 +17,8 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from aradia.vm import attach
-from helpers import assert_one_line_error, cli_argv, proc_fds, proc_maps, proc_mounts, proc_tcp, run_cli
+from cli_runner import assert_one_line_error, cli_argv, run_cli
+from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_tcp
 
 GiB = 1 << 30
 
@@ -247,7 +248,7 @@ def test_semantic_commands(big: Guest, witness: Witness, elf_dump: Path, target:
     init = next(p for p in docs["ps"] if p["pid"] == 1)
     assert init["comm"] == big.run("cat /proc/1/comm").strip() and init["exe"]
     assert len(docs["ps --threads"]) >= len(docs["ps"])
-    assert {m["name"] for m in docs["lsmod"]} == {line.split()[0] for line in big.run("cat /proc/modules").splitlines()}
+    assert {m["name"] for m in docs["lsmod"]} == {name for name, _, _ in proc_modules(big)}
     assert docs["dmesg"][0]["text"].startswith("Linux version ")
 
     # maps: line for line what /proc/PID/maps says (the table prints them the same way, without dev)

@@ -26,11 +26,12 @@ from cli_checks import (
     check_mounts,
     check_net,
     check_ps,
-    proc_details,
 )
-from cli_env import (
+from cli_runner import Cli
+from guest_programs import TWIN_VA
+from guest_truth import proc_details, sample_stat
+from guest_workload import (
     ACTORS,
-    Cli,
     Ticker,
     Workload,
     actor_events,
@@ -40,8 +41,6 @@ from cli_env import (
     start_actors,
     start_opener,
 )
-from cli_programs import TWIN_VA
-from proc_truth import sample_stat
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2, "gdb": True, "shared_memory": True}

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin
 from aradia.trace.pluginshm import PluginShm
+from cli_runner import cli_argv
 from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
 
 SYMBOL = QUIET_SYMBOL
@@ -37,8 +37,8 @@ def _count_cli(guest: Guest, n: int, path: str, duration: float) -> tuple[dict[s
     """Run ``aradia trace count`` while the guest makes ``n`` calls, then stop it with Ctrl-C (SIGINT):
     the counts it prints then, and its stderr."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
-                             "--duration", str(duration), "count", SYMBOL, "--path", path],
+    proc = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
+                                     "--duration", str(duration), "count", SYMBOL, "--path", path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stderr is not None

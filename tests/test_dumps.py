@@ -27,7 +27,7 @@ from aradia.sources.elfcore import ElfCore
 from aradia.sources.lime import LimeDump
 from aradia.sources.raw import RawDump
 from bare_qemu import bare_qemu
-from helpers import BytesMemory
+from bytes_memory import BytesMemory
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,6 +27,7 @@ from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from cli_runner import cli_argv
 from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
 
 SYMBOL = "__x64_sys_getppid"
@@ -174,8 +175,8 @@ def test_ctrl_c_of_the_cli_tracer_leaves_the_guest_running(rig: Rig, tmp_path: P
     rig.guest.send_console(b"/tmp/loop 100000000 > /dev/null &\n")
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with open(out, "w") as fout, open(err, "w") as ferr:
-        cli = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{rig.guest.qmp_path}",
-                                "syscalls", "-e", "getppid"], stdout=fout, stderr=ferr, stdin=subprocess.DEVNULL)
+        cli = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{rig.guest.qmp_path}", "syscalls", "-e", "getppid"),
+                               stdout=fout, stderr=ferr, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while out.read_text().count("getppid") < 20 and cli.poll() is None and time.monotonic() < deadline:

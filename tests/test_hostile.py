@@ -47,7 +47,7 @@ from aradia.linux.bounds import Warnings, bounded
 from aradia.linux.walks import open_files, xa_entries
 from aradia.sources.dumpwrite import write_elf
 from aradia.vm import VM, attach, open_dump
-from helpers import run_cli
+from cli_runner import run_cli
 
 NAMES = ("hostile-a", "hostile-b", "hostile-c")
 BOUND = 30.0  # seconds any one command or view may take on a corrupt dump

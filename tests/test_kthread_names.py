@@ -14,7 +14,7 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from aradia.vm import attach
-from proc_truth import sample_stat, worker_id
+from guest_truth import sample_stat, worker_id
 
 
 @pytest.fixture(scope="module", params=["5.10", "6.1", "6.12"])

@@ -25,7 +25,7 @@ from aradia.machine.paging import (
     write_virt,
 )
 from aradia.sources.base import PhysicalMemory, Segment
-from helpers import BytesMemory
+from bytes_memory import BytesMemory
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,12 +2,12 @@
 retargeting, syscall arguments captured by the plugin (QEMU >= 9.2), a second mapping of a running
 QEMU's file, and the guest's own syscall-loop rate with and without the counter.
 
-Ground truth comes from tiny freestanding programs built here and copied into the guest: ``loop N 124``
-makes exactly N ``getsid`` syscalls, which nothing else in the guest makes, and prints how long that
-took by the guest's own clock (``getppid``, the loop's default, is also called by every bash that
-starts, e.g. the one ``Guest.run`` starts, so counts of it are not exact); ``sysargs``
-makes N ``kill`` or ``openat`` calls with arguments known per call and prints its pid, its buffer
-addresses and how many calls failed as they must.
+Ground truth comes from tiny freestanding programs (``tests/guest_programs.py``) built on the host
+and copied into the guest: ``loop N 124`` makes exactly N ``getsid`` syscalls, which nothing else in
+the guest makes, and prints how long that took by the guest's own clock (``getppid``, the loop's
+default, is also called by every bash that starts, e.g. the one ``Guest.run`` starts, so counts of it
+are not exact); ``sysargs`` makes N ``kill`` or ``openat`` calls with arguments known per call and
+prints its pid, its buffer addresses and how many calls failed as they must.
 """
 
 from __future__ import annotations
@@ -40,7 +40,16 @@ from aradia.trace.pluginload import (
 )
 from aradia.trace.pluginshm import DATA_MAX, MAX_TARGETS, ArgCapture, Hit, HitBatch, PluginShm
 from aradia.vm import VM, attach
-from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
+from guest_programs import (
+    EDGE_PATH,
+    KILL_PID,
+    MAGIC,
+    QUIET_NR,
+    QUIET_SYMBOL,
+    build_loop,
+    build_sysargs,
+    install_program,
+)
 
 SYMBOL = QUIET_SYMBOL
 N = 200_000
@@ -51,87 +60,8 @@ ARGS_SLOT = 1
 ARGS_N = 5000
 M64 = (1 << 64) - 1
 
-SYSARGS_C = r"""
-/* sysargs kill|open N: N syscalls whose six argument registers are known per call i. No libc.
- *   kill: kill(KILL_PID + i, 0), rdx = i, r10 = ~i, r8 = own pid, r9 = MAGIC ^ i     (all -ESRCH)
- *   open: openat(AT_FDCWD, buf, O_RDONLY | O_CLOEXEC, i), r8 = own pid, r9 = MAGIC ^ i, where buf
- *         (64 bytes) is "/nonexistent/aradia-%06d", NUL, then bytes 27..63 = k * 37 + 11;
- *         then once more (i = N) with the path "/nonexistent/aradia-edge" ending right before an
- *         unmapped page                                                                (all -ENOENT)
- * Prints "pid P buf B edge E calls N ok M" (M: calls that failed as they must). */
-typedef unsigned long u64;
-#define KILL_PID 0x3f000000ul
-#define MAGIC 0x5a5aa5a500000000ul
-static long sys6(long nr, long a, long b, long c, long d, long e, long f) {
-    long r;
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return r;
-}
-static char buf[64];
-static char *fmt(char *p, u64 v) {
-    char b[24]; int n = 0;
-    do { b[n++] = '0' + v % 10; v /= 10; } while (v);
-    while (n) *p++ = b[--n];
-    return p;
-}
-static char *put(char *p, const char *s) { while (*s) *p++ = *s++; return p; }
-void cmain(long *sp) {
-    long argc = sp[0]; char **argv = (char **)(sp + 1);
-    u64 n = 0, ok = 0, pid = (u64)sys6(39, 0, 0, 0, 0, 0, 0);
-    if (argc < 3) sys6(60, 2, 0, 0, 0, 0, 0);
-    for (char *s = argv[2]; *s >= '0' && *s <= '9'; s++) n = n * 10 + (u64)(*s - '0');
-    int open = argv[1][0] == 'o';
-    char *edge = 0;
-    if (open) {
-        char *page = (char *)sys6(9, 0, 8192, 3, 0x22, -1, 0);  /* two pages, the second unmapped */
-        sys6(11, (long)(page + 4096), 4096, 0, 0, 0, 0);
-        edge = page + 4096 - 25;
-        put(edge, "/nonexistent/aradia-edge");
-        edge[24] = 0;
-        for (int k = 27; k < 64; k++) buf[k] = (char)(k * 37 + 11);
-    }
-    for (u64 i = 0; i < n; i++) {
-        if (open) {
-            char *p = put(buf, "/nonexistent/aradia-");
-            for (int d = 5; d >= 0; d--) { u64 v = i; for (int j = 0; j < d; j++) v /= 10; *p++ = '0' + v % 10; }
-            *p = 0;
-            ok += sys6(257, -100, (long)buf, 0x80000, (long)i, (long)pid, (long)(MAGIC ^ i)) == -2;
-        } else {
-            ok += sys6(62, (long)(KILL_PID + i), 0, (long)i, (long)~i, (long)pid, (long)(MAGIC ^ i)) == -3;
-        }
-    }
-    if (open) ok += sys6(257, -100, (long)edge, 0x80000, (long)n, (long)pid, (long)(MAGIC ^ n)) == -2;
-    char out[160], *p = out;
-    p = fmt(put(p, "pid "), pid);
-    p = fmt(put(p, " buf "), (u64)buf);
-    p = fmt(put(p, " edge "), (u64)edge);
-    p = fmt(put(p, " calls "), n);
-    p = fmt(put(p, " ok "), ok);
-    *p++ = '\n';
-    sys6(1, 1, (long)out, p - out, 0, 0, 0);
-    sys6(60, 0, 0, 0, 0, 0, 0);
-}
-__asm__(".globl _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call cmain\n hlt\n");
-"""
-KILL_PID = 0x3F000000
-MAGIC = 0x5A5AA5A500000000
 AT_FDCWD = (1 << 64) - 100
 O_RDONLY_CLOEXEC = 0x80000
-EDGE_PATH = b"/nonexistent/aradia-edge\0"
-
-
-def build_sysargs(tmp: Path) -> bytes:
-    """Compile ``sysargs`` (static, no libc) on the host; its bytes."""
-    src, exe = tmp / "sysargs.c", tmp / "sysargs"
-    src.write_text(SYSARGS_C)
-    subprocess.run(["gcc", "-static", "-nostdlib", "-Os", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
-                    "-fno-pie", "-no-pie", "-s", "-Wl,--build-id=none", "-o", str(exe), str(src)],
-                   check=True, capture_output=True, timeout=60)
-    return exe.read_bytes()
 
 
 def open_buffer(i: int) -> bytes:

@@ -50,7 +50,8 @@ from aradia.linux.btf import (
 from aradia.linux.profile import KernelNotFound, ProfileCache, find_profile
 from aradia.linux.program import make_program, platform_x86_64
 from aradia.vm import VM, attach, open_dump
-from helpers import BytesMemory
+from bytes_memory import BytesMemory
+from guest_truth import proc_modules
 
 # --- crafted memory ---------------------------------------------------------------------------------
 
@@ -485,7 +486,7 @@ def _check_program(guest: Guest, vm: VM, prog: drgn.Program) -> None:
     from drgn.helpers.linux.sched import task_state_to_char
 
     before = guest_processes(guest)
-    modules = {line.split()[0] for line in guest.run("cat /proc/modules").splitlines()}
+    modules = {name for name, _, _ in proc_modules(guest)}
     maps = guest.run("cat /proc/1/maps").splitlines()
     with vm.paused():
         tasks = {int(t.pid): t.comm.string_().decode() for t in for_each_task(prog) if t.pid == t.tgid}

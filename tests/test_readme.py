@@ -19,8 +19,6 @@ import re
 import shlex
 import string
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,22 +38,20 @@ from cli_checks import (
     check_mounts,
     check_net,
     check_ps,
-    proc_details,
 )
-from cli_env import (
+from cli_runner import Cli, event_lines, run_cli
+from guest_truth import proc_details, sample_stat
+from guest_workload import (
     ACTORS,
-    SRC,
-    Cli,
     Ticker,
     Workload,
     actor_events,
-    event_lines,
     release_actors,
     release_opener,
+    ssh_typed,
     start_actors,
     start_opener,
 )
-from proc_truth import sample_stat
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GUEST_SERIES = "6.1"
@@ -383,21 +379,7 @@ TYPED = ["echo typed-$((6*7))", "uname -r", "echo shell=$$"]
 
 
 def uprobe_readline(env: Env, line: str, subs: dict[str, str]) -> None:
-    def session() -> str:
-        proc = subprocess.Popen([*env.guest.ssh_argv(), "-tt"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        assert proc.stdin is not None
-        time.sleep(3)  # login and the first prompt
-        for typed in [*TYPED, "exit"]:
-            proc.stdin.write(typed.encode() + b"\n")
-            proc.stdin.flush()
-            time.sleep(1.5)
-        try:
-            return proc.communicate(timeout=60)[0].decode(errors="replace")
-        finally:
-            proc.kill()
-
-    result, out = env.cli.live(env.fill(line, subs), session)
+    result, out = env.cli.live(env.fill(line, subs), lambda: ssh_typed(env.guest, TYPED))
     assert result.returncode == 0, result.stderr
     assert "typed-42" in out, out
     shell_pid = int(out.split("shell=")[-1].split()[0])
@@ -566,8 +548,7 @@ def test_missing_vm_and_misplaced_path_are_one_line_errors() -> None:
     for argv, needle in ((["trace", "syscalls"], "--vm SPEC is required"),
                          (["ps"], "--vm SPEC is required"),
                          (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "syscalls"], "--path applies to")):
-        r = subprocess.run([sys.executable, "-m", "aradia.cli", *argv], capture_output=True, text=True, timeout=60,
-                           env={"PYTHONPATH": str(SRC)})
+        r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert needle in r.stderr.strip().splitlines()[-1], r.stderr
 

@@ -21,8 +21,8 @@ from aradia.lab.launcher import Guest
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from cli_runner import cli_argv
 from guest_programs import build_acceptpair, build_loop, install_program
-from helpers import cli_argv
 from tracing import trace_while
 
 N_EXEC = 50

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from aradia.errors import GuestDataCorrupt
 from aradia.lab.launcher import Guest
 from aradia.linux.elfsyms import DynamicSymbols
 from aradia.trace.tracer import Tracer
+from cli_runner import cli_argv
+from guest_workload import ssh_typed
 from tracing import trace_while
 
 GUEST_SERIES = "6.1"
@@ -56,24 +57,10 @@ def test_crypt_sees_the_password_of_an_ssh_login(guest: Guest) -> None:
 def test_readline_return_is_each_typed_command_line(guest: Guest) -> None:
     commands = ["echo typed-$((6*7))", "uname -r", "echo shell=$$"]
 
-    def session() -> str:
-        proc = subprocess.Popen([*guest.ssh_argv(), "-tt"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdin is not None
-        time.sleep(3)  # login and the first prompt
-        for cmd in [*commands, "exit"]:
-            proc.stdin.write(cmd.encode() + b"\n")
-            proc.stdin.flush()
-            time.sleep(1.5)
-        try:
-            return proc.communicate(timeout=60)[0].decode(errors="replace")
-        finally:
-            proc.kill()
-
     def arm(tracer: Tracer) -> None:
         tracer.add_uprobe("bash:readline", ret=True)
 
-    events, out = trace_while(guest, arm, session)
+    events, out = trace_while(guest, arm, lambda: ssh_typed(guest, commands))
     text = str(out)
     assert "typed-42" in text, text
     shell = int(text.split("shell=")[-1].split()[0])  # the interactive bash, as it reports itself
@@ -163,8 +150,8 @@ def _tiny_elf(chain: list[int]) -> bytes:
 
 @pytest.mark.timeout(180)
 def test_cli_uprobe_json_until_ctrl_c(guest: Guest) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "aradia.cli", "trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
-                             "uprobe", "--process", "dropbear", "libcrypt.so.1:crypt"],
+    proc = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "--json",
+                                     "uprobe", "--process", "dropbear", "libcrypt.so.1:crypt"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

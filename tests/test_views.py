@@ -6,11 +6,8 @@ a connected TCP socket. Ground truth is what the guest's /proc says; aradia read
 
 from __future__ import annotations
 
-import base64
-import gzip
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ from aradia.lab.launcher import Guest
 from aradia.linux.identify import find_vmcoreinfo
 from aradia.sources import dumpwrite
 from aradia.vm import VM, attach, open_dump
-from guest_programs import build_unixpair
-from helpers import proc_fds, proc_maps, proc_mounts, proc_tcp
+from guest_programs import build_unixpair, install_program
+from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_processes, proc_tcp
 
 WORKLOAD = r"""
 cd /tmp
@@ -33,61 +30,14 @@ bash -c 'echo -n aradia-w3 > /proc/$$/comm; exec 4<>/dev/tcp/127.0.0.1/7777; whi
 sleep 1
 """
 
-TRUTH = r"""
-for d in /proc/[0-9]*; do
-  p=${d#/proc/}
-  s=$(cat $d/stat 2>/dev/null) || continue
-  u=$(grep -E '^(Uid|Gid):' $d/status 2>/dev/null | tr '\t\n' '  ')
-  c=$(tr '\0' '\n' < $d/cmdline 2>/dev/null | base64 | tr -d '\n')
-  e=$(readlink $d/exe 2>/dev/null)
-  echo "P|$s|$u|$c|$e"
-done
-"""
-
-
-@dataclass
-class Truth:
-    """What the guest's /proc says about one process."""
-
-    pid: int
-    comm: str
-    state: str
-    ppid: int
-    start_ticks: int
-    uid: int
-    euid: int
-    gid: int
-    cmdline: list[str]
-    exe: str
-
-
-def parse_truth(text: str) -> dict[int, Truth]:
-    out = {}
-    for line in text.splitlines():
-        if not line.startswith("P|"):
-            continue
-        _, stat, ids, cmd, exe = line.split("|", 4)
-        head, _, rest = stat.rpartition(")")
-        pid_s, _, comm = head.partition(" (")
-        f = rest.split()
-        nums = ids.split()
-        uid, euid = int(nums[1]), int(nums[2])
-        gid = int(nums[nums.index("Gid:") + 1])
-        args = base64.b64decode(cmd).decode(errors="replace").split("\n")
-        if args and args[-1] == "":
-            args.pop()
-        out[int(pid_s)] = Truth(int(pid_s), comm, f[0], int(f[1]), int(f[19]), uid, euid, gid, args, exe)
-    return out
-
 
 class Env:
     """A guest with the workload, its ground truth, a live VM handle and a dump of the same moment."""
 
     def __init__(self, guest: Guest, tmp: Path) -> None:
         self.guest = guest
-        unixpair = base64.b64encode(gzip.compress(build_unixpair(tmp))).decode()
-        guest.run(f"echo {unixpair} | base64 -d | gunzip > /tmp/unixpair; chmod +x /tmp/unixpair;"
-                  " /tmp/unixpair /tmp/aradia.sock >/dev/null 2>&1 &")
+        install_program(guest, "unixpair", build_unixpair(tmp))
+        guest.run("/tmp/unixpair /tmp/aradia.sock >/dev/null 2>&1 &")
         guest.run(WORKLOAD)
         self.workers = {name: int(guest.run(f"ps -o pid,comm | awk '$2==\"{name}\"{{print $1}}'").split()[0])
                         for name in ("aradia-w1", "aradia-w2", "aradia-w3")}
@@ -100,7 +50,7 @@ class Env:
                                 cpu_states=[c.regs for c in self.live.cpus()])
         self.dump = open_dump(str(dump))
         self.dump.load_kernel()
-        self.truth = parse_truth(guest.run(TRUTH, timeout=90))  # the processes compared are stable
+        self.truth = proc_processes(guest)  # the processes compared are stable
 
     def vm(self, which: str) -> VM:
         return self.live if which == "live" else self.dump
@@ -165,10 +115,7 @@ def test_processes(env: Env, which: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("which", WHICH)
 def test_modules(env: Env, which: str) -> None:
-    truth = {}
-    for line in env.guest.run("cat /proc/modules").splitlines():
-        f = line.split()
-        truth[f[0]] = (int(f[1]), int(f[5], 16))
+    truth = {name: (size, base) for name, size, base in proc_modules(env.guest)}
     mods = {m.name: (m.size, m.base) for m in env.vm(which).linux.modules()}
     assert truth and mods == truth
 

@@ -34,6 +34,7 @@ from aradia.linux.module_btf import module_btfs
 from aradia.linux.profile import find_profile
 from aradia.linux.vmlinux import KernelFileError, btf_from_bytes, elf_sections, read_btf
 from aradia.vm import attach
+from guest_truth import proc_modules
 
 BUILD_ID = bytes(range(20))
 
@@ -289,7 +290,7 @@ def _check_module_btf(guest: Guest, kernel: Kernel, series: str) -> None:
     assert base is not None
     mods = module_btfs(kernel.prog, base, kernel.warnings)
     assert kernel.warnings == []
-    loaded = {line.split()[0] for line in guest.run("cat /proc/modules").splitlines()}
+    loaded = {name for name, _, _ in proc_modules(guest)}
     if series == "5.10":
         assert mods == []  # module BTF arrived in 5.11
         return

@@ -1,22 +1,18 @@
-"""Running the ``aradia`` command as the README shows it, against a guest, for the command-line tests.
+"""Guest programs at work: started in the guest, waited for, driven and heard from.
 
-:class:`Cli` puts an ``aradia`` executable on ``PATH`` that is what ``pip install`` makes of
-``[project.scripts] aradia = "aradia.cli:main"``, run by this interpreter on the source tree these
-tests import (so a checkout's tests run that checkout's code), and runs command lines with bash in a
-scratch directory, redirections included. :class:`Ticker` reads a guest program's clock from outside
-to tell whether (and how long) the guest was paused.
+The programs of ``tests/guest_programs.py`` print ``ready PID`` once set up and then what they did as
+the guest saw it; :func:`start_program` starts one in the background and waits for that line.
+:class:`Ticker` reads the ``multi ticker`` program's clock from outside to tell whether (and how long)
+the guest was paused; :class:`Workload` is what the command-line tests look at; actors and openers
+act on SIGUSR1; :func:`ssh_typed` types command lines into an interactive login shell.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import re
-import shlex
-import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,111 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aradia
 from aradia.lab.launcher import Guest
-
-SRC = Path(aradia.__file__).resolve().parent.parent
-
-
-class Cli:
-    """Runs command lines with the ``aradia`` of this source tree first on ``PATH``, in ``cwd``."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
-        bindir = cwd / "bin"
-        bindir.mkdir(exist_ok=True)
-        exe = bindir / "aradia"
-        exe.write_text("#!/bin/sh\n"
-                       f"PYTHONPATH={shlex.quote(str(SRC))} exec {shlex.quote(sys.executable)} -c "
-                       "'import sys; from aradia.cli import main; sys.exit(main())' \"$@\"\n")
-        exe.chmod(0o755)
-        self.env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
-
-    def run(self, line: str, *, timeout: float = 240, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``line`` with bash; its exit status and output."""
-        return subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
-
-    def ok(self, line: str, **kwargs: Any) -> str:
-        """Run ``line``; it must exit 0 with no traceback; its stdout."""
-        r = self.run(line, **kwargs)
-        assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.returncode, r.stderr[-3000:])
-        return r.stdout
-
-    def live(self, line: str, action: Callable[[], Any], *, ready: str = "tracing", timeout: float = 240,
-             interrupt: bool = True, settle: float = 1.5) -> tuple[subprocess.CompletedProcess[str], Any]:
-        """Start ``line`` (a trace), wait until its first stderr line says ``ready`` (probes armed),
-        run ``action()``, then (``interrupt``) wait until its output has been quiet for ``settle``
-        seconds (an event of the action's last moment may still be on its way) and Ctrl-C it, or
-        let it end by itself; (result, what ``action`` returned)."""
-        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=self.cwd, env=self.env, text=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        chunks: list[str] = []
-        errors: list[str] = []
-        last = [time.monotonic()]
-
-        def read_out() -> None:
-            assert proc.stdout is not None
-            for text in proc.stdout:
-                chunks.append(text)
-                last[0] = time.monotonic()
-
-        def read_err() -> None:
-            assert proc.stderr is not None
-            errors.extend(proc.stderr)
-
-        threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
-        try:
-            assert proc.stderr is not None
-            first = proc.stderr.readline()
-            for t in threads:
-                t.start()
-            if not first.startswith(ready):
-                proc.kill()
-                proc.wait(30)
-                for t in threads:
-                    t.join(30)
-                raise AssertionError(f"{line}: not ready: {first}{''.join(errors)}{''.join(chunks)}")
-            value = action()
-            if interrupt:
-                last[0] = time.monotonic()
-                deadline = time.monotonic() + 60
-                while time.monotonic() - last[0] < settle and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=timeout)
-            for t in threads:
-                t.join(30)
-        finally:
-            proc.kill()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(chunks), first + "".join(errors)), value
-
-
-EVENT = re.compile(r"^(?P<time>\d+\.\d+) cpu(?P<vcpu>\d+) (?P<comm>.*)\[(?P<tgid>\d+)/(?P<pid>\d+)\] "
-                   r"uid=(?P<uid>-?\d+) (?P<kind>\w+) (?P<name>\S+?)\((?P<args>.*)\)$")
-
-
-@dataclass
-class Line:
-    """One event line of ``aradia trace`` (``Event.line()``)."""
-
-    comm: str
-    tgid: int
-    pid: int
-    uid: int
-    kind: str
-    name: str
-    args: str
-
-
-def event_lines(text: str) -> list[Line]:
-    """Parse every line of a trace's text output; a line that is not an event fails."""
-    out = []
-    for line in text.splitlines():
-        m = EVENT.match(line)
-        assert m, f"not an event line: {line!r}"
-        out.append(Line(m["comm"], int(m["tgid"]), int(m["pid"]), int(m["uid"]), m["kind"], m["name"], m["args"]))
-    return out
+from guest_programs import build_loop, install_cli_programs, install_program
 
 
 def program_lines(guest: Guest, out: str, what: str, timeout: float = 30) -> list[str]:
@@ -227,10 +120,7 @@ class Workload:
 
     @classmethod
     def start(cls, guest: Guest, tmp: Path) -> Workload:
-        from cli_programs import install
-        from guest_programs import build_loop, install_program
-
-        install(guest, tmp)
+        install_cli_programs(guest, tmp)
         install_program(guest, "loop", build_loop(tmp))
         worker, _ = start_program(guest, W1, "w1")
         lpid, lout = start_program(guest, "/tmp/multi listen", "listen")
@@ -244,7 +134,7 @@ class Workload:
         self.guest.run(f"kill {self.worker} {self.listener[0]} {self.threads}", check=False)
 
 
-# --- actors and openers (tests/cli_programs.py) -----------------------------------------------------
+# --- actors and openers (multi actor, opener) -----------------------------------------------------
 def start_actors(guest: Guest, specs: dict[str, int]) -> dict[str, int]:
     """Start ``name -> uid`` actors (comm ``aradia-act``, or ``aradia-decoy`` for names starting with
     "decoy"), each waiting for SIGUSR1; name -> pid."""
@@ -286,3 +176,21 @@ def release_opener(guest: Guest, pid: int, out: str) -> list[list[str]]:
     rounds = "\n".join(program_lines(guest, out, "done")).split("done")
     assert len(rounds) == before + 2, rounds
     return [x.split()[1:] for x in rounds[before].splitlines() if x.startswith("open ")]
+
+
+# --- an interactive login -------------------------------------------------------------------------------
+def ssh_typed(guest: Guest, lines: list[str]) -> str:
+    """Log in over ssh with a terminal (``-tt``), type each of ``lines`` and then ``exit``, 1.5 s
+    apart; everything the session printed."""
+    proc = subprocess.Popen([*guest.ssh_argv(), "-tt"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdin is not None
+    time.sleep(3)  # login and the first prompt
+    for typed in [*lines, "exit"]:
+        proc.stdin.write(typed.encode() + b"\n")
+        proc.stdin.flush()
+        time.sleep(1.5)
+    try:
+        return proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        proc.kill()
