@@ -490,7 +490,8 @@ class Tracer:
         """Run the guest and yield events as probes hit, for ``duration`` seconds, or until ``until()``
         (checked at least four times a second) says stop, or forever.
 
-        Other threads may add and remove probes meanwhile (they wait at most one quarter second).
+        Other threads may add and remove probes meanwhile: the lock is handed to them after the current
+        wait slice (a quarter second) and the hit being handled, if any.
         """
         end = None if duration is None else time.monotonic() + duration
         with self._lock:
