@@ -21,6 +21,9 @@ command -v ssh >/dev/null || need+=(openssh-client)
 command -v patch >/dev/null || need+=(patch)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+# The service's bus (NATS JetStream) in tests and the fleet demo; setpriv for the least-privilege test.
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v setpriv >/dev/null || need+=(util-linux)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need+=(python3)
 # Debian's python3 has no ensurepip (so no venv) without python3-venv.
@@ -35,7 +38,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,service]'
 
 # Test guests (Debian kernels + busybox/bash/dropbear initramfs), cached after the first build.
 case "$target" in

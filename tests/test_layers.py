@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAYERS = ["base", "proto", "sources", "machine", "linux", "trace", "service", "apps", "facade"]
 #: Top-level modules that are not packages, by layer.
 TOP_LEVEL = {"aradia": "facade", "aradia.errors": "base", "aradia.cache": "base", "aradia.elf": "base",
-             "aradia.progress": "base", "aradia.vm": "facade"}
+             "aradia.progress": "base", "aradia.vm": "linux", "aradia.client": "facade"}
 #: Beside the library: they may import any of it, and no library module may import them.
 OUTSIDE = ("aradia.lab", "aradia.cli", "aradia.__main__")
 
