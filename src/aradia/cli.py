@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -167,19 +168,37 @@ def _kernel(vm: Any, args: argparse.Namespace | None = None) -> Any:
     return kernel
 
 
-def _view(args: argparse.Namespace, fetch: Callable[[Any], list[Any]],
-          render: Callable[[list[Any]], str]) -> int:
-    """Attach, load the kernel, run one view, print a table or one JSON document (with warnings)."""
-    with _open(args) as vm:
-        kernel = _kernel(vm, args)
-        with vm.paused() if getattr(args, "pause", False) else contextlib.nullcontext():
-            rows = fetch(kernel)
-        warnings = list(kernel.warnings)
-    if args.json:
-        print(json.dumps({"items": [dataclasses.asdict(r) for r in rows], "warnings": warnings}, indent=1))
+def _client(args: argparse.Namespace) -> Any:
+    """The remote service's client when ``--server`` is given, else None."""
+    if not getattr(args, "server", None):
+        return None
+    from aradia.client import Client
+
+    token = args.token or os.environ.get("ARADIA_TOKEN")
+    if not token:
+        raise AradiaError("--server needs a token: --token T or ARADIA_TOKEN in the environment")
+    return Client(args.server, token, verify=args.cacert or True)
+
+
+def _view(args: argparse.Namespace, name: str, render: Callable[[list[Any]], str],
+          pid: int | None = None) -> int:
+    """Run one view (locally, or on ``--server``), print a table or one JSON document (with warnings)."""
+    client = _client(args)
+    if client is not None:
+        if getattr(args, "pause", False):
+            raise AradiaError("--pause is not offered over --server (the service owns the VM's run state)")
+        with client:
+            doc = client.view(args.vm, name, pid)
     else:
-        print(render(rows))
-        for w in warnings:
+        with _open(args) as vm:
+            kernel = _kernel(vm, args)
+            with vm.paused() if getattr(args, "pause", False) else contextlib.nullcontext():
+                doc = kernel.view(name, pid)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(render([types.SimpleNamespace(**item) for item in doc["items"]]))
+        for w in doc["warnings"]:
             print(f"aradia: warning: {w}", file=sys.stderr)
     return 0
 
@@ -191,35 +210,35 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return _table([[str(p.pid), str(p.ppid), str(p.uid), p.state, f"{p.start_time:.2f}", p.name,
                         " ".join(p.cmdline) if p.cmdline else f"[{p.name}]"] for p in rows],
                       ["PID", "PPID", "UID", "S", "START", "COMM", "CMDLINE"])
-    return _view(args, lambda k: k.processes(threads=args.threads), render)
+    return _view(args, "threads" if args.threads else "processes", render)
 
 
 def cmd_lsmod(args: argparse.Namespace) -> int:
     """Loaded kernel modules."""
-    return _view(args, lambda k: k.modules(),
+    return _view(args, "modules",
                  lambda rows: _table([[m.name, str(m.size), f"{m.base:#x}"] for m in rows],
                                      ["MODULE", "SIZE", "BASE"]))
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
     """Memory maps of one process."""
-    return _view(args, lambda k: k.maps(args.pid),
+    return _view(args, "maps",
                  lambda rows: "\n".join(f"{m.start:08x}-{m.end:08x} {m.perms} {m.offset:08x} {m.inode:<8} "
-                                        f"{m.path}".rstrip() for m in rows))
+                                        f"{m.path}".rstrip() for m in rows), pid=args.pid)
 
 
 def cmd_files(args: argparse.Namespace) -> int:
     """Open files of one process."""
-    return _view(args, lambda k: k.files(args.pid),
+    return _view(args, "files",
                  lambda rows: _table([[str(f.fd), f"0{f.flags:o}", str(f.pos), f.path] for f in rows],
-                                     ["FD", "FLAGS", "POS", "PATH"]))
+                                     ["FD", "FLAGS", "POS", "PATH"]), pid=args.pid)
 
 
 def cmd_net(args: argparse.Namespace) -> int:
     """Sockets and their owners."""
     def addr(a: str, p: int) -> str:
         return f"[{a}]:{p}" if ":" in a else (f"{a}:{p}" if a or p else "")
-    return _view(args, lambda k: k.sockets(),
+    return _view(args, "sockets",
                  lambda rows: _table([[s.family, s.proto, addr(s.local_address, s.local_port),
                                        addr(s.remote_address, s.remote_port), s.state, str(s.pid), str(s.fd)]
                                       for s in rows],
@@ -228,7 +247,7 @@ def cmd_net(args: argparse.Namespace) -> int:
 
 def cmd_mounts(args: argparse.Namespace) -> int:
     """Mounted filesystems."""
-    return _view(args, lambda k: k.mounts(),
+    return _view(args, "mounts",
                  lambda rows: _table([[m.source, m.target, m.fstype, "ro" if m.readonly else "rw"]
                                       for m in rows], ["SOURCE", "TARGET", "TYPE", "MODE"]))
 
@@ -240,7 +259,7 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
         return f"[{sec:5d}.{usec:06d}]"
 
     # like dmesg: every line of a record of several lines carries the record's time
-    return _view(args, lambda k: k.dmesg(),
+    return _view(args, "dmesg",
                  lambda rows: "\n".join(f"{stamp(r.timestamp)} {line}"
                                         for r in rows for line in r.text.split("\n")))
 

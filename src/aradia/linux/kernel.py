@@ -6,11 +6,13 @@ leaves what it had to skip in :attr:`Kernel.warnings`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import drgn
 
+from aradia.errors import AradiaError
 from aradia.linux import dmesg as _dmesg
 from aradia.linux import files as _files
 from aradia.linux import maps as _maps
@@ -23,6 +25,10 @@ from aradia.linux.profile import KernelProfile, find_profile
 from aradia.linux.program import make_program
 from aradia.machine.handle import VMHandle
 from aradia.progress import Progress
+
+#: The views by name (as the service's API names them) and whether they take a pid.
+VIEWS: dict[str, bool] = {"processes": False, "threads": False, "modules": False, "maps": True,
+                          "files": True, "sockets": False, "mounts": False, "dmesg": False}
 
 
 class Kernel:
@@ -67,6 +73,27 @@ class Kernel:
     def dmesg(self) -> list[_dmesg.LogRecord]:
         """The kernel log, like ``dmesg``."""
         return _dmesg.dmesg(self.prog, warnings=self._fresh())
+
+    def view(self, name: str, pid: int | None = None) -> dict[str, Any]:
+        """One view as ``aradia VIEW --json`` prints it: ``{"items": [...], "warnings": [...]}``.
+
+        ``name`` is a key of :data:`VIEWS` (``threads`` is ``processes`` with every thread); ``maps``
+        and ``files`` need ``pid``.
+        """
+        if name not in VIEWS:
+            raise AradiaError(f"no view {name!r} (one of {', '.join(VIEWS)})")
+        if VIEWS[name] and pid is None:
+            raise AradiaError(f"view {name} needs a pid")
+        rows: list[Any]
+        if name in ("processes", "threads"):
+            rows = self.processes(threads=name == "threads")
+        elif name == "maps":
+            rows = self.maps(int(pid))  # type: ignore[arg-type]
+        elif name == "files":
+            rows = self.files(int(pid))  # type: ignore[arg-type]
+        else:
+            rows = getattr(self, name)()
+        return {"items": [dataclasses.asdict(r) for r in rows], "warnings": list(self.warnings)}
 
     def read_user(self, pid: int, address: int, size: int) -> bytes:
         """Read process ``pid``'s memory at user virtual ``address``."""

@@ -579,6 +579,13 @@ class Tracer:
             stop.set()
             await asyncio.to_thread(worker.join)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the event loop out for the block (it waits between hits): for another thread that
+        uses the VM's drgn Program meanwhile (a view), since a Program is not for two threads at once."""
+        with self._lock:
+            yield
+
     def close(self) -> None:
         """Disarm everything and let the guest run."""
         with contextlib.suppress(AttributeError):

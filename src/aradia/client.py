@@ -1,0 +1,169 @@
+"""A typed client of ``aradia serve``: the same views, reads and traces as the library, over HTTP.
+
+    from aradia.client import Client
+    with Client("https://hv1:8765", token) as c:
+        for p in c.view("web1", "processes")["items"]:
+            print(p["pid"], p["name"])
+        t = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+        for ev in c.live("web1", trace=[t["id"]]):
+            print(ev["args"]["filename"])
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from aradia.errors import AradiaError
+
+
+class ServiceError(AradiaError):
+    """The service refused or failed a request (``status`` is the HTTP status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+
+
+class Client:
+    """One service, one token."""
+
+    def __init__(self, url: str, token: str, *, verify: bool | str = True, timeout: float = 60.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AradiaError(f"--server {url!r}: give http://HOST:PORT or https://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.verify = verify
+        self._http = httpx.Client(base_url=self.url + "/api/v1", timeout=timeout, verify=verify,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+              body: Any = None) -> httpx.Response:
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            r = self._http.request(method, path, params=clean, json=body)
+        except httpx.HTTPError as e:
+            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("error") or r.text
+            except (ValueError, AttributeError):
+                message = r.text[:300]
+            raise ServiceError(r.status_code, str(message))
+        return r
+
+    # --- VMs and views ---------------------------------------------------------------------------
+    def vms(self) -> list[dict[str, Any]]:
+        """The caller's VMs with their run state."""
+        return self._call("GET", "/vms").json()
+
+    def info(self, vm: str) -> dict[str, Any]:
+        """``aradia info`` of a VM."""
+        return self._call("GET", f"/vms/{vm}").json()
+
+    def view(self, vm: str, name: str, pid: int | None = None) -> dict[str, Any]:
+        """One view, ``{"items": [...], "warnings": [...]}`` (maps and files need ``pid``)."""
+        path = f"/vms/{vm}/{name}" + (f"/{pid}" if name in ("maps", "files") else "")
+        return self._call("GET", path).json()
+
+    def memory(self, vm: str, size: int, *, phys: int | None = None, virt: int | None = None,
+               pid: int | None = None) -> bytes:
+        """Guest memory (physical, kernel-virtual, or process ``pid``'s virtual)."""
+        return self._call("GET", f"/vms/{vm}/memory", params={
+            "size": size, "phys": None if phys is None else hex(phys),
+            "virt": None if virt is None else hex(virt), "pid": pid}).content
+
+    def health(self) -> dict[str, Any]:
+        """Owner states, store and bus counters."""
+        return self._call("GET", "/health").json()
+
+    # --- traces and events -------------------------------------------------------------------------
+    def start_trace(self, vm: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Arm a trace; the answer carries its ``id``."""
+        return self._call("POST", f"/vms/{vm}/traces", body=spec).json()
+
+    def trace(self, trace_id: str) -> dict[str, Any]:
+        """One trace's state."""
+        return self._call("GET", f"/traces/{trace_id}").json()
+
+    def traces(self) -> list[dict[str, Any]]:
+        """The caller's traces."""
+        return self._call("GET", "/traces").json()
+
+    def stop_trace(self, trace_id: str) -> dict[str, Any]:
+        """Disarm a trace."""
+        return self._call("DELETE", f"/traces/{trace_id}").json()
+
+    def events_page(self, **filters: Any) -> dict[str, Any]:
+        """One page of stored events (``vm``, ``kind``, ``pid``, ``since``, ``until``, ``q``, ``limit``,
+        ``cursor``): ``{"items": [...], "next": cursor or None}``."""
+        return self._call("GET", "/events", params=filters).json()
+
+    def events(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every stored event matching ``filters``, page after page."""
+        cursor = None
+        while True:
+            page = self.events_page(**filters, cursor=cursor)
+            yield from page["items"]
+            cursor = page["next"]
+            if not cursor:
+                return
+
+    def audit(self, **filters: Any) -> dict[str, Any]:
+        """One page of audit rows (operator)."""
+        return self._call("GET", "/audit", params=filters).json()
+
+    def live(self, vm: str, *, timeout: float | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Live events of ``vm`` (filters ``kind``, ``pid``, ``comm``, ``trace`` as lists, ``q``) from the
+        WebSocket, until the iterator is closed; ``{"dropped": N}`` items say this client fell behind.
+        ``timeout`` ends the stream after that many seconds without an event."""
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        parts = urlsplit(self.url)
+        query = urlencode([(k, v) for k, vs in filters.items() if vs is not None
+                           for v in (vs if isinstance(vs, list | tuple | set) else [vs])])
+        uri = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc,
+                          f"{parts.path}/api/v1/vms/{vm}/events/ws", query, ""))
+        context = None
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self.verify if isinstance(self.verify, str) else None)
+            if self.verify is False:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        try:
+            ws = connect(uri, additional_headers={"Authorization": f"Bearer {self.token}"}, ssl=context,
+                         open_timeout=30, max_size=1 << 24)
+        except OSError as e:
+            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
+        with ws:
+            try:
+                hello = json.loads(ws.recv(timeout=30))
+                if "subscribed" not in hello:
+                    raise ServiceError(500, f"unexpected first message {hello!r}")
+                while True:
+                    try:
+                        yield json.loads(ws.recv(timeout=timeout))
+                    except TimeoutError:
+                        return
+            except ConnectionClosed as e:
+                rcvd = e.rcvd
+                if rcvd is not None and rcvd.code >= 4000:
+                    raise ServiceError(rcvd.code - 4000, rcvd.reason) from None
+                return
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,358 @@
+"""The one owner of a VM's connections inside the service: views, memory reads and one shared tracer.
+
+QEMU serves one QMP client and one GDB-stub client, so everything the service does to a VM goes
+through its :class:`VMOwner`. Traces (:class:`Subscription`) share one tracer: each probe is armed
+once however many traces need it, and each event is handed on (``emit``) with the ids of the traces
+it belongs to. When the tracer fails (the guest rebooted, QEMU went away) the owner drops the VM and
+arms every trace again once the VM can be reached (a supervisor thread retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aradia.errors import AradiaError, NotAttached
+from aradia.linux.identify import KernelNotFound, find_banner
+from aradia.service.config import VMConfig
+from aradia.service.schema import record_from_event
+from aradia.service.tracespec import (
+    ProbeKey,
+    arm,
+    disarm,
+    event_filter,
+    event_keys,
+    matches,
+    probe_keys,
+    spec_json,
+)
+from aradia.trace.events import Event
+from aradia.trace.probes import Filter
+from aradia.trace.tracer import Tracer
+from aradia.vm import VM, attach
+
+#: emit(record, ids of the traces it belongs to): called from the tracer's thread
+Emit = Callable[[dict[str, Any], list[str]], None]
+RETRY_SECONDS = 3.0
+
+
+@dataclass
+class Subscription:
+    """A trace: a probe spec armed on one VM, with its filter and what it has seen."""
+
+    id: str
+    vm: str
+    tenant: str
+    spec: Any
+    created: float = field(default_factory=time.time)
+    events: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    keys: set[tuple[str, str]] = field(init=False)
+    filter: Filter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = event_keys(self.spec)
+        self.filter = event_filter(self.spec)
+
+    def describe(self) -> dict[str, Any]:
+        """The trace as the API shows it."""
+        out = {"id": self.id, "vm": self.vm, "tenant": self.tenant, "spec": spec_json(self.spec),
+               "created": self.created, "events": self.events}
+        if self.spec.kind == "count":
+            out["counts"] = dict(self.counts)
+        return out
+
+
+class VMOwner:
+    """Holds one VM's QMP and GDB-stub connections for the service."""
+
+    def __init__(self, config: VMConfig, *, host: str, emit: Emit, log: logging.Logger | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.host = host
+        self._emit = emit
+        self.log = log or logging.getLogger("aradia.service")
+        self._vm: VM | None = None
+        self._vm_lock = threading.RLock()  # attach/detach, views (one drgn user at a time)
+        self._trace_lock = threading.RLock()  # subscriptions, probes, the tracer's life
+        self.error: str | None = None
+        self._tracer: Tracer | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._subs: dict[str, Subscription] = {}
+        self._probes: dict[ProbeKey, list[Any]] = {}  # key -> [handle, how many traces use it]
+        self._run = uuid.uuid4().hex[:8]  # event ids: unique across restarts of the service
+        self._seq = itertools.count(1)
+        self._closed = False
+        self._supervisor: threading.Thread | None = None
+
+    # --- the VM ------------------------------------------------------------------------------------
+    def vm(self) -> VM:
+        """The attached VM (attached now if it was not)."""
+        with self._vm_lock:
+            if self._vm is None:
+                try:
+                    self._vm = attach(f"qmp:{self.config.qmp}", memory=self.config.memory)
+                except AradiaError as e:
+                    self.error = str(e)
+                    raise
+                self.error = None
+                self.log.info("attached", extra={"vm": self.name, "qmp": self.config.qmp})
+            return self._vm
+
+    def _drop_vm(self, why: str) -> None:
+        with self._vm_lock:
+            if self._vm is not None:
+                with contextlib.suppress(Exception):
+                    self._vm.close()
+                self._vm = None
+            self.error = why
+
+    @contextlib.contextmanager
+    def _kernel_use(self) -> Iterator[VM]:
+        """The VM with its kernel loaded, for one drgn user at a time (the tracer waits between hits)."""
+        with self._vm_lock:
+            vm = self.vm()
+            try:
+                vm.load_kernel(btf_source=self.config.btf)
+                tracer = self._tracer
+                with tracer.held() if tracer is not None else contextlib.nullcontext():
+                    yield vm
+            except NotAttached as e:
+                self._drop_vm(str(e))
+                raise
+
+    def state(self) -> dict[str, Any]:
+        """Owner state: ``attached``/``detached``/``error`` (with the error), QEMU's run state, traces."""
+        with self._trace_lock:
+            traces = len(self._subs)
+            tracing = self._tracer is not None
+        out: dict[str, Any] = {"name": self.name, "traces": traces, "tracing": tracing}
+        vm = self._vm
+        if vm is None:
+            out.update(owner="error" if self.error else "detached", state="unknown", error=self.error)
+            return out
+        try:
+            out.update(owner="attached", state=vm.status(), error=None)
+        except AradiaError as e:
+            out.update(owner="error", state="unknown", error=str(e))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """``aradia info --json`` of the VM (kernel banner included) plus the owner state."""
+        with self._vm_lock:
+            vm = self.vm()
+            try:
+                out = vm.info()
+                try:
+                    out["kernel"] = find_banner(vm.memory)
+                except KernelNotFound as e:
+                    out["kernel"] = None
+                    out["kernel_error"] = str(e)
+            except NotAttached as e:
+                self._drop_vm(str(e))
+                raise
+        out["spec"] = self.name  # never a host path
+        out["owner"] = self.state()
+        return out
+
+    def view(self, name: str, pid: int | None = None) -> dict[str, Any]:
+        """One view (see :meth:`aradia.linux.kernel.Kernel.view`)."""
+        with self._kernel_use() as vm:
+            return vm.linux.view(name, pid)
+
+    def read(self, size: int, *, phys: int | None = None, virt: int | None = None,
+             pid: int | None = None) -> bytes:
+        """Guest memory: physical, kernel-virtual, or a process's virtual (``virt`` with ``pid``)."""
+        if (phys is None) == (virt is None):
+            raise AradiaError("give exactly one of phys or virt")
+        if pid is not None and virt is None:
+            raise AradiaError("pid goes with virt")
+        if phys is not None:
+            with self._vm_lock:
+                return self.vm().read(phys, size)
+        if pid is not None:
+            with self._kernel_use() as vm:
+                return vm.linux.read_user(pid, int(virt), size)  # type: ignore[arg-type]
+        with self._kernel_use() as vm:
+            return vm.read_virt(int(virt), size)  # type: ignore[arg-type]
+
+    # --- traces ------------------------------------------------------------------------------------
+    def subscriptions(self) -> list[Subscription]:
+        """The traces armed (or waiting to be armed) on this VM."""
+        with self._trace_lock:
+            return list(self._subs.values())
+
+    def subscription(self, trace_id: str) -> Subscription | None:
+        """One trace by id."""
+        with self._trace_lock:
+            return self._subs.get(trace_id)
+
+    def add(self, sub: Subscription, *, pending_ok: bool = False) -> None:
+        """Arm ``sub``'s probes (those another trace armed already are shared).
+
+        A spec the kernel cannot serve (unknown symbol, probe clash) raises and arms nothing. With
+        ``pending_ok`` (re-arming stored traces at start) an unreachable VM keeps the trace waiting:
+        the supervisor arms it once the VM is back.
+        """
+        with self._trace_lock:
+            try:
+                self._arm(sub)
+            except NotAttached as e:
+                if not pending_ok:
+                    raise
+                self.log.warning("trace waits for its VM", extra={"vm": self.name, "trace": sub.id,
+                                                                   "error": str(e)})
+                self._drop_tracer(str(e))
+            self._subs[sub.id] = sub
+        self._ensure_supervisor()
+
+    def _arm(self, sub: Subscription) -> None:
+        tracer = self._ensure_tracer()
+        done: list[ProbeKey] = []
+        try:
+            for key in probe_keys(sub.spec):
+                have = self._probes.get(key)
+                if have is None:
+                    self._probes[key] = [arm(tracer, key), 1]
+                else:
+                    have[1] += 1
+                done.append(key)
+        except BaseException:
+            for key in done:
+                self._release(key)
+            if not self._subs:
+                self._drop_tracer(None)
+            raise
+
+    def _release(self, key: ProbeKey) -> None:
+        have = self._probes.get(key)
+        if have is None:
+            return
+        have[1] -= 1
+        if have[1] <= 0:
+            del self._probes[key]
+            if self._tracer is not None:
+                with contextlib.suppress(AradiaError):
+                    disarm(self._tracer, key, have[0])
+
+    def remove(self, trace_id: str) -> Subscription | None:
+        """Disarm one trace (probes other traces use stay); the last one closes the tracer."""
+        with self._trace_lock:
+            sub = self._subs.pop(trace_id, None)
+            if sub is None:
+                return None
+            if self._tracer is not None:
+                for key in probe_keys(sub.spec):
+                    self._release(key)
+            if not self._subs:
+                self._drop_tracer(None)
+            return sub
+
+    def _ensure_tracer(self) -> Tracer:
+        if self._tracer is not None:
+            return self._tracer
+        with self._vm_lock:
+            vm = self.vm()
+            try:
+                vm.load_kernel(btf_source=self.config.btf)
+                tracer = Tracer.open(vm)
+            except NotAttached as e:
+                self._drop_vm(str(e))
+                raise
+        self._tracer = tracer
+        self._probes.clear()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(tracer, self._stop),
+                                        name=f"aradia-trace-{self.name}", daemon=True)
+        self._thread.start()
+        return tracer
+
+    def _drop_tracer(self, why: str | None) -> None:
+        """Close the tracer (the guardian disarms everything and lets the guest run)."""
+        tracer, self._tracer = self._tracer, None
+        self._probes.clear()
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+        if tracer is not None:
+            with contextlib.suppress(Exception):
+                tracer.close()
+        if why is not None:
+            self._drop_vm(why)
+
+    def _loop(self, tracer: Tracer, stop: threading.Event) -> None:
+        """The tracer's thread: run the guest, hand every event on."""
+        try:
+            for ev in tracer.events(until=stop.is_set):
+                self._dispatch(ev)
+        except AradiaError as e:
+            self.log.warning("tracer stopped", extra={"vm": self.name, "error": str(e)})
+            with self._trace_lock:
+                if self._tracer is tracer:
+                    self._tracer = None
+                    self._probes.clear()
+                    with contextlib.suppress(Exception):
+                        tracer.close()
+                    self._drop_vm(str(e))
+        except Exception:
+            self.log.exception("tracer failed", extra={"vm": self.name})
+            with self._trace_lock:
+                if self._tracer is tracer:
+                    self._tracer = None
+                    self._probes.clear()
+                    with contextlib.suppress(Exception):
+                        tracer.close()
+                    self._drop_vm("the tracer failed (see the service log)")
+
+    def _dispatch(self, ev: Event) -> None:
+        subs = [s for s in list(self._subs.values()) if matches(s.spec, s.keys, s.filter, ev)]
+        if not subs:
+            return
+        if ev.kind == "count":
+            for s in subs:
+                s.counts[ev.name] = s.counts.get(ev.name, 0) + 1
+            return
+        for s in subs:
+            s.events += 1
+        record = record_from_event(ev, host=self.host, vm=self.name,
+                                   event_id=f"{self.host}-{self.name}-{self._run}-{next(self._seq)}")
+        try:
+            self._emit(record, [s.id for s in subs])
+        except Exception:  # a sink's trouble never stops the guest's tracing
+            self.log.exception("event sink failed", extra={"vm": self.name})
+
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None or not self._supervisor.is_alive():
+            self._supervisor = threading.Thread(target=self._supervise, name=f"aradia-owner-{self.name}",
+                                                daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Re-arm every trace once the VM is reachable again after the tracer stopped."""
+        while not self._closed:
+            time.sleep(RETRY_SECONDS)
+            with self._trace_lock:
+                if self._closed or not self._subs or self._tracer is not None:
+                    continue
+                try:
+                    for sub in list(self._subs.values()):
+                        self._arm(sub)
+                    self.log.info("traces armed again", extra={"vm": self.name, "traces": len(self._subs)})
+                except AradiaError as e:
+                    self._drop_tracer(str(e))
+
+    def close(self) -> None:
+        """Close the tracer (everything disarmed, the guest running) and the VM's connections."""
+        self._closed = True
+        with self._trace_lock:
+            self._drop_tracer(None)
+        self._drop_vm("closed")
