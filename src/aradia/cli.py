@@ -47,28 +47,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Kernel banner, RAM ranges, vCPUs and run state."""
     from aradia.linux.identify import KernelNotFound, find_banner
 
-    with _open(args) as vm:
-        info = vm.info()
-        try:
-            info["kernel"] = find_banner(vm.memory)
-        except KernelNotFound as e:
-            info["kernel"] = None
-            info["kernel_error"] = str(e)
-        if args.json:
-            print(json.dumps(info, indent=2))
-            return 0
-        print(f"VM         {info['spec']}")
-        if "qemu_pid" in info:
-            print(f"QEMU       pid {info['qemu_pid']}, version {info['qemu_version']}")
-        print(f"state      {info['state']}")
-        print(f"memory     {info['memory_path']}, {info['ram_bytes'] / (1 << 20):.0f} MiB")
-        for r in info["ram"]:
-            print(f"  RAM      {r['start']:#014x}-{r['end'] - 1:#014x}  {r['size'] / (1 << 20):9.1f} MiB")
-        print(f"kernel     {info['kernel'] or info.get('kernel_error')}")
-        for c in info["vcpus"]:
-            mode = "user" if c["cpl"] == 3 else "kernel"
-            paging = "5-level" if c["la57"] else "4-level"
-            print(f"vCPU {c['index']:<4}  RIP {c['rip']:#018x}  CR3 {c['cr3']:#014x}  {mode}, {paging}")
+    client = _client(args)
+    if client is not None:
+        with client:
+            info = client.info(args.vm)
+    else:
+        with _open(args) as vm:
+            info = vm.info()
+            try:
+                info["kernel"] = find_banner(vm.memory)
+            except KernelNotFound as e:
+                info["kernel"] = None
+                info["kernel_error"] = str(e)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"VM         {info['spec']}")
+    if "qemu_pid" in info:
+        print(f"QEMU       pid {info['qemu_pid']}, version {info['qemu_version']}")
+    print(f"state      {info['state']}")
+    print(f"memory     {info['memory_path']}, {info['ram_bytes'] / (1 << 20):.0f} MiB")
+    for r in info["ram"]:
+        print(f"  RAM      {r['start']:#014x}-{r['end'] - 1:#014x}  {r['size'] / (1 << 20):9.1f} MiB")
+    print(f"kernel     {info['kernel'] or info.get('kernel_error')}")
+    for c in info["vcpus"]:
+        mode = "user" if c["cpl"] == 3 else "kernel"
+        paging = "5-level" if c["la57"] else "4-level"
+        print(f"vCPU {c['index']:<4}  RIP {c['rip']:#018x}  CR3 {c['cr3']:#014x}  {mode}, {paging}")
     return 0
 
 
@@ -76,13 +81,23 @@ def cmd_read(args: argparse.Namespace) -> int:
     """Read guest memory by physical or virtual address."""
     if args.size < 0 or args.size > 1 << 30:
         raise AradiaError(f"--size {args.size} out of range (0..1 GiB)")
-    with _open(args) as vm:
-        if args.phys is not None:
-            addr = args.phys
-            data = vm.read(addr, args.size)
-        else:
-            addr = args.virt
-            data = vm.read_virt(addr, args.size, cr3=args.cr3)
+    if args.in_pid is not None and args.virt is None:
+        raise AradiaError("--in-pid goes with --virt")
+    client = _client(args)
+    addr = args.phys if args.phys is not None else args.virt
+    if client is not None:
+        if args.cr3 is not None:
+            raise AradiaError("--cr3 is not offered over --server (use --in-pid for a process's memory)")
+        with client:
+            data = client.memory(args.vm, args.size, phys=args.phys, virt=args.virt, pid=args.in_pid)
+    else:
+        with _open(args) as vm:
+            if args.in_pid is not None:
+                data = _kernel(vm, args).read_user(args.in_pid, args.virt, args.size)
+            elif args.phys is not None:
+                data = vm.read(addr, args.size)
+            else:
+                data = vm.read_virt(addr, args.size, cr3=args.cr3)
     if args.format == "raw":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -321,12 +336,86 @@ def _count(vm: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def trace_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The service's probe spec for ``aradia trace … WHAT`` (see :mod:`aradia.service.tracespec`)."""
+    spec: dict[str, Any]
+    if args.what == "syscalls":
+        spec = {"kind": "syscalls", "syscalls": [n.strip() for n in args.e.split(",")]}
+    elif args.what == "probe":
+        spec = {"kind": "probe", "symbols": args.symbols, "ret": args.ret}
+    elif args.what == "uprobe":
+        spec = {"kind": "uprobe", "specs": args.specs, "process": args.process, "in_pid": args.target_pid,
+                "ret": args.ret, "args": args.args}
+    elif args.what == "procs":
+        spec = {"kind": "procs", "events": [k.strip() for k in args.e.split(",")]}
+    elif args.what == "watch":
+        spec = {"kind": "watch", "address": args.address, "length": args.length, "access": args.access,
+                "in_pid": args.target_pid}
+    else:
+        spec = {"kind": "count", "symbols": args.symbols}
+    spec.update(pid=args.pid, comm=args.comm, uid=args.uid)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _trace_remote(client: Any, args: argparse.Namespace) -> int:
+    """``aradia trace --server …``: a trace on the service, its events streamed here, stopped at the end."""
+    from aradia.trace.events import Event
+
+    spec = trace_spec(args)
+    if args.what == "count":
+        trace = client.start_trace(args.vm, spec)
+        try:
+            print(f"counting {', '.join(args.symbols)} on {args.server}; "
+                  f"{'Ctrl-C to stop' if args.duration is None else f'{args.duration:g} s'}",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(args.duration if args.duration is not None else 1e9)
+        finally:
+            trace = client.stop_trace(trace["id"])
+        for sym in args.symbols:
+            n = trace.get("counts", {}).get(sym, 0)
+            if args.json:
+                print(json.dumps({"symbol": sym, "count": n, "path": "service"}))
+            else:
+                print(f"{n:>12}  {sym}")
+        return 0
+    kinds = {"syscalls": ["syscall"], "probe": ["kretprobe" if args.ret else "kprobe"],
+             "uprobe": ["uretprobe" if getattr(args, "ret", False) else "uprobe"],
+             "procs": [k.strip() for k in args.e.split(",")] if args.what == "procs" else [],
+             "watch": ["watch"]}[args.what]
+    with client.live(args.vm, kind=kinds, pid=args.pid, comm=args.comm) as stream:
+        trace = client.start_trace(args.vm, spec)  # after subscribing: no event is missed
+        until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        print(f"tracing {args.what} on {args.vm} at {args.server} (trace {trace['id']}), {until}",
+              file=sys.stderr, flush=True)
+        try:
+            for rec in stream.events(args.duration):
+                if "dropped" in rec:
+                    print(f"aradia: warning: {rec['dropped']} events lost (this client fell behind)",
+                          file=sys.stderr)
+                elif args.json:
+                    print(json.dumps(rec), flush=True)
+                else:
+                    keys = ("vcpu", "kind", "name", "pid", "tgid", "comm", "uid", "args")
+                    fields = {k: rec[k] for k in keys}
+                    print(Event(rec["time"], **fields).line(), flush=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            client.stop_trace(trace["id"])
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints, call counts."""
     from aradia.trace.tracer import Filter, Tracer
 
     if args.what != "count" and args.path != "auto":
         raise AradiaError("--path applies to trace count only")
+    client = _client(args)
+    if client is not None:
+        with client:
+            return _trace_remote(client, args)
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("tracing needs a live VM (qmp:PATH), not a dump")
@@ -357,6 +446,25 @@ def _jsonable(v: object) -> object:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the introspection service for the VMs in a config file."""
+    from aradia.service.config import load_config
+    from aradia.service.server import serve
+
+    return serve(load_config(args.config), listen=args.listen, aggregate=args.aggregate)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a fresh token (give it to its holder) and the config lines that hold only its SHA-256."""
+    from aradia.service.policy import new_token, token_config_line
+
+    token, digest = new_token()
+    print(f"token: {token}")
+    print("# paste into the service's config (it keeps only the SHA-256):", file=sys.stderr)
+    print(token_config_line(digest, None if args.operator else args.tenant))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the default guest and show what aradia sees."""
     from aradia.lab.demo import run_demo
@@ -379,6 +487,12 @@ def _vm_options(*, after: bool = False) -> argparse.ArgumentParser:
                    help="path to live guest RAM (default: fastest available)")
     p.add_argument("--btf", metavar="FILE", default=argparse.SUPPRESS if after else None,
                    help="take kernel types from this vmlinuz/vmlinux (same build) instead of RAM")
+    p.add_argument("--server", metavar="URL", default=argparse.SUPPRESS if after else None,
+                   help="ask a remote `aradia serve` (then --vm is the VM's name there)")
+    p.add_argument("--token", metavar="T", default=argparse.SUPPRESS if after else None,
+                   help="the service token (default: $ARADIA_TOKEN)")
+    p.add_argument("--cacert", metavar="FILE", default=argparse.SUPPRESS if after else None,
+                   help="CA certificate that signed the service's TLS certificate")
     return p
 
 
@@ -429,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--phys", type=_int, metavar="ADDR", help="guest-physical address")
     where.add_argument("--virt", type=_int, metavar="ADDR", help="guest-virtual address")
     sp.add_argument("--cr3", type=_int, metavar="X", help="page-table root for --virt (default: vCPU 0's)")
+    sp.add_argument("--in-pid", type=int, metavar="PID", help="--virt is an address in this process")
     sp.add_argument("--size", type=_int, required=True, metavar="N")
     sp.add_argument("--format", choices=["hex", "raw"], default="hex")
 
@@ -484,6 +599,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, metavar="FILE")
     sp.add_argument("--format", choices=["elf", "raw", "lime"], default="elf")
     sp.add_argument("--no-pause", action="store_true", help="do not pause the guest (the image may be torn)")
+
+    sp = sub.add_parser("serve", help="serve the VMs of a config file over HTTP (and NATS)",
+                        description="One process per host owns the QMP and GDB-stub connections of the "
+                        "VMs named in the config and serves them to tenants: views, memory, traces, "
+                        "live and stored events (see README, 'The service').")
+    sp.add_argument("--config", required=True, metavar="FILE", help="the service's TOML config")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="override [service] listen")
+    sp.add_argument("--aggregate", action="store_true",
+                    help="own no VM: serve, read-only, the events every host publishes to [nats]")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("token", help="make a service token")
+    tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tn = tsub.add_parser("new", help="print a fresh token and the config lines with its SHA-256")
+    who = tn.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", metavar="NAME", help="for tenant NAME")
+    who.add_argument("--operator", action="store_true", help="for the operator")
+    tn.set_defaults(func=cmd_token)
 
     sp = sub.add_parser("demo", help="boot a scratch guest and show what aradia sees")
     sp.add_argument("--kernel", default="6.1", choices=["5.10", "6.1", "6.12"])

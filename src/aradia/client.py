@@ -4,15 +4,18 @@
     with Client("https://hv1:8765", token) as c:
         for p in c.view("web1", "processes")["items"]:
             print(p["pid"], p["name"])
-        t = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
-        for ev in c.live("web1", trace=[t["id"]]):
-            print(ev["args"]["filename"])
+        with c.live("web1", kind=["syscall"], name=["execve"]) as stream:  # subscribed: nothing missed
+            t = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+            for ev in stream.events(duration=10):
+                print(ev["args"]["filename"])
+            c.stop_trace(t["id"])
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -119,13 +122,9 @@ class Client:
         """One page of audit rows (operator)."""
         return self._call("GET", "/audit", params=filters).json()
 
-    def live(self, vm: str, *, timeout: float | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Live events of ``vm`` (filters ``kind``, ``pid``, ``comm``, ``trace`` as lists, ``q``) from the
-        WebSocket, until the iterator is closed; ``{"dropped": N}`` items say this client fell behind.
-        ``timeout`` ends the stream after that many seconds without an event."""
-        from websockets.exceptions import ConnectionClosed
-        from websockets.sync.client import connect
-
+    def live(self, vm: str, **filters: Any) -> LiveStream:
+        """Live events of ``vm`` (filters ``kind``, ``name``, ``pid``, ``comm``, ``trace`` as lists, ``q``):
+        a :class:`LiveStream`, subscribed when this returns (start a trace after it, miss nothing)."""
         parts = urlsplit(self.url)
         query = urlencode([(k, v) for k, vs in filters.items() if vs is not None
                            for v in (vs if isinstance(vs, list | tuple | set) else [vs])])
@@ -137,32 +136,66 @@ class Client:
             if self.verify is False:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        try:
-            ws = connect(uri, additional_headers={"Authorization": f"Bearer {self.token}"}, ssl=context,
-                         open_timeout=30, max_size=1 << 24)
-        except OSError as e:
-            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
-        with ws:
-            try:
-                hello = json.loads(ws.recv(timeout=30))
-                if "subscribed" not in hello:
-                    raise ServiceError(500, f"unexpected first message {hello!r}")
-                while True:
-                    try:
-                        yield json.loads(ws.recv(timeout=timeout))
-                    except TimeoutError:
-                        return
-            except ConnectionClosed as e:
-                rcvd = e.rcvd
-                if rcvd is not None and rcvd.code >= 4000:
-                    raise ServiceError(rcvd.code - 4000, rcvd.reason) from None
-                return
+        return LiveStream(uri, self.token, context)
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._http.close()
 
     def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LiveStream:
+    """A WebSocket subscription to one VM's live events; iterate :meth:`events`, then :meth:`close`."""
+
+    def __init__(self, uri: str, token: str, context: ssl.SSLContext | None) -> None:
+        from websockets.exceptions import InvalidHandshake, InvalidURI
+        from websockets.sync.client import connect
+
+        try:
+            self._ws = connect(uri, additional_headers={"Authorization": f"Bearer {token}"}, ssl=context,
+                               open_timeout=30, max_size=1 << 24)
+        except (OSError, InvalidHandshake, InvalidURI) as e:
+            raise ServiceError(0, f"cannot open {uri}: {e}") from e
+        first = self._recv(30)
+        if first is None or "subscribed" not in first:
+            self.close()
+            raise ServiceError(500, f"unexpected first message {first!r}")
+
+    def _recv(self, timeout: float | None) -> dict[str, Any] | None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            return json.loads(self._ws.recv(timeout=timeout))
+        except TimeoutError:
+            return None
+        except ConnectionClosed as e:
+            rcvd = e.rcvd
+            if rcvd is not None and rcvd.code >= 4000:
+                raise ServiceError(rcvd.code - 4000, rcvd.reason) from None
+            raise ServiceError(0, f"the service closed the stream ({e})") from None
+
+    def events(self, duration: float | None = None) -> Iterator[dict[str, Any]]:
+        """Records as they come, for ``duration`` seconds (or until closed); ``{"dropped": N}`` items
+        say this client fell behind and lost N."""
+        end = None if duration is None else time.monotonic() + duration
+        while True:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            item = self._recv(None if left is None else min(left, 1.0))
+            if item is not None:
+                yield item
+
+    def close(self) -> None:
+        """Unsubscribe."""
+        self._ws.close()
+
+    def __enter__(self) -> LiveStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

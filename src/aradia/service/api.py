@@ -120,13 +120,14 @@ async def start_trace(vm: str, spec: Annotated[Any, Body()], c: CallerDep) -> An
 @router.get("/vms/{vm}/events/sse", name="live")
 async def events_sse(vm: str, request: Request, c: CallerDep,
                      kind: Annotated[list[str] | None, Query()] = None,
+                     name: Annotated[list[str] | None, Query()] = None,
                      pid: Annotated[list[int] | None, Query()] = None,
                      comm: Annotated[list[str] | None, Query()] = None,
                      trace: Annotated[list[str] | None, Query()] = None,
                      q: str | None = None) -> StreamingResponse:
     """Live events of one VM as Server-Sent Events (filters as the WebSocket's)."""
     await c.run("live", vm)
-    sub = c.service.hub.subscribe(c.principal.name, vm, _filter(kind, pid, comm, trace, q))
+    sub = c.service.hub.subscribe(c.principal.name, vm, _filter(kind, name, pid, comm, trace, q))
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -188,16 +189,18 @@ async def audit(c: CallerDep, limit: int = 100, cursor: str | None = None, tenan
     return await c.run("audit", limit=limit, cursor=cursor, tenant=tenant, allowed=allowed)
 
 
-def _filter(kind: list[str] | None, pid: list[int] | None, comm: list[str] | None,
+def _filter(kind: list[str] | None, name: list[str] | None, pid: list[int] | None, comm: list[str] | None,
             trace: list[str] | None, q: str | None) -> LiveFilter:
-    return LiveFilter(kinds=set(kind) if kind else None, pids=set(pid) if pid else None,
+    return LiveFilter(kinds=set(kind) if kind else None, names=set(name) if name else None,
+                      pids=set(pid) if pid else None,
                       comms=set(comm) if comm else None, traces=set(trace) if trace else None,
                       text=q or None)
 
 
 async def events_ws(websocket: WebSocket, vm: str) -> None:
     """Live events of one VM as WebSocket text messages (one JSON record each; ``{"dropped": N}``
-    when this client fell behind). Filters: ``kind``, ``pid``, ``comm``, ``trace`` (repeatable), ``q``."""
+    when this client fell behind). Filters: ``kind``, ``name``, ``pid``, ``comm``, ``trace`` (each
+    repeatable), ``q``."""
     service: Service = websocket.app.state.service
     client = _client(websocket.client and (websocket.client.host, websocket.client.port))
     await websocket.accept()
@@ -210,7 +213,8 @@ async def events_ws(websocket: WebSocket, vm: str) -> None:
         principal = service.authenticate(token, client=client, operation="live", vm=vm)
         service.check(principal, "live", vm, client)
         qp = websocket.query_params
-        flt = _filter(qp.getlist("kind") or None, [int(p) for p in qp.getlist("pid")] or None,
+        pids = [int(p) for p in qp.getlist("pid")] or None
+        flt = _filter(qp.getlist("kind") or None, qp.getlist("name") or None, pids,
                       qp.getlist("comm") or None, qp.getlist("trace") or None, qp.get("q"))
         sub = service.hub.subscribe(principal.name, vm, flt)
     except (TimeoutError, json.JSONDecodeError, ValueError) as e:

@@ -25,6 +25,7 @@ class LiveFilter:
     """Which live events a subscriber wants (None: any)."""
 
     kinds: set[str] | None = None
+    names: set[str] | None = None
     pids: set[int] | None = None
     comms: set[str] | None = None
     traces: set[str] | None = None
@@ -33,6 +34,8 @@ class LiveFilter:
     def keep(self, record: dict[str, Any], trace_ids: list[str]) -> bool:
         """Whether ``record`` (belonging to ``trace_ids``) passes."""
         if self.kinds is not None and record["kind"] not in self.kinds:
+            return False
+        if self.names is not None and record["name"] not in self.names:
             return False
         if self.pids is not None and record["pid"] not in self.pids and record["tgid"] not in self.pids:
             return False
