@@ -101,11 +101,16 @@ class VMOwner:
                 try:
                     self._vm = attach(f"qmp:{self.config.qmp}", memory=self.config.memory)
                 except AradiaError as e:
-                    self.error = str(e)
-                    raise
+                    # clients are told the VM's name, never the host's socket path
+                    self.error = f"VM {self.name} is not reachable: {self.redact(str(e))}"
+                    raise NotAttached(self.error) from e
                 self.error = None
                 self.log.info("attached", extra={"vm": self.name, "qmp": self.config.qmp})
             return self._vm
+
+    def redact(self, message: str) -> str:
+        """``message`` with the VM's host paths replaced by its name."""
+        return message.replace(self.config.qmp, f"<{self.name} QMP socket>")
 
     def _drop_vm(self, why: str) -> None:
         with self._vm_lock:

@@ -1,0 +1,354 @@
+"""``aradia serve`` against real guests, a real nats-server and real HTTP, WebSocket and NATS clients.
+
+Two guests; service ``hv1`` owns ``web1`` (tenant alice) and runs as an unprivileged user (setpriv,
+no capabilities) that can open only web1's QMP socket and RAM file; service ``hv2`` owns ``web2``
+(tenant bob); both publish into one nats-server; an ``--aggregate`` service reads that stream.
+Ground truth is the guest's own ``/proc`` and the commands it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from aradia.client import Client
+from aradia.lab.launcher import Guest
+from aradia.service.bus import request
+from guest_truth import proc_processes
+from nats_server import NatsServer
+from service_env import ServiceProcess, VMEntry, api, config_text, principal
+
+OPERATOR = principal("operator")
+ALICE = principal("alice", ["views", "read", "trace"])
+BOB = principal("bob", ["views", "trace"])
+#: an id that is no user of this machine: the service runs as it (files shared through the group)
+SERVICE_ID = 61_234
+N_EXEC = 50
+STREAM = "ARADIA_EVENTS"
+
+
+def exec_script(tag: str, n: int = N_EXEC) -> str:
+    """A guest script: ``n`` execs of /bin/true with known arguments, then a marker line."""
+    return "\n".join([f"/bin/true {tag}{i} arg-{i * 7}" for i in range(n)] + [f"echo {tag}-DONE"])
+
+
+def run_execs(guest: Guest, tag: str, n: int = N_EXEC) -> None:
+    """Run the exec script in the guest (traced: each exec stops the guest, hence the long timeout)."""
+    guest.run(f"cat > /tmp/{tag}.sh <<'EOF'\n{exec_script(tag, n)}\nEOF")
+    out = guest.run(f"bash /tmp/{tag}.sh", timeout=300)
+    assert f"{tag}-DONE" in out
+
+
+def tagged(records: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
+    """The execve records of the exec script ``tag``."""
+    return [r for r in records if r.get("name") == "execve"
+            and any(str(a).startswith(tag) for a in (r["args"].get("argv") or []))]
+
+
+def expected_argv(tag: str, n: int = N_EXEC) -> list[list[str]]:
+    return [["/bin/true", f"{tag}{i}", f"arg-{i * 7}"] for i in range(n)]
+
+
+def stream_records(url: str, subject: str) -> list[dict[str, Any]]:
+    """Every record JetStream holds on ``subject`` (wildcards allowed), read message by message."""
+    async def read() -> list[dict[str, Any]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(STREAM)
+            out = []
+            sub = await js.pull_subscribe(subject, stream=STREAM)
+            while len(out) < info.state.messages:
+                try:
+                    msgs = await sub.fetch(500, timeout=2)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                for m in msgs:
+                    out.append(json.loads(m.data))
+                    await m.ack()
+            await sub.unsubscribe()
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def share_with_group(guest: Guest, gid: int) -> None:
+    """Give group ``gid`` exactly what the service needs: the VM's directory (search), its QMP socket
+    and its RAM file (read/write). Nothing else of the guest's is shared."""
+    wd = guest.qmp_path.parent
+    os.chown(wd, -1, gid)
+    os.chmod(wd, 0o710)
+    for path in (guest.qmp_path, guest.shm_path):
+        assert path is not None
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+
+
+@dataclass
+class Fleet:
+    """Guests, broker and the three services."""
+
+    g1: Guest
+    g2: Guest
+    nats: NatsServer
+    hv1: ServiceProcess
+    hv2: ServiceProcess
+    agg: ServiceProcess
+    tmp: Path
+
+    def client(self, who: Any = ALICE, svc: ServiceProcess | None = None) -> Client:
+        return Client((svc or self.hv1).url, who.token)
+
+
+@pytest.fixture(scope="module")
+def fleet(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    os.chmod(tmp, 0o755)
+    g1 = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
+    g2 = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
+    share_with_group(g1, SERVICE_ID)
+    broker = NatsServer(tmp / "jetstream").start()
+    services = []
+    for host, vm, guest, user in (("hv1", "web1", g1, (SERVICE_ID, SERVICE_ID)), ("hv2", "web2", g2, None)):
+        home = tmp / host
+        home.mkdir()
+        if user:
+            os.chown(home, *user)
+        cfg = home / "serve.toml"
+        cfg.write_text(config_text(host=host, store=home / "events.db", operator=OPERATOR,
+                                   tenants=[ALICE, BOB],
+                                   vms=[VMEntry(vm, str(guest.qmp_path), "alice" if vm == "web1" else "bob")],
+                                   nats=broker.url))
+        os.chmod(cfg, 0o644)
+        svc = ServiceProcess(cfg, home, user=user, env={"ARADIA_CACHE": str(home / "cache")})
+        svc.start(OPERATOR.token)
+        services.append(svc)
+    agg_home = tmp / "agg"
+    agg_home.mkdir()
+    cfg = agg_home / "serve.toml"
+    cfg.write_text(config_text(host="fleet", store=agg_home / "events.db", operator=OPERATOR,
+                               nats=broker.url, aggregate=True))
+    agg = ServiceProcess(cfg, agg_home)
+    agg.start(OPERATOR.token)
+    f = Fleet(g1, g2, broker, services[0], services[1], agg, tmp)
+    try:
+        yield f
+    finally:
+        for s in (agg, *services):
+            s.stop()
+        broker.kill()
+
+
+def stored(svc: ServiceProcess, **filters: Any) -> list[dict[str, Any]]:
+    with Client(svc.url, OPERATOR.token) as c:
+        return list(c.events(limit=1000, **filters))
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+@pytest.mark.timeout(300)
+def test_service_runs_unprivileged_and_reads_ram_through_the_shared_file(fleet: Fleet) -> None:
+    status = Path(f"/proc/{fleet.hv1.proc.pid}/status").read_text()  # type: ignore[union-attr]
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split()[:2] == [str(SERVICE_ID)] * 2 and fields["Gid"].split()[0] == str(SERVICE_ID)
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    with fleet.client() as c:
+        info = c.info("web1")
+    assert info["memory_path"] == "shared-file"  # no ptrace: /proc/PID/mem is not an option for it
+    assert info["spec"] == "web1" and info["kernel"].startswith("Linux version 6.1")
+    assert str(fleet.g1.qmp_path) not in json.dumps(info)
+
+
+@pytest.mark.timeout(300)
+def test_api_processes_equal_the_guests_proc(fleet: Fleet) -> None:
+    truth = proc_processes(fleet.g1)
+    with fleet.client() as c:
+        doc = c.view("web1", "processes")
+    procs = {p["pid"]: p for p in doc["items"]}
+    stable = [pid for pid, t in truth.items() if t.ppid in (0, 1, 2)]
+    assert len(stable) > 30
+    for pid in stable:
+        t, p = truth[pid], procs.get(pid)
+        assert p is not None, f"pid {pid} ({t.comm}) missing"
+        if p["name"].startswith("kworker/"):  # a worker's name carries its current work: may change
+            continue
+        assert (p["pid"], p["ppid"], p["name"]) == (pid, t.ppid, t.comm)
+    # the same JSON items as the CLI's --json (one code path: Kernel.view)
+    assert set(doc) == {"items", "warnings"} and {"pid", "ppid", "comm", "cmdline"} <= set(doc["items"][0])
+
+
+@pytest.mark.timeout(900)
+def test_trace_over_http_delivers_every_exec_to_websocket_sqlite_and_jetstream(fleet: Fleet) -> None:
+    tag = "aradia-ws"
+    live: list[dict[str, Any]] = []
+    with fleet.client() as c, c.live("web1", kind=["syscall"], name=["execve"]) as stream:
+        trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+        done = threading.Event()
+
+        def collect() -> None:
+            for rec in stream.events(duration=600):
+                live.append(rec)
+                if len(tagged(live, tag)) >= N_EXEC or done.is_set():
+                    return
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        run_execs(fleet.g1, tag)
+        reader.join(timeout=60)
+        done.set()
+        c.stop_trace(trace["id"])
+    ws = tagged(live, tag)
+    assert [r["args"]["argv"] for r in ws] == expected_argv(tag)
+    assert not any("dropped" in r for r in live)
+    wait_for(lambda: len(tagged(stored(fleet.hv1, vm="web1", q=tag), tag)) >= N_EXEC, 30, "the store")
+    db = tagged(stored(fleet.hv1, vm="web1", q=tag), tag)
+    wait_for(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.syscall"), tag))
+             >= N_EXEC, 60, "JetStream")
+    js = tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.syscall"), tag)
+    ids = [r["id"] for r in ws]
+    assert len(set(ids)) == N_EXEC  # no duplicates
+    assert [r["id"] for r in db] == ids and sorted(r["id"] for r in js) == sorted(ids)
+    assert db == ws  # the store keeps the record as it was streamed
+    assert all(r["host"] == "hv1" and r["vm"] == "web1" and r["schema"] == 1 for r in ws)
+
+
+@pytest.mark.timeout(300)
+def test_tenants_on_real_vms(fleet: Fleet) -> None:
+    assert api(fleet.hv1.url, ALICE.token, "GET", "/vms/web1/modules").status_code == 200
+    assert api(fleet.hv1.url, BOB.token, "GET", "/vms/web1/modules").status_code == 403
+    assert api(fleet.hv2.url, ALICE.token, "GET", "/vms/web2/modules").status_code == 403
+    assert api(fleet.hv2.url, BOB.token, "GET", "/vms/web2/modules").status_code == 200
+    # bob lacks "read" on hv2
+    assert api(fleet.hv2.url, BOB.token, "GET", "/vms/web2/memory", params={"phys": 4096, "size": 16}) \
+        .status_code == 403
+    r = api(fleet.hv1.url, ALICE.token, "GET", "/vms/web1/memory", params={"phys": "0x1000", "size": 64})
+    assert r.status_code == 200 and len(r.content) == 64
+    rows = api(fleet.hv2.url, OPERATOR.token, "GET", "/audit", params={"allowed": False}).json()["items"]
+    assert [(x["tenant"], x["operation"], x["vm"], x["status"]) for x in rows][-2:] == [
+        ("alice", "view", "web2", 403), ("bob", "memory", "web2", 403)]
+
+
+def _command(fleet: Fleet, message: dict[str, Any], host: str = "hv1", vm: str = "web1") -> dict[str, Any]:
+    return asyncio.run(request(fleet.nats.url, host, vm, message, timeout=120))
+
+
+@pytest.mark.timeout(600)
+def test_commands_over_nats(fleet: Fleet) -> None:
+    reply = _command(fleet, {"token": ALICE.token, "op": "view", "params": {"name": "processes"}})
+    assert reply["ok"] and any(p["pid"] == 1 for p in reply["result"]["items"])
+    bad = _command(fleet, {"token": "aradia_wrong", "op": "view", "params": {"name": "processes"}})
+    assert (bad["ok"], bad["status"]) == (False, 401)
+    other = _command(fleet, {"token": BOB.token, "op": "view", "params": {"name": "processes"}})
+    assert (other["ok"], other["status"]) == (False, 403)
+    started = _command(fleet, {"token": ALICE.token, "op": "trace.start",
+                               "params": {"spec": {"kind": "syscalls", "syscalls": ["execve"]}}})
+    assert started["ok"], started
+    trace_id = started["result"]["id"]
+    run_execs(fleet.g1, "aradia-nc", 5)
+    seen = _command(fleet, {"token": ALICE.token, "op": "trace.get", "params": {"id": trace_id}})
+    assert seen["ok"] and seen["result"]["events"] >= 5
+    refused = _command(fleet, {"token": "aradia_wrong", "op": "trace.stop", "params": {"id": trace_id}})
+    assert refused["status"] == 401
+    stopped = _command(fleet, {"token": ALICE.token, "op": "trace.stop", "params": {"id": trace_id}})
+    assert stopped["ok"] and api(fleet.hv1.url, ALICE.token, "GET", f"/traces/{trace_id}").status_code == 404
+    rows = api(fleet.hv1.url, OPERATOR.token, "GET", "/audit", params={"limit": 10000}).json()["items"]
+    nats_rows = [(x["tenant"], x["operation"], x["status"]) for x in rows if x["client"] == "nats"]
+    assert nats_rows[-7:] == [("alice", "view", 200), ("-", "view", 401), ("bob", "view", 403),
+                              ("alice", "trace.start", 200), ("alice", "trace.get", 200),
+                              ("-", "trace.stop", 401), ("alice", "trace.stop", 200)]
+
+
+@pytest.mark.timeout(900)
+def test_fleet_aggregate_holds_both_hosts(fleet: Fleet) -> None:
+    tag = "aradia-fl"
+    traces = []
+    for svc, who, vm in ((fleet.hv1, ALICE, "web1"), (fleet.hv2, BOB, "web2")):
+        with Client(svc.url, who.token) as c:
+            traces.append((svc, who, c.start_trace(vm, {"kind": "syscalls", "syscalls": ["execve"]})))
+    threads = [threading.Thread(target=run_execs, args=(g, tag, 20)) for g in (fleet.g1, fleet.g2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for svc, who, tr in traces:
+        with Client(svc.url, who.token) as c:
+            c.stop_trace(tr["id"])
+    own = {"hv1": tagged(stored(fleet.hv1, q=tag), tag), "hv2": tagged(stored(fleet.hv2, q=tag), tag)}
+    assert len(own["hv1"]) == 20 and len(own["hv2"]) == 20
+    wait_for(lambda: len(tagged(stored(fleet.agg, q=tag), tag)) >= 40, 60, "the aggregate")
+    agg = tagged(stored(fleet.agg, q=tag), tag)
+    for host in ("hv1", "hv2"):
+        assert sorted(r["id"] for r in agg if r["host"] == host) == sorted(r["id"] for r in own[host])
+    assert len(agg) == 40
+    # read-only: the aggregate refuses a trace
+    r = api(fleet.agg.url, OPERATOR.token, "POST", "/vms/web1/traces", json={"kind": "syscalls",
+                                                                            "syscalls": ["execve"]})
+    assert r.status_code == 405
+
+
+@pytest.mark.timeout(900)
+def test_nats_restart_mid_trace_loses_nothing(fleet: Fleet) -> None:
+    tag = "aradia-nr"
+    with fleet.client() as c:
+        trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+        worker = threading.Thread(target=run_execs, args=(fleet.g1, tag, 30))
+        worker.start()
+        wait_for(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 5, 120, "the first events")
+        fleet.nats.kill()
+        time.sleep(2)
+        fleet.nats.start()
+        worker.join()
+        c.stop_trace(trace["id"])
+    db = tagged(stored(fleet.hv1, q=tag), tag)
+    assert len(db) == 30
+    wait_for(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.>"), tag)) >= 30,
+             120, "the spool to drain")
+    js = tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.>"), tag)
+    assert sorted(r["id"] for r in js) == sorted(r["id"] for r in db)  # none lost, none twice
+    health = api(fleet.hv1.url, OPERATOR.token, "GET", "/health").json()
+    assert health["bus"]["dropped"] == 0 and health["bus"]["connected"]
+
+
+@pytest.mark.timeout(900)
+def test_kill_9_mid_trace_keeps_the_guest_running_and_the_trace(fleet: Fleet) -> None:
+    tag = "aradia-k9"
+    with fleet.client() as c:
+        trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+    run_execs(fleet.g1, tag, 10)
+    wait_for(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 10, 30, "the store")
+    acknowledged = {r["id"] for r in tagged(stored(fleet.hv1, q=tag), tag)}
+    fleet.hv1.kill()
+    # the guardian disarmed everything: the guest runs (an exec storm would stall if a probe stayed)
+    t0 = time.monotonic()
+    run_execs(fleet.g1, "aradia-free", 50)
+    assert time.monotonic() - t0 < 60
+    fleet.hv1.start(OPERATOR.token)
+    assert acknowledged <= {r["id"] for r in tagged(stored(fleet.hv1, q=tag), tag)}
+    with fleet.client() as c:
+        assert [t["id"] for t in c.traces()] == [trace["id"]]
+        # armed again by itself: new execs are traced without anyone asking
+        wait_for(lambda: c.trace(trace["id"])["events"] >= 0 and any(
+            v["tracing"] for v in c.vms()), 120, "the trace to be armed again")
+        run_execs(fleet.g1, "aradia-re", 5)
+        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) >= 5, 60, "new events")
+        assert len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) == 5
+        c.stop_trace(trace["id"])
+    assert not tagged(stored(fleet.hv1, q="aradia-free"), "aradia-free")  # untraced while down
