@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -122,8 +123,7 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"aradia serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                r = httpx.get(f"{self.url}/api/v1/health", headers={"Authorization": f"Bearer {token}"},
-                              timeout=5, verify=verify)
+                r = api(self.url, token, "GET", "/health", verify=verify)
                 if r.status_code == 200:
                     return
             except httpx.HTTPError:
@@ -169,5 +169,6 @@ def api(url: str, token: str | None, method: str, path: str, *, verify: bool | s
         **kwargs: Any) -> httpx.Response:
     """One HTTP request to the service, with ``token`` as the bearer (none when None)."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    return httpx.request(method, f"{url}/api/v1{path}", headers=headers, timeout=120, verify=verify,
+    tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+    return httpx.request(method, f"{url}/api/v1{path}", headers=headers, timeout=120, verify=tls,
                          **kwargs)

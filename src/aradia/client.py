@@ -43,7 +43,9 @@ class Client:
         self.url = url.rstrip("/")
         self.token = token
         self.verify = verify
-        self._http = httpx.Client(base_url=self.url + "/api/v1", timeout=timeout, verify=verify,
+        tls: bool | ssl.SSLContext = ssl.create_default_context(cafile=verify) if isinstance(verify, str) \
+            else verify
+        self._http = httpx.Client(base_url=self.url + "/api/v1", timeout=timeout, verify=tls,
                                   headers={"Authorization": f"Bearer {token}"})
 
     def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None,

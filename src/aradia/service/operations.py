@@ -22,6 +22,7 @@ from aradia.service.live import LiveHub
 from aradia.service.owner import Subscription, VMOwner
 from aradia.service.policy import AccessError, NotFound, Policy, Principal
 from aradia.service.store import EventStore
+from aradia.service.store_sql import StoreError
 from aradia.service.tracespec import SpecError, parse_spec, spec_json
 
 log = logging.getLogger("aradia.service")
@@ -38,8 +39,8 @@ def status_of(exc: BaseException) -> int:
     """The HTTP status an error stands for."""
     if isinstance(exc, AccessError):
         return exc.status
-    if isinstance(exc, SpecError | ValueError):
-        return 400
+    if isinstance(exc, SpecError | ValueError | StoreError):
+        return 400  # (a StoreError reaching a client is about its filters, cursor or limit)
     if isinstance(exc, NotRAM | PageFault):
         return 422
     if isinstance(exc, NotAttached):
@@ -297,7 +298,8 @@ class Service:
             if vms is not None and params["vm"] not in vms:
                 raise NotFound(f"no VM {params['vm']!r}")
             vms = [str(params["vm"])]
-        limit = _int(params, "limit") or 100
+        limit = _int(params, "limit")
+        limit = 100 if limit is None else limit
         if not 1 <= limit <= 10_000:
             raise ValueError("limit must be 1..10000")
         kinds = params.get("kind")
@@ -314,8 +316,10 @@ class Service:
         return None
 
     def op_audit(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Audit rows, newest last (operator only)."""
-        limit = _int(params, "limit") or 100
+        """Audit rows, newest last (operator only); everything audited before this request is in."""
+        self.store.flush()
+        limit = _int(params, "limit")
+        limit = 100 if limit is None else limit
         allowed = params.get("allowed")
         if isinstance(allowed, str):
             allowed = allowed.lower() in ("1", "true", "yes")

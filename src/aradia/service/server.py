@@ -84,7 +84,8 @@ def build(config: ServiceConfig, *, aggregate: bool = False) -> FastAPI:
         await asyncio.to_thread(service.start)
         bus = aggregator = None
         if config.nats is not None:
-            from aradia.service.bus import Aggregator, EventBus
+            from aradia.service.aggregate import Aggregator
+            from aradia.service.bus import EventBus
 
             if aggregate:
                 aggregator = Aggregator(config.nats.url, service.store, log=log)
@@ -125,7 +126,7 @@ def serve(config: ServiceConfig, *, listen: str | None = None, aggregate: bool =
     if config.tls is not None:
         tls = {"ssl_certfile": config.tls.cert, "ssl_keyfile": config.tls.key}
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=True,
-                                           ws="websockets", lifespan="on", **tls))
+                                           ws="auto", lifespan="on", **tls))
     try:
         server.run()
     except AradiaError:
