@@ -24,7 +24,9 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The service's bus (NATS JetStream) in tests and the fleet demo; setpriv for the least-privilege test.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 command -v setpriv >/dev/null || need+=(util-linux)
-PY=${PYTHON:-python3}
+# Debian's own python3 (3.11 on 12, 3.13 on 13) when there is one: an interpreter every user may run,
+# so the service can be run as an unprivileged user from this checkout (README, "Least privilege").
+PY=${PYTHON:-$( [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3 )}
 command -v "$PY" >/dev/null || need+=(python3)
 # Debian's python3 has no ensurepip (so no venv) without python3-venv.
 "$PY" -c "import ensurepip" 2>/dev/null || need+=(python3-venv)

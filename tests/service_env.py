@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import httpx
 
 from aradia.machine.stubaddress import free_port
 from aradia.service.policy import new_token
-from cli_runner import cli_argv
+from cli_runner import MAIN, SRC, cli_argv
 
 
 @dataclass
@@ -86,6 +88,51 @@ def config_text(*, host: str, store: Path, operator: Principal | None = None,
     return "\n".join(lines) + "\n"
 
 
+def _reachable_by_anyone(path: Path) -> bool:
+    """Whether every directory above ``path`` lets others through and ``path`` lets them read/run it."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in path.parents) and bool(path.stat().st_mode & 0o005)
+
+
+def deployment(workdir: Path) -> tuple[str, str]:
+    """An interpreter and a ``PYTHONPATH`` an unprivileged user can use to run this checkout's aradia.
+
+    As an operator installs aradia for a service user: readable by everyone. This checkout's packages
+    and source are linked (hard links: instant, same file system) or copied into ``workdir`` when
+    their own place is not reachable (a clone under /root); the interpreter is this one when others
+    may run it, else Debian's ``/usr/bin/python3.X`` of the same version (same ABI).
+    """
+    exe = Path(sys.executable)
+    if not _reachable_by_anyone(exe):
+        exe = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+        if not exe.exists():
+            raise AssertionError(f"no interpreter an unprivileged user can run: {sys.executable} is not "
+                                 f"reachable and {exe} does not exist (scripts/dev.sh builds .venv "
+                                 "from Debian's python3)")
+    site = Path(httpx.__file__).resolve().parent.parent
+    paths = [SRC, site]
+    if all(_reachable_by_anyone(p) for p in paths):
+        return str(exe), os.pathsep.join(map(str, paths))
+    out = []
+    for name, p in (("src", SRC), ("site-packages", site)):
+        dest = workdir / "deploy" / name
+        if not dest.exists():
+            shutil.copytree(p, dest, copy_function=_link_or_copy, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        out.append(dest)
+    for d in [workdir / "deploy", *(workdir / "deploy").rglob("*")]:
+        if d.is_dir():
+            d.chmod(0o755)
+    return str(exe), os.pathsep.join(map(str, out))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @dataclass
 class ServiceProcess:
     """``aradia serve --config FILE --listen 127.0.0.1:PORT`` in its own process."""
@@ -113,6 +160,8 @@ class ServiceProcess:
         argv = cli_argv("serve", "--config", str(self.config), "--listen", f"127.0.0.1:{self.port}", *extra)
         if self.user is not None:
             uid, gid = self.user
+            python, path = deployment(self.workdir)
+            argv = ["env", f"PYTHONPATH={path}", python, "-c", MAIN, *argv[argv.index(MAIN) + 1:]]
             argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                     "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", *argv]
         with open(self.log_path, "wb") as log:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,8 +115,9 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    tmp = tmp_path_factory.mktemp("fleet")
+def fleet(launch_guest: Callable[..., Guest]) -> Iterator[Fleet]:
+    # not under pytest's own temp dir: that is root's alone (0700), and hv1's user must reach its home
+    tmp = Path(tempfile.mkdtemp(prefix="aradia-fleet-"))
     os.chmod(tmp, 0o755)
     g1 = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
     g2 = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
@@ -149,6 +152,7 @@ def fleet(launch_guest: Callable[..., Guest], tmp_path_factory: pytest.TempPathF
         for s in (agg, *services):
             s.stop()
         broker.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stored(svc: ServiceProcess, **filters: Any) -> list[dict[str, Any]]:
