@@ -159,8 +159,9 @@ class LiveStream:
         from websockets.sync.client import connect
 
         try:
-            self._ws = connect(uri, additional_headers={"Authorization": f"Bearer {token}"}, ssl=context,
-                               open_timeout=30, max_size=1 << 24)
+            ws = connect(uri, additional_headers={"Authorization": f"Bearer {token}"}, ssl=context,
+                         open_timeout=30, max_size=1 << 24)
+            self._ws = ws.__enter__()  # entered, as websockets wants; close() leaves it
         except (OSError, InvalidHandshake, InvalidURI) as e:
             raise ServiceError(0, f"cannot open {uri}: {e}") from e
         first = self._recv(30)
