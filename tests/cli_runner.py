@@ -37,10 +37,12 @@ def cli_argv(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, timeout: float = 120, text: bool = True, input: str | None = None,
-            ) -> subprocess.CompletedProcess[Any]:
-    """Run ``aradia ARGS`` as a separate process (stdin /dev/null unless ``input``); its result."""
+            env_token: str | None = None) -> subprocess.CompletedProcess[Any]:
+    """Run ``aradia ARGS`` as a separate process (stdin /dev/null unless ``input``; ``ARADIA_TOKEN``
+    set to ``env_token`` if given); its result."""
+    env = {**os.environ, "ARADIA_TOKEN": env_token} if env_token is not None else None
     return subprocess.run(cli_argv(*args), capture_output=True, text=text, timeout=timeout, input=input,
-                          stdin=subprocess.DEVNULL if input is None else None)
+                          stdin=subprocess.DEVNULL if input is None else None, env=env)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:

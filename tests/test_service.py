@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ import pytest
 from aradia.client import Client
 from aradia.lab.launcher import Guest
 from aradia.service.bus import request
+from cli_runner import assert_one_line_error, cli_argv, run_cli
 from guest_truth import proc_processes
 from nats_server import NatsServer
 from service_env import ServiceProcess, VMEntry, api, config_text, principal
@@ -356,3 +359,40 @@ def test_kill_9_mid_trace_keeps_the_guest_running_and_the_trace(fleet: Fleet) ->
         assert len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) == 5
         c.stop_trace(trace["id"])
     assert not tagged(stored(fleet.hv1, q="aradia-free"), "aradia-free")  # untraced while down
+
+
+@pytest.mark.timeout(600)
+def test_cli_over_server(fleet: Fleet) -> None:
+    """``aradia ps --server … --vm NAME`` and ``aradia trace --server …`` as a user runs them: the same
+    output as locally, from the service (which owns the VM: a local attach would be refused)."""
+    r = run_cli("ps", "--server", fleet.hv1.url, "--token", ALICE.token, "--vm", "web1", "--json")
+    assert r.returncode == 0, r.stderr
+    remote = {p["pid"]: (p["ppid"], p["comm"]) for p in json.loads(r.stdout)["items"]}
+    truth = proc_processes(fleet.g1)
+    stable = [pid for pid, t in truth.items() if t.ppid in (0, 1, 2) and not t.comm.startswith("kworker/")]
+    assert all(remote[pid] == (truth[pid].ppid, truth[pid].comm[:15]) for pid in stable)
+    table = run_cli("ps", "--server", fleet.hv1.url, "--vm", "web1", env_token=ALICE.token)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["PID", "PPID", "UID"]
+    assert any(line.split()[:2] == ["1", "0"] for line in table.stdout.splitlines()[1:])
+    denied = run_cli("ps", "--server", fleet.hv1.url, "--token", BOB.token, "--vm", "web1")
+    assert_one_line_error(denied, "HTTP 403")
+    tag = "aradia-cli"
+    argv = cli_argv("trace", "--server", fleet.hv1.url, "--token", ALICE.token, "--vm", "web1",
+                    "--duration", "240", "--json", "syscalls", "-e", "execve")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None and "tracing syscalls on web1" in proc.stderr.readline()
+        run_execs(fleet.g1, tag, 5)
+        lines: list[dict[str, Any]] = []
+        assert proc.stdout is not None
+        while len(tagged(lines, tag)) < 5:
+            line = proc.stdout.readline()
+            assert line, "the trace ended early"
+            lines.append(json.loads(line))
+        assert [r["args"]["argv"] for r in tagged(lines, tag)] == expected_argv(tag, 5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    with fleet.client() as c:
+        assert c.traces() == []  # Ctrl-C stopped the trace on the service

@@ -379,11 +379,11 @@ def _trace_remote(client: Any, args: argparse.Namespace) -> int:
             else:
                 print(f"{n:>12}  {sym}")
         return 0
-    kinds = {"syscalls": ["syscall"], "probe": ["kretprobe" if args.ret else "kprobe"],
-             "uprobe": ["uretprobe" if getattr(args, "ret", False) else "uprobe"],
-             "procs": [k.strip() for k in args.e.split(",")] if args.what == "procs" else [],
-             "watch": ["watch"]}[args.what]
-    with client.live(args.vm, kind=kinds, pid=args.pid, comm=args.comm) as stream:
+    from aradia.service.tracespec import event_keys, parse_spec
+
+    keys = event_keys(parse_spec(spec))  # what the trace's events are: the live stream's filter
+    with client.live(args.vm, kind=sorted({k for k, _ in keys}), name=sorted({n for _, n in keys}),
+                     pid=args.pid, comm=args.comm, uid=args.uid) as stream:
         trace = client.start_trace(args.vm, spec)  # after subscribing: no event is missed
         until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
         print(f"tracing {args.what} on {args.vm} at {args.server} (trace {trace['id']}), {until}",

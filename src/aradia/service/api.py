@@ -124,10 +124,11 @@ async def events_sse(vm: str, request: Request, c: CallerDep,
                      pid: Annotated[list[int] | None, Query()] = None,
                      comm: Annotated[list[str] | None, Query()] = None,
                      trace: Annotated[list[str] | None, Query()] = None,
+                     uid: Annotated[list[int] | None, Query()] = None,
                      q: str | None = None) -> StreamingResponse:
     """Live events of one VM as Server-Sent Events (filters as the WebSocket's)."""
     await c.run("live", vm)
-    sub = c.service.hub.subscribe(c.principal.name, vm, _filter(kind, name, pid, comm, trace, q))
+    sub = c.service.hub.subscribe(c.principal.name, vm, _filter(kind, name, pid, comm, trace, q, uid))
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -190,16 +191,16 @@ async def audit(c: CallerDep, limit: int = 100, cursor: str | None = None, tenan
 
 
 def _filter(kind: list[str] | None, name: list[str] | None, pid: list[int] | None, comm: list[str] | None,
-            trace: list[str] | None, q: str | None) -> LiveFilter:
+            trace: list[str] | None, q: str | None, uid: list[int] | None = None) -> LiveFilter:
     return LiveFilter(kinds=set(kind) if kind else None, names=set(name) if name else None,
-                      pids=set(pid) if pid else None,
+                      pids=set(pid) if pid else None, uids=set(uid) if uid else None,
                       comms=set(comm) if comm else None, traces=set(trace) if trace else None,
                       text=q or None)
 
 
 async def events_ws(websocket: WebSocket, vm: str) -> None:
     """Live events of one VM as WebSocket text messages (one JSON record each; ``{"dropped": N}``
-    when this client fell behind). Filters: ``kind``, ``name``, ``pid``, ``comm``, ``trace`` (each
+    when this client fell behind). Filters: ``kind``, ``name``, ``pid``, ``comm``, ``uid``, ``trace`` (each
     repeatable), ``q``."""
     service: Service = websocket.app.state.service
     client = _client(websocket.client and (websocket.client.host, websocket.client.port))
@@ -215,7 +216,8 @@ async def events_ws(websocket: WebSocket, vm: str) -> None:
         qp = websocket.query_params
         pids = [int(p) for p in qp.getlist("pid")] or None
         flt = _filter(qp.getlist("kind") or None, qp.getlist("name") or None, pids,
-                      qp.getlist("comm") or None, qp.getlist("trace") or None, qp.get("q"))
+                      qp.getlist("comm") or None, qp.getlist("trace") or None, qp.get("q"),
+                      [int(u) for u in qp.getlist("uid")] or None)
         sub = service.hub.subscribe(principal.name, vm, flt)
     except (TimeoutError, json.JSONDecodeError, ValueError) as e:
         await websocket.close(code=4400, reason=f"bad request: {e}"[:120])

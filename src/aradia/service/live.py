@@ -28,6 +28,7 @@ class LiveFilter:
     names: set[str] | None = None
     pids: set[int] | None = None
     comms: set[str] | None = None
+    uids: set[int] | None = None
     traces: set[str] | None = None
     text: str | None = None
 
@@ -40,6 +41,8 @@ class LiveFilter:
         if self.pids is not None and record["pid"] not in self.pids and record["tgid"] not in self.pids:
             return False
         if self.comms is not None and record["comm"] not in self.comms:
+            return False
+        if self.uids is not None and record["uid"] not in self.uids:
             return False
         if self.traces is not None and not self.traces.intersection(trace_ids):
             return False
