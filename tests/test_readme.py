@@ -14,6 +14,7 @@ table that names them, so a README change and its test are read together.)
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import shlex
@@ -30,6 +31,7 @@ from elftools.elf.elffile import ELFFile
 
 from aradia.cli import build_parser
 from aradia.lab.launcher import Guest
+from aradia.service.config import parse_config
 from cli_checks import (
     check_dmesg,
     check_files,
@@ -441,6 +443,17 @@ def count(env: Env, line: str, subs: dict[str, str]) -> None:
     assert counts["vfs_read"] >= 300, counts
 
 
+def token_new(env: Env, line: str, subs: dict[str, str]) -> None:
+    out = env.cli.ok(line)
+    token = out.splitlines()[0].removeprefix("token: ")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert token.startswith("aradia_") and token not in out.split("\n", 1)[1]
+    cfg = parse_config(out.split("\n", 1)[1] + '[store]\npath = "e.db"\n', base_dir="/tmp")
+    assert [(t.name, t.token_sha256) for t in cfg.tenants] == [("alice", digest)]
+
+
+SERVICE = "run by tests/test_service.py with generated configs, a real nats-server and real guests"
+
 # --- the table -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
@@ -486,6 +499,13 @@ COMMANDS: dict[str, Case] = {
     "aradia trace --vm qmp:PATH watch 0x7ffd12345678 8 --in-pid 1234":
         Case(watch, ({**TRACE, "0x7ffd12345678": "{addr}", "1234": "{pid}"},)),
     "aradia trace --vm qmp:PATH --duration 10 count __x64_sys_getppid vfs_read": Case(count, (TRACE,)),
+    "aradia token new --tenant alice": Case(token_new),
+    "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
+    "aradia serve --config fleet.toml --aggregate": Case(None, exempt=SERVICE + " (the aggregate)"),
+    'aradia ps --server https://hv1:8765 --token "$T" --vm web1': Case(None, exempt=SERVICE
+                                                                      + " (test_cli_over_server)"),
+    'aradia trace --server https://hv1:8765 --token "$T" --vm web1 syscalls -e execve':
+        Case(None, exempt=SERVICE + " (test_cli_over_server)"),
 }
 
 
@@ -512,7 +532,12 @@ def test_readme_command_parses(line: str) -> None:
     for subs in COMMANDS[line].variants:
         argv = shlex.split(fill(line, subs, _Any(qmp="/q.sock")).split(" > ")[0])[1:]
         args = parser.parse_args(argv)
-        assert args.command == "demo" or args.vm in ("qmp:/q.sock", "mem.elf", "mem.lime")
+        if args.command in ("demo", "token", "serve"):
+            continue
+        if "--server" in argv:
+            assert (args.server, args.token, args.vm) == ("https://hv1:8765", "$T", "web1")
+            continue
+        assert args.vm in ("qmp:/q.sock", "mem.elf", "mem.lime")
         if "--json" in argv:
             assert args.json is True
         for opt, attr in (("--pid", "pid"), ("--uid", "uid")):
