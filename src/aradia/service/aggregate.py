@@ -63,7 +63,7 @@ class Aggregator:
         self._nc: Client | None = None
         self._ready: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._consumed = self._acked = self._invalid = self._stored = self._duplicates = 0
+        self._consumed = self._acked = self._invalid = self._stored = self._refused = 0
         self._lag: int | None = None
         self._last_error: str | None = None
 
@@ -129,21 +129,25 @@ class Aggregator:
                     return          # rebind now and then: the consumer may be gone (a fresh broker store)
                 continue
             misses = 0
-            records = [r for r in (self._record(m) for m in msgs) if r is not None]
+            records = [self._record(m) for m in msgs]
             try:
-                added = await loop.run_in_executor(self._store_thread, self._commit, records)
+                taken, stored, invalid = await loop.run_in_executor(self._store_thread, self._commit, records)
             except Exception as e:      # the store failed: no ack, the broker redelivers
                 self._note_error(f"store: {type(e).__name__}: {e}")
-                for m in msgs:
+                taken, stored, invalid = [False] * len(msgs), 0, 0
+            self._stored += stored
+            self._invalid += invalid
+            for m, ok in zip(msgs, taken, strict=True):
+                if ok:
+                    await m.ack()
+                else:               # not in the store (its queue full, or it failed): again later
                     with contextlib.suppress(Exception):
                         await m.nak(delay=self._reconnect_wait)
+            acked = sum(taken)
+            self._acked += acked
+            self._refused += len(msgs) - acked
+            if acked < len(msgs):
                 await asyncio.sleep(self._reconnect_wait)
-                continue
-            self._stored += added
-            self._duplicates += len(records) - added
-            for m in msgs:
-                await m.ack()
-            self._acked += len(msgs)
             with contextlib.suppress(Exception):
                 self._lag = msgs[-1].metadata.num_pending
 
@@ -165,11 +169,28 @@ class Aggregator:
             return None
         return record
 
-    def _commit(self, records: list[dict[str, Any]]) -> int:
-        """Append ``records`` and commit them (the store's thread); how many were new."""
-        added = sum(1 for r in records if self.store.append(r))
+    def _commit(self, records: list[dict[str, Any] | None]) -> tuple[list[bool], int, int]:
+        """Append ``records`` (None: an invalid one, acked without storing) and commit them; runs on
+        the store's thread. Per record, whether it may be acked: False where the store refused it
+        (``append`` False: its queue is full), so that message comes again; then how many records
+        were stored and how many the store found invalid."""
+        taken: list[bool] = []
+        stored = invalid = 0
+        for r in records:
+            if r is None:
+                taken.append(True)
+                continue
+            try:
+                ok = self.store.append(r)
+            except ValueError as e:     # the store is stricter than check_record (64-bit ints, ...)
+                invalid += 1
+                self.log.warning("aggregate: record %s refused by the store: %s", r.get("id"), e)
+                ok = True
+            else:
+                stored += ok
+            taken.append(ok)
         self.store.flush()
-        return added
+        return taken, stored, invalid
 
     def _note_error(self, text: str) -> None:
         if text != self._last_error:
@@ -177,12 +198,13 @@ class Aggregator:
         self._last_error = text
 
     def stats(self) -> dict[str, Any]:
-        """Counters: connected, consumed (messages), acked, invalid (refused records), stored (new in
-        the store), duplicates (ids it had), lag (messages left in the stream after the last batch;
-        None before the first), last_error."""
+        """Counters: connected, consumed (messages, redeliveries included), acked, invalid (records
+        refused: not JSON, malformed, subject mismatch), stored (committed in the store; a copy of an id
+        it has counts too, the store ignores it), refused (the store did not take it: redelivered),
+        lag (messages left for this consumer after the last batch; None before the first), last_error."""
         return {"connected": self._nc is not None and self._nc.is_connected, "consumed": self._consumed,
                 "acked": self._acked, "invalid": self._invalid, "stored": self._stored,
-                "duplicates": self._duplicates, "lag": self._lag, "last_error": self._last_error}
+                "refused": self._refused, "lag": self._lag, "last_error": self._last_error}
 
     async def close(self) -> None:
         """Stop consuming and close the connection. A batch not acked yet comes again to the next
@@ -191,5 +213,5 @@ class Aggregator:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        await close_quietly(self._nc)
+        await close_quietly(self._nc, drain=False)      # the acks sent, then closed
         self._store_thread.shutdown(wait=True)

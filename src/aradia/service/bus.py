@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -404,11 +403,16 @@ async def request(url: str, host: str, vm: str, message: dict[str, Any], *,
     async def quiet(_exc: Exception) -> None:
         return None
 
+    # nats-py retries a refused first connection in a loop whatever allow_reconnect says: bound it
+    nc = Client()
+    connect_timeout = max(1.0, min(timeout, 5.0))
     try:
-        nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                                connect_timeout=max(1, min(int(timeout), 5)), error_cb=quiet)
+        await asyncio.wait_for(nc.connect(url, allow_reconnect=False, max_reconnect_attempts=1,
+                                          reconnect_time_wait=0.2, connect_timeout=connect_timeout,
+                                          error_cb=quiet), connect_timeout)
     except Exception as e:
-        raise BusError(f"cannot reach the NATS broker {url}: {type(e).__name__}: {e}") from e
+        await close_quietly(nc, 1.0)
+        raise BusError(f"cannot reach the NATS broker {url}: {str(e) or type(e).__name__}") from e
     try:
         answer = await nc.request(subject, data, timeout=timeout)
     except nats.errors.NoRespondersError:

@@ -121,13 +121,14 @@ async def connect_forever(url: str, *, name: str, log: logging.Logger, reconnect
                               closed_cb=closed_cb)
 
 
-async def close_quietly(nc: Client | None, timeout: float = 5.0) -> None:
-    """Drain and close ``nc`` within ``timeout`` (a broker that is away: just close)."""
+async def close_quietly(nc: Client | None, timeout: float = 5.0, *, drain: bool = True) -> None:
+    """Drain (or, ``drain=False``, flush) and close ``nc`` within ``timeout`` (a broker that is away:
+    just close). A pull subscription never drains (nobody reads its queue): flush that connection."""
     if nc is None or nc.is_closed:
         return
     if nc.is_connected:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), timeout)
+            await asyncio.wait_for(nc.drain() if drain else nc.flush(timeout), timeout)
     if not nc.is_closed:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), timeout)

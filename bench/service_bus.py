@@ -1,0 +1,174 @@
+"""``aradia serve`` benchmark, section **bus**: events/s into NATS JetStream through the real pipeline.
+
+Starts its own ``nats-server -js`` (temp store dir, free port) and, in alternating rounds, publishes
+``--bus-events`` synthetic records (syscall-like, ~330 bytes of JSON each):
+
+* **baseline**: raw nats-py ``js.publish`` awaited one by one (each waits for its PubAck, header
+  ``Nats-Msg-Id``, same subjects and JSON bytes): what a naive publisher gets;
+* **EventBus**: :meth:`aradia.service.bus.EventBus.publish` of every record (the caller's side: JSON
+  encoding and the spool) then :meth:`~aradia.service.bus.EventBus.flush` until every PubAck is in:
+  the time from the first publish to the last ack.
+
+After each round the stream must have grown by exactly the records published ("lost" must be 0).
+Each side keeps its best round (other work on the shared host only slows a round down), the median
+in brackets. The ratio line comes last. Self-contained: ``bench_bus(args) -> list[str]`` returns the
+lines to print, so it can join ``bench/service.py`` as its ``bus`` section. Usage:
+
+    python bench/service_bus.py [--bus-events 50000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import nats
+
+from aradia.service.bus import STREAM, EventBus, event_subject
+
+
+def synthetic_records(n: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` well-formed records like a syscall probe's (3 VMs, 40 pids), ids unique per ``tag``."""
+    t0 = time.time()
+    names = ("execve", "openat", "read", "write", "connect")
+    return [{"schema": 1, "id": f"hv1-{tag}-{i:012d}", "time": t0 + i * 1e-5, "host": "hv1",
+             "vm": f"vm{i % 3}", "vcpu": i % 2, "kind": "syscall", "name": names[i % 5], "pid": 1000 + i % 40,
+             "tgid": 1000 + i % 40, "comm": "worker", "uid": 1000,
+             "args": {"fd": i % 64, "path": f"/srv/data/file{i % 977}.dat", "flags": 524288, "count": 4096}}
+            for i in range(n)]
+
+
+def start_nats(store_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``nats-server -js`` on a free port of 127.0.0.1 with its store in ``store_dir``, and its URL."""
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.access(binary, os.X_OK):
+        raise SystemExit("nats-server is not installed: run `bash scripts/dev.sh setup`")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "-js", "-sd", store_dir, "-p", str(port), "-a", "127.0.0.1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            try:
+                s.connect(("127.0.0.1", port))
+                if s.recv(5) == b"INFO ":
+                    return proc, f"nats://127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("nats-server did not start")
+
+
+async def stream_messages(url: str) -> int:
+    """How many messages the events stream holds."""
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(STREAM)).state.messages)
+    finally:
+        await nc.close()
+
+
+async def raw_one_by_one(url: str, records: list[dict[str, Any]]) -> float:
+    """Seconds to ``js.publish`` every record, each PubAck awaited before the next (JSON included)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        t0 = time.perf_counter()
+        for r in records:
+            await js.publish(event_subject(r), json.dumps(r, separators=(",", ":")).encode(),
+                             headers={"Nats-Msg-Id": r["id"]})
+        return time.perf_counter() - t0
+    finally:
+        await nc.close()
+
+
+async def through_bus(url: str, records: list[dict[str, Any]]) -> tuple[float, float, dict[str, Any]]:
+    """Seconds from the first ``EventBus.publish`` to the flush's end, seconds of the publish calls
+    alone, and the bus's stats."""
+    bus = EventBus(url, "hv1")
+    await bus.start()
+    try:
+        t0 = time.perf_counter()
+        for r in records:
+            bus.publish(r)
+        t1 = time.perf_counter()
+        await bus.flush(300)
+        return time.perf_counter() - t0, t1 - t0, bus.stats()
+    finally:
+        await bus.close()
+
+
+def bench_bus(args: argparse.Namespace) -> list[str]:
+    """The bus section: EventBus.publish + flush against raw one-by-one js.publish; the lines to print."""
+    n, rounds = args.bus_events, args.rounds
+    out: list[str] = []
+    rates: dict[str, list[float]] = {"raw js.publish one by one": [], "EventBus publish+flush": []}
+    call_rates: list[float] = []
+    lost_total = 0
+    with tempfile.TemporaryDirectory(prefix="aradia-bench-bus-") as tmp:
+        proc, url = start_nats(os.path.join(tmp, "js"))
+        try:
+            asyncio.run(through_bus(url, []))       # creates the stream
+            for rnd in range(1, rounds + 1):
+                before = asyncio.run(stream_messages(url))
+                raw = asyncio.run(raw_one_by_one(url, synthetic_records(n, f"raw{rnd}")))
+                mid = asyncio.run(stream_messages(url))
+                elapsed, calls, stats = asyncio.run(through_bus(url, synthetic_records(n, f"bus{rnd}")))
+                after = asyncio.run(stream_messages(url))
+                lost = (n - (mid - before)) + (n - (after - mid))
+                lost_total += lost
+                rates["raw js.publish one by one"].append(n / raw)
+                rates["EventBus publish+flush"].append(n / elapsed)
+                call_rates.append(n / calls)
+                out.append(f"round {rnd}: raw one by one {n / raw:,.0f} events/s; "
+                           f"EventBus {n / elapsed:,.0f} events/s (publish calls alone {n / calls:,.0f}/s, "
+                           f"retries {stats['retries']}, "
+                           f"dropped {stats['dropped']}); lost {lost}")
+        finally:
+            proc.kill()
+            proc.wait()
+    best = {k: max(v) for k, v in rates.items()}
+    for name, v in rates.items():
+        out.append(f"{name}: {n:,} events, best {best[name]:,.0f} events/s "
+                   f"(median {statistics.median(v):,.0f}; {len(v)} rounds)")
+    out.append(f"EventBus.publish alone (caller's side, never waits for the broker): {max(call_rates):,.0f} "
+               f"events/s (median {statistics.median(call_rates):,.0f})")
+    verdict = "OK" if lost_total == 0 else "FAILED"
+    out.append(f"check lost == 0 over {rounds} rounds: lost {lost_total} {verdict}")
+    out.append(f"ratio EventBus/raw-one-by-one: "
+               f"{best['EventBus publish+flush'] / best['raw js.publish one by one']:.2f}x")
+    return out
+
+
+def main() -> int:
+    """Run the bus section and print its lines (the ratio last); status 1 if a record was lost."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["bus"], action="append", help="the one section here: bus")
+    ap.add_argument("--bus-events", type=int, default=50_000, help="bus: records per round and side")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if args.bus_events < 1 or args.rounds < 1:
+        ap.error("--bus-events and --rounds must be positive")
+    print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
+          f"Python {sys.version.split()[0]}", flush=True)
+    print("== bus", flush=True)
+    lines = bench_bus(args)
+    for line in lines:
+        print(line)
+    return 0 if any(line.startswith("check") and line.endswith("OK") for line in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
