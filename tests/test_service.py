@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 
@@ -206,6 +207,24 @@ def test_api_processes_equal_the_guests_proc(fleet: Fleet) -> None:
 def test_trace_over_http_delivers_every_exec_to_websocket_sqlite_and_jetstream(fleet: Fleet) -> None:
     tag = "aradia-ws"
     live: list[dict[str, Any]] = []
+    sse: list[dict[str, Any]] = []
+    subscribed = threading.Event()
+
+    def read_sse() -> None:  # the SSE twin, same filters
+        with httpx.stream("GET", f"{fleet.hv1.url}/api/v1/vms/web1/events/sse",
+                          params={"kind": "syscall", "name": "execve"},
+                          headers={"Authorization": f"Bearer {ALICE.token}"}, timeout=600) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            subscribed.set()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    sse.append(json.loads(line[6:]))
+                    if len(tagged(sse, tag)) >= N_EXEC:
+                        return
+
+    sse_reader = threading.Thread(target=read_sse, daemon=True)
+    sse_reader.start()
+    assert subscribed.wait(30)
     with fleet.client() as c, c.live("web1", kind=["syscall"], name=["execve"]) as stream:
         trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
         done = threading.Event()
@@ -224,6 +243,8 @@ def test_trace_over_http_delivers_every_exec_to_websocket_sqlite_and_jetstream(f
         c.stop_trace(trace["id"])
     ws = tagged(live, tag)
     assert [r["args"]["argv"] for r in ws] == expected_argv(tag)
+    sse_reader.join(timeout=30)
+    assert tagged(sse, tag) == ws
     assert not any("dropped" in r for r in live)
     wait_for(lambda: len(tagged(stored(fleet.hv1, vm="web1", q=tag), tag)) >= N_EXEC, 30, "the store")
     db = tagged(stored(fleet.hv1, vm="web1", q=tag), tag)
