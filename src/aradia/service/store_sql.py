@@ -87,7 +87,8 @@ DELETE_OLDER = ("DELETE FROM events WHERE seq IN "
                 "(SELECT seq FROM events WHERE time < ? ORDER BY time LIMIT ?)")
 DELETE_OLDEST = "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY time LIMIT ?)"
 
-_ARGS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: the args column: compact JSON, non-ASCII text kept as is (so LIKE finds it)
+ARGS_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _CURSOR_RE = re.compile(r"^(e|a)(a|d):([0-9eE.+-]{1,32}:)?([0-9]{1,19})$")
 
 
@@ -167,7 +168,7 @@ def event_row(record: Any) -> tuple[Any, ...]:
     if not math.isfinite(t):
         raise ValueError("event field time must be finite")
     try:
-        args = _ARGS_JSON.encode(record["args"])
+        args = ARGS_JSON.encode(record["args"])
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"event field args is not JSON: {exc}") from None
     if not _text_ok(args):
