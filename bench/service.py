@@ -7,11 +7,14 @@
   includes building the row tuples and the args JSON, nothing else). Fresh database files each
   round; rounds alternate baseline and store; each keeps its best round (other work on the shared
   host only ever slows a round down), the median follows in brackets. "lost" is the records
-  appended minus the rows found by ``count(*)`` after the flush; it must be 0.
+  appended minus the rows found by ``count(*)`` after the flush; it must be 0. Then **store
+  sustained**: ``--rate`` events/s offered for ``--seconds``, a slice every 2 ms with a sleep between
+  (a producer that waits for I/O, as the service's event loop does): the rate committed meanwhile and
+  the worst lag (events queued, not yet committed).
 
 Ratios are printed last. Usage:
 
-    python bench/service.py [--only store] [--events 200000] [--rounds 3]
+    python bench/service.py [--only store] [--events 200000] [--rounds 3] [--rate 50000] [--seconds 4]
 
 Exit status 1 if a check fails (an event lost). To add a section (JetStream ingest, WebSocket
 latency, API latency): one ``bench_<name>(args) -> Results`` function, an entry in ``SECTIONS``.
@@ -87,6 +90,29 @@ def store_ingest(path: str, records: list[dict[str, Any]]) -> tuple[float, float
     return elapsed, appended, lost, stats
 
 
+def store_sustained(path: str, records: list[dict[str, Any]], rate: float) -> dict[str, float]:
+    """Offer ``records`` at ``rate``/s, in slices every 2 ms with a sleep between (as an event loop
+    that waits for I/O would): committed rate while offering, worst lag, dropped and lost."""
+    worst_lag = 0
+    with EventStore(path) as store:
+        start = time.monotonic()
+        i = 0
+        while i < len(records):
+            due = min(len(records), int((time.monotonic() - start) * rate) + 1)
+            while i < due:
+                store.append(records[i])
+                i += 1
+            worst_lag = max(worst_lag, int(store.stats()["lag"]))
+            time.sleep(0.002)
+        offered = time.monotonic() - start
+        stats = store.stats()
+        store.flush(timeout=600)
+        lost = len(records) - store.count_events()
+    return {"offered_s": offered, "offered_rate": len(records) / offered,
+            "committed_rate": stats["committed"] / offered, "worst_lag": worst_lag,
+            "dropped": stats["dropped"], "lost": lost}
+
+
 def bench_store(args: argparse.Namespace) -> Results:
     """The store section: EventStore.append + flush against a bare executemany, best of the rounds."""
     n = args.events
@@ -107,6 +133,9 @@ def bench_store(args: argparse.Namespace) -> Results:
                   f"store ingest: {n:,} events in {elapsed:.2f} s = {n / elapsed:,.0f} events/s, lost {lost} "
                   f"(appends alone {n / appended:,.0f}/s, {stats['commits']} commits, "
                   f"db {stats['bytes'] / 1e6:.1f} MB)", flush=True)
+        records = synthetic_records(int(args.rate * args.seconds), "sustained")
+        sus = store_sustained(os.path.join(tmp, "sustained.db"), records, args.rate)
+        lost_total += sus["lost"]
     best = {k: max(v) for k, v in rates.items()}
     for name in ("bare executemany", "store ingest"):
         v = rates[name]
@@ -116,6 +145,10 @@ def bench_store(args: argparse.Namespace) -> Results:
               f"(median {statistics.median(v):,.0f}; {len(v)} rounds){extra}")
     print(f"store appends alone (caller's side): {max(append_rates):,.0f} events/s "
           f"(median {statistics.median(append_rates):,.0f})")
+    print(f"store sustained: offered {sus['offered_rate']:,.0f} events/s for {sus['offered_s']:.1f} s "
+          f"(slices every 2 ms), committed meanwhile {sus['committed_rate']:,.0f}/s, worst lag "
+          f"{sus['worst_lag']:,} events = {sus['worst_lag'] / args.rate:.2f} s, dropped {sus['dropped']}, "
+          f"lost {sus['lost']}")
     target = 50_000
     print(f"check store ingest >= {target:,} events/s with 0 lost: {best['store ingest']:,.0f}/s, "
           f"lost {lost_total} {'OK' if lost_total == 0 and best['store ingest'] >= target else 'FAILED'}")
@@ -135,6 +168,8 @@ def main() -> int:
                     help="run only this section (repeatable); default: all")
     ap.add_argument("--events", type=int, default=200_000, help="store: records per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=50_000, help="store sustained: events/s offered")
+    ap.add_argument("--seconds", type=float, default=4.0, help="store sustained: for how long")
     args = ap.parse_args()
     if args.events < 1 or args.rounds < 1:
         ap.error("--events and --rounds must be positive")

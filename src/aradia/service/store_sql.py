@@ -78,6 +78,17 @@ CREATE TABLE IF NOT EXISTS traces (
 
 INSERT_EVENT = (f"INSERT OR IGNORE INTO events ({', '.join(EVENT_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})")
+#: rows per multi-row INSERT: the writer releases the GIL once per statement (``sqlite3_step``), so
+#: it contends for it once per this many rows instead of once per row (and SQLite is faster too)
+ROWS_PER_INSERT = 500
+
+
+def insert_events_sql(rows: int) -> str:
+    """``INSERT OR IGNORE`` of ``rows`` events in one statement (``rows`` x 13 parameters)."""
+    one = f"({', '.join('?' * len(EVENT_COLUMNS))})"
+    return f"INSERT OR IGNORE INTO events ({', '.join(EVENT_COLUMNS)}) VALUES {', '.join([one] * rows)}"
+
+
 INSERT_AUDIT = ("INSERT INTO audit (time, tenant, vm, operation, allowed, status, client, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 SELECT_EVENT = f"SELECT seq, {', '.join(EVENT_COLUMNS)} FROM events"
