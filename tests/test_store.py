@@ -242,6 +242,15 @@ def test_a_duplicate_id_is_stored_once_and_counted(db: str) -> None:
         got = all_events(store)
         assert ids(got) == ["h-1", "h-2", "h-3"]
         assert [r["comm"] for r in got] == ["first", "sh", "sh"]
+        # a batch bigger than one multi-row INSERT (500 rows), each id twice
+        twice = [rec(1000 + i // 2, comm=f"c{i}") for i in range(1200)]
+        assert store.append_many(twice) == 1200
+        store.flush()
+        st = store.stats()
+        assert (st["appended"], st["committed"], st["duplicates"], st["rows"]) == (1205, 1205, 602, 603)
+        got = all_events(store, since=T0 + 100)
+        assert ids(got) == [f"h-{1000 + i}" for i in range(600)]
+        assert [r["comm"] for r in got] == [f"c{2 * i}" for i in range(600)]   # the first copy kept
 
 
 @pytest.mark.timeout(30)
