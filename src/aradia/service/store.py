@@ -18,6 +18,7 @@ checkpoint, and what arrives between two retention runs) instead of shrinking an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -40,6 +41,13 @@ BATCH_MAX = 50_000
 RETENTION_CHUNK = 10_000
 #: one retention run stops after this long and resumes at the next turn of the writer
 RETENTION_BUDGET = 0.25
+#: When the queue is half full, every this many appends the caller gives up the GIL for a moment.
+#: The writer releases the GIL inside every ``sqlite3_step`` (one per row) and must win it back each
+#: time; against a producer thread that never waits (pure Python, CPU-bound) it wins it only at the
+#: interpreter's switch interval (5 ms), so it falls behind and the queue fills. A producer that
+#: waits for I/O (the service's event loop) does not need this; a CPU-bound one is slowed down by it
+#: instead of having its events dropped.
+YIELD_EVERY = 64
 
 
 class EventStore:
@@ -87,6 +95,10 @@ class EventStore:
         except StoreError:
             self._conn.close()
             raise
+
+        limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self._rows_per_insert = max(1, min(sql.ROWS_PER_INSERT, limit // len(sql.EVENT_COLUMNS)))
+        self._insert_sql = sql.insert_events_sql(self._rows_per_insert)
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # the writer waits here
@@ -144,6 +156,11 @@ class EventStore:
             self._items_queued += 1
             if wake or len(self._pending) == BATCH_MAX:
                 self._work.notify()
+            # Half full: let the writer have the GIL now and then (see YIELD_EVERY).
+            crowded = (self._appended % YIELD_EVERY == 0
+                       and self._appended - self._committed >= self.queue_limit // 2)
+        if crowded:
+            time.sleep(0)
         return True
 
     def append_many(self, records: Iterable[dict[str, Any]]) -> int:
@@ -447,7 +464,8 @@ class EventStore:
             while True:
                 if self._pending or self._pending_audit:
                     while not (self._closing or self._flushers or len(self._pending) >= BATCH_MAX):
-                        assert self._first_at is not None
+                        if self._first_at is None:  # not expected: every queueing sets it
+                            self._first_at = time.monotonic()
                         remaining = self._first_at + self.commit_interval - time.monotonic()
                         if remaining <= 0:
                             break
@@ -477,7 +495,7 @@ class EventStore:
             conn.execute("BEGIN IMMEDIATE")
             before = conn.total_changes
             if events:
-                conn.executemany(sql.INSERT_EVENT, events)
+                self._insert_events(events)
             inserted = conn.total_changes - before
             if audits:
                 conn.executemany(sql.INSERT_AUDIT, audits)
@@ -509,6 +527,15 @@ class EventStore:
             except Exception:
                 log.exception("event store %s: on_commit raised", self.path)
         return True
+
+    def _insert_events(self, events: list[tuple[Any, ...]]) -> None:
+        """INSERT OR IGNORE the rows, :data:`~aradia.service.store_sql.ROWS_PER_INSERT` a statement."""
+        n = self._rows_per_insert
+        full = len(events) - len(events) % n
+        for k in range(0, full, n):
+            self._conn.execute(self._insert_sql, list(itertools.chain.from_iterable(events[k:k + n])))
+        if full < len(events):
+            self._conn.executemany(sql.INSERT_EVENT, events[full:])
 
     def _safe_used_bytes(self) -> int | None:
         try:
