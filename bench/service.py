@@ -1,4 +1,4 @@
-"""``aradia serve`` benchmarks, one section each; no guest needed for any of them so far.
+"""``aradia serve`` benchmarks from one run: store, bus (a real nats-server) and guest (a real guest).
 
 * **store**: events/s ingested into SQLite through :class:`aradia.service.store.EventStore`
   (``append`` of every record, then ``flush``: from the first append to the last commit), against a
@@ -12,12 +12,18 @@
   (a producer that waits for I/O, as the service's event loop does): the rate committed meanwhile and
   the worst lag (events queued, not yet committed).
 
+* **bus** (``service_bus.py``): events/s into JetStream through ``EventBus.publish`` + ``flush``
+  against raw ``js.publish`` awaited one by one, same records, same server.
+* **guest** (``service_guest.py``): ``processes`` through the API against the direct library call on
+  one idle guest, and the latency from a traced guest exec to a WebSocket subscriber (p50/p99).
+
 Ratios are printed last. Usage:
 
-    python bench/service.py [--only store] [--events 200000] [--rounds 3] [--rate 50000] [--seconds 4]
+    python bench/service.py [--only store|bus|guest] [--events 200000] [--rounds 3] [--rate 50000]
+                            [--seconds 4] [--bus-events 50000] [--api-calls 50] [--execs 200]
 
-Exit status 1 if a check fails (an event lost). To add a section (JetStream ingest, WebSocket
-latency, API latency): one ``bench_<name>(args) -> Results`` function, an entry in ``SECTIONS``.
+Exit status 1 if a check fails (an event lost or missing). To add a section: one
+``bench_<name>(args) -> Results`` function, an entry in ``SECTIONS``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 
 from aradia.service import store_sql
 from aradia.service.store import EventStore
+from service_records import synthetic_records
 
 
 @dataclass
@@ -43,17 +50,6 @@ class Results:
 
     ratios: list[str] = field(default_factory=list)
     ok: bool = True
-
-
-def synthetic_records(n: int, tag: str) -> list[dict[str, Any]]:
-    """``n`` well-formed event records like a syscall probe's (3 VMs, 40 pids, ~100 bytes of args)."""
-    t0 = time.time()
-    names = ("execve", "openat", "read", "write", "connect")
-    return [{"schema": 1, "id": f"hv1-{tag}-{i:012d}", "time": t0 + i * 1e-5, "host": "hv1",
-             "vm": f"vm{i % 3}", "vcpu": i % 2, "kind": "syscall", "name": names[i % 5], "pid": 1000 + i % 40,
-             "tgid": 1000 + i % 40, "comm": "worker", "uid": 1000,
-             "args": {"fd": i % 64, "path": f"/srv/data/file{i % 977}.dat", "flags": 524288, "count": 4096}}
-            for i in range(n)]
 
 
 def bare_executemany(path: str, records: list[dict[str, Any]]) -> float:
@@ -158,7 +154,27 @@ def bench_store(args: argparse.Namespace) -> Results:
     return results
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], Results]] = {"store": bench_store}
+def bench_bus_section(args: argparse.Namespace) -> Results:
+    """The bus section (``service_bus.py``): EventBus into a real nats-server against raw publishes."""
+    from service_bus import bench_bus
+
+    lines = bench_bus(args)
+    for line in lines[:-1]:
+        print(line)
+    ok = any(line.startswith("check") and line.endswith("OK") for line in lines)
+    return Results(ratios=[lines[-1]], ok=ok)
+
+
+def bench_guest_section(args: argparse.Namespace) -> Results:
+    """The guest sections (``service_guest.py``): API latency and exec -> WebSocket latency."""
+    from service_guest import bench_guest
+
+    ratios, ok = bench_guest(args)
+    return Results(ratios=ratios, ok=ok)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], Results]] = {
+    "store": bench_store, "bus": bench_bus_section, "guest": bench_guest_section}
 
 
 def main() -> int:
@@ -170,6 +186,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=50_000, help="store sustained: events/s offered")
     ap.add_argument("--seconds", type=float, default=4.0, help="store sustained: for how long")
+    ap.add_argument("--bus-events", type=int, default=50_000, help="bus: records per round and side")
+    ap.add_argument("--api-calls", type=int, default=50, help="guest: processes calls per side")
+    ap.add_argument("--execs", type=int, default=200, help="guest: execs traced to the WebSocket")
     args = ap.parse_args()
     if args.events < 1 or args.rounds < 1:
         ap.error("--events and --rounds must be positive")

@@ -11,10 +11,10 @@ Starts its own ``nats-server -js`` (temp store dir, free port) and, in alternati
 
 After each round the stream must have grown by exactly the records published ("lost" must be 0).
 Each side keeps its best round (other work on the shared host only slows a round down), the median
-in brackets. The ratio line comes last. Self-contained: ``bench_bus(args) -> list[str]`` returns the
-lines to print, so it can join ``bench/service.py`` as its ``bus`` section. Usage:
+in brackets. ``bench_bus(args) -> list[str]`` returns the lines to print, the ratio last; it is
+``bench/service.py``'s ``bus`` section:
 
-    python bench/service_bus.py [--bus-events 50000] [--rounds 3]
+    python bench/service.py --only bus [--bus-events 50000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -35,17 +34,7 @@ from typing import Any
 import nats
 
 from aradia.service.bus import STREAM, EventBus, event_subject
-
-
-def synthetic_records(n: int, tag: str) -> list[dict[str, Any]]:
-    """``n`` well-formed records like a syscall probe's (3 VMs, 40 pids), ids unique per ``tag``."""
-    t0 = time.time()
-    names = ("execve", "openat", "read", "write", "connect")
-    return [{"schema": 1, "id": f"hv1-{tag}-{i:012d}", "time": t0 + i * 1e-5, "host": "hv1",
-             "vm": f"vm{i % 3}", "vcpu": i % 2, "kind": "syscall", "name": names[i % 5], "pid": 1000 + i % 40,
-             "tgid": 1000 + i % 40, "comm": "worker", "uid": 1000,
-             "args": {"fd": i % 64, "path": f"/srv/data/file{i % 977}.dat", "flags": 524288, "count": 4096}}
-            for i in range(n)]
+from service_records import synthetic_records
 
 
 def start_nats(store_dir: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -150,25 +139,3 @@ def bench_bus(args: argparse.Namespace) -> list[str]:
     out.append(f"ratio EventBus/raw-one-by-one: "
                f"{best['EventBus publish+flush'] / best['raw js.publish one by one']:.2f}x")
     return out
-
-
-def main() -> int:
-    """Run the bus section and print its lines (the ratio last); status 1 if a record was lost."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["bus"], action="append", help="the one section here: bus")
-    ap.add_argument("--bus-events", type=int, default=50_000, help="bus: records per round and side")
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    if args.bus_events < 1 or args.rounds < 1:
-        ap.error("--bus-events and --rounds must be positive")
-    print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
-          f"Python {sys.version.split()[0]}", flush=True)
-    print("== bus", flush=True)
-    lines = bench_bus(args)
-    for line in lines:
-        print(line)
-    return 0 if any(line.startswith("check") and line.endswith("OK") for line in lines) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
