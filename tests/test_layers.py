@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAYERS = ["base", "proto", "sources", "machine", "linux", "trace", "service", "apps", "facade"]
 #: Top-level modules that are not packages, by layer.
 TOP_LEVEL = {"aradia": "facade", "aradia.errors": "base", "aradia.cache": "base", "aradia.elf": "base",
-             "aradia.progress": "base", "aradia.vm": "linux", "aradia.client": "facade"}
+             "aradia.progress": "base", "aradia._version": "base", "aradia.vm": "linux", "aradia.client": "facade"}
 #: Beside the library: they may import any of it, and no library module may import them.
 OUTSIDE = ("aradia.lab", "aradia.cli", "aradia.__main__")
 
@@ -61,7 +61,7 @@ def layer_of(module: str) -> str | None:
     if module in TOP_LEVEL:
         return TOP_LEVEL[module]
     sub = module.split(".")[1] if module.count(".") >= 1 else ""
-    return sub if sub in LAYERS else "base" if sub in ("errors", "cache", "elf", "progress") else sub
+    return sub if sub in LAYERS else "base" if sub in ("errors", "cache", "elf", "progress", "_version") else sub
 
 
 def graph(root: Path) -> dict[str, set[str]]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from aradia._version import __version__
 from aradia.errors import AradiaError
 
 if TYPE_CHECKING:
     from aradia.vm import VM, attach, open_dump
 
-__all__ = ["VM", "AradiaError", "attach", "open_dump"]
-__version__ = "0.1.0"
+__all__ = ["VM", "AradiaError", "__version__", "attach", "open_dump"]
 
 
 def __getattr__(name: str) -> Any:

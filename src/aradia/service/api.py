@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aradia import __version__
+from aradia._version import __version__
 from aradia.errors import AradiaError
 from aradia.service.live import LiveFilter, Subscriber
 from aradia.service.operations import ANONYMOUS, Service, status_of
