@@ -45,8 +45,6 @@ def hexdump(data: bytes, base: int = 0) -> str:
 # --- commands --------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     """Kernel banner, RAM ranges, vCPUs and run state."""
-    from aradia.linux.identify import KernelNotFound, find_banner
-
     client = _client(args)
     if client is not None:
         with client:
@@ -54,11 +52,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         with _open(args) as vm:
             info = vm.info()
-            try:
-                info["kernel"] = find_banner(vm.memory)
-            except KernelNotFound as e:
-                info["kernel"] = None
-                info["kernel_error"] = str(e)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -152,8 +152,9 @@ class VM:
         self.translator.write(root, vaddr, data, la57=l5)
 
     # --- life cycle --------------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """A summary: spec, source kind, run state, RAM ranges, vCPUs."""
+    def info(self, *, kernel: bool = True) -> dict[str, Any]:
+        """A summary: spec, source kind, run state, RAM ranges, vCPUs and (``kernel``) the kernel's
+        banner found in RAM (``kernel`` None and ``kernel_error`` when there is none)."""
         out: dict[str, Any] = {
             "spec": self.spec,
             "memory_path": self.memory.kind,
@@ -166,6 +167,14 @@ class VM:
             out["qemu_version"] = ".".join(map(str, self.machine.version))
         out["vcpus"] = [{"index": c.index, "rip": c.rip, "cr3": c.cr3, "cpl": c.cpl, "la57": c.la57}
                         for c in self.cpus()]
+        if kernel:
+            from aradia.linux.identify import KernelNotFound, find_banner
+
+            try:
+                out["kernel"] = find_banner(self.memory)
+            except KernelNotFound as e:
+                out["kernel"] = None
+                out["kernel_error"] = str(e)
         return out
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
                       f"{same} the guest's /proc/version")
         vm = attach(f"qmp:{guest.qmp_path}")
         try:
-            info = vm.info()
+            info = vm.info(kernel=False)  # the banner was found above, per memory path
             print(f"QEMU {info['qemu_version']}, state {info['state']}, memory path {info['memory_path']}")
             for r in info["ram"]:
                 print(f"  RAM {r['start']:#012x}-{r['end'] - 1:#012x}  {r['size'] >> 20} MiB")

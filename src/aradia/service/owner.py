@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aradia.errors import AradiaError, NotAttached
-from aradia.linux.identify import KernelNotFound, find_banner
 from aradia.service.config import VMConfig
 from aradia.service.schema import record_from_event
 from aradia.service.tracespec import (
@@ -156,11 +155,6 @@ class VMOwner:
             vm = self.vm()
             try:
                 out = vm.info()
-                try:
-                    out["kernel"] = find_banner(vm.memory)
-                except KernelNotFound as e:
-                    out["kernel"] = None
-                    out["kernel_error"] = str(e)
             except NotAttached as e:
                 self._drop_vm(str(e))
                 raise
@@ -301,22 +295,21 @@ class VMOwner:
                 self._dispatch(ev)
         except AradiaError as e:
             self.log.warning("tracer stopped", extra={"vm": self.name, "error": str(e)})
-            with self._trace_lock:
-                if self._tracer is tracer:
-                    self._tracer = None
-                    self._probes.clear()
-                    with contextlib.suppress(Exception):
-                        tracer.close()
-                    self._drop_vm(str(e))
+            self._tracer_failed(tracer, str(e))
         except Exception:
             self.log.exception("tracer failed", extra={"vm": self.name})
-            with self._trace_lock:
-                if self._tracer is tracer:
-                    self._tracer = None
-                    self._probes.clear()
-                    with contextlib.suppress(Exception):
-                        tracer.close()
-                    self._drop_vm("the tracer failed (see the service log)")
+            self._tracer_failed(tracer, "the tracer failed (see the service log)")
+
+    def _tracer_failed(self, tracer: Tracer, why: str) -> None:
+        """Forget a tracer that stopped by itself (its guardian has disarmed everything); the
+        supervisor arms the traces again once the VM is back."""
+        with self._trace_lock:
+            if self._tracer is tracer:
+                self._tracer = None
+                self._probes.clear()
+                with contextlib.suppress(Exception):
+                    tracer.close()
+                self._drop_vm(why)
 
     def _dispatch(self, ev: Event) -> None:
         subs = [s for s in list(self._subs.values()) if matches(s.spec, s.keys, s.filter, ev)]
