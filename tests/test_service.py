@@ -417,3 +417,29 @@ def test_cli_over_server(fleet: Fleet) -> None:
     assert proc.returncode == 0
     with fleet.client() as c:
         assert c.traces() == []  # Ctrl-C stopped the trace on the service
+
+
+@pytest.mark.timeout(600)
+def test_traces_share_one_tracer_and_each_keeps_its_filter(fleet: Fleet) -> None:
+    """Two traces of execve on one VM (one only for comm "bash", whose forked child execs): the probe is
+    armed once, each trace counts its own events, an event both want is stored once, and stopping one
+    leaves the other running."""
+    with fleet.client() as c:
+        every = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
+        shells = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"], "comm": ["bash"]})
+        nobody = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"], "comm": ["nosuchcomm"]})
+        run_execs(fleet.g1, "aradia-sh1", 5)
+        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh1"), "aradia-sh1")) >= 5, 60, "events")
+        first = {t["id"]: t["events"] for t in c.traces()}
+        assert first[nobody["id"]] == 0
+        assert first[shells["id"]] >= 5 and first[every["id"]] >= first[shells["id"]]
+        c.stop_trace(shells["id"])
+        c.stop_trace(nobody["id"])
+        run_execs(fleet.g1, "aradia-sh2", 5)
+        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh2"), "aradia-sh2")) >= 5, 60, "events")
+        assert [t["id"] for t in c.traces()] == [every["id"]]
+        assert c.trace(every["id"])["events"] >= first[every["id"]] + 5
+        c.stop_trace(every["id"])
+    for tag in ("aradia-sh1", "aradia-sh2"):
+        got = tagged(stored(fleet.hv1, q=tag), tag)
+        assert [r["args"]["argv"] for r in got] == expected_argv(tag, 5)  # once each, though two traces matched
