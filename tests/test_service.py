@@ -326,6 +326,12 @@ def test_fleet_aggregate_holds_both_hosts(fleet: Fleet) -> None:
     for host in ("hv1", "hv2"):
         assert sorted(r["id"] for r in agg if r["host"] == host) == sorted(r["id"] for r in own[host])
     assert len(agg) == 40
+
+    def sources() -> dict[tuple[str, str], int]:
+        return {(v["host"], v["name"]): v["events"] for v in api(fleet.agg.url, OPERATOR.token, "GET", "/vms").json()}
+
+    own_counts = {("hv1", "web1"): len(stored(fleet.hv1)), ("hv2", "web2"): len(stored(fleet.hv2))}
+    wait_for(lambda: sources() == own_counts, 60, "the aggregate's VM list")  # every event, not only ours
     # read-only: the aggregate refuses a trace
     r = api(fleet.agg.url, OPERATOR.token, "POST", "/vms/web1/traces", json={"kind": "syscalls",
                                                                             "syscalls": ["execve"]})

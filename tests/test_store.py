@@ -548,3 +548,16 @@ def test_bad_settings_foreign_files_and_a_closed_store_are_store_errors(tmp_path
             call()
     with EventStore(tmp_path / "ok.db") as again:
         assert ids(again.events()[0]) == ["h-1"]              # close() committed what was queued
+
+
+@pytest.mark.timeout(30)
+def test_sources_lists_each_host_and_vm_with_its_count(db: str) -> None:
+    with EventStore(db) as store:
+        assert store.sources() == []
+        store.append_many([rec(i) for i in range(10)] + [rec(100 + i, host="hv2", vm="web") for i in range(4)])
+        store.flush()
+        assert store.sources() == [
+            {"host": "hv1", "name": "vm0", "events": 4, "last_event": T0 + 0.9},
+            {"host": "hv1", "name": "vm1", "events": 3, "last_event": T0 + 0.7},
+            {"host": "hv1", "name": "vm2", "events": 3, "last_event": T0 + 0.8},
+            {"host": "hv2", "name": "web", "events": 4, "last_event": T0 + 10.3}]

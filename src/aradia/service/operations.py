@@ -205,7 +205,10 @@ class Service:
 
     # --- operations ------------------------------------------------------------------------------------
     def op_vms(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """The caller's VMs with their owner and run state."""
+        """The caller's VMs with their owner and run state (an aggregate: every host's VMs with events)."""
+        if self.aggregate:
+            rows = self.store.sources()
+            return rows if principal.operator else [r for r in rows if r["name"] in principal.vms]
         return [self.owners[n].state() for n in self.policy.visible_vms(principal) if n in self.owners]
 
     def op_health(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:

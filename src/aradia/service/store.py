@@ -289,6 +289,12 @@ class EventStore:
         where, params = filters
         return int(self._read(f"SELECT count(*) FROM events{_where(where)}", params)[0][0])
 
+    def sources(self) -> list[dict[str, Any]]:
+        """Every (host, vm) with stored events: how many and the newest one's time (an aggregate's VMs)."""
+        rows = self._read("SELECT host, vm, count(*), max(time) FROM events GROUP BY host, vm "
+                          "ORDER BY host, vm", [])
+        return [{"host": h, "name": v, "events": int(n), "last_event": t} for h, v, n, t in rows]
+
     def audit_rows(self, *, limit: int = 100, cursor: str | None = None, tenant: str | None = None,
                    allowed: bool | None = None,
                    order: str = "asc") -> tuple[list[dict[str, Any]], str | None]:
