@@ -449,3 +449,41 @@ def test_traces_share_one_tracer_and_each_keeps_its_filter(fleet: Fleet) -> None
     for tag in ("aradia-sh1", "aradia-sh2"):
         got = tagged(stored(fleet.hv1, q=tag), tag)
         assert [r["args"]["argv"] for r in got] == expected_argv(tag, 5)  # once each, though two traces matched
+
+
+@pytest.mark.timeout(600)
+def test_memory_write_and_dump_need_their_permissions(fleet: Fleet, tmp_path: Path) -> None:
+    """``write`` and ``dump`` are operations of their own: alice (views, read, trace) is refused; the
+    operator's write is what a guest process then reads (and nothing else changes); its dump is the
+    guest's RAM of one instant, which aradia reads back as a dump."""
+    hold = fleet.g1.start_memhold(seed=0x5EED, size=1 << 16)
+    try:
+        data = b"written over HTTP by the operator"
+        r = api(fleet.hv1.url, ALICE.token, "PUT", "/vms/web1/memory", params={"phys": hold.pages[3]},
+                content=data)
+        assert r.status_code == 403
+        assert api(fleet.hv1.url, ALICE.token, "GET", "/vms/web1/dump").status_code == 403
+        assert hold.check() == (0, -1)
+        with Client(fleet.hv1.url, OPERATOR.token) as c:
+            assert c.write_memory("web1", data, phys=hold.pages[3] + 0x123) == len(data)
+            assert hold.dump(3 * 4096 + 0x123, len(data)) == data
+            words = range((3 * 4096 + 0x123) // 8, (3 * 4096 + 0x123 + len(data) + 7) // 8)
+            assert hold.check() == (len(words), words[0] * 8)
+            hold.poke(3 * 4096 + 0x123, hold.expected(3 * 4096 + 0x123, len(data)))
+            # the same through the process's own page tables (virt + pid)
+            assert c.write_memory("web1", data, virt=hold.vaddr + 5 * 4096 + 7, pid=hold.pid) == len(data)
+            assert hold.dump(5 * 4096 + 7, len(data)) == data
+            assert c.memory("web1", len(data), virt=hold.vaddr + 5 * 4096 + 7, pid=hold.pid) == data
+            hold.poke(5 * 4096 + 7, hold.expected(5 * 4096 + 7, len(data)))
+            assert hold.check() == (0, -1)
+            size = c.dump("web1", str(tmp_path / "web1.elf"))
+        assert size == os.path.getsize(tmp_path / "web1.elf") and size > fleet.g1.memory_size
+        from aradia.vm import open_dump
+
+        with open_dump(str(tmp_path / "web1.elf")) as d:
+            pids = {p.pid for p in d.linux.processes()}
+            assert 1 in pids and hold.pid in pids
+            assert d.read(hold.pages[7], 64) == hold.expected(7 * 4096, 64)
+        assert not list((fleet.tmp / "hv1" / "dumps").iterdir())  # removed once streamed
+    finally:
+        hold.stop()

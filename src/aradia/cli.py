@@ -127,28 +127,18 @@ class ByteProgressBar:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     """Write guest RAM to a dump file (ELF core with VMCOREINFO, raw or LiME)."""
-    from aradia.linux.identify import find_vmcoreinfo
-    from aradia.sources import dumpwrite
-
     progress = ByteProgressBar(f"dump {os.path.basename(args.output)}")
-    with _open(args) as vm:
-        t0 = time.monotonic()
-        pause = vm.live and not args.no_pause
-        if pause:
-            vm.pause()
-        try:
-            if args.format == "elf":
-                cpus = [c.regs for c in vm.cpus()]
-                dumpwrite.write_elf(vm.memory, args.output, vmcoreinfo=find_vmcoreinfo(vm.memory),
-                                    cpu_states=cpus, progress=progress)
-            elif args.format == "raw":
-                dumpwrite.write_raw(vm.memory, args.output, progress=progress)
-            else:
-                dumpwrite.write_lime(vm.memory, args.output, progress=progress)
-        finally:
-            if pause:
-                vm.resume()
-        took = time.monotonic() - t0
+    client = _client(args)
+    t0 = time.monotonic()
+    if client is not None:
+        with client:
+            client.dump(args.vm, args.output, format=args.format, pause=not args.no_pause)
+        pause = not args.no_pause
+    else:
+        with _open(args) as vm:
+            pause = vm.live and not args.no_pause
+            vm.dump(args.output, format=args.format, pause=pause, progress=progress)
+    took = time.monotonic() - t0
     size = os.path.getsize(args.output)
     print(f"wrote {args.output}: {args.format}, {size / (1 << 20):.1f} MiB in {took:.2f}s"
           + (" (guest paused meanwhile)" if pause else ""))

@@ -33,6 +33,16 @@ class ServiceError(AradiaError):
         self.status = status
 
 
+def _raise_for(r: httpx.Response) -> None:
+    """:class:`ServiceError` with the service's own message for an error answer."""
+    if r.status_code >= 400:
+        try:
+            message = r.json().get("error") or r.text
+        except (ValueError, AttributeError):
+            message = r.text[:300]
+        raise ServiceError(r.status_code, str(message))
+
+
 class Client:
     """One service, one token."""
 
@@ -55,12 +65,7 @@ class Client:
             r = self._http.request(method, path, params=clean, json=body)
         except httpx.HTTPError as e:
             raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
-        if r.status_code >= 400:
-            try:
-                message = r.json().get("error") or r.text
-            except (ValueError, AttributeError):
-                message = r.text[:300]
-            raise ServiceError(r.status_code, str(message))
+        _raise_for(r)
         return r
 
     # --- VMs and views ---------------------------------------------------------------------------
@@ -83,6 +88,36 @@ class Client:
         return self._call("GET", f"/vms/{vm}/memory", params={
             "size": size, "phys": None if phys is None else hex(phys),
             "virt": None if virt is None else hex(virt), "pid": pid}).content
+
+    def write_memory(self, vm: str, data: bytes, *, phys: int | None = None, virt: int | None = None,
+                     pid: int | None = None) -> int:
+        """Write guest memory (physical, kernel-virtual, or process ``pid``'s); bytes written."""
+        try:
+            r = self._http.put(f"/vms/{vm}/memory", content=data, params={k: v for k, v in {
+                "phys": None if phys is None else hex(phys), "virt": None if virt is None else hex(virt),
+                "pid": pid}.items() if v is not None})
+        except httpx.HTTPError as e:
+            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
+        _raise_for(r)
+        return int(r.json()["written"])
+
+    def dump(self, vm: str, path: str, *, format: str = "elf", pause: bool = True) -> int:
+        """Download the VM's RAM as a dump file at ``path`` (see ``GET /vms/{vm}/dump``); its size."""
+        try:
+            with self._http.stream("GET", f"/vms/{vm}/dump", params={"format": format,
+                                                                       "pause": str(pause).lower()},
+                                   timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r)
+                size = 0
+                with open(path, "wb") as out:
+                    for chunk in r.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        size += len(chunk)
+        except httpx.HTTPError as e:
+            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
+        return size
 
     def health(self) -> dict[str, Any]:
         """Owner states, store and bus counters."""

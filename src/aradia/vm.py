@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aradia.errors import AradiaError, NotAttached
@@ -150,6 +150,26 @@ class VM:
         """Write guest-virtual memory through the page tables at ``cr3``."""
         root, l5 = self._root(cr3, la57)
         self.translator.write(root, vaddr, data, la57=l5)
+
+    # --- dumps ---------------------------------------------------------------------------------------
+    def dump(self, path: str | os.PathLike[str], *, format: str = "elf", pause: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> None:
+        """Write guest RAM to ``path``: ``elf`` (a core with VMCOREINFO and every vCPU's registers, as
+        drgn and crash read it), ``raw`` or ``lime``. A live guest is paused meanwhile (``pause``), so
+        the image is one instant."""
+        from aradia.linux.identify import find_vmcoreinfo
+        from aradia.sources import dumpwrite
+
+        if format not in ("elf", "raw", "lime"):
+            raise AradiaError(f"dump format {format!r}: one of elf, raw, lime")
+        with self.paused() if pause else contextlib.nullcontext():
+            if format == "elf":
+                dumpwrite.write_elf(self.memory, path, vmcoreinfo=find_vmcoreinfo(self.memory),
+                                    cpu_states=[c.regs for c in self.cpus()], progress=progress)
+            elif format == "raw":
+                dumpwrite.write_raw(self.memory, path, progress=progress)
+            else:
+                dumpwrite.write_lime(self.memory, path, progress=progress)
 
     # --- life cycle --------------------------------------------------------------------------------
     def info(self, *, kernel: bool = True) -> dict[str, Any]:

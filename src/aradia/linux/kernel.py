@@ -95,6 +95,13 @@ class Kernel:
             rows = getattr(self, name)()
         return {"items": [dataclasses.asdict(r) for r in rows], "warnings": list(self.warnings)}
 
+    def write_user(self, pid: int, address: int, data: bytes) -> None:
+        """Write ``data`` into process ``pid``'s memory at user virtual ``address`` (through its own page
+        tables; an address that is not mapped, or not present now, is a clear error, never a fault-in)."""
+        if len(data) > _maps.MAX_USER_READ:
+            raise AradiaError(f"write size {len(data)} out of range (0..{_maps.MAX_USER_READ})")
+        self.vm.write_virt(address, data, cr3=_maps.user_root(self.prog, pid))
+
     def read_user(self, pid: int, address: int, size: int) -> bytes:
         """Read process ``pid``'s memory at user virtual ``address``."""
         return _maps.read_user(self.prog, pid, address, size)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.mm import access_remote_vm, for_each_vma
+from drgn.helpers.linux.mm import access_remote_vm, for_each_vma, virt_to_phys
 
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS, Warnings, attempt, bounded, cstring
@@ -91,6 +91,17 @@ def maps(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> l
         except GUEST_ERRORS as e:
             warnings.add(f"maps of {pid}: VMA at {vma.value_():#x} unreadable ({e})")
     return out
+
+
+def user_root(prog: drgn.Program, pid: int) -> int:
+    """The guest-physical address of process ``pid``'s page-table root (its ``mm->pgd``)."""
+    task = find_task(prog, pid)
+    if not task.mm:
+        raise AradiaError(f"process {pid} is a kernel thread: it has no user memory")
+    try:
+        return int(virt_to_phys(task.mm.pgd))
+    except drgn.FaultError as e:
+        raise AradiaError(f"process {pid}: its mm is unreadable ({e})") from e
 
 
 def read_user(prog: drgn.Program, pid: int, address: int, size: int) -> bytes:

@@ -74,5 +74,9 @@ class VMHandle(Protocol):
         """Read guest-virtual memory through the page tables at ``cr3``."""
         ...
 
+    def write_virt(self, vaddr: int, data: bytes, cr3: int | None = None, la57: bool | None = None) -> None:
+        """Write guest-virtual memory through the page tables at ``cr3``."""
+        ...
+
 
 __all__ = ["CpuState", "VMHandle", "cpu_state"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -94,6 +96,25 @@ async def memory(vm: str, c: CallerDep, size: str, phys: str | None = None, virt
     """``size`` bytes of guest memory at ``phys``, or at ``virt`` (kernel, or process ``pid``'s)."""
     data = await c.run("memory", vm, size=size, phys=phys, virt=virt, pid=pid)
     return Response(data, media_type="application/octet-stream")
+
+
+@router.put("/vms/{vm}/memory", name="memory.write")
+async def write_memory(vm: str, request: Request, c: CallerDep, phys: str | None = None,
+                       virt: str | None = None, pid: int | None = None) -> Any:
+    """Write the request body (raw bytes, at most the service's ``max_body``) at ``phys``, or at
+    ``virt`` (kernel, or process ``pid``'s). Needs the ``write`` permission."""
+    data = await request.body()
+    return await c.run("memory.write", vm, data=data, phys=phys, virt=virt, pid=pid)
+
+
+@router.get("/vms/{vm}/dump", name="dump", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def dump(vm: str, c: CallerDep, format: str = "elf", pause: bool = True) -> FileResponse:
+    """The VM's RAM as one file: ``elf`` (VMCOREINFO and registers: drgn and crash read it), ``raw``
+    or ``lime``; the guest is paused while it is written (``pause=false``: not). Needs ``dump``."""
+    path = await c.run("dump", vm, format=format, pause=pause)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{vm}.{format}",
+                        background=BackgroundTask(os.unlink, path))
 
 
 @router.get("/vms/{vm}/maps/{pid}", name="view")

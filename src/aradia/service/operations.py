@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -65,6 +67,8 @@ OPERATIONS: dict[str, Operation] = {
     "info": Operation("views", True),
     "view": Operation("views", True),
     "memory": Operation("read", True),
+    "memory.write": Operation("write", True, write=True),
+    "dump": Operation("dump", True),
     "trace.start": Operation("trace", True, write=True),
     "trace.get": Operation("trace", False),
     "trace.stop": Operation("trace", False, write=True),
@@ -110,6 +114,8 @@ class Service:
             vm.name: VMOwner(vm, host=config.host, emit=self._emit, log=log) for vm in config.vms}
         self._lock = threading.Lock()
         self._traces: dict[str, Subscription] = {}
+        #: dumps wait here while they are streamed to the client (beside the store, the service's own)
+        self.dump_dir = os.path.join(os.path.dirname(os.path.abspath(config.store.path)), "dumps")
 
     # --- events from the owners' tracers --------------------------------------------------------------
     def _emit(self, record: dict[str, Any], trace_ids: list[str]) -> None:
@@ -244,6 +250,39 @@ class Service:
         return self.owners[str(vm)].read(size, phys=_int(params, "phys"), virt=_int(params, "virt"),
                                          pid=_int(params, "pid"))
 
+    def op_memory_write(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Write ``data`` (bytes; over the bus ``base64``) at ``phys``, or ``virt`` (with ``pid``: in that
+        process)."""
+        data = params.get("data")
+        if data is None and isinstance(params.get("base64"), str):
+            try:
+                data = base64.b64decode(params["base64"], validate=True)
+            except ValueError:
+                raise ValueError("base64 is not valid base64") from None
+        if not isinstance(data, bytes | bytearray) or not data:
+            raise ValueError("nothing to write (data)")
+        self.policy.check_size("memory write", len(data), self.config.limits.max_body)
+        self.owners[str(vm)].write(bytes(data), phys=_int(params, "phys"), virt=_int(params, "virt"),
+                                   pid=_int(params, "pid"))
+        return {"written": len(data)}
+
+    def op_dump(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> str:
+        """Write the VM's RAM (``format`` elf, raw or lime; ``pause``) to a file of the service's own,
+        whose path only the transport sees (it streams the file back and removes it)."""
+        fmt = str(params.get("format") or "elf")
+        if fmt not in ("elf", "raw", "lime"):
+            raise ValueError(f"format {fmt!r}: one of elf, raw, lime")
+        pause = str(params.get("pause", "true")).lower() not in ("0", "false", "no")
+        os.makedirs(self.dump_dir, mode=0o700, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"{vm}-", suffix=f".{fmt}", dir=self.dump_dir)
+        os.close(fd)
+        try:
+            self.owners[str(vm)].dump(path, format=fmt, pause=pause)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path
+
     def op_trace_start(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """Arm a trace from a probe spec; it is stored (armed again after a restart)."""
         spec = parse_spec(params.get("spec"))
@@ -358,9 +397,13 @@ def _detail(operation: str, params: dict[str, Any]) -> str:
     if operation == "view":
         pid = params.get("pid")
         return f"view={params.get('name')}" + (f" pid={pid}" if pid is not None else "")
-    if operation == "memory":
-        return " ".join(f"{k}={params[k]}" for k in ("phys", "virt", "pid", "size")
-                        if params.get(k) is not None)
+    if operation in ("memory", "memory.write"):
+        size = len(params["data"]) if isinstance(params.get("data"), bytes) else params.get("size")
+        where = (("phys", params.get("phys")), ("virt", params.get("virt")), ("pid", params.get("pid")),
+                 ("size", size))
+        return " ".join(f"{k}={v}" for k, v in where if v is not None)
+    if operation == "dump":
+        return f"format={params.get('format') or 'elf'}"
     if operation in ("trace.get", "trace.stop"):
         return f"id={params.get('id')}"
     if operation == "trace.start":

@@ -183,6 +183,33 @@ class VMOwner:
         with self._kernel_use() as vm:
             return vm.read_virt(int(virt), size)  # type: ignore[arg-type]
 
+    def write(self, data: bytes, *, phys: int | None = None, virt: int | None = None,
+              pid: int | None = None) -> None:
+        """Write guest memory: physical, kernel-virtual, or a process's virtual (``virt`` with ``pid``)."""
+        if (phys is None) == (virt is None):
+            raise AradiaError("give exactly one of phys or virt")
+        if pid is not None and virt is None:
+            raise AradiaError("pid goes with virt")
+        if phys is not None:
+            with self._vm_lock:
+                self.vm().write(phys, data)
+            return
+        with self._kernel_use() as vm:
+            if pid is not None:
+                vm.linux.write_user(pid, int(virt), data)  # type: ignore[arg-type]
+            else:
+                vm.write_virt(int(virt), data)  # type: ignore[arg-type]
+
+    def dump(self, path: str, *, format: str = "elf", pause: bool = True) -> None:
+        """Write the VM's RAM to ``path`` (see :meth:`aradia.vm.VM.dump`)."""
+        with self._vm_lock:
+            vm = self.vm()
+            try:
+                vm.dump(path, format=format, pause=pause)
+            except NotAttached as e:
+                self._drop_vm(str(e))
+                raise
+
     # --- traces ------------------------------------------------------------------------------------
     def subscriptions(self) -> list[Subscription]:
         """The traces armed (or waiting to be armed) on this VM."""

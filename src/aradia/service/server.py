@@ -25,6 +25,9 @@ from aradia.service.config import ServiceConfig, parse_listen
 from aradia.service.operations import Service, memory_json, status_of
 
 log = logging.getLogger("aradia.service")
+#: operations the bus does not carry, and where to ask instead
+HTTP_ONLY = {"dump": "a dump is a file: GET /api/v1/vms/{vm}/dump over HTTP",
+             "live": "live events over the bus are the aradia.events.> subjects themselves"}
 #: attributes every LogRecord has: the rest are the structured fields a call passed in ``extra``
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -62,6 +65,9 @@ async def handle_command(service: Service, vm: str, request: dict[str, Any]) -> 
         return {"ok": False, "status": 400, "error": 'a command is {"token": …, "op": …, "params": {…}}'}
     try:
         principal = service.authenticate(request.get("token"), client=client, operation=op, vm=vm)
+        if op in HTTP_ONLY:
+            service.audit(principal.name, vm, op, 400, client, "over the bus")
+            return {"ok": False, "status": 400, "error": HTTP_ONLY[op]}
         result = await asyncio.to_thread(service.execute, principal, op, vm, params, client=client)
     except Exception as e:
         status = status_of(e)
