@@ -403,6 +403,12 @@ def test_cli_over_server(fleet: Fleet) -> None:
     assert any(line.split()[:2] == ["1", "0"] for line in table.stdout.splitlines()[1:])
     denied = run_cli("ps", "--server", fleet.hv1.url, "--token", BOB.token, "--vm", "web1")
     assert_one_line_error(denied, "HTTP 403")
+    raw = fleet.tmp / "web1.raw"
+    r = run_cli("dump", "--server", fleet.hv1.url, "--token", OPERATOR.token, "--vm", "web1", "-o", str(raw),
+                "--format", "raw")
+    assert r.returncode == 0 and "guest paused meanwhile" in r.stdout, r.stderr
+    assert raw.stat().st_size == fleet.g1.memory_size  # a raw image of all RAM (256 MiB below 3 GiB)
+    raw.unlink()
     tag = "aradia-cli"
     argv = cli_argv("trace", "--server", fleet.hv1.url, "--token", ALICE.token, "--vm", "web1",
                     "--duration", "240", "--json", "syscalls", "-e", "execve")
