@@ -24,6 +24,8 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The service's bus (NATS JetStream) in tests and the fleet demo; setpriv for the least-privilege test.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 command -v setpriv >/dev/null || need+=(util-linux)
+# The dashboard's tests drive Debian's chromium with Playwright (Playwright's own download is not used).
+command -v chromium >/dev/null || need+=(chromium)
 # Debian's own python3 (3.11 on 12, 3.13 on 13) when there is one: an interpreter every user may run,
 # so the service can be run as an unprivileged user from this checkout (README, "Least privilege").
 PY=${PYTHON:-$( [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3 )}

@@ -171,6 +171,13 @@ async def events_sse(vm: str, request: Request, c: CallerDep,
                              headers={"Cache-Control": "no-store"})
 
 
+@router.get("/vms/{vm}/rates", name="rates")
+async def rates(vm: str, c: CallerDep, seconds: int = 300) -> Any:
+    """Events per second per kind over the last ``seconds`` (at most 600): ``{"start", "seconds",
+    "kinds": {kind: [counts, oldest first]}, "total"}``."""
+    return await c.run("rates", vm, seconds=seconds)
+
+
 @router.get("/vms/{vm}/{view}", name="view")
 async def view(vm: str, view: str, c: CallerDep) -> Any:
     """One view: processes, threads, modules, sockets, mounts, dmesg (as the CLI's ``--json``)."""

@@ -23,6 +23,7 @@ from aradia.service.config import ServiceConfig
 from aradia.service.live import LiveHub
 from aradia.service.owner import Subscription, VMOwner
 from aradia.service.policy import AccessError, NotFound, Policy, Principal
+from aradia.service.rates import Rates
 from aradia.service.store import EventStore
 from aradia.service.store_sql import StoreError
 from aradia.service.tracespec import SpecError, parse_spec, spec_json
@@ -75,6 +76,7 @@ OPERATIONS: dict[str, Operation] = {
     "traces": Operation("trace", False),
     "events": Operation("trace", False),
     "live": Operation("trace", True),
+    "rates": Operation("trace", True),
     "audit": Operation("audit", False),
 }
 
@@ -108,6 +110,7 @@ class Service:
         self.store = EventStore(config.store.path, max_age=days * 86400 if days else None,
                                 max_bytes=int(mb * (1 << 20)) if mb else None)
         self.hub = LiveHub(max_per_principal=config.limits.max_subscribers)
+        self.rates = Rates()
         self.bus: Any = None  # EventBus when [nats] is configured (set by the server)
         self.aggregator: Any = None  # Aggregator of an --aggregate service with [nats]
         self.owners: dict[str, VMOwner] = {} if aggregate else {
@@ -124,6 +127,7 @@ class Service:
             log.warning("store queue full: event dropped", extra={"vm": record["vm"]})
         if self.bus is not None:
             self.bus.publish(record)
+        self.rates.add(record["vm"], record["kind"], record["time"])
         self.hub.route(record, trace_ids)
 
     # --- life cycle ---------------------------------------------------------------------------------
@@ -215,7 +219,8 @@ class Service:
         if self.aggregate:
             rows = self.store.sources()
             return rows if principal.operator else [r for r in rows if r["name"] in principal.vms]
-        return [self.owners[n].state() for n in self.policy.visible_vms(principal) if n in self.owners]
+        return [{**self.owners[n].state(), "rate": self.rates.series(n, 60)}
+                for n in self.policy.visible_vms(principal) if n in self.owners]
 
     def op_health(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """Owner state of each visible VM, the store's and the bus's lag and drop counts."""
@@ -352,6 +357,11 @@ class Service:
             until=_float(params, "until"), text=params.get("q") or None, limit=limit,
             cursor=params.get("cursor") or None)
         return {"items": items, "next": cursor}
+
+    def op_rates(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Events per second per kind on ``vm`` over the last ``seconds`` (default 300, at most 600)."""
+        seconds = _int(params, "seconds")
+        return self.rates.series(str(vm), 300 if seconds is None else seconds)
 
     def op_live(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> None:
         """Permission to subscribe to live events (the subscription itself is the transport's)."""

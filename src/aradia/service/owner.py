@@ -91,6 +91,7 @@ class VMOwner:
         self._seq = itertools.count(1)
         self._closed = False
         self._supervisor: threading.Thread | None = None
+        self._summary: dict[str, Any] = {}  # kernel banner, vCPUs, memory path: found at attach
 
     # --- the VM ------------------------------------------------------------------------------------
     def vm(self) -> VM:
@@ -104,6 +105,9 @@ class VMOwner:
                     self.error = f"VM {self.name} is not reachable: {self.redact(str(e))}"
                     raise NotAttached(self.error) from e
                 self.error = None
+                info = self._vm.info()
+                self._summary = {"kernel": info.get("kernel"), "vcpus": len(info["vcpus"]),
+                                 "memory_path": info["memory_path"], "ram_bytes": info["ram_bytes"]}
                 self.log.info("attached", extra={"vm": self.name, "qmp": self.config.qmp})
             return self._vm
 
@@ -138,7 +142,7 @@ class VMOwner:
         with self._trace_lock:
             traces = len(self._subs)
             tracing = self._tracer is not None
-        out: dict[str, Any] = {"name": self.name, "traces": traces, "tracing": tracing}
+        out: dict[str, Any] = {"name": self.name, "traces": traces, "tracing": tracing, **self._summary}
         vm = self._vm
         if vm is None:
             out.update(owner="error" if self.error else "detached", state="unknown", error=self.error)
