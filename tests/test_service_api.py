@@ -158,6 +158,11 @@ def test_view_names_and_paging_parameters_are_checked(service: ServiceProcess) -
     assert r.status_code == 400
     r = api(service.url, OPERATOR.token, "GET", "/events", params={"limit": 5})
     assert r.status_code == 200 and r.json() == {"items": [], "next": None}
+    r = api(service.url, OPERATOR.token, "GET", "/events", params={"pid": "one"})
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed request: query.pid")
+    r = httpx.post(f"{service.url}/api/v1/vms/web1/traces", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json", "Authorization": f"Bearer {ALICE.token}"})
+    assert r.status_code == 400 and r.json()["status"] == 400
 
 
 @pytest.mark.timeout(60)

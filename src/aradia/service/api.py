@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -342,8 +343,16 @@ def create_app(service: Service, *, lifespan: Any = None) -> FastAPI:
     async def aradia_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
+    async def malformed(request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own parameter checks (a query value of the wrong type, a body that is not JSON):
+        # the same JSON error shape as every other refusal
+        errors = getattr(exc, "errors", lambda: [])()
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors[:3])
+        return JSONResponse({"error": f"malformed request: {where}", "status": 400}, status_code=400)
+
     app.add_exception_handler(AradiaError, aradia_error)
     app.add_exception_handler(ValueError, aradia_error)
+    app.add_exception_handler(RequestValidationError, malformed)
 
     def refused(scope: Scope) -> None:
         service.audit(ANONYMOUS, None, "request", 413, _client(scope.get("client")),
