@@ -343,6 +343,9 @@ def test_retention_by_age_deletes_exactly_the_old_events(db: str) -> None:
     old = [rec(i, time=now - 1000 + i) for i in range(300)]
     new = [rec(1000 + i, time=now + i / 100) for i in range(200)]
     with EventStore(db, max_age=100, retention_interval=0.05) as store:
+        for i in range(30):                                   # audit rows age out by the same rule
+            store.audit(tenant="t", vm=None, operation="vms", allowed=True, status=200, client="c",
+                        detail=str(i), time=now - 1000 + i if i < 20 else now)
         store.append_many(old + new)
         store.flush()
         wait_until(lambda: store.stats()["expired"] == 300, 10, "300 events to expire")
@@ -350,6 +353,7 @@ def test_retention_by_age_deletes_exactly_the_old_events(db: str) -> None:
         st = store.stats()
         assert (st["expired"], st["rows"]) == (300, 200)
         assert ids(all_events(store)) == ids(new)
+        assert [r["detail"] for r in store.audit_rows(limit=100)[0]] == [str(i) for i in range(20, 30)]
     with EventStore(db) as store:                             # no max_age: nothing more goes
         time.sleep(0.1)
         assert store.stats()["expired"] == 0 and store.count_events() == 200

@@ -565,6 +565,13 @@ class EventStore:
                     if time.monotonic() - start > RETENTION_BUDGET:
                         self._next_retention = time.monotonic()  # more to do: at the next turn
                         return
+                # audit rows age out by the same rule (a flood of refused requests cannot fill the disk
+                # for longer than max_age); size retention counts only events
+                chunk = (cutoff, RETENTION_CHUNK)
+                while conn.execute(sql.DELETE_AUDIT_OLDER, chunk).rowcount == RETENTION_CHUNK:
+                    if time.monotonic() - start > RETENTION_BUDGET:
+                        self._next_retention = time.monotonic()
+                        return
             if self.max_bytes:
                 while True:
                     used = sql.used_bytes(conn)

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, seq);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS traces (
     id TEXT PRIMARY KEY,
     vm TEXT NOT NULL,
@@ -96,6 +97,8 @@ SELECT_AUDIT = "SELECT seq, time, tenant, vm, operation, allowed, status, client
 #: the oldest events first, a chunk at a time (retention)
 DELETE_OLDER = ("DELETE FROM events WHERE seq IN "
                 "(SELECT seq FROM events WHERE time < ? ORDER BY time LIMIT ?)")
+DELETE_AUDIT_OLDER = ("DELETE FROM audit WHERE seq IN "
+                      "(SELECT seq FROM audit WHERE time < ? ORDER BY time LIMIT ?)")
 DELETE_OLDEST = "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY time LIMIT ?)"
 
 #: the args column: compact JSON, non-ASCII text kept as is (so LIKE finds it)
