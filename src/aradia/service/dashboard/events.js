@@ -84,7 +84,8 @@ export function showEvents(root, vm, me) {
     chart.add(record);
     pending.push(record);
     if (pending.length > KEEP) pending.splice(0, pending.length - KEEP);
-    if (!scheduled && !paused) { scheduled = true; requestAnimationFrame(flush); }
+    if (paused) showCount();
+    else if (!scheduled) { scheduled = true; requestAnimationFrame(flush); }
   };
   pause.addEventListener("click", () => {
     paused = !paused;

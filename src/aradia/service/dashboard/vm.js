@@ -72,6 +72,11 @@ export function showVm(root, vm, tab, me) {
       open(tabs.includes(tab) ? tab : "processes");
     }).catch((e) => {
       info.replaceChildren(errorLine(e, "vm-error"));
+      // refused (or signed out): nothing more; a VM of one's own that is away: its tabs say what fails
+      if (![401, 403, 404].includes(e.status)) {
+        root.append(bar, body);
+        open(tabs.includes(tab) ? tab : "processes");
+      }
     });
   }
   return () => { while (cleanups.length) cleanups.pop()(); };
