@@ -16,10 +16,12 @@
   against raw ``js.publish`` awaited one by one, same records, same server.
 * **guest** (``service_guest.py``): ``processes`` through the API against the direct library call on
   one idle guest, and the latency from a traced guest exec to a WebSocket subscriber (p50/p99).
+* **browser** (``service_browser.py``): guest exec -> row visible in the dashboard's live table
+  (timed by the page itself), p50/p99, against the same events' arrival in a Python WebSocket client.
 
 Ratios are printed last. Usage:
 
-    python bench/service.py [--only store|bus|guest] [--events 200000] [--rounds 3] [--rate 50000]
+    python bench/service.py [--only store|bus|guest|browser] [--events 200000] [--rounds 3] [--rate 50000]
                             [--seconds 4] [--bus-events 50000] [--api-calls 50] [--execs 200]
 
 Exit status 1 if a check fails (an event lost or missing). To add a section: one
@@ -173,8 +175,17 @@ def bench_guest_section(args: argparse.Namespace) -> Results:
     return Results(ratios=ratios, ok=ok)
 
 
+def bench_browser_section(args: argparse.Namespace) -> Results:
+    """The browser section (``service_browser.py``): exec -> dashboard row against exec -> WebSocket."""
+    from service_browser import bench_browser
+
+    ratios, ok = bench_browser(args)
+    return Results(ratios=ratios, ok=ok)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Results]] = {
-    "store": bench_store, "bus": bench_bus_section, "guest": bench_guest_section}
+    "store": bench_store, "bus": bench_bus_section, "guest": bench_guest_section,
+    "browser": bench_browser_section}
 
 
 def main() -> int:
@@ -188,7 +199,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="store sustained: for how long")
     ap.add_argument("--bus-events", type=int, default=50_000, help="bus: records per round and side")
     ap.add_argument("--api-calls", type=int, default=50, help="guest: processes calls per side")
-    ap.add_argument("--execs", type=int, default=200, help="guest: execs traced to the WebSocket")
+    ap.add_argument("--execs", type=int, default=200, help="guest, browser: execs traced")
     args = ap.parse_args()
     if args.events < 1 or args.rounds < 1:
         ap.error("--events and --rounds must be positive")

@@ -43,6 +43,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,service]'
+# The dashboard's chart library (uPlot, pinned, integrity-checked) from the npm registry into the package.
+.venv/bin/python scripts/vendor.py
 
 # Test guests (Debian kernels + busybox/bash/dropbear initramfs), cached after the first build.
 case "$target" in

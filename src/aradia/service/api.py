@@ -27,6 +27,7 @@ from aradia.errors import AradiaError
 from aradia.service.live import LiveFilter, Subscriber
 from aradia.service.operations import ANONYMOUS, Service, status_of
 from aradia.service.policy import AccessError, Principal, TooLarge
+from aradia.service.web import mount_dashboard
 
 WS_AUTH_SECONDS = 5.0
 HEARTBEAT_SECONDS = 15.0
@@ -76,6 +77,13 @@ router = APIRouter(prefix="/api/v1")
 async def health(c: CallerDep) -> Any:
     """Owner state of each of the caller's VMs, the store's lag and drops, the bus's spool and drops."""
     return await c.run("health")
+
+
+@router.get("/whoami", name="whoami")
+async def whoami(c: CallerDep) -> Any:
+    """Who the token belongs to: name, operator or not, the operations it may use, the service's host
+    and whether it is a read-only aggregate (the dashboard hides what it cannot do; the policy decides)."""
+    return await c.run("whoami")
 
 
 @router.get("/vms", name="vms")
@@ -359,4 +367,5 @@ def create_app(service: Service, *, lifespan: Any = None) -> FastAPI:
                       f"body over {service.config.limits.max_body} bytes: {scope.get('path', '')}"[:200])
 
     app.add_middleware(BodyLimit, limit=service.config.limits.max_body, on_refused=refused)
+    mount_dashboard(app)
     return app

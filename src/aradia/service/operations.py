@@ -64,6 +64,7 @@ class Operation:
 
 OPERATIONS: dict[str, Operation] = {
     "vms": Operation("list", False),
+    "whoami": Operation("list", False),
     "health": Operation("list", False),
     "info": Operation("views", True),
     "view": Operation("views", True),
@@ -221,6 +222,15 @@ class Service:
             return rows if principal.operator else [r for r in rows if r["name"] in principal.vms]
         return [{**self.owners[n].state(), "rate": self.rates.series(n, 60)}
                 for n in self.policy.visible_vms(principal) if n in self.owners]
+
+    def op_whoami(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """The caller: name, operator or not, the operations it may use (those the service would refuse
+        as read-only left out), the service's host and whether it is an aggregate."""
+        allowed = [name for name, op in OPERATIONS.items()
+                   if (principal.operator or op.permission == "list" or op.permission in principal.allow)
+                   and not (op.write and self.aggregate) and (principal.operator or name != "audit")]
+        return {"name": principal.name, "operator": principal.operator, "allow": sorted(principal.allow),
+                "operations": allowed, "host": self.config.host, "aggregate": self.aggregate}
 
     def op_health(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
         """Owner state of each visible VM, the store's and the bus's lag and drop counts."""
