@@ -350,6 +350,17 @@ def test_the_aggregate_service_lists_the_hosts_vms_read_only(dash: Dash) -> None
         page.click("#history-load")
         page.wait_for_selector("#history-count[data-count='4']", timeout=30_000)
         assert [r["cells"][6] for r in _rows(page, "#history-rows tr")] == _expected("dash-ag", 4)
+        # live too: hv1's next events reach the aggregate's page through the stream
+        page.fill("#filter-q", "")
+        page.wait_for_selector("#live-status:text('live')", timeout=30_000)
+        trace = api(dash.svc.url, ALICE.token, "POST", "/vms/web1/traces",
+                    json={"kind": "syscalls", "syscalls": ["execve"], "comm": ["dashagg"]}).json()
+        _run_from(dash.guest, "dashagg", "dash-al", 3)
+        api(dash.svc.url, ALICE.token, "DELETE", f"/traces/{trace['id']}")
+        wait_until(lambda: page.eval_on_selector_all("#live-rows tr", "r => r.length") >= 3, 60,
+                   "3 live rows on the aggregate's page")
+        live = _rows(page, "#live-rows tr")
+        assert [r["cells"][6] for r in reversed(live)] == _expected("dash-al", 3)
         page.context.close()
     finally:
         if agg is not None:

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -53,12 +54,15 @@ class Aggregator:
 
     def __init__(self, url: str, store: EventStore, *, stream: str = STREAM,
                  durable: str = "aradia-aggregate", log: logging.Logger | None = None,
-                 batch: int = 500, reconnect_wait: float = 0.5, start_wait: float = 2.0) -> None:
+                 batch: int = 500, reconnect_wait: float = 0.5, start_wait: float = 2.0,
+                 on_stored: Callable[[dict[str, Any]], None] | None = None) -> None:
         if not isinstance(batch, int) or batch < 1:
             raise BusError(f"batch must be a positive integer, not {batch!r}")
         self.url, self.store, self.stream, self.durable = url, store, stream, durable
         self.log = log or logging.getLogger("aradia.service.aggregate")
         self._batch, self._reconnect_wait, self._start_wait = batch, reconnect_wait, start_wait
+        #: called with each record once it is committed (the aggregate's live subscribers, its rates)
+        self.on_stored = on_stored
         self._store_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aradia-aggregate")
         self._nc: Client | None = None
         self._ready: asyncio.Event | None = None
@@ -190,6 +194,13 @@ class Aggregator:
                 stored += ok
             taken.append(ok)
         self.store.flush()
+        if self.on_stored is not None:
+            for r, ok in zip(records, taken, strict=True):
+                if r is not None and ok:
+                    try:
+                        self.on_stored(r)
+                    except Exception:  # a subscriber's trouble never holds the stream
+                        self.log.exception("aggregate: on_stored failed")
         return taken, stored, invalid
 
     def _note_error(self, text: str) -> None:

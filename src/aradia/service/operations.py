@@ -131,6 +131,12 @@ class Service:
         self.rates.add(record["vm"], record["kind"], record["time"])
         self.hub.route(record, trace_ids)
 
+    def relay(self, record: dict[str, Any]) -> None:
+        """An event another host stored through the bus (an aggregate service): to live subscribers
+        and the rates, as this host's own events go."""
+        self.rates.add(record["vm"], record["kind"], record["time"])
+        self.hub.route(record, [])
+
     # --- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Attach the VMs and arm the stored traces again (a VM that is away is retried)."""
@@ -192,7 +198,9 @@ class Service:
                 raise ValueError(f"{operation} needs a vm")
             if op.write and self.aggregate:
                 raise AccessErrorReadOnly(f"{operation}: this aggregate service is read-only")
-            self.policy.authorize(principal, op.permission, vm if op.needs_vm else None)
+            # an aggregate's VMs are every host's (not in its config): the operator may see any of them
+            named = vm if op.needs_vm and not (self.aggregate and principal.operator) else None
+            self.policy.authorize(principal, op.permission, named)
             if op.needs_vm and not self.aggregate and vm not in self.owners:
                 raise NotFound(f"no VM {vm!r}")
         except (AccessError, ValueError) as e:

@@ -94,7 +94,7 @@ def build(config: ServiceConfig, *, aggregate: bool = False) -> FastAPI:
             from aradia.service.bus import EventBus
 
             if aggregate:
-                aggregator = Aggregator(config.nats.url, service.store, log=log)
+                aggregator = Aggregator(config.nats.url, service.store, log=log, on_stored=service.relay)
                 await aggregator.start()
                 service.aggregator = aggregator
             else:

@@ -123,24 +123,22 @@ export function showEvents(root, vm, me) {
     }
   };
 
-  if (!me.aggregate) {
+  if (!me.aggregate) {  // an aggregate is read-only: it shows what the hosts' traces see
     const traces = h("div", { id: "traces" });
     root.append(traces);
     cleanups.push(showTraces(traces, vm, me));
-    root.append(chartBox);
-    root.append(h("h3", {}, "Live events"),
-      h("div", { class: "toolbar" }, f.kind, f.pid, f.comm, f.q, pause, status, count),
-      h("div", { class: "scroll" }, h("table", { id: "live" }, thead(), tbody)));
-    const live = openLive(vm, onEvent, (text, bad) => {
-      status.textContent = text;
-      status.className = bad ? "error" : "status";
-    });
-    cleanups.push(() => live.close());
-    const timer = setInterval(() => chart.draw(), 1000);
-    cleanups.push(() => { clearInterval(timer); chart.destroy(); });
-  } else {
-    root.append(h("div", { class: "toolbar" }, f.kind, f.pid, f.comm, f.q));
   }
+  root.append(chartBox);
+  root.append(h("h3", {}, "Live events"),
+    h("div", { class: "toolbar" }, f.kind, f.pid, f.comm, f.q, pause, status, count),
+    h("div", { class: "scroll" }, h("table", { id: "live" }, thead(), tbody)));
+  const live = openLive(vm, onEvent, (text, bad) => {
+    status.textContent = text;
+    status.className = bad ? "error" : "status";
+  });
+  cleanups.push(() => live.close());
+  const timer = setInterval(() => chart.draw(), 1000);
+  cleanups.push(() => { clearInterval(timer); chart.destroy(); });
   root.append(h("h3", {}, "Stored history"),
     h("div", { class: "toolbar" }, "from", from, "to", to,
       h("button", { type: "button", id: "history-load", onclick: loadHistory }, "Show stored events")),
