@@ -174,10 +174,7 @@ class VMOwner:
     def read(self, size: int, *, phys: int | None = None, virt: int | None = None,
              pid: int | None = None) -> bytes:
         """Guest memory: physical, kernel-virtual, or a process's virtual (``virt`` with ``pid``)."""
-        if (phys is None) == (virt is None):
-            raise AradiaError("give exactly one of phys or virt")
-        if pid is not None and virt is None:
-            raise AradiaError("pid goes with virt")
+        _check_where(phys, virt, pid)
         if phys is not None:
             with self._vm_lock:
                 return self.vm().read(phys, size)
@@ -190,10 +187,7 @@ class VMOwner:
     def write(self, data: bytes, *, phys: int | None = None, virt: int | None = None,
               pid: int | None = None) -> None:
         """Write guest memory: physical, kernel-virtual, or a process's virtual (``virt`` with ``pid``)."""
-        if (phys is None) == (virt is None):
-            raise AradiaError("give exactly one of phys or virt")
-        if pid is not None and virt is None:
-            raise AradiaError("pid goes with virt")
+        _check_where(phys, virt, pid)
         if phys is not None:
             with self._vm_lock:
                 self.vm().write(phys, data)
@@ -385,3 +379,11 @@ class VMOwner:
         with self._trace_lock:
             self._drop_tracer(None)
         self._drop_vm("closed")
+
+
+def _check_where(phys: int | None, virt: int | None, pid: int | None) -> None:
+    """A memory address is one of ``phys`` or ``virt`` (with ``pid``: in that process)."""
+    if (phys is None) == (virt is None):
+        raise AradiaError("give exactly one of phys or virt")
+    if pid is not None and virt is None:
+        raise AradiaError("pid goes with virt")
