@@ -108,42 +108,49 @@ class Guard:
         assert st is not None
         if not st.keys:
             return None
-        prog = ctx.prog
-        mnt: drgn.Object | None = None
-        targets: list[tuple[drgn.Object, drgn.Object | None]] = []  # (dentry, its vfsmount)
-        for i, kind in enumerate(kinds):
-            if kind == "file":
-                f = ctx.obj(i, "struct file *")
-                if not int(f.f_mode) & FMODE_WRITE:
-                    return None  # opened for reading: the hot path, decided in one read
-                if int(f.f_inode.i_sb.value_()) not in st.superblocks:
-                    return None
-                targets.append((f.f_path.dentry.read_(), f.f_path.mnt.read_()))
-            elif kind == "path":
-                p = ctx.obj(i, "struct path *")
-                targets.append((p.dentry.read_(), p.mnt.read_()))
-            elif kind == "dir":
-                p = ctx.obj(i, "struct path *")
-                mnt = p.mnt.read_()
-                targets.append((p.dentry.read_(), mnt))
-            else:  # "dentry" (an existing object) or "new" (a name about to be made: its dir decides)
-                d = drgn.Object(prog, "struct dentry *", value=ctx.arg(i))
-                if kind == "dentry" and d.d_inode:
-                    targets.append((d, mnt))
-        for dentry, _mnt in targets:
-            if dentry.d_sb.value_() not in st.superblocks:
+        targets = self._targets(ctx, kinds, st)
+        if targets is None:
+            return None
+        for dentry, mnt, role in sorted(targets, key=lambda t: t[2] != "obj"):
+            if role == "new" or dentry.d_sb.value_() not in st.superblocks:
                 continue
             found = under(dentry, st.keys)
             if found is None:
                 continue
             rule_index, key = found
             rule = st.policy.protect[rule_index]
-            task = ctx.task
-            if task is not None and self._allowed(rule.allow, task, st):
+            if ctx.task is not None and self._allowed(rule.allow, ctx.task, st):
                 return None
-            leaf = _leaf(prog, kinds, ctx, targets)
-            return self._verdict(ctx, "protect", rule_index, rule.path, rule.action, op, leaf, key)
+            if role == "dir":  # a name made, or moved, into a protected directory: name it
+                made = [t for t in targets if t[2] == "new" and t[0].d_parent.value_() == dentry.value_()]
+                if made:
+                    dentry, mnt = made[0][0], made[0][1]
+            return self._verdict(ctx, "protect", rule_index, rule.path, rule.action, op, (dentry, mnt), key)
         return None
+
+    @staticmethod
+    def _targets(ctx: HookContext, kinds: tuple[str, ...],
+                 st: Resolved) -> list[tuple[drgn.Object, drgn.Object | None, str]] | None:
+        """The dentries a hook's arguments name, each with its vfsmount and role ("obj" an existing
+        file, "dir" the directory a name is made in or moved from/to, "new" a name not made yet);
+        None for a file opened without write (the hot path: decided in one read)."""
+        prog = ctx.prog
+        paths = {i: ctx.obj(i, "struct path *") for i, k in enumerate(kinds) if k in ("path", "dir")}
+        mnt = next((p.mnt.read_() for p in paths.values()), None)
+        out: list[tuple[drgn.Object, drgn.Object | None, str]] = []
+        for i, kind in enumerate(kinds):
+            if kind == "file":
+                f = ctx.obj(i, "struct file *")
+                if not int(f.f_mode) & FMODE_WRITE or f.f_inode.i_sb.value_() not in st.superblocks:
+                    return None
+                out.append((f.f_path.dentry.read_(), f.f_path.mnt.read_(), "obj"))
+            elif kind in ("path", "dir"):
+                role = "obj" if kind == "path" else "dir"
+                out.append((paths[i].dentry.read_(), paths[i].mnt.read_(), role))
+            else:
+                d = drgn.Object(prog, "struct dentry *", value=ctx.arg(i))
+                out.append((d, mnt, "obj" if kind == "dentry" and d.d_inode else "new"))
+        return out
 
     def _exec_decision(self, ctx: HookContext) -> int | None:
         started = time.perf_counter()
@@ -249,15 +256,3 @@ def _dentry_path(dentry: drgn.Object) -> bytes:
         parts.append(d.prog_.read(d.d_name.name.value_(), min(n, 255)))
         d = parent
     return b"/" + b"/".join(reversed(parts))
-
-
-def _leaf(prog: drgn.Program, kinds: tuple[str, ...], ctx: HookContext,
-          targets: list[tuple[drgn.Object, drgn.Object | None]]) -> tuple[drgn.Object, drgn.Object | None]:
-    """The object an alert names: the file itself, or the new name for a creation."""
-    if "new" in kinds:
-        i = kinds.index("new")
-        return drgn.Object(prog, "struct dentry *", value=ctx.arg(i)), targets[0][1]
-    with_inode = [t for t in targets if t[0].d_inode]
-    if kinds and kinds[0] == "dir" and len(with_inode) > 1:
-        return with_inode[1]  # (rename, unlink: the entry, not its directory)
-    return with_inode[0] if with_inode else targets[0]
