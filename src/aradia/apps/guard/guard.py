@@ -22,7 +22,7 @@ from typing import Any
 
 import drgn
 
-from aradia.apps.guard.objects import Key, inode_key, under
+from aradia.apps.guard.objects import Key, inode_key, under, user_dev
 from aradia.apps.guard.policy import Allow, Policy, load_policy
 from aradia.apps.guard.resolve import Resolved, resolve
 from aradia.apps.guard.session import actor, parents, task_exe
@@ -224,7 +224,7 @@ class Guard:
         inode = dentry.d_inode
         args: dict[str, Any] = {"action": taken, "rule": f"{kind} {rule_what}",
                                 "object": {"path": path, "ino": int(inode.i_ino) if inode else None,
-                                           "dev": int(dentry.d_sb.s_dev)}}
+                                           "dev": user_dev(int(dentry.d_sb.s_dev))}}
         if ctx.task is not None:
             st = self.state
             with contextlib.suppress(*GUEST_ERRORS):

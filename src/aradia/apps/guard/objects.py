@@ -48,6 +48,12 @@ class Resolved:
     directory: bool
 
 
+def user_dev(s_dev: int) -> int:
+    """A superblock's ``s_dev`` (kernel form) as ``stat`` shows ``st_dev`` (``new_encode_dev``)."""
+    major, minor = s_dev >> 20, s_dev & 0xFFFFF
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
 def inode_key(inode: drgn.Object) -> Key:
     """The key of a ``struct inode *``."""
     return int(inode.i_sb.value_()), int(inode.i_ino)
@@ -134,7 +140,7 @@ class Namespace:
         """``path`` as a :class:`Resolved` (symlinks followed)."""
         _mnt, dentry = self.lookup(path)
         inode = dentry.d_inode
-        return Resolved(path, inode_key(inode), int(inode.i_sb.s_dev), int(inode.i_ino),
+        return Resolved(path, inode_key(inode), user_dev(int(inode.i_sb.s_dev)), int(inode.i_ino),
                         int(inode.i_mode) & S_IFMT == S_IFDIR)
 
     def tree_keys(self, path: str) -> list[Key]:
@@ -173,4 +179,4 @@ def under(dentry: drgn.Object, keys: dict[Key, int]) -> tuple[int, Key] | None:
     return None
 
 
-__all__ = ["Key", "Namespace", "NotFound", "Resolved", "inode_key", "under"]
+__all__ = ["Key", "Namespace", "NotFound", "Resolved", "inode_key", "under", "user_dev"]
