@@ -4,6 +4,7 @@ sha256sum, ls -li and error messages are the truth, the session's own $SSH_CLIEN
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,31 @@ def test_policy_reload(guest: Guest, tmp_path: Path) -> None:
     assert first[1:] == (0, "") and second[1] != 0 and DENIED in second[2], (first, second)
     assert [r["args"]["action"] for r in alerts] == ["alerted", "blocked"]
     assert guest.run("cat /srv/app/config") == "listen=8080\nsecret=s3cr3t\none\n"
+
+
+@pytest.mark.timeout(300)
+def test_pause_holds_the_vm_until_resumed(guest: Guest, tmp_path: Path) -> None:
+    """``--pause``: at an alert the VM stays stopped (the insider's command waits) until SIGUSR1."""
+    set_scene(guest)
+    result: dict[str, Any] = {}
+
+    def act() -> None:
+        result["value"] = attempt(guest, "echo evil >> /srv/app/config")
+
+    with guarding(guest, write_policy(tmp_path / "p.toml", "block"), "--pause") as p:
+        worker = threading.Thread(target=act)
+        worker.start()
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        assert line == f"guard: VM paused at the hit; kill -USR1 {p.pid} lets it run\n", line
+        worker.join(5)
+        held = worker.is_alive()  # 5 s: an ssh command takes ~1 s when the guest runs
+        p.send_signal(signal.SIGUSR1)
+        worker.join(60)
+    alerts, _err = alerts_of(p)
+    assert held and not worker.is_alive()
+    client, rc, out = result["value"]
+    assert rc == 1 and DENIED in out, out
+    assert len(alerts) == 1
+    check_alert(alerts[0], client, "blocked", "/srv/app/config")
+    assert guest.run("cat /srv/app/config") == "listen=8080\nsecret=s3cr3t\n"
