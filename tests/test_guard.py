@@ -148,7 +148,7 @@ def test_kill_9_leaves_guest_unguarded(guest: Guest, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_policy_reload(guest: Guest, tmp_path: Path) -> None:
-    """Rewriting the policy file (alert -> block) takes effect without a restart."""
+    """Rewriting the policy file (alert -> block) takes effect without a restart; SIGHUP reloads too."""
     set_scene(guest)
     policy = write_policy(tmp_path / "p.toml", "alert")
     with guarding(guest, policy) as p:
@@ -157,8 +157,11 @@ def test_policy_reload(guest: Guest, tmp_path: Path) -> None:
         assert p.stderr is not None
         line = p.stderr.readline()
         second = attempt(guest, "echo two >> /srv/app/config")
+        p.send_signal(signal.SIGHUP)
+        hup = p.stderr.readline()
     alerts, _err = alerts_of(p)
-    assert line.startswith(f"guard: policy reloaded (file changed): {policy}"), line
+    assert line == f"guard: policy reloaded (file changed): {policy}\n", line
+    assert hup == f"guard: policy reloaded (SIGHUP): {policy}\n", hup
     assert first[1:] == (0, "") and second[1] != 0 and DENIED in second[2], (first, second)
     assert [r["args"]["action"] for r in alerts] == ["alerted", "blocked"]
     assert guest.run("cat /srv/app/config") == "listen=8080\nsecret=s3cr3t\none\n"
