@@ -1,8 +1,8 @@
 """What the insider guard costs the guest: a file-heavy workload and an ssh command loop, guard off
 against guard on (every hook armed, the policy of ``tests/guard_setup.py``), and the cost per hook hit.
 
-Boots one guest (6.1, 2 vCPUs, TCG, GDB stub, shared RAM file). Workloads, timed by the host's
-clock (the guest's clock partly stops while the stub holds the VM):
+Boots one guest (6.1, 2 vCPUs unless ``--smp``, TCG, GDB stub, shared RAM file). Workloads, timed by
+the host's clock (the guest's clock partly stops while the stub holds the VM):
 
 * **files**: 2,000 small files written one by one outside the protected tree (``/tmp``), then read
   back by one ``cat``: each write is a create and an open for writing, each read an open (~6,000 hook
@@ -13,7 +13,7 @@ Rounds alternate off and on (each round starts with the other one). Each phase k
 run (the host is shared: other work only slows a run down). Cost per hook hit = (on - off) / hits;
 the share of it the guard's own decision takes (Python, drgn reads) is printed beside it. Usage:
 
-    python bench/guard.py [--rounds 2] [--files 2000] [--ssh 10]
+    python bench/guard.py [--rounds 2] [--files 2000] [--ssh 10] [--smp 2]
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--ssh", type=int, default=10)
+    ap.add_argument("--smp", type=int, default=2, help="vCPUs of the guest (default 2)")
     args = ap.parse_args()
     image = build_guest("6.1")
-    with tempfile.TemporaryDirectory() as tmp, launch(image, gdb=True, shared_memory=True, smp=2,
+    with tempfile.TemporaryDirectory() as tmp, launch(image, gdb=True, shared_memory=True, smp=args.smp,
                                                       workdir=Path(tmp)) as guest:
-        print(f"guest: Linux {image.release}, 2 vCPUs, TCG; host {os.cpu_count()} CPUs, load "
+        print(f"guest: Linux {image.release}, {args.smp} vCPUs, TCG; host {os.cpu_count()} CPUs, load "
               f"{os.getloadavg()[0]:.2f}", flush=True)
         guest.run(SCENE)
         guest.ssh("true", timeout=60)  # sshd up
