@@ -42,6 +42,7 @@ from cli_checks import (
     check_ps,
 )
 from cli_runner import Cli, event_lines, run_cli
+from guard_setup import attempt, set_scene, write_policy
 from guest_truth import proc_details, sample_stat
 from guest_workload import (
     ACTORS,
@@ -452,6 +453,29 @@ def token_new(env: Env, line: str, subs: dict[str, str]) -> None:
     assert [(t.name, t.token_sha256) for t in cfg.tenants] == [("alice", digest)]
 
 
+def guard(env: Env, line: str, subs: dict[str, str]) -> None:
+    """One protected write over ssh under the guard: blocked (or not, with --dry-run), one alert."""
+    set_scene(env.guest)
+    write_policy(env.tmp / "guard.toml", "block")
+    result, (client, rc, out) = env.cli.live(env.fill(line, subs), lambda: attempt(env.guest, "echo x >> /srv/app/config"),
+                                             ready="guarding")
+    assert result.returncode == 0, result.stderr
+    dry = "--dry-run" in line
+    assert (rc, "Operation not permitted" in out) == ((0, False) if dry else (1, True)), (rc, out)
+    ip, port = client.split()
+    if "--json" in line:
+        [rec] = [json.loads(x) for x in result.stdout.splitlines()]
+        assert (rec["kind"], rec["name"], rec["args"]["action"]) == ("guard", "write", "blocked"), rec
+        assert (rec["args"]["session"]["client"], rec["args"]["session"]["client_port"]) == (ip, int(port))
+    else:
+        [text] = result.stdout.splitlines()
+        action = "WOULD-BLOCK" if dry else "BLOCKED"
+        assert f"Z {action} write /srv/app/config (dev " in text, text
+        assert f"session root (uid 0) from {ip}:{port} " in text, text
+    content = env.guest.run("cat /srv/app/config")
+    assert content == "listen=8080\nsecret=s3cr3t\n" + ("x\n" if dry else ""), content
+
+
 SERVICE = "run by tests/test_service.py with generated configs, a real nats-server and real guests"
 
 # --- the table -----------------------------------------------------------------------------------------
@@ -500,6 +524,9 @@ COMMANDS: dict[str, Case] = {
         Case(watch, ({**TRACE, "0x7ffd12345678": "{addr}", "1234": "{pid}"},)),
     "aradia trace --vm qmp:PATH --duration 10 count __x64_sys_getppid vfs_read": Case(count, (TRACE,)),
     "aradia token new --tenant alice": Case(token_new),
+    "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml": Case(guard, (QMP,)),
+    "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --json": Case(guard, (QMP,)),
+    "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --dry-run": Case(guard, (QMP,)),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
     "aradia serve --config fleet.toml --aggregate": Case(None, exempt=SERVICE + " (the aggregate)"),
     'aradia ps --server https://hv1:8765 --token "$T" --vm web1': Case(None, exempt=SERVICE

@@ -429,6 +429,63 @@ def _jsonable(v: object) -> object:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    """The insider guard: block or report changes to protected files and runs of forbidden programs."""
+    import signal
+    import threading
+
+    from aradia.apps.guard.alerts import Records, alert_line
+    from aradia.apps.guard.guard import Guard
+    from aradia.apps.guard.policy import load_policy
+    from aradia.apps.guard.reload import PolicyWatcher
+    from aradia.trace.tracer import Tracer
+
+    policy = load_policy(args.policy)
+    with _open(args) as vm:
+        if not vm.live:
+            raise AradiaError("the guard needs a live VM (qmp:PATH), not a dump")
+        _kernel(vm, args)
+        records = Records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
+        shown: set[int] = set()
+
+        def show(ev: Any) -> None:
+            if id(ev) not in shown:
+                shown.add(id(ev))
+                print(json.dumps(records.record(ev)) if args.json else alert_line(ev), flush=True)
+
+        resume = threading.Event()
+
+        def pause(ev: Any) -> None:
+            show(ev)
+            print(f"guard: VM paused at the hit; kill -USR1 {os.getpid()} lets it run", file=sys.stderr,
+                  flush=True)
+            resume.wait()
+            resume.clear()
+
+        if args.pause:
+            signal.signal(signal.SIGUSR1, lambda *_: resume.set())
+        with Tracer.open(vm) as tracer:
+            guard = Guard(tracer, policy, dry_run=args.dry_run, pause=pause if args.pause else None)
+            for w in guard.start():
+                print(f"aradia: warning: {w}", file=sys.stderr)
+            watcher = PolicyWatcher(guard, args.policy, lambda text: print(f"guard: {text}", file=sys.stderr,
+                                                                         flush=True))
+            watcher.start()
+            until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+            mode = " (dry run: nothing is blocked)" if args.dry_run else ""
+            print(f"guarding {args.vm} with {args.policy}{mode}, {until}", file=sys.stderr, flush=True)
+            try:
+                for ev in tracer.events(duration=args.duration):
+                    if ev.kind == "guard":
+                        show(ev)
+                    shown.discard(id(ev))
+            except KeyboardInterrupt:
+                pass  # closing the tracer disarms every hook and lets the guest run
+            finally:
+                watcher.stop()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the introspection service for the VMs in a config file."""
     from aradia.service.config import load_config
@@ -577,6 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
     wa.add_argument("--access", choices=["w", "r", "rw"], default="w", help="writes (default), reads or both")
     wa.add_argument("--in-pid", dest="target_pid", type=int, metavar="PID",
                     help="a user address: only accesses by this process")
+
+    sp = vm_parser("guard", cmd_guard, "block (or report) changes to protected files and runs of forbidden "
+                   "programs, decided outside the guest at the kernel's security hooks")
+    sp.add_argument("--policy", required=True, metavar="FILE", help="the policy (TOML; reloaded on SIGHUP or "
+                    "when the file changes)")
+    sp.add_argument("--dry-run", action="store_true", help="block nothing: report what would be blocked")
+    sp.add_argument("--json", action="store_true", help="alerts as event records, one JSON object per line")
+    sp.add_argument("--pause", action="store_true", help="hold the VM stopped at each alert until SIGUSR1")
+    sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

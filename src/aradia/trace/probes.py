@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aradia.trace.events import Event
+from aradia.trace.hooks import Decide
 from aradia.trace.uprobes import UserTarget
 
 
@@ -12,13 +13,15 @@ from aradia.trace.uprobes import UserTarget
 class Probe:
     """One armed probe."""
 
-    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", or aradia's own "mmap"/"sysexit" hooks
+    kind: str  # "kprobe", "count", "syscall", "uprobe", "lifecycle", "hook", or aradia's own "mmap"/"sysexit"
     name: str
     address: int
     ret: bool = False
     #: Bytes to skip instead of single-stepping (the 5-byte ftrace NOP at function entry).
     skip: int = 0
     target: UserTarget | None = None
+    #: a decision hook's ``decide(ctx)`` (kind "hook"): None lets the function run, an errno fails it
+    decide: Decide | None = None
 
 
 @dataclass

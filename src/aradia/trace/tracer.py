@@ -30,6 +30,7 @@ from aradia.proto.gdbwire import StopEvent
 from aradia.trace import syscalls
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
+from aradia.trace.hooks import Decide, HookContext, return_now
 from aradia.trace.probes import Filter, Pending, Probe, Watch
 from aradia.trace.uprobes import CALL_ARG_REGS, UserSpace, UserTarget
 
@@ -105,6 +106,8 @@ class Tracer:
     _entry_stubs: tuple[int, int] | None = None
     _current_off: int | None = None
     _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
+    _return_now: dict[str, int] | None = None  # registers that make the hooked function return at once
+    _queued: list[Event] = field(default_factory=list)  # a hit's events beyond the first
 
     @classmethod
     def open(cls, vm: LinuxVM) -> Tracer:
@@ -143,6 +146,12 @@ class Tracer:
         """Probe kernel function ``symbol`` at entry (argument registers), or at return (``ret``);
         ``count_only`` events carry only the name and vCPU (no task lookup: for counting)."""
         return self._arm(Probe("count" if count_only else "kprobe", symbol, self._symbol(symbol), ret))
+
+    def add_hook(self, symbol: str, decide: Decide) -> Probe:
+        """A decision hook at kernel function ``symbol``'s entry: at each call, with the vCPU stopped,
+        ``decide(ctx)`` (see :mod:`aradia.trace.hooks`) returns None (the function runs) or an errno
+        (the function is skipped and returns ``-errno``); events it emits are yielded by :meth:`events`."""
+        return self._arm(Probe("hook", symbol, self._symbol(symbol), decide=decide))
 
     def add_syscall(self, name: str) -> Probe:
         """Probe syscall ``name`` (``execve``, ``openat``, ``connect``...) with decoded arguments."""
@@ -386,6 +395,8 @@ class Tracer:
                 return None  # the faulted instruction running again: reported already
         if probe is not None and probe.kind == "mmap":
             self._on_mmap(regs)
+        elif probe is not None and probe.kind == "hook":
+            out = self._decide(probe, thread, regs)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
@@ -436,6 +447,22 @@ class Tracer:
                 if rip not in self.probes:
                     self.stub.remove_breakpoint(rip)  # gone: the vCPU continues with no step
         return out
+
+    def _decide(self, probe: Probe, thread: str | None, regs: dict[str, int]) -> Event | None:
+        """Run a hook's decision; an errno arranges the immediate return (done in :meth:`_resume`)."""
+        assert probe.decide is not None
+        try:
+            task = self._current(regs)
+        except GUEST_ERRORS:
+            task = None
+        ctx = HookContext(probe.name, regs, self.vm.linux.prog, task, self._user_reader(regs), _vcpu(thread),
+                          _make_event=lambda kind, name, args: self._event(kind, name, thread, regs, args))
+        errno = probe.decide(ctx)
+        if errno:
+            ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
+            self._return_now = return_now(regs, ret_addr, errno)
+        self._queued.extend(ctx.events[1:])
+        return ctx.events[0] if ctx.events else None
 
     def _await_return(self, probe: Probe, regs: dict[str, int],
                       syscall: tuple[str, list[int]] | None = None) -> None:
@@ -499,9 +526,11 @@ class Tracer:
         while (end is None or time.monotonic() < end) and not (until is not None and until()):
             with self._lock:
                 ev = self._next(0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
+                more, self._queued = self._queued, []
             self._lock.yield_to_waiters()
-            if ev is not None and self.filter.keep(ev):
-                yield ev
+            for e in [ev, *more] if ev is not None else more:
+                if self.filter.keep(e):
+                    yield e
 
     def _next(self, timeout: float) -> Event | None:
         """Wait up to ``timeout`` for one stop and handle it; the event it makes, if any."""
@@ -531,7 +560,11 @@ class Tracer:
         """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run."""
         rip = regs.get("rip", 0)
         probe = self.probes.get(rip)
-        if probe is not None and probe.skip:
+        now, self._return_now = self._return_now, None
+        if now is not None:  # a hook decided: the function returns at once, its body never runs
+            for name in ("rax", "rsp", "rip"):
+                self.stub.write_register(name, now[name], thread)
+        elif probe is not None and probe.skip:
             self.stub.write_register("rip", rip + probe.skip, thread)
         elif probe is not None or rip in self._returns:
             # off the breakpoint, or the continue would re-hit it

@@ -1,0 +1,1 @@
+"""Applications built on the library: each a package that may use every layer below it."""

@@ -1,0 +1,49 @@
+"""The guard's alerts as the user reads them: one line each, or the service's one event record."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import time
+from typing import Any
+
+from aradia.service.schema import record_from_event, wall_time
+from aradia.trace.events import Event
+
+
+def alert_line(ev: Event) -> str:
+    """One human-readable line: time, action, operation, object, process, session, ancestry."""
+    a = ev.args
+    obj = a.get("object") or {}
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall_time(ev.time)))
+    proc = a.get("process") or {"pid": ev.tgid, "comm": ev.comm, "uid": ev.uid, "exe": None}
+    s = a.get("session")
+    session = "no login session" if not s else (f"session {s['user']} (uid {s['uid']}) from {s['client']}:"
+                                                f"{s['client_port']} (daemon pid {s['daemon_pid']})")
+    chain = " < ".join(f"{p['comm']}[{p['pid']}]" for p in a.get("ancestry") or [])
+    return (f"{when}Z {a.get('action', '?').upper()} {ev.name} {obj.get('path')} (dev {obj.get('dev')} "
+            f"ino {obj.get('ino')}) by {proc['comm']}[{proc['pid']}] uid={proc['uid']} "
+            f"exe={proc.get('exe')}; "
+            f"{session}; ancestry {chain or '-'}; rule {a.get('rule')}")
+
+
+class Records:
+    """Alerts as event records (``kind`` "guard") of one VM, with ids unique across runs."""
+
+    def __init__(self, vm: str, host: str | None = None) -> None:
+        self.host = _name(host or socket.gethostname())
+        self.vm = _name(vm)
+        self._run = f"{os.getpid():x}{int(time.time()):x}"
+        self._seq = itertools.count(1)
+
+    def record(self, ev: Event) -> dict[str, Any]:
+        """The event record of one alert."""
+        return record_from_event(ev, host=self.host, vm=self.vm,
+                                 event_id=f"{self.host}-{self.vm}-{self._run}-{next(self._seq)}")
+
+
+def _name(text: str) -> str:
+    """A host or VM name as the schema accepts it (``[A-Za-z0-9_-]{1,64}``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", text)[-64:] or "vm"
