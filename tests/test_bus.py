@@ -235,3 +235,31 @@ def test_bad_records_raise_oversize_is_rejected(nats_server: NatsServer) -> None
     with pytest.raises(BusError, match="not a name"):
         EventBus("nats://127.0.0.1:1", "bad.host")
     assert STREAM == "ARADIA_EVENTS"
+
+
+@pytest.mark.timeout(60)
+def test_stream_retention_is_set_when_configured_and_left_alone_otherwise(nats_server: NatsServer) -> None:
+    import nats
+
+    async def limits() -> tuple[float | None, int | None]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            cfg = (await nc.jetstream().stream_info(STREAM)).config
+            return cfg.max_age, cfg.max_bytes
+        finally:
+            await nc.close()
+
+    async def start(**kw: object) -> None:
+        bus = EventBus(nats_server.url, "hv1", **kw)  # type: ignore[arg-type]
+        await bus.start()
+        bus.publish(make_record(1))
+        await bus.flush(30)
+        await bus.close()
+
+    asyncio.run(start())
+    age, size = asyncio.run(limits())
+    assert (age or 0, size if size and size > 0 else None) == (0, None)  # created with no limits
+    asyncio.run(start(max_age=3600.0, max_bytes=64 << 20))
+    assert asyncio.run(limits()) == (3600.0, 64 << 20)  # an existing stream gets the configured limits
+    asyncio.run(start())
+    assert asyncio.run(limits()) == (3600.0, 64 << 20)  # not configured: the stream's limits stay

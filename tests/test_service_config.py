@@ -371,3 +371,16 @@ def test_parse_listen_refuses(text: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_listen(text)
     assert fragment in str(err.value)
+
+
+@pytest.mark.timeout(10)
+def test_nats_stream_retention_keys() -> None:
+    h = "ab" * 32
+    base = f'[operator]\ntoken_sha256 = "{h}"\n[store]\npath = "/tmp/e.db"\n'
+    cfg = C.parse_config(base + '[nats]\nurl = "nats://127.0.0.1:4222"\nmax_age_days = 7\nmax_mb = 512\n')
+    assert cfg.nats == C.NatsConfig(url="nats://127.0.0.1:4222", spool_events=100_000, max_age_days=7,
+                                    max_mb=512)
+    plain = C.parse_config(base + '[nats]\nurl = "nats://127.0.0.1:4222"\n')
+    assert plain.nats is not None and (plain.nats.max_age_days, plain.nats.max_mb) == (None, None)
+    with pytest.raises(C.ConfigError, match="max_age_days"):
+        C.parse_config(base + '[nats]\nurl = "nats://127.0.0.1:4222"\nmax_age_days = -1\n')

@@ -80,12 +80,14 @@ class EventBus:
 
     def __init__(self, url: str, host: str, *, stream: str = STREAM, spool_limit: int = 100_000,
                  log: logging.Logger | None = None, batch: int = 1024, ack_timeout: float = 5.0,
-                 reconnect_wait: float = 0.5, start_wait: float = 2.0) -> None:
+                 reconnect_wait: float = 0.5, start_wait: float = 2.0, max_age: float | None = None,
+                 max_bytes: int | None = None) -> None:
         if not isinstance(host, str) or not NAME_RE.match(host):
             raise BusError(f"host {host!r} is not a name ([A-Za-z0-9_-]{{1,64}})")
         if not isinstance(batch, int) or batch < 1:
             raise BusError(f"batch must be a positive integer, not {batch!r}")
         self.url, self.host, self.stream = url, host, stream
+        self._max_age, self._max_bytes = max_age, max_bytes  # the stream's retention, when configured
         self.log = log or logging.getLogger("aradia.service.bus")
         self._batch, self._ack_timeout = batch, ack_timeout
         self._reconnect_wait, self._start_wait = reconnect_wait, start_wait
@@ -180,7 +182,7 @@ class EventBus:
         assert self._js is not None
         while True:
             try:
-                await ensure_stream(self._js, self.stream)
+                await ensure_stream(self._js, self.stream, max_age=self._max_age, max_bytes=self._max_bytes)
                 return
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 self._note_error(f"creating stream {self.stream}: {type(e).__name__}: {e}")

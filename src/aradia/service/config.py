@@ -111,6 +111,8 @@ class NatsConfig:
 
     url: str
     spool_events: int = 100_000
+    max_age_days: float | None = None  # the stream's retention (None: the broker keeps everything)
+    max_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -411,7 +413,7 @@ class _Parser:
                            max_mb=self.number(s, "max_mb", "store"))
 
     def nats(self, doc: dict[str, Any]) -> NatsConfig | None:
-        n = self.table(doc, "nats", "nats", ("url", "spool_events"))
+        n = self.table(doc, "nats", "nats", ("url", "spool_events", "max_age_days", "max_mb"))
         if n is None:
             return None
         url = self.string(n, "url", "nats", required=True)
@@ -420,7 +422,9 @@ class _Parser:
         if parts.scheme not in NATS_SCHEMES or not parts.hostname:
             raise self.error("nats.url", f"{url!r} is not a NATS URL ({', '.join(NATS_SCHEMES)}://HOST:PORT)")
         spool = self.number(n, "spool_events", "nats", integer=True)
-        return NatsConfig(url=url) if spool is None else NatsConfig(url=url, spool_events=spool)
+        return NatsConfig(url=url, spool_events=100_000 if spool is None else int(spool),
+                          max_age_days=self.number(n, "max_age_days", "nats"),
+                          max_mb=self.number(n, "max_mb", "nats"))
 
     def limits(self, doc: dict[str, Any]) -> LimitsConfig:
         keys = ("rate", "burst", "max_read", "max_body", "max_subscribers", "max_traces")

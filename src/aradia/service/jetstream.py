@@ -67,17 +67,22 @@ def command_subject(host: str, vm: str) -> str:
     return f"{COMMANDS_PREFIX}.{_name('host', host)}.{_name('vm', vm)}"
 
 
-def stream_config(name: str = STREAM) -> StreamConfig:
-    """The configuration the service gives the events stream (limits retention, file storage)."""
+def stream_config(name: str = STREAM, *, max_age: float | None = None,
+                  max_bytes: int | None = None) -> StreamConfig:
+    """The configuration the service gives the events stream (limits retention, file storage; the
+    oldest events go past ``max_age`` seconds or ``max_bytes``)."""
     return StreamConfig(name=name, subjects=[f"{EVENTS_PREFIX}.>"], retention=RetentionPolicy.LIMITS,
                         storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW,
+                        max_age=max_age, max_bytes=max_bytes,
                         description="aradia event records (aradia.service.bus)")
 
 
-async def ensure_stream(js: JetStreamContext, name: str = STREAM) -> None:
+async def ensure_stream(js: JetStreamContext, name: str = STREAM, *, max_age: float | None = None,
+                        max_bytes: int | None = None) -> None:
     """Create the events stream, or accept an existing one (adding our subjects or a duplicate window
-    to it if it lacks them; its other limits are the operator's)."""
-    wanted = stream_config(name)
+    to it if it lacks them; its limits are the operator's unless ``max_age``/``max_bytes`` are given,
+    which are then set)."""
+    wanted = stream_config(name, max_age=max_age, max_bytes=max_bytes)
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
@@ -89,9 +94,15 @@ async def ensure_stream(js: JetStreamContext, name: str = STREAM) -> None:
     have = info.config
     subjects = list(have.subjects or [])
     missing = [s for s in wanted.subjects or [] if s not in subjects]
-    if missing or not have.duplicate_window:
+    limits: dict[str, Any] = {}
+    if max_age is not None and have.max_age != max_age:
+        limits["max_age"] = max_age
+    if max_bytes is not None and have.max_bytes != max_bytes:
+        limits["max_bytes"] = max_bytes
+    if missing or not have.duplicate_window or limits:
         await js.update_stream(have.evolve(subjects=subjects + missing,
-                                           duplicate_window=have.duplicate_window or DUPLICATE_WINDOW))
+                                           duplicate_window=have.duplicate_window or DUPLICATE_WINDOW,
+                                           **limits))
 
 
 Callback = Callable[[], Awaitable[None]]

@@ -98,7 +98,10 @@ def build(config: ServiceConfig, *, aggregate: bool = False) -> FastAPI:
                 await aggregator.start()
                 service.aggregator = aggregator
             else:
-                bus = EventBus(config.nats.url, config.host, spool_limit=config.nats.spool_events, log=log)
+                days, mb = config.nats.max_age_days, config.nats.max_mb
+                bus = EventBus(config.nats.url, config.host, spool_limit=config.nats.spool_events, log=log,
+                               max_age=days * 86400 if days else None,
+                               max_bytes=int(mb * (1 << 20)) if mb else None)
                 await bus.start()
                 service.bus = bus
 
