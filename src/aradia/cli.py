@@ -434,7 +434,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from aradia.apps.guard.alerts import Records, alert_line
+    from aradia.apps.guard.alerts import alert_line, records
     from aradia.apps.guard.guard import Guard
     from aradia.apps.guard.policy import load_policy
     from aradia.apps.guard.reload import PolicyWatcher
@@ -445,13 +445,13 @@ def cmd_guard(args: argparse.Namespace) -> int:
         if not vm.live:
             raise AradiaError("the guard needs a live VM (qmp:PATH), not a dump")
         _kernel(vm, args)
-        records = Records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
+        maker = records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
         shown: set[int] = set()
 
         def show(ev: Any) -> None:
             if id(ev) not in shown:
                 shown.add(id(ev))
-                print(json.dumps(records.record(ev)) if args.json else alert_line(ev), flush=True)
+                print(json.dumps(maker.record(ev)) if args.json else alert_line(ev), flush=True)
 
         resume = threading.Event()
 

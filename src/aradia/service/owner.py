@@ -10,18 +10,16 @@ arms every trace again once the VM can be reached (a supervisor thread retries).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aradia.errors import AradiaError, NotAttached
 from aradia.service.config import VMConfig
-from aradia.service.schema import record_from_event
+from aradia.service.schema import Records
 from aradia.service.tracespec import (
     ProbeKey,
     arm,
@@ -87,8 +85,7 @@ class VMOwner:
         self._stop = threading.Event()
         self._subs: dict[str, Subscription] = {}
         self._probes: dict[ProbeKey, list[Any]] = {}  # key -> [handle, how many traces use it]
-        self._run = uuid.uuid4().hex[:8]  # event ids: unique across restarts of the service
-        self._seq = itertools.count(1)
+        self._records = Records(host, config.name)  # event ids unique across restarts of the service
         self._closed = False
         self._supervisor: threading.Thread | None = None
         self._summary: dict[str, Any] = {}  # kernel banner, vCPUs, memory path: found at attach
@@ -346,8 +343,7 @@ class VMOwner:
             return
         for s in subs:
             s.events += 1
-        record = record_from_event(ev, host=self.host, vm=self.name,
-                                   event_id=f"{self.host}-{self.name}-{self._run}-{next(self._seq)}")
+        record = self._records.record(ev)
         try:
             self._emit(record, [s.id for s in subs])
         except Exception:  # a sink's trouble never stops the guest's tracing

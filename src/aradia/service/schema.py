@@ -12,9 +12,11 @@ A record is a plain JSON object (see ``event.schema.json`` beside this file)::
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
+import uuid
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,24 @@ def record_from_event(ev: Event, *, host: str, vm: str, event_id: str) -> dict[s
     return {"schema": SCHEMA_VERSION, "id": event_id, "time": wall_time(ev.time), "host": host, "vm": vm,
             "vcpu": ev.vcpu, "kind": ev.kind, "name": ev.name, "pid": ev.pid, "tgid": ev.tgid,
             "comm": ev.comm, "uid": ev.uid, "args": jsonable(ev.args)}
+
+
+class Records:
+    """Records of one VM's events, with ids unique across hosts and runs: ``HOST-VM-RUN-SEQ`` (RUN is
+    random per :class:`Records`, SEQ counts from 1)."""
+
+    def __init__(self, host: str, vm: str) -> None:
+        for what, name in (("host", host), ("vm", vm)):
+            if not NAME_RE.match(name):
+                raise ValueError(f"{what} {name!r} is not a name ([A-Za-z0-9_-]{{1,64}})")
+        self.host, self.vm = host, vm
+        self._run = uuid.uuid4().hex[:8]
+        self._seq = itertools.count(1)
+
+    def record(self, ev: Event) -> dict[str, Any]:
+        """The record of ``ev``, with the next id."""
+        return record_from_event(ev, host=self.host, vm=self.vm,
+                                 event_id=f"{self.host}-{self.vm}-{self._run}-{next(self._seq)}")
 
 
 def check_record(record: Any) -> dict[str, Any]:

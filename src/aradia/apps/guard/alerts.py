@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
 import socket
 import time
-from typing import Any
 
-from aradia.service.schema import record_from_event, wall_time
+from aradia.service.schema import Records, wall_time
 from aradia.trace.events import Event
 
 
@@ -29,19 +26,10 @@ def alert_line(ev: Event) -> str:
             f"{session}; ancestry {chain or '-'}; rule {a.get('rule')}")
 
 
-class Records:
-    """Alerts as event records (``kind`` "guard") of one VM, with ids unique across runs."""
-
-    def __init__(self, vm: str, host: str | None = None) -> None:
-        self.host = _name(host or socket.gethostname())
-        self.vm = _name(vm)
-        self._run = f"{os.getpid():x}{int(time.time()):x}"
-        self._seq = itertools.count(1)
-
-    def record(self, ev: Event) -> dict[str, Any]:
-        """The event record of one alert."""
-        return record_from_event(ev, host=self.host, vm=self.vm,
-                                 event_id=f"{self.host}-{self.vm}-{self._run}-{next(self._seq)}")
+def records(vm: str, host: str | None = None) -> Records:
+    """A record maker for the alerts of VM ``vm`` (any text: made a schema name) on ``host`` (default:
+    this machine's name)."""
+    return Records(_name(host or socket.gethostname()), _name(vm))
 
 
 def _name(text: str) -> str:
