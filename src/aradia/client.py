@@ -43,6 +43,12 @@ def _raise_for(r: httpx.Response) -> None:
         raise ServiceError(r.status_code, str(message))
 
 
+def _where(phys: int | None, virt: int | None, pid: int | None) -> dict[str, Any]:
+    """The query parameters naming a memory address (addresses in hex, as the API reads them)."""
+    return {"phys": None if phys is None else hex(phys), "virt": None if virt is None else hex(virt),
+            "pid": pid}
+
+
 class Client:
     """One service, one token."""
 
@@ -59,10 +65,10 @@ class Client:
                                   headers={"Authorization": f"Bearer {token}"})
 
     def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-              body: Any = None) -> httpx.Response:
+              body: Any = None, content: bytes | None = None) -> httpx.Response:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            r = self._http.request(method, path, params=clean, json=body)
+            r = self._http.request(method, path, params=clean, json=body, content=content)
         except httpx.HTTPError as e:
             raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
         _raise_for(r)
@@ -85,20 +91,13 @@ class Client:
     def memory(self, vm: str, size: int, *, phys: int | None = None, virt: int | None = None,
                pid: int | None = None) -> bytes:
         """Guest memory (physical, kernel-virtual, or process ``pid``'s virtual)."""
-        return self._call("GET", f"/vms/{vm}/memory", params={
-            "size": size, "phys": None if phys is None else hex(phys),
-            "virt": None if virt is None else hex(virt), "pid": pid}).content
+        params = {"size": size, **_where(phys, virt, pid)}
+        return self._call("GET", f"/vms/{vm}/memory", params=params).content
 
     def write_memory(self, vm: str, data: bytes, *, phys: int | None = None, virt: int | None = None,
                      pid: int | None = None) -> int:
         """Write guest memory (physical, kernel-virtual, or process ``pid``'s); bytes written."""
-        try:
-            r = self._http.put(f"/vms/{vm}/memory", content=data, params={k: v for k, v in {
-                "phys": None if phys is None else hex(phys), "virt": None if virt is None else hex(virt),
-                "pid": pid}.items() if v is not None})
-        except httpx.HTTPError as e:
-            raise ServiceError(0, f"cannot reach {self.url}: {e}") from e
-        _raise_for(r)
+        r = self._call("PUT", f"/vms/{vm}/memory", content=data, params=_where(phys, virt, pid))
         return int(r.json()["written"])
 
     def dump(self, vm: str, path: str, *, format: str = "elf", pause: bool = True) -> int:

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,14 +128,13 @@ class Service:
             log.warning("store queue full: event dropped", extra={"vm": record["vm"]})
         if self.bus is not None:
             self.bus.publish(record)
-        self.rates.add(record["vm"], record["kind"], record["time"])
-        self.hub.route(record, trace_ids)
+        self.relay(record, trace_ids)
 
-    def relay(self, record: dict[str, Any]) -> None:
-        """An event another host stored through the bus (an aggregate service): to live subscribers
-        and the rates, as this host's own events go."""
+    def relay(self, record: dict[str, Any], trace_ids: Sequence[str] = ()) -> None:
+        """An event to the rates and live subscribers: this host's own (of ``trace_ids``), or one another
+        host stored through the bus (an aggregate service)."""
         self.rates.add(record["vm"], record["kind"], record["time"])
-        self.hub.route(record, [])
+        self.hub.route(record, list(trace_ids))
 
     # --- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
