@@ -4,8 +4,6 @@ time strings for the page's date inputs, and where screenshots go."""
 from __future__ import annotations
 
 import datetime
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from playwright.sync_api import Browser, Page
@@ -41,13 +39,3 @@ def screenshot(page: Page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=False)
     return path
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    """Poll ``cond`` until true; the seconds it took (AssertionError naming ``what`` on timeout)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-    return time.monotonic() - t0

@@ -22,8 +22,9 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from aradia.lab.launcher import Guest
-from dashboard_env import launch_chromium, local_input, screenshot, sign_in, wait_until
+from dashboard_env import launch_chromium, local_input, screenshot, sign_in
 from service_env import ServiceProcess, VMEntry, api, config_text, principal
+from waiting import wait_until
 
 OPERATOR = principal("operator")
 ALICE = principal("alice", ["views", "read", "trace"])

@@ -26,6 +26,7 @@ import httpx
 import nats
 import pytest
 
+import waiting
 from aradia.client import Client
 from aradia.lab.launcher import Guest
 from aradia.service.bus import request
@@ -159,17 +160,14 @@ def fleet(launch_guest: Callable[..., Guest]) -> Iterator[Fleet]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """:func:`waiting.wait_until`, polling every 0.3 s: each poll here is HTTP queries to a service."""
+    waiting.wait_until(cond, timeout, what, step=0.3)
+
+
 def stored(svc: ServiceProcess, **filters: Any) -> list[dict[str, Any]]:
     with Client(svc.url, OPERATOR.token) as c:
         return list(c.events(limit=1000, **filters))
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 @pytest.mark.timeout(300)
@@ -246,9 +244,9 @@ def test_trace_over_http_delivers_every_exec_to_websocket_sqlite_and_jetstream(f
     sse_reader.join(timeout=30)
     assert tagged(sse, tag) == ws
     assert not any("dropped" in r for r in live)
-    wait_for(lambda: len(tagged(stored(fleet.hv1, vm="web1", q=tag), tag)) >= N_EXEC, 30, "the store")
+    wait_until(lambda: len(tagged(stored(fleet.hv1, vm="web1", q=tag), tag)) >= N_EXEC, 30, "the store")
     db = tagged(stored(fleet.hv1, vm="web1", q=tag), tag)
-    wait_for(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.syscall"), tag))
+    wait_until(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.syscall"), tag))
              >= N_EXEC, 60, "JetStream")
     js = tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.syscall"), tag)
     ids = [r["id"] for r in ws]
@@ -321,7 +319,7 @@ def test_fleet_aggregate_holds_both_hosts(fleet: Fleet) -> None:
             c.stop_trace(tr["id"])
     own = {"hv1": tagged(stored(fleet.hv1, q=tag), tag), "hv2": tagged(stored(fleet.hv2, q=tag), tag)}
     assert len(own["hv1"]) == 20 and len(own["hv2"]) == 20
-    wait_for(lambda: len(tagged(stored(fleet.agg, q=tag), tag)) >= 40, 60, "the aggregate")
+    wait_until(lambda: len(tagged(stored(fleet.agg, q=tag), tag)) >= 40, 60, "the aggregate")
     agg = tagged(stored(fleet.agg, q=tag), tag)
     for host in ("hv1", "hv2"):
         assert sorted(r["id"] for r in agg if r["host"] == host) == sorted(r["id"] for r in own[host])
@@ -331,7 +329,7 @@ def test_fleet_aggregate_holds_both_hosts(fleet: Fleet) -> None:
         return {(v["host"], v["name"]): v["events"] for v in api(fleet.agg.url, OPERATOR.token, "GET", "/vms").json()}
 
     own_counts = {("hv1", "web1"): len(stored(fleet.hv1)), ("hv2", "web2"): len(stored(fleet.hv2))}
-    wait_for(lambda: sources() == own_counts, 60, "the aggregate's VM list")  # every event, not only ours
+    wait_until(lambda: sources() == own_counts, 60, "the aggregate's VM list")  # every event, not only ours
     # read-only: the aggregate refuses a trace
     r = api(fleet.agg.url, OPERATOR.token, "POST", "/vms/web1/traces", json={"kind": "syscalls",
                                                                             "syscalls": ["execve"]})
@@ -345,7 +343,7 @@ def test_nats_restart_mid_trace_loses_nothing(fleet: Fleet) -> None:
         trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
         worker = threading.Thread(target=run_execs, args=(fleet.g1, tag, 30))
         worker.start()
-        wait_for(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 5, 120, "the first events")
+        wait_until(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 5, 120, "the first events")
         fleet.nats.kill()
         time.sleep(2)
         fleet.nats.start()
@@ -353,7 +351,7 @@ def test_nats_restart_mid_trace_loses_nothing(fleet: Fleet) -> None:
         c.stop_trace(trace["id"])
     db = tagged(stored(fleet.hv1, q=tag), tag)
     assert len(db) == 30
-    wait_for(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.>"), tag)) >= 30,
+    wait_until(lambda: len(tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.>"), tag)) >= 30,
              120, "the spool to drain")
     js = tagged(stream_records(fleet.nats.url, "aradia.events.hv1.web1.>"), tag)
     assert sorted(r["id"] for r in js) == sorted(r["id"] for r in db)  # none lost, none twice
@@ -367,7 +365,7 @@ def test_kill_9_mid_trace_keeps_the_guest_running_and_the_trace(fleet: Fleet) ->
     with fleet.client() as c:
         trace = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"]})
     run_execs(fleet.g1, tag, 10)
-    wait_for(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 10, 30, "the store")
+    wait_until(lambda: len(tagged(stored(fleet.hv1, q=tag), tag)) >= 10, 30, "the store")
     acknowledged = {r["id"] for r in tagged(stored(fleet.hv1, q=tag), tag)}
     fleet.hv1.kill()
     # the guardian disarmed everything: the guest runs (an exec storm would stall if a probe stayed)
@@ -379,10 +377,10 @@ def test_kill_9_mid_trace_keeps_the_guest_running_and_the_trace(fleet: Fleet) ->
     with fleet.client() as c:
         assert [t["id"] for t in c.traces()] == [trace["id"]]
         # armed again by itself: new execs are traced without anyone asking
-        wait_for(lambda: c.trace(trace["id"])["events"] >= 0 and any(
+        wait_until(lambda: c.trace(trace["id"])["events"] >= 0 and any(
             v["tracing"] for v in c.vms()), 120, "the trace to be armed again")
         run_execs(fleet.g1, "aradia-re", 5)
-        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) >= 5, 60, "new events")
+        wait_until(lambda: len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) >= 5, 60, "new events")
         assert len(tagged(stored(fleet.hv1, q="aradia-re"), "aradia-re")) == 5
         c.stop_trace(trace["id"])
     assert not tagged(stored(fleet.hv1, q="aradia-free"), "aradia-free")  # untraced while down
@@ -441,14 +439,14 @@ def test_traces_share_one_tracer_and_each_keeps_its_filter(fleet: Fleet) -> None
         shells = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"], "comm": ["bash"]})
         nobody = c.start_trace("web1", {"kind": "syscalls", "syscalls": ["execve"], "comm": ["nosuchcomm"]})
         run_execs(fleet.g1, "aradia-sh1", 5)
-        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh1"), "aradia-sh1")) >= 5, 60, "events")
+        wait_until(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh1"), "aradia-sh1")) >= 5, 60, "events")
         first = {t["id"]: t["events"] for t in c.traces()}
         assert first[nobody["id"]] == 0
         assert first[shells["id"]] >= 5 and first[every["id"]] >= first[shells["id"]]
         c.stop_trace(shells["id"])
         c.stop_trace(nobody["id"])
         run_execs(fleet.g1, "aradia-sh2", 5)
-        wait_for(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh2"), "aradia-sh2")) >= 5, 60, "events")
+        wait_until(lambda: len(tagged(stored(fleet.hv1, q="aradia-sh2"), "aradia-sh2")) >= 5, 60, "events")
         assert [t["id"] for t in c.traces()] == [every["id"]]
         assert c.trace(every["id"])["events"] >= first[every["id"]] + 5
         c.stop_trace(every["id"])

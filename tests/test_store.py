@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from aradia.errors import AradiaError
 from aradia.service.schema import check_record
 from aradia.service.store import EventStore, StoreError
+from waiting import wait_until
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 T0 = 1_733_369_640.0
@@ -33,15 +33,6 @@ def rec(i: int, **fields: Any) -> dict[str, Any]:
          "uid": 0, "args": {"filename": "/bin/true", "i": i}}
     r.update(fields)
     return check_record(r)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``pred`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def all_events(store: EventStore, **filters: Any) -> list[dict[str, Any]]:
