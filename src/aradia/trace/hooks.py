@@ -8,6 +8,11 @@ errno: then the function is not run and returns ``-errno`` to its caller — at 
 the return address is at ``[RSP]``, so RAX = -errno, RIP = that address, RSP += 8 is exactly what a
 ``return -errno;`` as its first statement would have done. A hook on an LSM entry point
 (``security_file_open``...) thereby makes the system call fail with that errno in the guest.
+
+A decision may instead set a return value (:meth:`HookContext.return_value`): the function returns
+that value at once, the same way. User-space functions take decisions too
+(:meth:`aradia.trace.tracer.Tracer.add_uprobe` with ``decide``): a honeypot makes ``crypt`` return
+the stored hash, so the daemon's comparison says the password was right.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class HookContext:
     read: Callable[[int, int], bytes]
     vcpu: int
     events: list[Event] = field(default_factory=list)
+    #: set by :meth:`return_value`: the function is skipped and returns this (an errno wins over it)
+    returns: int | None = None
     _make_event: Callable[[str, str, dict[str, Any]], Event] | None = None
 
     def arg(self, index: int) -> int:
@@ -44,6 +51,10 @@ class HookContext:
     def obj(self, index: int, type_name: str) -> drgn.Object:
         """Argument ``index`` as a drgn object of type ``type_name`` (e.g. ``"struct file *"``)."""
         return drgn.Object(self.prog, type_name, value=self.arg(index))
+
+    def return_value(self, value: int) -> None:
+        """Skip the function: it returns ``value`` (a 64-bit register value) to its caller at once."""
+        self.returns = value & (1 << 64) - 1
 
     def emit(self, kind: str, name: str, args: dict[str, Any]) -> Event:
         """Report an event from this hit (with the task's pid, comm and uid): the tracer yields it."""
@@ -57,8 +68,10 @@ Decide = Callable[[HookContext], "int | None"]
 """A decision: ``None`` lets the function run; an errno (1..4095) makes it return ``-errno``."""
 
 
-def return_now(regs: dict[str, int], ret_addr: int, errno: int) -> dict[str, int]:
-    """The registers to write at a function's entry so it returns ``-errno`` to ``ret_addr`` at once."""
-    if not 0 < errno <= MAX_ERRNO:
+def return_now(regs: dict[str, int], ret_addr: int, errno: int | None, value: int = 0) -> dict[str, int]:
+    """The registers to write at a function's entry so it returns ``-errno`` (or, with ``errno``
+    None, ``value``) to ``ret_addr`` at once."""
+    if errno is not None and not 0 < errno <= MAX_ERRNO:
         raise ValueError(f"errno {errno} is out of range 1..{MAX_ERRNO}")
-    return {"rax": (-errno) & (1 << 64) - 1, "rip": ret_addr, "rsp": regs["rsp"] + 8}
+    rax = (-errno) & (1 << 64) - 1 if errno is not None else value & (1 << 64) - 1
+    return {"rax": rax, "rip": ret_addr, "rsp": regs["rsp"] + 8}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aradia.trace.events import Event
 from aradia.trace.hooks import Decide
@@ -67,3 +68,5 @@ class Pending:
     entry_time: float
     #: a syscall whose results are read at this return: its name and raw arguments
     syscall: tuple[str, list[int]] | None = None
+    #: a user-space probe's arguments decoded at entry, reported with its return
+    entry: dict[str, Any] | None = None

@@ -177,15 +177,19 @@ class Tracer:
         return out
 
     def add_uprobe(self, spec: str, *, process: str | None = None, pid: int | None = None,
-                   ret: bool = False, args: str | None = None) -> UserTarget:
+                   ret: bool = False, args: str | None = None, keep_args: bool = False,
+                   decide: Decide | None = None) -> UserTarget:
         """Probe user-space function ``LIB:SYMBOL`` (``libcrypt.so.1:crypt``, ``bash:readline``).
 
         In process ``pid``, or in processes named ``process`` (comm or executable name), or in
         every process that maps LIB — now or later. Arguments are decoded by ``args`` (see
         :func:`aradia.trace.uprobes.parse_signature`) or the built-in signature of well-known
-        functions; ``ret`` reports the return value instead of the arguments.
+        functions; ``ret`` reports the return value instead of the arguments (``keep_args``: with
+        the arguments decoded at entry, as ``args``). ``decide(ctx)`` runs at each entry instead of
+        the entry event (see :mod:`aradia.trace.hooks`); a return value it sets skips the function.
         """
-        target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args)
+        target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args, keep_args=keep_args,
+                                 decide=decide)
         with self._lock, self._halted():
             self._arm_hook("mmap", MMAP_HOOK)
             user = self._user()
@@ -397,6 +401,12 @@ class Tracer:
             self._on_mmap(regs)
         elif probe is not None and probe.kind == "hook":
             out = self._decide(probe, thread, regs)
+        elif probe is not None and probe.target is not None and probe.target.decide is not None:
+            out = self._decide(probe, thread, regs)
+            if probe.ret and self._return_now is None:
+                entry = (probe.target.entry_args(regs, self._user_reader(regs)) if probe.target.keep_args
+                         else None)
+                self._await_return(probe, regs, entry=entry)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
@@ -422,7 +432,10 @@ class Tracer:
                 args = {r: regs.get(r, 0) for r in CALL_ARG_REGS}
                 out = self._event("kprobe", probe.name, thread, regs, args)
         elif probe is not None and probe.ret:
-            self._await_return(probe, regs)
+            entry = None
+            if probe.target is not None and probe.target.keep_args:
+                entry = probe.target.entry_args(regs, self._user_reader(regs))
+            self._await_return(probe, regs, entry=entry)
         if rip in self._returns:
             waiting = self._returns[rip]
             task = self._task_address(regs)
@@ -439,8 +452,10 @@ class Tracer:
                     ret_val = (p.probe.target.return_value(rax, self._user_reader(regs))
                                if p.probe.target is not None else rax)
                     kind = "uretprobe" if p.probe.kind == "uprobe" else "kretprobe"
-                    out = self._event(kind, p.probe.name, thread, regs,
-                                      {"ret": ret_val, "latency": time.monotonic() - p.entry_time})
+                    ret_args = {"ret": ret_val, "latency": time.monotonic() - p.entry_time}
+                    if p.entry is not None:
+                        ret_args["args"] = p.entry
+                    out = self._event(kind, p.probe.name, thread, regs, ret_args)
                     break
             if not waiting:
                 del self._returns[rip]
@@ -450,25 +465,27 @@ class Tracer:
 
     def _decide(self, probe: Probe, thread: str | None, regs: dict[str, int]) -> Event | None:
         """Run a hook's decision; an errno arranges the immediate return (done in :meth:`_resume`)."""
-        assert probe.decide is not None
+        decide = probe.decide or (probe.target.decide if probe.target is not None else None)
+        assert decide is not None
         try:
             task = self._current(regs)
         except GUEST_ERRORS:
             task = None
         ctx = HookContext(probe.name, regs, self.vm.linux.prog, task, self._user_reader(regs), _vcpu(thread),
                           _make_event=lambda kind, name, args: self._event(kind, name, thread, regs, args))
-        errno = probe.decide(ctx)
-        if errno:
+        errno = decide(ctx)
+        if errno or ctx.returns is not None:
             ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-            self._return_now = return_now(regs, ret_addr, errno)
+            self._return_now = return_now(regs, ret_addr, errno or None, ctx.returns or 0)
         self._queued.extend(ctx.events[1:])
         return ctx.events[0] if ctx.events else None
 
     def _await_return(self, probe: Probe, regs: dict[str, int],
-                      syscall: tuple[str, list[int]] | None = None) -> None:
+                      syscall: tuple[str, list[int]] | None = None,
+                      entry: dict[str, Any] | None = None) -> None:
         """Break at the return address on the stack (keyed by task and stack pointer)."""
         ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-        pend = Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall)
+        pend = Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall, entry)
         if ret_addr not in self._returns:
             self._returns[ret_addr] = []
             if ret_addr not in self.probes:

@@ -19,7 +19,7 @@ import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import drgn
 
@@ -28,6 +28,9 @@ from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.usersyms import UserSymbols, load_address, parse_spec
 from aradia.linux.walks import d_path, each_task
 from aradia.trace.syscalls import user_cstring
+
+if TYPE_CHECKING:
+    from aradia.trace.hooks import HookContext
 
 #: Registers of a function call's integer arguments (System V AMD64 ABI), as the GDB stub names them.
 CALL_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -105,15 +108,21 @@ class UserTarget:
     signature: Signature = field(default_factory=Signature)
     #: armed address -> address spaces (``struct mm_struct`` addresses) known to map the symbol there
     addresses: dict[int, set[int]] = field(default_factory=dict)
+    #: with ``ret``: the return event also carries the arguments decoded at entry (``args``)
+    keep_args: bool = False
+    #: a decision at entry (see :mod:`aradia.trace.hooks`): it may emit events and make the function
+    #: return a value at once (then no return is reported)
+    decide: Callable[[HookContext], int | None] | None = None
 
     def __post_init__(self) -> None:
         self.lib, self.symbol = parse_spec(self.spec)
 
     @classmethod
     def make(cls, spec: str, *, ret: bool = False, process: str | None = None, pid: int | None = None,
-             args: str | None = None) -> UserTarget:
+             args: str | None = None, keep_args: bool = False,
+             decide: Callable[[HookContext], int | None] | None = None) -> UserTarget:
         """A target; ``args`` is a signature (:func:`parse_signature`), else the built-in one if any."""
-        target = cls(spec, ret, process, pid)
+        target = cls(spec, ret, process, pid, keep_args=keep_args, decide=decide)
         target.signature = (parse_signature(args) if args
                             else SIGNATURES.get(target.symbol.split("@", 1)[0], Signature()))
         return target

@@ -1,0 +1,166 @@
+"""The SSH honeypot monitor on one live VM's tracer: sessions of the guest's ssh daemon (dropbear or
+OpenSSH's sshd), each with its connection, password attempts, commands, typed lines, terminal,
+files and network activity, recorded from outside the guest.
+
+What is armed (:meth:`Honeypot.start`), all through the guarded GDB stub:
+
+* the kernel's process-event connector hooks (fork, exec, exit): sessions begin at the listening
+  daemon's fork (the per-connection process; its socket gives the client's address and the server
+  port), grow by fork, record each exec (argv, program, cwd) and end at the root's exit;
+* ``pty_write``: every byte a pseudo-terminal passes on, both ways (the asciicast);
+* ``filp_close``, ``security_path_unlink``, ``security_path_rename``: files, their contents read from
+  the page cache when the last descriptor closes (or when unlinked);
+* ``libcrypt.so.1:crypt`` (entry and return, and the ``--accept-any-password`` decision),
+  ``libc.so.6:getpwnam`` (the user being checked), ``bash:readline`` (typed lines);
+* the ``connect``, ``bind``, ``accept``, ``accept4`` syscalls.
+
+Events are attributed in the order the tracer yields them (:meth:`Honeypot.handle`), each written to
+the output directory as one record of the service's schema (kind ``honeypot``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aradia.apps.honeypot.auth import CRYPT, GETPWNAM, PasswordCheck
+from aradia.apps.honeypot.hits import KERNEL_HOOKS, Hits
+from aradia.apps.honeypot.output import OutputDir
+from aradia.apps.honeypot.sessions import Session, SessionTable
+from aradia.service.schema import Records, wall_time
+from aradia.trace.events import Event
+from aradia.trace.tracer import Tracer
+
+READLINE = "bash:readline"
+NET_SYSCALLS = ("connect", "bind", "accept", "accept4")
+
+
+class Honeypot:
+    """The monitor: :meth:`start` arms it, :meth:`handle` takes each event of ``tracer.events()``,
+    :meth:`close` writes the summaries of sessions still open."""
+
+    def __init__(self, tracer: Tracer, out: Path, records: Records, *, accept_any: Iterable[str] = (),
+                 show: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.tracer = tracer
+        self.out = OutputDir(out, records)
+        self.accept_any = frozenset(accept_any)
+        self.show = show
+        self.table = SessionTable()
+
+    def start(self) -> None:
+        """Arm every probe (the guest runs on meanwhile, between the arming stops)."""
+        hits = Hits(lambda tgid: tgid in self.table.by_tgid)
+        for symbol, what in KERNEL_HOOKS.items():
+            self.tracer.add_hook(symbol, hits.decision(what))
+        check = PasswordCheck(self._user_of, self.accept_any)
+        self.tracer.add_uprobe(GETPWNAM)
+        self.tracer.add_uprobe(CRYPT, ret=True, keep_args=True, decide=check.decide)
+        self.tracer.add_uprobe(READLINE, ret=True)
+        for name in NET_SYSCALLS:
+            self.tracer.add_syscall(name)
+
+    def _user_of(self, tgid: int) -> str | None:
+        s = self.table.of(tgid)
+        return None if s is None else s.user or ""
+
+    # --- events --------------------------------------------------------------------------------------
+    def handle(self, ev: Event) -> None:
+        """Attribute one tracer event to its session and record it."""
+        if ev.kind == "honeypot":
+            getattr(self, f"_on_{ev.name}")(ev)
+        elif ev.kind == "uprobe" and ev.name == GETPWNAM:
+            s = self.table.of(ev.tgid)
+            if s is not None and ev.tgid == s.daemon_pid and ev.args.get("name"):
+                s.user = ev.args["name"]
+        elif ev.kind == "uretprobe" and ev.name == CRYPT:
+            self._on_crypt(ev)
+        elif ev.kind == "uretprobe" and ev.name == READLINE:
+            s = self.table.of(ev.tgid)
+            if s is not None and ev.args.get("ret") is not None:
+                line = {"time": wall_time(ev.time), "pid": ev.tgid, "line": ev.args["ret"]}
+                s.lines.append(line)
+                self._log(ev, s, "line", line)
+        elif ev.kind == "syscall" and ev.name in NET_SYSCALLS:
+            s = self.table.of(ev.tgid)
+            if s is not None:
+                net = {"time": wall_time(ev.time), "pid": ev.tgid, "syscall": ev.name,
+                       "fd": ev.args.get("fd"), "addr": ev.args.get("addr"), "error": ev.args.get("error")}
+                s.net.append(net)
+                self._log(ev, s, "net", net)
+
+    def _log(self, ev: Event, s: Session, name: str, args: dict[str, Any]) -> None:
+        rec = self.out.log(Event(ev.time, ev.vcpu, "honeypot", name, ev.pid, ev.tgid, ev.comm, ev.uid,
+                                 {"session": s.sid, **args}))
+        if self.show is not None:
+            self.show(rec)
+
+    def _on_fork(self, ev: Event) -> None:
+        a = ev.args
+        if "connection" in a:
+            s = self.table.open(a["child"], a["parent_comm"], wall_time(ev.time), ev.time, a["connection"])
+            self._log(ev, s, "session.start", {"daemon": s.daemon, "daemon_pid": s.daemon_pid,
+                                               "client": s.client, "client_port": s.client_port,
+                                               "server": s.server, "server_port": s.server_port})
+            self.out.summary(s)
+        else:
+            self.table.join(a["child"], a["parent"])
+
+    def _on_exec(self, ev: Event) -> None:
+        s = self.table.of(ev.args["pid"])
+        if s is not None:
+            cmd = {"time": wall_time(ev.time), **ev.args}
+            s.commands.append(cmd)
+            self._log(ev, s, "exec", cmd)
+
+    def _on_exit(self, ev: Event) -> None:
+        pid = ev.args["pid"]
+        s = self.table.leave(pid)
+        if s is not None and s.daemon_pid == pid:
+            s.end = wall_time(ev.time)
+            self._log(ev, s, "session.end", {"daemon_pid": pid, "start": s.start, "end": s.end,
+                                             "attempts": len(s.auth), "commands": len(s.commands)})
+            self.out.summary(s)
+
+    def _on_tty(self, ev: Event) -> None:
+        a = ev.args
+        s = self.table.pts(a["pts"], a["writer"])
+        if s is not None:
+            self.out.cast(s).add(ev.time, a["dir"], a["data"], a["cols"], a["rows"])
+
+    def _on_file(self, ev: Event) -> None:
+        s = self.table.of(ev.tgid)
+        if s is None:
+            return
+        a = dict(ev.args)
+        content = a.pop("content", None)
+        if content is not None and a.get("sha256"):
+            a["kept"] = self.out.keep(a["sha256"], content)
+        f = {"time": wall_time(ev.time), "pid": ev.tgid, **a}
+        s.files.append(f)
+        self._log(ev, s, "file", f)
+
+    def _on_auth(self, ev: Event) -> None:
+        s = self.table.of(ev.tgid)
+        if s is not None:
+            attempt = {"time": wall_time(ev.time), **ev.args}
+            s.auth.append(attempt)
+            self._log(ev, s, "auth", attempt)
+
+    def _on_crypt(self, ev: Event) -> None:
+        s = self.table.of(ev.tgid)
+        entry = ev.args.get("args") or {}
+        if s is None:
+            return
+        ret, setting = ev.args.get("ret"), entry.get("setting")
+        attempt = {"time": wall_time(ev.time), "user": s.user, "password": entry.get("phrase"),
+                   "accepted": ret is not None and setting is not None and ret == setting, "forced": False}
+        s.auth.append(attempt)
+        self._log(ev, s, "auth", attempt)
+
+    def close(self) -> list[Session]:
+        """Write the summaries of sessions still open (their end unknown); the sessions seen."""
+        for s in self.table.open_sessions():
+            self.out.summary(s)
+        self.out.close()
+        return list(self.table.sessions.values())
