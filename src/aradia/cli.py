@@ -486,6 +486,45 @@ def cmd_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_honeypot(args: argparse.Namespace) -> int:
+    """The SSH honeypot monitor (or, ``report DIR``, the report of what it recorded)."""
+    from pathlib import Path
+
+    from aradia.apps.guard.alerts import records
+    from aradia.apps.honeypot.monitor import Honeypot
+    from aradia.apps.honeypot.report import event_line, report
+    from aradia.trace.tracer import Tracer
+
+    if args.action:
+        if len(args.action) != 2 or args.action[0] != "report":
+            raise AradiaError("usage: aradia honeypot --vm SPEC [--out DIR] ... | aradia honeypot report DIR")
+        print(report(Path(args.action[1])))
+        return 0
+    out = Path(args.out or time.strftime("honeypot-%Y%m%d-%H%M%S"))
+    with _open(args) as vm:
+        if not vm.live:
+            raise AradiaError("the honeypot monitor needs a live VM (qmp:PATH), not a dump")
+        _kernel(vm, args)
+        maker = records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
+
+        def show(rec: dict[str, Any]) -> None:
+            print(json.dumps(rec) if args.json else event_line(rec), flush=True)
+
+        with Tracer.open(vm) as tracer:
+            hp = Honeypot(tracer, out, maker, accept_any=args.accept_any_password or (), show=show)
+            try:
+                hp.start()
+                until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+                print(f"honeypot on {args.vm}, recording into {out}, {until}", file=sys.stderr, flush=True)
+                for ev in tracer.events(duration=args.duration):
+                    hp.handle(ev)
+            except KeyboardInterrupt:
+                pass  # closing the tracer disarms every probe and lets the guest run
+            finally:
+                hp.close()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the introspection service for the VMs in a config file."""
     from aradia.service.config import load_config
@@ -644,6 +683,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pause", action="store_true", help="hold the VM stopped at each alert until SIGUSR1")
     sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
 
+    sp = vm_parser("honeypot", cmd_honeypot, "SSH honeypot monitor: every ssh session's passwords, commands, "
+                   "terminal, files and connections, recorded from outside the guest; `honeypot report DIR` "
+                   "prints what a run recorded")
+    sp.add_argument("action", nargs="*", metavar="report DIR", help="print the report of a recorded DIR")
+    sp.add_argument("--out", metavar="DIR", help="output directory (default: ./honeypot-DATE-TIME)")
+    sp.add_argument("--accept-any-password", nargs="+", metavar="USER",
+                    help="the daemon's password check succeeds for USER whatever the password")
+    sp.add_argument("--json", action="store_true", help="events as records, one JSON object per line")
+    sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    sp.set_defaults(needs_vm=lambda a: not a.action)
+
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")
     sp.add_argument("--format", choices=["elf", "raw", "lime"], default="elf")
@@ -678,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; an AradiaError is one line on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "vm", "") is None:  # accepted anywhere on the line, so checked once it is parsed
+    needs_vm = getattr(args, "needs_vm", None)
+    if getattr(args, "vm", "") is None and (needs_vm is None or needs_vm(args)):  # checked once parsed
         parser.error(f"{args.command}: --vm SPEC is required")
     try:
         return int(args.func(args) or 0)

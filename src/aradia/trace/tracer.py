@@ -26,6 +26,7 @@ import drgn
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.kernel import LinuxVM
+from aradia.linux.net import socket_info
 from aradia.proto.gdbwire import StopEvent
 from aradia.trace import syscalls
 from aradia.trace.events import Event
@@ -447,6 +448,8 @@ class Tracer:
                         self._in_syscall.pop(task, None)
                         name, raw = p.syscall
                         args = syscalls.decode_exit(name, raw, rax, self._user_reader(regs))
+                        if name in ("accept", "accept4") and args["error"] is None and args["addr"] is None:
+                            args["addr"] = self._accepted_peer(rax)  # the caller asked for no address
                         out = self._event("syscall", name, thread, regs, args)
                         break
                     ret_val = (p.probe.target.return_value(rax, self._user_reader(regs))
@@ -462,6 +465,14 @@ class Tracer:
                 if rip not in self.probes:
                     self.stub.remove_breakpoint(rip)  # gone: the vCPU continues with no step
         return out
+
+    def _accepted_peer(self, file_address: int) -> dict[str, Any] | None:
+        """The peer of the socket ``do_accept`` returned (a ``struct file *``), as a decoded address."""
+        with contextlib.suppress(*GUEST_ERRORS):
+            s = socket_info(drgn.Object(self.vm.linux.prog, "struct file *", value=file_address), 0, 0)
+            if s is not None and s.family in ("inet", "inet6"):
+                return {"family": s.family, "address": s.remote_address, "port": s.remote_port}
+        return None
 
     def _decide(self, probe: Probe, thread: str | None, regs: dict[str, int]) -> Event | None:
         """Run a hook's decision; an errno arranges the immediate return (done in :meth:`_resume`)."""
