@@ -12,26 +12,44 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aradia.apps.honeypot.cast import read_cast
-from aradia.lab.launcher import Guest
+from aradia.lab import GuestError
+from aradia.lab.images import build_guest
+from aradia.lab.launcher import Guest, launch
 from honeypot_setup import Login, Monitor, http_payload, interactive, login, monitoring, run
 
-GUEST_SERIES = "6.1"
-GUEST_OPTIONS = {"gdb": True, "shared_memory": True, "smp": 1}
+#: each ssh daemon on its own guest: dropbear on 1 vCPU, Debian's OpenSSH sshd on 2
+VARIANTS = {"dropbear-1cpu": ("dropbear", 1), "openssh-2cpu": ("openssh", 2)}
+DAEMONS = ("dropbear", "sshd")
 TRUTH_RE = re.compile(r"client=(\S+) (\d+) (\d+) daemon=(\d+) up=(\d+)")
-#: the session's own view: its $SSH_CLIENT, its shell's parent and grandparent
+#: the session's own view: its $SSH_CLIENT, its shell's parent and that one's parent
 TRUTH_LINE = "echo client=$SSH_CLIENT daemon=$PPID up=$(cut -d' ' -f4 /proc/$PPID/stat)"
 
 
-def daemon_pid(guest: Guest, parent: int, grandparent: int) -> int:
-    """The per-connection daemon process as the shell sees it: dropbear starts the shell itself;
-    OpenSSH's per-connection monitor forks a session process that starts it."""
-    return grandparent if getattr(guest.image, "ssh_daemon", "dropbear") == "openssh" else parent
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """The module's guest, once per variant (ssh daemon, vCPUs)."""
+    variant, smp = VARIANTS[request.param]
+    try:
+        image = build_guest("6.1", variant=variant)
+    except GuestError as exc:
+        pytest.fail(f"building the 6.1 {variant} guest failed: {exc}", pytrace=False)
+    g = launch(image, gdb=True, shared_memory=True, smp=smp)
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def programs(s: dict[str, Any]) -> list[tuple[list[str], str]]:
+    """(argv, cwd) of every exec in a session but the daemon's own (OpenSSH re-executes itself)."""
+    return [(c["argv"], c["cwd"]) for c in s["commands"] if c["comm"] not in DAEMONS]
 
 
 def session_of(m: Monitor, lg: Login) -> dict[str, Any]:
@@ -49,7 +67,7 @@ def cast_text(m: Monitor, s: dict[str, Any], direction: str) -> str:
     return "".join(text for _t, d, text in events if d == direction)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_passwords_commands_and_transcript(guest: Guest, tmp_path: Path) -> None:
     pw = guest.image.root_password
     typed = ["cd /tmp", "/bin/busybox echo one two", TRUTH_LINE, "ls -d /usr/bin"]
@@ -71,14 +89,16 @@ def test_passwords_commands_and_transcript(guest: Guest, tmp_path: Path) -> None
     # the connection: the attacker's socket port, the session's own $SSH_CLIENT and parent process
     assert (s["client"], s["client_port"], s["server_port"]) == (ip, int(port), int(server_port)) == \
         ("10.0.2.2", lg.port, 22), s
-    assert s["daemon_pid"] == daemon_pid(guest, int(parent), int(grandparent)), (s, parent, grandparent)
+    # the shell's parent is the daemon's per-connection process, whose parent is the listening daemon
+    assert s["daemon_pid"] == int(parent), (s, parent)
+    assert guest.run(f"cat /proc/{grandparent}/comm") in ("dropbear\n", "sshd\n")
     assert lg.started <= s["start"] <= authed and closed <= s["end"] <= stopped, s
     # four attempts, exact passwords and outcomes
     assert [(a["user"], a["password"], a["accepted"], a["forced"]) for a in s["auth"]] == [
         ("root", "wrong-1", False, False), ("root", "wrong-2", False, False), ("root", "wrong-3", False, False),
         ("root", pw, True, False)], s["auth"]
     # commands: every exec with argv and cwd; the typed lines
-    execs = [(c["argv"], c["cwd"]) for c in s["commands"]]
+    execs = programs(s)
     assert (["/bin/busybox", "echo", "one", "two"], "/tmp") in execs, execs
     assert (["ls", "-d", "/usr/bin"], "/tmp") in execs, execs
     assert (["cut", "-d ", "-f4", f"/proc/{parent}/stat"], "/tmp") in execs, execs
@@ -89,7 +109,7 @@ def test_passwords_commands_and_transcript(guest: Guest, tmp_path: Path) -> None
     assert cast_text(m, s, "i") == "".join(f"{x}\n" for x in [*typed, "exit"])
     # ssh host cmd: the shell's -c and the program it ran, with their cwd
     s2 = session_of(m, lg2)
-    execs2 = [(c["argv"], c["cwd"]) for c in s2["commands"]]
+    execs2 = programs(s2)
     assert execs2[0][0][-2:] == ["-c", "cd /usr && ls -d bin && echo done"], execs2
     assert (["ls", "-d", "bin"], "/usr") in execs2, execs2
     assert [(a["password"], a["accepted"]) for a in s2["auth"]] == [(pw, True)]
@@ -115,7 +135,7 @@ sleep 1; cat /tmp/nc.out
 """
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_files_and_network(guest: Guest, tmp_path: Path) -> None:
     payload = os.urandom(20000)
     marker = secrets.token_hex(8)
@@ -150,7 +170,7 @@ def test_files_and_network(guest: Guest, tmp_path: Path) -> None:
     assert ipaddress.ip_address(accepts[0]["address"]).ipv4_mapped == ipaddress.ip_address("127.0.0.1"), net
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_accept_any_password(guest: Guest, tmp_path: Path) -> None:
     random_pw = secrets.token_urlsafe(12)
     with monitoring(guest, tmp_path / "plain") as m:
@@ -176,7 +196,7 @@ def test_accept_any_password(guest: Guest, tmp_path: Path) -> None:
     assert guest.run("echo still-alive") == "still-alive\n"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_attackers_at_once(guest: Guest, tmp_path: Path) -> None:
     pw = guest.image.root_password
     results: dict[str, Any] = {}
@@ -229,7 +249,7 @@ for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" -lt "$me" ] || continue
 cat /proc/modules"""
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_nothing_changes_in_the_guest(guest: Guest, tmp_path: Path) -> None:
     before = guest.run(SNAPSHOT, timeout=120)
     with monitoring(guest, tmp_path / "out") as m:

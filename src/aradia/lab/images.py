@@ -31,13 +31,14 @@ from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, deb_field, run_tool
 from aradia.lab.initramfs import (
     GUEST_IP,
-    INIT_SCRIPT,
     READY_MARKER,
     ROOT_PASSWORD,
     Rootfs,
     guest_sources,
+    init_script,
     populate,
 )
+from aradia.lab.openssh import PACKAGES as OPENSSH_PACKAGES
 from aradia.progress import Progress
 
 # Bump when the layout of a built image changes so stale caches are rebuilt.
@@ -45,6 +46,8 @@ _IMAGE_FORMAT = 3
 _USERLAND_SUITE = "bookworm"
 _USERLAND_PACKAGES = ("busybox-static", "bash", "dropbear-bin")
 _USERLAND_FORMAT = 2  # bump when the way the userland closure is chosen changes
+#: ssh server variants: the extra userland packages each needs (dropbear is in every image)
+VARIANTS: dict[str, tuple[str, ...]] = {"dropbear": (), "openssh": OPENSSH_PACKAGES}
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class GuestImage:
     ssh_key: Path | None
     host_key_line: str
     ready_marker: str = READY_MARKER
+    ssh_daemon: str = "dropbear"  # the ssh server /init starts: "dropbear" or "openssh" (sshd)
 
     @property
     def vmlinuz(self) -> Path:
@@ -88,18 +92,23 @@ class GuestImage:
 
 
 def build_guest(
-    kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None
+    kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None,
+    variant: str = "dropbear",
 ) -> GuestImage:
     """Build (or reuse from the cache) a guest image for kernel series ``kernel``.
 
-    ``progress``, if given, is called with one short line per slow step. Raises :class:`GuestError`
-    when a tool or a download fails.
+    ``variant`` is its ssh server (:data:`VARIANTS`): ``dropbear``, or ``openssh`` (Debian's sshd,
+    cached apart). ``progress``, if given, is called with one short line per slow step. Raises
+    :class:`GuestError` when a tool or a download fails.
     """
     if kernel not in SERIES:
         raise GuestError(f"unknown kernel series {kernel!r}; known: {', '.join(SERIES)}")
+    if variant not in VARIANTS:
+        raise GuestError(f"unknown guest variant {variant!r}; known: {', '.join(VARIANTS)}")
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
-    image_dir = cache / "images" / f"{kernel}-{_image_key(kernel)}"
+    name = kernel if variant == "dropbear" else f"{kernel}-{variant}"
+    image_dir = cache / "images" / f"{name}-{_image_key(kernel, variant)}"
     cached = _load_image(cache, image_dir)
     if cached is not None:
         return cached
@@ -110,8 +119,8 @@ def build_guest(
             return cached
         builder = _Builder(cache, say)
         kernel_dir = builder.kernel(SERIES[kernel])
-        userland_dir = builder.userland()
-        builder.image(kernel, kernel_dir, userland_dir, image_dir)
+        userland_dir = builder.userland(VARIANTS[variant])
+        builder.image(kernel, kernel_dir, userland_dir, image_dir, variant)
     image = _load_image(cache, image_dir)
     if image is None:
         raise GuestError(f"guest image in {image_dir} is incomplete right after building it")
@@ -122,9 +131,11 @@ def build_guest(
 # cache plumbing
 
 
-def _image_key(series: str) -> str:
+def _image_key(series: str, variant: str = "dropbear") -> str:
     h = hashlib.sha256(f"{_IMAGE_FORMAT}\0{series}\0{_USERLAND_SUITE}\0".encode())
-    h.update(INIT_SCRIPT.encode())
+    if variant != "dropbear":  # the default image's key stays what it was
+        h.update(f"{variant}\0{' '.join(VARIANTS[variant])}\0".encode())
+    h.update(init_script(variant).encode())
     for src in guest_sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:12]
@@ -163,6 +174,7 @@ def _load_image(cache: Path, image_dir: Path) -> GuestImage | None:
             root_password=ROOT_PASSWORD,
             ssh_key=image_dir / "ssh_key" if m["ssh_key"] else None,
             host_key_line=m["host_key_line"],
+            ssh_daemon=m.get("ssh_daemon", "dropbear"),
         )
     except (KeyError, TypeError):
         return None
@@ -260,13 +272,14 @@ class _Builder:
             })
         return final
 
-    def userland(self) -> Path:
-        key = hashlib.sha256(f"{_USERLAND_FORMAT}\0{' '.join(_USERLAND_PACKAGES)}".encode()).hexdigest()[:8]
+    def userland(self, extra: tuple[str, ...] = ()) -> Path:
+        wanted = (*_USERLAND_PACKAGES, *extra)
+        key = hashlib.sha256(f"{_USERLAND_FORMAT}\0{' '.join(wanted)}".encode()).hexdigest()[:8]
         final = self.cache / "userland" / f"{_USERLAND_SUITE}-{key}"
         if _read_manifest(final) is not None:
             return final
         apt = self.apt(_USERLAND_SUITE)
-        packages = apt.library_closure(_USERLAND_PACKAGES)
+        packages = apt.library_closure(wanted)
         self.say(f"downloading {', '.join(packages)} (Debian {_USERLAND_SUITE})")
         debs = apt.download(packages, self.cache / "debs")
         with self._staged("userland", final) as tmp:
@@ -278,7 +291,8 @@ class _Builder:
             _write_manifest(tmp, {"suite": _USERLAND_SUITE, "versions": versions})
         return final
 
-    def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path) -> None:
+    def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path,
+              variant: str = "dropbear") -> None:
         kman = _read_manifest(kernel_dir)
         uman = _read_manifest(userland_dir)
         assert kman is not None and uman is not None
@@ -286,7 +300,7 @@ class _Builder:
         with self._staged("image", final) as tmp:
             ssh_key = _make_client_key(tmp / "ssh_key")
             rootfs = Rootfs(userland_dir / "root")
-            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key)
+            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key, variant)
             (tmp / "initrd.gz").write_bytes(gzip.compress(rootfs.cpio(), compresslevel=6, mtime=0))
             _write_manifest(tmp, {
                 "series": series,
@@ -300,6 +314,7 @@ class _Builder:
                 "userland_versions": uman["versions"],
                 "ssh_key": ssh_key is not None,
                 "host_key_line": host_key_line,
+                "ssh_daemon": variant,
             })
 
 

@@ -267,8 +267,22 @@ def _dropbear_host_key(rootfs: Rootfs, out: Path) -> str:
     return " ".join(line.split()[:2])
 
 
-def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None) -> str:
-    """Fill the initramfs; returns the ssh host public key line."""
+DROPBEAR_START = "dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -P /run/dropbear.pid"
+
+
+def init_script(daemon: str = "dropbear") -> str:
+    """``/init`` starting ``daemon`` (``dropbear``, or ``openssh``'s sshd) as the guest's ssh server."""
+    if daemon == "dropbear":
+        return INIT_SCRIPT
+    from aradia.lab.openssh import START
+
+    return INIT_SCRIPT.replace(DROPBEAR_START, START)
+
+
+def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None,
+             daemon: str = "dropbear") -> str:
+    """Fill the initramfs (the ssh server ``daemon``: ``dropbear`` or ``openssh``); returns the ssh host
+    public key line."""
     for d in ("proc", "sys", "dev", "run", "var/log", "usr/bin", "usr/sbin", "sbin", "etc/dropbear"):
         rootfs.dir(d)
     rootfs.dir("root", 0o700)
@@ -280,7 +294,7 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
     rootfs.add_program("bin/bash", ["bin/bash", "usr/bin/bash"])
     rootfs.add_program("usr/sbin/dropbear", ["usr/sbin/dropbear", "sbin/dropbear"])
     rootfs.add_program("usr/bin/dropbearkey", ["usr/bin/dropbearkey"])
-    rootfs.file("init", INIT_SCRIPT.encode(), 0o755)
+    rootfs.file("init", init_script(daemon).encode(), 0o755)
     rootfs.file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n")
     rootfs.file("etc/group", b"root:x:0:\ntty:x:5:\n")
     rootfs.file("etc/shadow", f"root:{_ROOT_HASH}:19000:0:99999:7:::\n".encode(), 0o600)
@@ -292,6 +306,10 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
     host_key_line = _dropbear_host_key(rootfs, key_file)
     rootfs.file("etc/dropbear/dropbear_ed25519_host_key", key_file.read_bytes(), 0o600)
     key_file.unlink()
+    if daemon == "openssh":
+        from aradia.lab.openssh import add_openssh
+
+        host_key_line = add_openssh(rootfs, work)
     if ssh_key is not None:
         rootfs.dir("root/.ssh", 0o700)
         rootfs.file("root/.ssh/authorized_keys", ssh_key.with_suffix(".pub").read_bytes(), 0o600)
