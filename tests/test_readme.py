@@ -17,6 +17,7 @@ import ast
 import hashlib
 import json
 import re
+import secrets
 import shlex
 import string
 import struct
@@ -55,6 +56,9 @@ from guest_workload import (
     start_actors,
     start_opener,
 )
+from honeypot_setup import Login
+from honeypot_setup import login as hp_login
+from honeypot_setup import run as hp_run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GUEST_SERIES = "6.1"
@@ -479,6 +483,47 @@ def guard(env: Env, line: str, subs: dict[str, str]) -> None:
     assert content == "listen=8080\nsecret=s3cr3t\n" + ("x\n" if dry else ""), content
 
 
+HONEYPOT = "aradia honeypot --vm qmp:/run/vm1/qmp.sock --out hp"
+
+
+def honeypot(env: Env, line: str, subs: dict[str, str]) -> tuple[Login, list[str]]:
+    """One ssh login (a random password with --accept-any-password) running one command under the
+    monitor; the login and the monitor's output lines."""
+    forced = "--accept-any-password" in line
+    pw = secrets.token_urlsafe(10) if forced else env.guest.image.root_password
+
+    def act() -> tuple[Login, tuple[int, str]]:
+        lg = hp_login(env.guest, [pw])
+        done = hp_run(lg, "echo readme-$((40+2))") if lg.ok else (-1, "")
+        lg.transport.close()
+        return lg, done
+
+    result, (lg, done) = env.cli.live(env.fill(line, subs), act, ready="honeypot on", settle=5)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert lg.ok and done == (0, "readme-42\n"), done
+    lines = result.stdout.splitlines()
+    if "--json" in line:
+        recs = [json.loads(x) for x in lines]
+        [start] = [r for r in recs if r["name"] == "session.start"]
+        assert (start["args"]["client_port"], start["args"]["server_port"]) == (lg.port, 22), start
+        [auth] = [r["args"] for r in recs if r["name"] == "auth"]
+        assert (auth["user"], auth["password"], auth["accepted"], auth["forced"]) == ("root", pw, True, forced)
+    else:
+        assert any(x.endswith(f" connection from 10.0.2.2:{lg.port} to port 22 (dropbear)") for x in lines), lines
+        assert any(x.endswith(f" password {pw!r} for root: accepted") for x in lines), lines
+    return lg, lines
+
+
+def honeypot_report(env: Env, line: str, subs: dict[str, str]) -> None:
+    """The report of a run of the README's first honeypot line."""
+    lg, _ = honeypot(env, HONEYPOT, QMP)
+    out = env.cli.ok(line)
+    blocks = [b for b in out.split("\n\n") if f"from 10.0.2.2:{lg.port} to port 22 (dropbear pid " in b]
+    assert len(blocks) == 1, out
+    assert f"password {env.guest.image.root_password!r} for root: accepted" in blocks[0], blocks[0]
+    assert "-c 'echo readme-$((40+2))'" in blocks[0], blocks[0]
+
+
 SERVICE = "run by tests/test_service.py with generated configs, a real nats-server and real guests"
 
 # --- the table -----------------------------------------------------------------------------------------
@@ -530,6 +575,9 @@ COMMANDS: dict[str, Case] = {
     "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml": Case(guard, (QMP,)),
     "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --json": Case(guard, (QMP,)),
     "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --dry-run": Case(guard, (QMP,)),
+    HONEYPOT: Case(honeypot, (QMP,)),
+    "aradia honeypot --vm qmp:/run/vm1/qmp.sock --out hp --accept-any-password root --json": Case(honeypot, (QMP,)),
+    "aradia honeypot report hp": Case(honeypot_report),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
     "aradia serve --config fleet.toml --aggregate": Case(None, exempt=SERVICE + " (the aggregate)"),
     'aradia ps --server https://hv1:8765 --token "$T" --vm web1': Case(None, exempt=SERVICE
@@ -562,7 +610,7 @@ def test_readme_command_parses(line: str) -> None:
     for subs in COMMANDS[line].variants:
         argv = shlex.split(fill(line, subs, _Any(qmp="/q.sock")).split(" > ")[0])[1:]
         args = parser.parse_args(argv)
-        if args.command in ("demo", "token", "serve"):
+        if args.command in ("demo", "token", "serve") or (args.command == "honeypot" and args.action):
             continue
         if "--server" in argv:
             assert (args.server, args.token, args.vm) == ("https://hv1:8765", "$T", "web1")
