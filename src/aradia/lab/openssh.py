@@ -8,7 +8,9 @@ key is an ed25519 key made by the host's ``ssh-keygen`` when the image is built.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from aradia.lab import GuestError
 from aradia.lab.debian import run_tool
@@ -35,12 +37,22 @@ Subsystem sftp internal-sftp
 """
 
 
-def add_openssh(rootfs: object, work: Path) -> str:
-    """Put sshd, its config, a host key and the privilege-separation user into ``rootfs`` (a
-    :class:`~aradia.lab.initramfs.Rootfs`); the host key's public line."""
-    from aradia.lab.initramfs import Rootfs
+class Tree(Protocol):
+    """What this needs of :class:`~aradia.lab.initramfs.Rootfs` (which imports this module)."""
 
-    assert isinstance(rootfs, Rootfs)
+    def add_program(self, dest: str, candidates: Iterable[str]) -> None:
+        """Copy a userland binary with its shared-library closure."""
+
+    def file(self, path: str, data: bytes, perm: int = 0o644) -> None:
+        """Add (or replace) a regular file."""
+
+    def dir(self, path: str, perm: int = 0o755) -> None:
+        """Add a directory (and its parents)."""
+
+
+def add_openssh(rootfs: Tree, work: Path) -> str:
+    """Put sshd, its config, a host key and the privilege-separation user into ``rootfs``; the host
+    key's public line."""
     rootfs.add_program("usr/sbin/sshd", ["usr/sbin/sshd"])
     rootfs.file("etc/ssh/sshd_config", SSHD_CONFIG)
     key = work / "ssh_host_ed25519_key"

@@ -19,7 +19,7 @@ import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import drgn
 
@@ -29,8 +29,9 @@ from aradia.linux.usersyms import UserSymbols, load_address, parse_spec
 from aradia.linux.walks import d_path, each_task
 from aradia.trace.syscalls import user_cstring
 
-if TYPE_CHECKING:
-    from aradia.trace.hooks import HookContext
+#: a decision at a user-space function's entry: ``decide(ctx)`` with a
+#: :class:`~aradia.trace.hooks.HookContext` (typed loosely here: hooks.py imports this module)
+UserDecide = Callable[[Any], "int | None"]
 
 #: Registers of a function call's integer arguments (System V AMD64 ABI), as the GDB stub names them.
 CALL_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -112,7 +113,7 @@ class UserTarget:
     keep_args: bool = False
     #: a decision at entry (see :mod:`aradia.trace.hooks`): it may emit events and make the function
     #: return a value at once (then no return is reported)
-    decide: Callable[[HookContext], int | None] | None = None
+    decide: UserDecide | None = None
 
     def __post_init__(self) -> None:
         self.lib, self.symbol = parse_spec(self.spec)
@@ -120,7 +121,7 @@ class UserTarget:
     @classmethod
     def make(cls, spec: str, *, ret: bool = False, process: str | None = None, pid: int | None = None,
              args: str | None = None, keep_args: bool = False,
-             decide: Callable[[HookContext], int | None] | None = None) -> UserTarget:
+             decide: UserDecide | None = None) -> UserTarget:
         """A target; ``args`` is a signature (:func:`parse_signature`), else the built-in one if any."""
         target = cls(spec, ret, process, pid, keep_args=keep_args, decide=decide)
         target.signature = (parse_signature(args) if args
