@@ -179,7 +179,7 @@ class Tracer:
 
     def add_uprobe(self, spec: str, *, process: str | None = None, pid: int | None = None,
                    ret: bool = False, args: str | None = None, keep_args: bool = False,
-                   decide: Decide | None = None) -> UserTarget:
+                   decide: Decide | None = None, follow: bool = True) -> UserTarget:
         """Probe user-space function ``LIB:SYMBOL`` (``libcrypt.so.1:crypt``, ``bash:readline``).
 
         In process ``pid``, or in processes named ``process`` (comm or executable name), or in
@@ -188,9 +188,13 @@ class Tracer:
         functions; ``ret`` reports the return value instead of the arguments (``keep_args``: with
         the arguments decoded at entry, as ``args``). ``decide(ctx)`` runs at each entry instead of
         the entry event (see :mod:`aradia.trace.hooks`); a return value it sets skips the function.
+        ``follow=False`` arms it in no process now and follows no new mapping (no stop at every mmap
+        in the guest): the caller arms it in the address spaces it chooses with :meth:`arm_uprobe_in`.
         """
         target = UserTarget.make(spec, ret=ret, process=process, pid=pid, args=args, keep_args=keep_args,
                                  decide=decide)
+        if not follow:
+            return target
         with self._lock, self._halted():
             self._arm_hook("mmap", MMAP_HOOK)
             user = self._user()
@@ -199,6 +203,21 @@ class Tracer:
                 for us in user.syms.resolve(mm, target.lib, target.symbol):
                     self._arm_user(target, us.address, us.file.mm)
         return target
+
+    def arm_uprobe_in(self, target: UserTarget, mm: drgn.Object) -> int:
+        """Arm ``target`` (from :meth:`add_uprobe`) in one more address space, ``mm`` (a
+        ``struct mm_struct *``), if it maps the target's library; how many addresses were armed.
+        Called from a hook's decision it costs no extra stop (the guest is stopped already)."""
+        n = 0
+        with self._lock, self._halted():
+            try:
+                found = self._user().syms.resolve(mm, target.lib, target.symbol)
+            except GUEST_ERRORS:
+                return 0
+            for us in found:
+                self._arm_user(target, us.address, int(mm.value_()))
+                n += 1
+        return n
 
     def add_watch(self, address: int, length: int, access: str = "w", *, pid: int | None = None) -> Watch:
         """Watch ``length`` bytes at guest-virtual ``address`` for writes (``w``), reads (``r``) or
@@ -594,12 +613,24 @@ class Tracer:
                 self.stub.write_register(name, now[name], thread)
         elif probe is not None and probe.skip:
             self.stub.write_register("rip", rip + probe.skip, thread)
+        elif probe is not None and probe.kind == "uprobe" and self._endbr_at(regs):
+            # a user function compiled with CET starts with ENDBR64 (a NOP here): skipping it is
+            # running it, and spares the single-step (which makes TCG flush all translated code)
+            self.stub.write_register("rip", rip + len(ENDBR64), thread)
         elif probe is not None or rip in self._returns:
             # off the breakpoint, or the continue would re-hit it
             self.stub.step(thread, until_pc_changes=True)
             self._check_step(thread, regs)
         self._stopped = False
         self.stub.cont()
+
+    def _endbr_at(self, regs: dict[str, int]) -> bool:
+        """Whether the stopped task's instruction at RIP is ENDBR64 (read in its own address space:
+        another process may run other code at a user probe's address)."""
+        try:
+            return self._user_reader(regs)(regs.get("rip", 0), len(ENDBR64)) == ENDBR64
+        except GUEST_ERRORS:
+            return False
 
     def run(self, callback: Callable[[Event], object], duration: float | None = None,
             until: Callable[[], bool] | None = None) -> int:

@@ -69,11 +69,17 @@ def _path_of(path: drgn.Object, dentry: drgn.Object | None = None) -> str:
     return base.rstrip("/") + "/" + raw.decode(errors="replace")
 
 
-class Hits:
-    """The decisions; ``member(tgid)`` says whether a process belongs to a session now."""
+Arm = Callable[[str, drgn.Object], None]
 
-    def __init__(self, member: Member) -> None:
+
+class Hits:
+    """The decisions; ``member(tgid)`` says whether a process belongs to a session now; ``arm(what,
+    task)`` arms the user-space probes of ``what`` ("daemon": the password check, "shell": typed
+    lines) in ``task``'s address space, while the guest is stopped at the hit."""
+
+    def __init__(self, member: Member, arm: Arm | None = None) -> None:
         self.member = member
+        self.arm = arm
 
     def decision(self, what: str) -> Callable[[HookContext], int | None]:
         """The decision for hook kind ``what`` (a value of :data:`KERNEL_HOOKS`): never blocks."""
@@ -96,11 +102,17 @@ class Hits:
         parent = child.real_parent.read_()
         ptgid = int(parent.tgid)
         args: dict[str, Any] = {"child": int(child.pid), "parent": ptgid, "parent_comm": _comm(parent)}
+        daemon = args["parent_comm"] in SSH_DAEMONS
         if self.member(ptgid):
             ctx.emit("honeypot", "fork", args)
-        elif args["parent_comm"] in SSH_DAEMONS:  # the listening daemon: a new connection's process
+        elif daemon:  # the listening daemon: a new connection's process
             args["connection"] = connection(child)
             ctx.emit("honeypot", "fork", args)
+        if daemon and self.arm is not None:
+            # a session's daemon (dropbear's per-connection process, a copy of the listener; OpenSSH's
+            # monitor, re-executed, whose libraries are loaded by its first fork): its password check
+            self.arm("daemon", parent)
+            self.arm("daemon", child)
 
     def _exec(self, ctx: HookContext) -> None:
         task = ctx.obj(0, "struct task_struct *")
@@ -112,6 +124,8 @@ class Hits:
             cwd = d_path(task.fs.pwd).decode(errors="replace")
         ctx.emit("honeypot", "exec", {"pid": info.tgid, "exe": info.exe, "argv": info.cmdline, "cwd": cwd,
                                        "comm": info.comm})
+        if self.arm is not None and (info.exe or "").rsplit("/", 1)[-1] == "bash":
+            self.arm("shell", task)  # readline is in bash itself: mapped by the exec
 
     def _exit(self, ctx: HookContext) -> None:
         task = ctx.obj(0, "struct task_struct *")

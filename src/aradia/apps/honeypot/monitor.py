@@ -11,7 +11,8 @@ What is armed (:meth:`Honeypot.start`), all through the guarded GDB stub:
 * ``filp_close``, ``security_path_unlink``, ``security_path_rename``: files, their contents read from
   the page cache when the last descriptor closes (or when unlinked);
 * ``libcrypt.so.1:crypt`` (entry and return, and the ``--accept-any-password`` decision),
-  ``libc.so.6:getpwnam`` (the user being checked), ``bash:readline`` (typed lines);
+  ``libc.so.6:getpwnam`` (the user being checked), ``bash:readline`` (typed lines), each armed only in
+  the processes that need it (a session's daemon, its bash) rather than following every mmap;
 * the ``connect``, ``bind``, ``accept``, ``accept4`` syscalls.
 
 Events are attributed in the order the tracer yields them (:meth:`Honeypot.handle`), each written to
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import drgn
+
 from aradia.apps.honeypot.auth import CRYPT, GETPWNAM, PasswordCheck
 from aradia.apps.honeypot.hits import KERNEL_HOOKS, Hits
 from aradia.apps.honeypot.output import OutputDir
@@ -31,6 +34,7 @@ from aradia.apps.honeypot.sessions import Session, SessionTable
 from aradia.service.schema import Records, wall_time
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
+from aradia.trace.uprobes import UserTarget
 
 READLINE = "bash:readline"
 NET_SYSCALLS = ("connect", "bind", "accept", "accept4")
@@ -47,18 +51,31 @@ class Honeypot:
         self.accept_any = frozenset(accept_any)
         self.show = show
         self.table = SessionTable()
+        self.user_targets: dict[str, list[UserTarget]] = {}
 
     def start(self) -> None:
-        """Arm every probe (the guest runs on meanwhile, between the arming stops)."""
-        hits = Hits(lambda tgid: tgid in self.table.by_tgid)
+        """Arm every probe (the guest runs on meanwhile, between the arming stops). The user-space
+        probes are armed only in the processes that need them, when they appear: the password check
+        in a session's daemon (at its forks), readline in a session's bash (at its exec)."""
+        check = PasswordCheck(self._user_of, self.accept_any)
+        add = self.tracer.add_uprobe
+        self.user_targets = {
+            "daemon": [add(GETPWNAM, follow=False),
+                       add(CRYPT, ret=True, keep_args=True, decide=check.decide, follow=False)],
+            "shell": [add(READLINE, ret=True, follow=False)],
+        }
+        hits = Hits(lambda tgid: tgid in self.table.by_tgid, self._arm)
         for symbol, what in KERNEL_HOOKS.items():
             self.tracer.add_hook(symbol, hits.decision(what))
-        check = PasswordCheck(self._user_of, self.accept_any)
-        self.tracer.add_uprobe(GETPWNAM)
-        self.tracer.add_uprobe(CRYPT, ret=True, keep_args=True, decide=check.decide)
-        self.tracer.add_uprobe(READLINE, ret=True)
         for name in NET_SYSCALLS:
             self.tracer.add_syscall(name)
+
+    def _arm(self, what: str, task: drgn.Object) -> None:
+        """Arm the user-space probes of ``what`` in ``task``'s address space (at a hit: no extra stop)."""
+        mm = task.mm.read_()
+        if mm:
+            for target in self.user_targets[what]:
+                self.tracer.arm_uprobe_in(target, mm)
 
     def _user_of(self, tgid: int) -> str | None:
         s = self.table.of(tgid)
