@@ -424,9 +424,9 @@ class Tracer:
         elif probe is not None and probe.target is not None and probe.target.decide is not None:
             out = self._decide(probe, thread, regs)
             if probe.ret and self._return_now is None:
-                entry = (probe.target.entry_args(regs, self._user_reader(regs)) if probe.target.keep_args
-                         else None)
-                self._await_return(probe, regs, entry=entry)
+                kept = (probe.target.entry_args(regs, self._user_reader(regs)) if probe.target.keep_args
+                        else None)
+                self._await_return(probe, regs, entry=kept)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
                 ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
@@ -452,10 +452,10 @@ class Tracer:
                 args = {r: regs.get(r, 0) for r in CALL_ARG_REGS}
                 out = self._event("kprobe", probe.name, thread, regs, args)
         elif probe is not None and probe.ret:
-            entry = None
+            kept = None
             if probe.target is not None and probe.target.keep_args:
-                entry = probe.target.entry_args(regs, self._user_reader(regs))
-            self._await_return(probe, regs, entry=entry)
+                kept = probe.target.entry_args(regs, self._user_reader(regs))
+            self._await_return(probe, regs, entry=kept)
         if rip in self._returns:
             waiting = self._returns[rip]
             task = self._task_address(regs)
