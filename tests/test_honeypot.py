@@ -267,3 +267,35 @@ def test_nothing_changes_in_the_guest(guest: Guest, tmp_path: Path) -> None:
     finally:
         guest.run("rm -f /root/honeypot-snapshot-probe")
     assert changed != before and "/root/honeypot-snapshot-probe" in changed
+
+
+@pytest.mark.timeout(900)
+def test_session_open_before_the_monitor(guest: Guest, tmp_path: Path) -> None:
+    """A monitor started (or restarted) during a session adopts it: the connection from the guest's
+    sockets, its processes from the process tree; what follows is recorded."""
+    lg = login(guest, [guest.image.root_password])
+    ch = lg.transport.open_session()
+    ch.get_pty(term="vt100", width=80, height=24)
+    ch.invoke_shell()
+    ch.settimeout(300)
+    got = b""
+    while b"# " not in got:
+        got += ch.recv(65536)
+    with monitoring(guest, tmp_path / "out") as m:
+        ch.sendall(b"/bin/busybox echo adopted-$((1+1))\n")
+        while b"adopted-2\r\n" not in got:
+            got += ch.recv(65536)
+        ch.sendall(b"/bin/busybox echo adopted-$((1+2))\nexit\n")
+        while chunk := ch.recv(65536):
+            got += chunk
+        lg.transport.close()
+        m.wait_ended(1)
+    assert b"adopted-3\r\n" in got
+    s = session_of(m, lg)
+    assert s["adopted"] is True and (s["client"], s["server_port"]) == ("10.0.2.2", 22), s
+    assert s["end"] is not None and s["start"] < s["end"], s
+    argvs = [a for a, _cwd in programs(s)]
+    assert argvs == [["/bin/busybox", "echo", "adopted-2"], ["/bin/busybox", "echo", "adopted-3"]], argvs
+    # the line being read when the monitor started is not seen (its readline call began before)
+    assert [x["line"] for x in s["lines"]] == ["/bin/busybox echo adopted-$((1+2))", "exit"], s["lines"]
+    assert "adopted-3" in cast_text(m, s, "o")

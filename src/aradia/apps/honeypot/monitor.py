@@ -21,16 +21,20 @@ the output directory as one record of the service's schema (kind ``honeypot``).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import drgn
 
+from aradia.apps.honeypot.adopt import open_sessions
 from aradia.apps.honeypot.auth import CRYPT, GETPWNAM, PasswordCheck
-from aradia.apps.honeypot.hits import KERNEL_HOOKS, Hits
+from aradia.apps.honeypot.hits import KERNEL_HOOKS, SSH_DAEMONS, Hits
 from aradia.apps.honeypot.output import OutputDir
 from aradia.apps.honeypot.sessions import Session, SessionTable
+from aradia.linux.bounds import GUEST_ERRORS
 from aradia.service.schema import Records, wall_time
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
@@ -69,6 +73,29 @@ class Honeypot:
             self.tracer.add_hook(symbol, hits.decision(what))
         for name in NET_SYSCALLS:
             self.tracer.add_syscall(name)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Take the sessions open now (their start is the monitor's: ``adopted``)."""
+        with self.tracer.held():
+            found = open_sessions(self.tracer.vm.linux.prog)
+        now = time.monotonic()
+        for f in found:
+            s = self.table.open(int(f.root.tgid), f.daemon, wall_time(now), now, f.conn)
+            s.adopted = True
+            for tgid, task in f.members.items():
+                self.table.by_tgid[tgid] = s
+                with contextlib.suppress(*GUEST_ERRORS):
+                    comm = task.comm.string_().decode(errors="replace")
+                    if comm in SSH_DAEMONS or comm == "bash":
+                        self._arm("daemon" if comm in SSH_DAEMONS else "shell", task)
+            root = int(f.root.tgid)
+            start = {"daemon": s.daemon, "daemon_pid": s.daemon_pid, "client": s.client,
+                     "client_port": s.client_port, "server": s.server, "server_port": s.server_port,
+                     "adopted": True}
+            ev = Event(now, -1, "honeypot", "session.start", root, root, f.daemon)
+            self._log(ev, s, "session.start", start)
+            self.out.summary(s)
 
     def _arm(self, what: str, task: drgn.Object) -> None:
         """Arm the user-space probes of ``what`` in ``task``'s address space (at a hit: no extra stop)."""

@@ -32,6 +32,7 @@ class Session:
     net: list[dict[str, Any]] = field(default_factory=list)
     ttys: set[int] = field(default_factory=set)
     cast: str | None = None  # the asciicast's file name, once there is terminal traffic
+    adopted: bool = False  # open before the monitor started: ``start`` is the monitor's start
 
     def summary(self) -> dict[str, Any]:
         """The session as one JSON document."""
@@ -39,7 +40,7 @@ class Session:
                 "client": self.client, "client_port": self.client_port, "server": self.server,
                 "server_port": self.server_port, "start": self.start, "end": self.end, "user": self.user,
                 "auth": self.auth, "commands": self.commands, "lines": self.lines, "files": self.files,
-                "net": self.net, "ttys": sorted(self.ttys), "cast": self.cast}
+                "net": self.net, "ttys": sorted(self.ttys), "cast": self.cast, "adopted": self.adopted}
 
 
 class SessionTable:
