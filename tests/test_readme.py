@@ -531,6 +531,10 @@ COMMANDS: dict[str, Case] = {
     "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --json": Case(guard, (QMP,)),
     "aradia guard --vm qmp:/run/vm1/qmp.sock --policy guard.toml --dry-run": Case(guard, (QMP,)),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
+    'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml --keep': Case(
+        None, exempt="run by tests/test_guard_service.py against a real service and guest"),
+    'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml': Case(
+        None, exempt="run by tests/test_guard_service.py against a real service and guest"),
     "aradia serve --config fleet.toml --aggregate": Case(None, exempt=SERVICE + " (the aggregate)"),
     'aradia ps --server https://hv1:8765 --token "$T" --vm web1': Case(None, exempt=SERVICE
                                                                       + " (test_cli_over_server)"),

@@ -441,6 +441,13 @@ def cmd_guard(args: argparse.Namespace) -> int:
     from aradia.trace.tracer import Tracer
 
     policy = load_policy(args.policy)
+    client = _client(args)
+    if client is not None:
+        with client:
+            return _guard_remote(client, args)
+    if args.keep:
+        raise AradiaError("--keep is for a guard on a service (--server): a local guard lives as long as "
+                          "this command")
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("the guard needs a live VM (qmp:PATH), not a dump")
@@ -451,7 +458,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
         def show(ev: Any) -> None:
             if id(ev) not in shown:
                 shown.add(id(ev))
-                print(json.dumps(maker.record(ev)) if args.json else alert_line(ev), flush=True)
+                rec = maker.record(ev)
+                print(json.dumps(rec) if args.json else alert_line(rec), flush=True)
 
         resume = threading.Event()
 
@@ -486,12 +494,49 @@ def cmd_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guard_remote(client: Any, args: argparse.Namespace) -> int:
+    """``aradia guard --server …``: the guard as the service's app; its alerts streamed here until the
+    end (then it is stopped), or left running on the service with ``--keep``."""
+    from aradia.apps.guard.alerts import alert_line
+
+    if args.pause:
+        raise AradiaError("--pause is not offered over --server (the service owns the VM's run state)")
+    policy_path = args.policy
+    with open(policy_path) as f:  # (load_policy read and checked it just now)
+        spec = {"kind": "guard", "policy": f.read(), "dry_run": args.dry_run}
+    mode = " (dry run: nothing is blocked)" if args.dry_run else ""
+    if args.keep:
+        trace = client.start_trace(args.vm, spec)
+        print(json.dumps(trace) if args.json else trace["id"])
+        print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} until the trace is stopped "
+              f"(DELETE /api/v1/traces/{trace['id']})", file=sys.stderr, flush=True)
+        return 0
+    with client.live(args.vm, kind=["guard"]) as stream:
+        trace = client.start_trace(args.vm, spec)  # after subscribing: no alert is missed
+        until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} (trace {trace['id']}), {until}",
+              file=sys.stderr, flush=True)
+        try:
+            for rec in stream.events(args.duration):
+                if "dropped" in rec:
+                    print(f"aradia: warning: {rec['dropped']} alerts lost (this client fell behind)",
+                          file=sys.stderr)
+                elif rec.get("kind") == "guard":
+                    print(json.dumps(rec) if args.json else alert_line(rec), flush=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            client.stop_trace(trace["id"])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the introspection service for the VMs in a config file."""
+    from aradia.apps.served import service_apps
     from aradia.service.config import load_config
     from aradia.service.server import serve
 
-    return serve(load_config(args.config), listen=args.listen, aggregate=args.aggregate)
+    return serve(load_config(args.config), listen=args.listen, aggregate=args.aggregate, apps=service_apps())
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -643,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="alerts as event records, one JSON object per line")
     sp.add_argument("--pause", action="store_true", help="hold the VM stopped at each alert until SIGUSR1")
     sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    sp.add_argument("--keep", action="store_true", help="with --server: leave the guard running on the "
+                    "service (armed again when the service restarts) and print its trace id")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

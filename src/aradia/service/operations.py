@@ -19,6 +19,7 @@ from typing import Any
 
 from aradia.errors import AradiaError, NotAttached, NotRAM, PageFault
 from aradia.linux.kernel import VIEWS
+from aradia.service.apps import Apps
 from aradia.service.config import ServiceConfig
 from aradia.service.live import LiveHub
 from aradia.service.owner import Subscription, VMOwner
@@ -26,7 +27,7 @@ from aradia.service.policy import AccessError, NotFound, Policy, Principal
 from aradia.service.rates import Rates
 from aradia.service.store import EventStore
 from aradia.service.store_sql import StoreError
-from aradia.service.tracespec import SpecError, parse_spec, spec_json
+from aradia.service.tracespec import AppSpec, SpecError, parse_spec, spec_json
 
 log = logging.getLogger("aradia.service")
 ANONYMOUS = "-"
@@ -103,9 +104,10 @@ def _int(params: dict[str, Any], key: str, *, required: bool = False) -> int | N
 class Service:
     """The service's state: owners of the configured VMs, store, bus, hub of live subscribers."""
 
-    def __init__(self, config: ServiceConfig, *, aggregate: bool = False) -> None:
+    def __init__(self, config: ServiceConfig, *, aggregate: bool = False, apps: Apps | None = None) -> None:
         self.config = config
         self.aggregate = aggregate
+        self.apps: Apps = dict(apps or {})  # started like traces (a spec whose kind is the app's name)
         self.policy = Policy(config)
         days, mb = config.store.max_age_days, config.store.max_mb
         self.store = EventStore(config.store.path, max_age=days * 86400 if days else None,
@@ -150,7 +152,7 @@ class Service:
                 log.warning("stored trace for a VM not in the config", extra={"trace": row["id"]})
                 continue
             try:
-                sub = Subscription(row["id"], row["vm"], row["tenant"], parse_spec(row["spec"]),
+                sub = Subscription(row["id"], row["vm"], row["tenant"], parse_spec(row["spec"], self.apps),
                                    created=row["created"])
                 owner.add(sub, pending_ok=True)
             except AradiaError as e:
@@ -306,8 +308,11 @@ class Service:
         return path
 
     def op_trace_start(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Arm a trace from a probe spec; it is stored (armed again after a restart)."""
-        spec = parse_spec(params.get("spec"))
+        """Arm a trace from a probe spec (or an app from its spec); it is stored (armed again after a
+        restart)."""
+        spec = parse_spec(params.get("spec"), self.apps)
+        if isinstance(spec, AppSpec):
+            self.policy.authorize(principal, spec.app.permission, vm)
         with self._lock:
             mine = sum(1 for t in self._traces.values() if t.tenant == principal.name)
             if mine >= self.config.limits.max_traces:

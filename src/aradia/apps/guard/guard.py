@@ -30,6 +30,7 @@ from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.walks import d_path
 from aradia.trace.events import Event
 from aradia.trace.hooks import HookContext
+from aradia.trace.probes import Probe
 from aradia.trace.tracer import Tracer
 
 EPERM = 1
@@ -69,16 +70,27 @@ class Guard:
         self.decide_seconds = 0.0
         self._reported: OrderedDict[tuple[int, int, str, int], None] = OrderedDict()
         self._reload_lock = threading.Lock()
+        self._probes: list[Probe] = []
 
     # --- set-up ------------------------------------------------------------------------------------
     def start(self) -> list[str]:
         """Resolve the policy in the guest and arm every hook; the warnings of the resolution."""
         with self.tracer.held():
             self.state = resolve(self.tracer.vm.linux.prog, self.policy)
-        for symbol, (op, kinds) in HOOKS.items():
-            self.tracer.add_hook(symbol, self._file_decision(op, kinds))
-        self.tracer.add_hook(EXEC_HOOK, self._exec_decision)
+        try:
+            for symbol, (op, kinds) in HOOKS.items():
+                self._probes.append(self.tracer.add_hook(symbol, self._file_decision(op, kinds)))
+            self._probes.append(self.tracer.add_hook(EXEC_HOOK, self._exec_decision))
+        except BaseException:
+            self.stop()  # a hook that cannot be armed (one is there already): none stays armed
+            raise
         return list(self.state.warnings)
+
+    def stop(self) -> None:
+        """Disarm every hook (the tracer and its other probes go on)."""
+        probes, self._probes = self._probes, []
+        for probe in probes:
+            self.tracer.remove(probe)
 
     def reload(self, policy: Policy | str) -> list[str]:
         """Take a new policy (or re-read the file) without disarming: resolved with the event loop held
