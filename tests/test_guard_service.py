@@ -25,7 +25,7 @@ from aradia.lab.launcher import Guest
 from cli_runner import cli_argv, run_cli
 from dashboard_env import launch_chromium, screenshot, sign_in
 from guard_setup import TRUTH, attempt, set_scene, write_policy
-from service_env import ServiceProcess, VMEntry, config_text, principal
+from service_env import ServiceProcess, VMEntry, api, config_text, principal
 from test_guard import DENIED, UPDATE, check_alert
 from waiting import wait_until
 
@@ -166,14 +166,49 @@ def test_guard_followed_from_the_cli_in_dry_run_reports_and_stops_at_the_end(sce
     line = p.stderr.readline()
     assert line.startswith("guarding web1 at") and "dry run" in line, line
     client, rc, out = attempt(sc.guest, APPEND)
-    out_json, err = p.communicate(timeout=120)
+    # the policy file rewritten (alert only): the CLI hands it to the service, which takes it in place
+    policy = write_policy(sc.policy.with_name("alert.toml"), "alert")
+    sc.policy.write_text(policy.read_text())
+    try:
+        reloaded = p.stderr.readline()
+        client2, rc2, out2 = attempt(sc.guest, "echo evil2 >> /srv/app/config")
+        out_json, err = p.communicate(timeout=120)
+    finally:
+        write_policy(sc.policy, "block")
     assert p.returncode == 0, err
-    assert rc == 0 and out == "", (rc, out)  # dry run: nothing blocked
-    assert sc.guest.run("grep -c evil /srv/app/config").strip() == "1"
+    assert reloaded == f"guard: policy reloaded (file changed): {sc.policy}\n", reloaded + err
+    assert (rc, out, rc2, out2) == (0, "", 0, "")  # dry run, then alert only: nothing blocked
+    assert sc.guest.run("grep -c evil /srv/app/config").strip() == "2"
     alerts = [json.loads(x) for x in out_json.splitlines()]
-    assert len(alerts) == 1, alerts
+    assert len(alerts) == 2, alerts
     check_alert(alerts[0], client, "would-block", "/srv/app/config")
+    check_alert(alerts[1], client2, "alerted", "/srv/app/config")
     assert sc.client.traces() == []  # stopped at the end
+
+
+@pytest.mark.timeout(900)
+def test_a_new_policy_is_taken_in_place_and_a_bad_one_keeps_the_old(scene: Scene) -> None:
+    sc = scene
+    set_scene(sc.guest)
+    alert_policy = write_policy(sc.policy.with_name("alert.toml"), "alert").read_text()
+    block_policy = sc.policy.read_text()
+    with sc.client.live("web1", kind=["guard"]) as stream:
+        trace = sc.client.start_trace("web1", {"kind": "guard", "policy": alert_policy})
+        c1, rc1, out1 = attempt(sc.guest, APPEND)
+        updated = sc.client.update_trace(trace["id"], {"kind": "guard", "policy": block_policy})
+        c2, rc2, out2 = attempt(sc.guest, "echo evil2 >> /srv/app/config")
+        bad = [api(sc.svc.url, ALICE.token, "PUT", f"/traces/{trace['id']}", json=body) for body in ({"kind": "guard", "policy": '[[protect]]\npath = "/no/such"\n'},
+                            {"kind": "syscalls", "syscalls": ["execve"]})]
+        c3, rc3, out3 = attempt(sc.guest, "echo evil3 >> /srv/app/config")
+        alerts = _alerts(stream, 3)
+    sc.client.stop_trace(trace["id"])
+    assert (rc1, out1) == (0, "") and rc2 != 0 and DENIED in out2 and rc3 != 0 and DENIED in out3
+    assert updated["id"] == trace["id"] and updated["spec"]["policy"] == block_policy
+    assert [r.status_code for r in bad] == [422, 400], [r.text for r in bad]  # 422: valid, not in this guest
+    assert "/no/such" in bad[0].json()["error"] and "only an app's spec" in bad[1].json()["error"]
+    assert [a["args"]["action"] for a in alerts] == ["alerted", "blocked", "blocked"]
+    for client, rec in zip((c1, c2, c3), alerts, strict=True):
+        check_alert(rec, client, rec["args"]["action"], "/srv/app/config")
 
 
 @pytest.mark.timeout(900)

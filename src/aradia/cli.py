@@ -476,8 +476,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
             guard = Guard(tracer, policy, dry_run=args.dry_run, pause=pause if args.pause else None)
             for w in guard.start():
                 print(f"aradia: warning: {w}", file=sys.stderr)
-            watcher = PolicyWatcher(guard, args.policy, lambda text: print(f"guard: {text}", file=sys.stderr,
-                                                                         flush=True))
+            watcher = PolicyWatcher(guard.reload, args.policy,
+                                    lambda text: print(f"guard: {text}", file=sys.stderr, flush=True))
             watcher.start()
             until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
             mode = " (dry run: nothing is blocked)" if args.dry_run else ""
@@ -498,6 +498,8 @@ def _guard_remote(client: Any, args: argparse.Namespace) -> int:
     """``aradia guard --server …``: the guard as the service's app; its alerts streamed here until the
     end (then it is stopped), or left running on the service with ``--keep``."""
     from aradia.apps.guard.alerts import alert_line
+    from aradia.apps.guard.policy import load_policy
+    from aradia.apps.guard.reload import PolicyWatcher
 
     if args.pause:
         raise AradiaError("--pause is not offered over --server (the service owns the VM's run state)")
@@ -513,6 +515,16 @@ def _guard_remote(client: Any, args: argparse.Namespace) -> int:
         return 0
     with client.live(args.vm, kind=["guard"]) as stream:
         trace = client.start_trace(args.vm, spec)  # after subscribing: no alert is missed
+
+        def update(path: str) -> list[str]:
+            with open(path) as f:
+                load_policy(path)  # a policy that does not parse is refused here, with its file's name
+                client.update_trace(trace["id"], {**spec, "policy": f.read()})
+            return []
+
+        watcher = PolicyWatcher(update, policy_path,
+                                lambda text: print(f"guard: {text}", file=sys.stderr, flush=True))
+        watcher.start()
         until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
         print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} (trace {trace['id']}), {until}",
               file=sys.stderr, flush=True)
@@ -526,6 +538,7 @@ def _guard_remote(client: Any, args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         finally:
+            watcher.stop()
             client.stop_trace(trace["id"])
     return 0
 

@@ -40,6 +40,11 @@ class ServiceApp(Protocol):
         """Undo :meth:`arm` (the guest runs on as if the app had never been there)."""
         ...
 
+    def update(self, tracer: Tracer, handle: Any, spec: Any) -> None:
+        """Take a new spec on the armed ``handle`` without disarming (``PUT /api/v1/traces/{id}``);
+        raise :class:`aradia.errors.AradiaError` and keep the old one when it cannot be used."""
+        ...
+
 
 #: the apps a service offers, by spec kind
 Apps = dict[str, ServiceApp]

@@ -75,6 +75,7 @@ OPERATIONS: dict[str, Operation] = {
     "trace.start": Operation("trace", True, write=True),
     "trace.get": Operation("trace", False),
     "trace.stop": Operation("trace", False, write=True),
+    "trace.update": Operation("trace", False, write=True),
     "traces": Operation("trace", False),
     "events": Operation("trace", False),
     "live": Operation("trace", True),
@@ -354,6 +355,24 @@ class Service:
             self._traces.pop(sub.id, None)
         return sub.describe()
 
+    def op_trace_update(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """A new spec for an app's trace (the guard's policy), taken without disarming; stored."""
+        sub = self._own_trace(principal, params)
+        spec = parse_spec(params.get("spec"), self.apps)
+        if isinstance(spec, AppSpec):
+            self.policy.authorize(principal, spec.app.permission, sub.vm)
+        try:
+            self.owners[sub.vm].update(sub.id, spec)
+        except SpecError:
+            raise
+        except AradiaError as e:
+            if "already" in str(e):
+                raise Conflict(str(e)) from e
+            raise
+        self.store.save_trace({"id": sub.id, "vm": sub.vm, "tenant": sub.tenant, "spec": spec_json(sub.spec),
+                               "created": sub.created})
+        return sub.describe()
+
     def op_traces(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The caller's traces (every trace for the operator)."""
         with self._lock:
@@ -438,6 +457,9 @@ def _detail(operation: str, params: dict[str, Any]) -> str:
         return f"format={params.get('format') or 'elf'}"
     if operation in ("trace.get", "trace.stop"):
         return f"id={params.get('id')}"
+    if operation == "trace.update":
+        spec = params.get("spec")
+        return f"id={params.get('id')}" + (f" kind={spec.get('kind')}" if isinstance(spec, dict) else "")
     if operation == "trace.start":
         spec = params.get("spec")
         return f"kind={spec.get('kind')}" if isinstance(spec, dict) else ""

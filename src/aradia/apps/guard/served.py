@@ -5,7 +5,8 @@ A client posts ``{"kind": "guard", "policy": "<the policy file's TOML>", "dry_ru
 and arms the guard again when it restarts or the VM comes back, so the protection lives as long as the
 service does (a guard run from the CLI lives only as long as its process). Alerts are ``guard`` events
 (one per attempt) in the store, on the bus and on the live stream and dashboard. One guard per VM:
-a second, different policy on the same VM is refused (409) until the first is stopped.
+a second, different policy on the same VM is refused (409) until the first is stopped; ``PUT
+/api/v1/traces/{id}`` with a new spec changes the policy in place (no moment unguarded).
 """
 
 from __future__ import annotations
@@ -52,3 +53,9 @@ class GuardApp:
     def disarm(self, tracer: Tracer, handle: Any) -> None:
         """Disarm the guard's hooks."""
         handle.stop()
+
+    def update(self, tracer: Tracer, handle: Any, spec: Any) -> None:
+        """A new policy (and dry-run setting) for the armed guard, swapped in at once: no moment
+        unguarded; a policy that does not resolve in the guest keeps the old one."""
+        handle.reload(parse_policy(spec.policy, "policy"))
+        handle.dry_run = spec.dry_run
