@@ -62,7 +62,7 @@ def test_openapi_describes_the_api(service: ServiceProcess) -> None:
               "/api/v1/traces/{trace_id}", "/api/v1/events", "/api/v1/audit", "/api/v1/health",
               "/api/v1/vms/{vm}/events/sse"):
         assert p in paths, p
-    assert set(doc["paths"]["/api/v1/traces/{trace_id}"]) == {"get", "delete"}
+    assert set(doc["paths"]["/api/v1/traces/{trace_id}"]) == {"get", "put", "delete"}
 
 
 @pytest.mark.timeout(60)
