@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aradia.errors import AradiaError
@@ -340,6 +340,16 @@ def trace_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if v is not None}
 
 
+def _records(stream: Any, duration: float | None, what: str) -> Iterator[dict[str, Any]]:
+    """A live stream's records for ``duration`` seconds (or until Ctrl-C); a loss (this client fell
+    behind) is a warning on stderr."""
+    for rec in stream.events(duration):
+        if "dropped" in rec:
+            print(f"aradia: warning: {rec['dropped']} {what} lost (this client fell behind)", file=sys.stderr)
+        else:
+            yield rec
+
+
 def _trace_remote(client: Any, args: argparse.Namespace) -> int:
     """``aradia trace --server …``: a trace on the service, its events streamed here, stopped at the end."""
     from aradia.trace.events import Event
@@ -372,11 +382,8 @@ def _trace_remote(client: Any, args: argparse.Namespace) -> int:
         print(f"tracing {args.what} on {args.vm} at {args.server} (trace {trace['id']}), {until}",
               file=sys.stderr, flush=True)
         try:
-            for rec in stream.events(args.duration):
-                if "dropped" in rec:
-                    print(f"aradia: warning: {rec['dropped']} events lost (this client fell behind)",
-                          file=sys.stderr)
-                elif args.json:
+            for rec in _records(stream, args.duration, "events"):
+                if args.json:
                     print(json.dumps(rec), flush=True)
                 else:
                     keys = ("vcpu", "kind", "name", "pid", "tgid", "comm", "uid", "args")
@@ -529,11 +536,8 @@ def _guard_remote(client: Any, args: argparse.Namespace) -> int:
         print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} (trace {trace['id']}), {until}",
               file=sys.stderr, flush=True)
         try:
-            for rec in stream.events(args.duration):
-                if "dropped" in rec:
-                    print(f"aradia: warning: {rec['dropped']} alerts lost (this client fell behind)",
-                          file=sys.stderr)
-                elif rec.get("kind") == "guard":
+            for rec in _records(stream, args.duration, "alerts"):
+                if rec.get("kind") == "guard":
                     print(json.dumps(rec) if args.json else alert_line(rec), flush=True)
         except KeyboardInterrupt:
             pass
