@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -408,6 +410,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         flt = Filter(pids=set(args.pid) if args.pid else None, comms=set(args.comm) if args.comm else None,
                      uids=set(args.uid) if args.uid else None)
         until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        why = ""
         if args.what == "syscalls" and args.path != "gdb":
             from aradia.trace.plugintrace import plugin_path_problem
 
@@ -417,11 +420,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 return _syscalls_in_qemu(vm, names, flt, args, until)
             if args.path == "plugin":
                 raise AradiaError(f"--path plugin: {problem}")
-            print(f"aradia: the plugin path cannot serve this trace: {problem}", file=sys.stderr)
+            why = f"; no plugin path: {problem}"
         with Tracer.open(vm) as tracer:
             tracer.filter = flt
             _arm(tracer, args)
-            via = " via gdb (every event stops the VM)" if args.what == "syscalls" else ""
+            via = f" via gdb (every event stops the VM{why})" if args.what == "syscalls" else ""
             print(f"tracing {args.what} on {args.vm}{via}, {until}", file=sys.stderr, flush=True)
             try:
                 for ev in tracer.events(duration=args.duration):
@@ -446,18 +449,21 @@ def _syscalls_in_qemu(vm: Any, names: list[str], flt: Any, args: argparse.Namesp
         print(f"aradia: warning: {n} events lost (the plugin's ring overflowed before aradia read it)",
               file=sys.stderr, flush=True)
 
-    with PluginSyscallTrace.open(vm, names, flt) as trace:
-        print(f"tracing syscalls on {args.vm} via plugin (inside QEMU, the VM does not stop), {until}",
-              file=sys.stderr, flush=True)
-        seen = 0
-        try:
-            for ev in trace.events(duration=args.duration, on_loss=lost):
+    # Ctrl-C ends the loop after a last read of the rings: what the plugin wrote before it is reported
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+    try:
+        with PluginSyscallTrace.open(vm, names, flt) as trace:
+            print(f"tracing syscalls on {args.vm} via plugin (inside QEMU, the VM does not stop), {until}",
+                  file=sys.stderr, flush=True)
+            seen = 0
+            for ev in trace.events(duration=args.duration, until=interrupted.is_set, on_loss=lost):
                 seen += 1
                 _print_event(ev, args)
-        except KeyboardInterrupt:
-            pass
-        print(f"aradia: plugin path: {seen} events reported, {trace.lost} lost to ring overflow",
-              file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"aradia: plugin path: {seen} events reported, {trace.lost} lost to ring overflow",
+          file=sys.stderr, flush=True)
     return 0
 
 

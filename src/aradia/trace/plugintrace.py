@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,8 @@ class PluginSyscallTrace:
     slots: dict[int, str] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)
     _lost_reported: int = 0
+    _pending: deque[Event] = field(default_factory=deque)
+    _on_loss: Callable[[int], object] | None = None
 
     @classmethod
     def open(cls, vm: LinuxVM, names: Sequence[str], flt: Filter | None = None) -> PluginSyscallTrace:
@@ -218,25 +221,38 @@ class PluginSyscallTrace:
                 ev.args["truncated"] = True  # a bound of the plugin's capture cut a string or argv
         return ev
 
-    def drain(self) -> list[Event]:
-        """The events written since the last call, in host-time order."""
+    def _fetch(self) -> None:
+        """Move the records written since the last fetch into the pending events (host-time order),
+        and report new losses to the ``on_loss`` callback, before any of these events is handed out."""
         events = [ev for vcpu, raw in self.shm.drain_events() if (ev := self._decode(vcpu, raw)) is not None]
         events.sort(key=lambda e: e.time)
-        return events
+        self._pending.extend(events)
+        if self._on_loss is not None and self.lost > self._lost_reported:
+            self._on_loss(self.lost - self._lost_reported)
+        self._lost_reported = self.lost
+
+    def drain(self) -> list[Event]:
+        """The events not handed out yet (also those :meth:`events` fetched but had not yielded when
+        its consumer stopped, e.g. at Ctrl-C), in host-time order."""
+        self._fetch()
+        out = list(self._pending)
+        self._pending.clear()
+        return out
 
     def events(self, duration: float | None = None, until: Callable[[], bool] | None = None,
                on_loss: Callable[[int], object] | None = None) -> Iterator[Event]:
         """Yield events for ``duration`` seconds, until ``until()`` says stop, or forever.
-        ``on_loss(n)`` is called with each new number of events lost to ring overflow."""
+        ``on_loss(n)`` is called with each new number of events lost to ring overflow (also by a
+        later :meth:`drain`)."""
         qemu = self.vm.machine
         assert qemu is not None
+        self._on_loss = on_loss
         end = None if duration is None else time.monotonic() + duration
         while True:
             stop = (end is not None and time.monotonic() >= end) or (until is not None and until())
-            yield from self.drain()
-            if on_loss is not None and self.lost > self._lost_reported:
-                on_loss(self.lost - self._lost_reported)
-                self._lost_reported = self.lost
+            self._fetch()
+            while self._pending:
+                yield self._pending.popleft()
             if stop:
                 return
             if not qemu.qmp.alive:

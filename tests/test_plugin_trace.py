@@ -1,0 +1,159 @@
+"""``aradia trace syscalls`` served inside QEMU by the plugin, against the stop path and the guest's truth.
+
+Which path a QEMU can serve is taken from the QEMU this run boots (``$ARADIA_QEMU`` or the installed
+one) and the header its plugin was built against: on QEMU >= 9.2 (register and memory reads) the
+trace must take the plugin path by itself and report what the stop path reports for the same script;
+on QEMU 7.2 it must fall back to the stop path and say why. The script is test_trace's: 50 known
+commands with known argv, files opened by known programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from aradia.lab.images import GuestImage
+from aradia.lab.launcher import Guest, launch
+from aradia.lab.plugin_build import build_plugin, installed_qemu
+from aradia.trace.pluginload import plugin_capabilities
+from aradia.trace.pluginshm import PluginShm
+from cli_runner import assert_one_line_error, cli_argv, run_cli
+from guest_programs import EDGE_PATH, build_sysargs, install_program
+from test_trace import N_EXEC, WORK
+
+pytestmark = pytest.mark.guest
+EVENT_ENTRIES = 512  # per vCPU; the burst below is larger than both rings together
+BURST = 3000
+
+
+@pytest.fixture(scope="module")
+def plugin_guest(guest_image: Callable[[str], GuestImage], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Guest]:
+    so = build_plugin()
+    with PluginShm(max_vcpus=4, event_entries=EVENT_ENTRIES) as shm:
+        guest = launch(guest_image("6.1"), smp=2, plugins=[shm.plugin_arg(so)], gdb=True, shared_memory=True)
+        try:
+            install_program(guest, "sysargs", build_sysargs(tmp_path_factory.mktemp("sysargs")))
+            guest.run(f"cat > /tmp/work.sh <<'EOF'\n{WORK}\nEOF")
+            yield guest
+        finally:
+            guest.stop()
+
+
+def _plugin_serves() -> tuple[bool, str]:
+    """Whether the QEMU under test can serve syscall events in the plugin, and its version."""
+    return plugin_capabilities(build_plugin()).syscall_args, installed_qemu().version
+
+
+def _start(guest: Guest, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``aradia trace syscalls`` on the guest; returns it and its stderr up to the "tracing" line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "--json", "--duration", "400",
+                                     "syscalls", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stderr is not None
+    said = ""
+    while not said.splitlines()[-1:] or not said.splitlines()[-1].startswith("tracing"):
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            pytest.fail(f"the trace ended before it began: {said}", pytrace=False)
+        said += line
+    return proc, said
+
+
+def _finish(proc: subprocess.Popen[str], said: str) -> tuple[list[dict[str, Any]], str]:
+    """Ctrl-C the trace; its events and all it said on stderr."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, said + err
+    return [json.loads(line) for line in out.splitlines() if line.strip()], said + err
+
+
+def _traced_work(guest: Guest, path: str) -> tuple[list[dict[str, Any]], str]:
+    proc, said = _start(guest, "-e", "execve,openat", "--path", path)
+    marker = len(guest.console_text())
+    guest.send_console(b"bash /tmp/work.sh\n")
+    end = time.monotonic() + 300
+    while "WORK-DONE" not in guest.console_text()[marker:] and time.monotonic() < end:
+        time.sleep(0.2)
+    assert "WORK-DONE" in guest.console_text()[marker:], "the script did not finish while traced"
+    return _finish(proc, said)
+
+
+def _known(events: list[dict[str, Any]]) -> tuple[list[Any], list[Any], int]:
+    """The script's 50 commands (path, argv), its opens of /tmp/aradia-f* (comm, path, dfd, flags), and
+    how many distinct pids ran the commands."""
+    execs = [e for e in events if e["name"] == "execve" and any("aradia-t" in a for a in e["args"]["argv"] or [])]
+    opens = [(e["comm"], e["args"]["path"], e["args"]["dfd"], e["args"]["flags"]) for e in events
+             if e["name"] == "openat" and (e["args"]["path"] or "").startswith("/tmp/aradia-f")]
+    return [(e["args"]["path"], e["args"]["argv"]) for e in execs], opens, len({e["pid"] for e in execs})
+
+
+@pytest.mark.timeout(900)
+def test_same_events_as_the_stop_path(plugin_guest: Guest) -> None:
+    """The 50 known commands with argv, and the known opens, on both paths; the path named on stderr."""
+    serves, version = _plugin_serves()
+    expected = [("/bin/true", ["/bin/true", f"aradia-t{i}", f"arg-{i * 7}"]) for i in range(N_EXEC)]
+    stop_events, stop_said = _traced_work(plugin_guest, "gdb")
+    assert "via gdb (every event stops the VM)" in stop_said, stop_said
+    stop_execs, stop_opens, stop_pids = _known(stop_events)
+    assert stop_execs == expected and stop_pids == N_EXEC
+    assert [(c, p) for c, p, _d, _f in stop_opens if c == "cat"] == [("cat", f"/tmp/aradia-f{i}") for i in range(1, 6)]
+    auto_events, auto_said = _traced_work(plugin_guest, "auto")
+    if not serves:
+        assert "via gdb" in auto_said and "cannot read registers and guest memory" in auto_said, auto_said
+        assert _known(auto_events) == (stop_execs, stop_opens, stop_pids)
+        r = run_cli("trace", "--vm", f"qmp:{plugin_guest.qmp_path}", "--duration", "1", "syscalls",
+                    "-e", "openat", "--path", "plugin")
+        assert_one_line_error(r, "--path plugin", f"(version {plugin_capabilities(build_plugin()).api_version})")
+        return
+    assert "via plugin (inside QEMU, the VM does not stop)" in auto_said, (version, auto_said)
+    assert re.search(r"plugin path: \d+ events reported, 0 lost to ring overflow", auto_said), auto_said
+    assert _known(auto_events) == (stop_execs, stop_opens, stop_pids)
+    # the same records, field by field, for every event of the script's commands (times and pids differ)
+    def shape(evs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(e["kind"], e["name"], e["comm"], e["uid"], json.dumps(e["args"], sort_keys=True)) for e in evs
+                if e["name"] == "execve" and "aradia-t" in json.dumps(e["args"])]
+    assert shape(auto_events) == shape(stop_events) and len(shape(auto_events)) == N_EXEC
+
+
+@pytest.mark.timeout(600)
+def test_burst_larger_than_the_ring_loss_is_exact_and_shown(plugin_guest: Guest) -> None:
+    """A burst of 3001 openat calls while the reader is stopped: reported + lost = 3001 exactly, and
+    stderr says how many were lost."""
+    serves, version = _plugin_serves()
+    if not serves:
+        pytest.skip(f"QEMU {version}: no plugin path (its plugin API reads no registers or memory)")
+    proc, said = _start(plugin_guest, "-e", "openat", "--comm", "sysargs", "--path", "plugin")
+    assert "via plugin" in said, said
+    os.kill(proc.pid, signal.SIGSTOP)  # the reader sleeps: the rings must overflow
+    try:
+        out = plugin_guest.run(f"/tmp/sysargs open {BURST}", timeout=120)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    m = re.search(r"calls (\d+) ok (\d+)", out)
+    assert m is not None and (int(m.group(1)), int(m.group(2))) == (BURST, BURST + 1), out
+    time.sleep(1.0)
+    events, said = _finish(proc, said)
+    final = re.search(r"plugin path: (\d+) events reported, (\d+) lost to ring overflow", said)
+    assert final is not None, said
+    reported, lost = int(final.group(1)), int(final.group(2))
+    warned = sum(int(n) for n in re.findall(r"warning: (\d+) events lost", said))
+    assert reported == len(events) and reported + lost == BURST + 1, (reported, lost, said)
+    assert warned == lost and lost >= BURST + 1 - 2 * (EVENT_ENTRIES - 1), (warned, lost)
+    paths = [f"/nonexistent/aradia-{i:06d}" for i in range(BURST)] + [EDGE_PATH.rstrip(b"\0").decode()]
+    got = [e["args"]["path"] for e in events]
+    assert all(e["comm"] == "sysargs" and e["name"] == "openat" for e in events)
+    assert len(set(got)) == len(got) and set(got) <= set(paths) and paths[-1] in got
