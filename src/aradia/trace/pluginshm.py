@@ -47,7 +47,8 @@ _HEADER_SIZE = 4096
 _HIT_SIZE = 32
 _ARGREC_SIZE = 128
 _ARGS_SPAN_MAX = 256  # the plugin reads the six slots of pt_regs in one span of at most this
-_TF_ACTIVE, _TF_LOG, _TF_INLINE, _TF_ARGS, _TF_DATA, _TF_EVENT, _TF_ARGV = 1, 2, 4, 8, 16, 32, 64
+_TF_ACTIVE, _TF_LOG, _TF_INLINE, _TF_ARGS, _TF_DATA = 1, 2, 4, 8, 16
+_TF_EVENT, _TF_ARGV, _TF_SWITCH = 32, 64, 128
 _CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY, _CAP_SYSCALL_ARGS, _CAP_TASK = 1, 2, 4, 8, 16
 _HIT_ARGS = 1
 _AR_ARGS, _AR_DATA = 1, 2
@@ -68,7 +69,7 @@ _ARGSPEC = struct.Struct("<6HBBBB")
 _H_EVCONF = 3328  # struct evconf (counter.c): the event rings, the task's layout, the filter
 _EVCONF_RING = struct.Struct("<QII")  # events_off, event_entries, event_size
 _EVCONF_TASK = struct.Struct("<Q5H6x")  # current_off; pid, tgid, comm, real_cred offsets; cred's uid
-_EVCONF_FILTER = struct.Struct("<4I8i8I128s")  # npids, nuids, ncomms, pad; pids; uids; comms
+_EVCONF_FILTER = struct.Struct("<4I8i8I128s")  # npids, nuids, ncomms, cache_task; pids; uids; comms
 _H_EVSTATS = 3584  # filtered, event_faults (plugin-written)
 EVENT_SIZE = 1024
 """Bytes of one syscall event record (see :mod:`aradia.trace.pluginevents`)."""
@@ -386,7 +387,7 @@ class PluginShm:
         return [t[0] if t else None for t in map(self._slot, range(MAX_TARGETS))]
 
     def set_target(self, index: int, vaddr: int | None, *, log: bool = True, inline: bool = False,
-                   args: ArgCapture | None = None, event: bool = False) -> list[int]:
+                   args: ArgCapture | None = None, event: bool = False, switch: bool = False) -> list[int]:
         """Point slot ``index`` at guest-virtual ``vaddr`` (None clears it); its count restarts at 0.
 
         ``log`` appends every hit to the ring; ``inline`` counts with a counter add compiled into
@@ -396,7 +397,9 @@ class PluginShm:
         (:attr:`syscall_args`); elsewhere the target still counts and logs, with ``Hit.args`` None.
         ``event`` (with ``args``) makes every hit a syscall event record instead (task, the plugin's
         event filter, the string at ``args.data_arg``, the argv at ``args.argv_arg``: see
-        :mod:`aradia.trace.pluginevents`), read with :meth:`drain_events`.
+        :mod:`aradia.trace.plugintrace`), read with :meth:`drain_events`. ``switch`` (no log) marks a
+        place where a vCPU's task, or its comm, pid or credentials, may change (the context switch,
+        ``__set_task_comm``, ``commit_creds``): the plugin then forgets what it knew of the task.
         Returns the addresses whose translations must be redone
         (:func:`~aradia.trace.pluginload.force_retranslation`) before the change is fully in effect.
         """
@@ -412,7 +415,10 @@ class PluginShm:
             raise PluginError("a syscall event needs its argument capture: pass args=")
         if inline and self.loaded and not self.status().insn_inline:
             raise PluginError("this QEMU's plugin API has no shared inline counter")
+        if switch and (log or inline or args is not None):
+            raise PluginError("a switch target only counts: pass log=False and no args")
         flags = _TF_ACTIVE | (_TF_LOG if log else 0) | (_TF_INLINE if inline else 0)
+        flags |= _TF_SWITCH if switch else 0
         if args is not None:
             flags |= _TF_ARGS | (_TF_DATA if args.data_arg is not None else 0)
             if event:
@@ -608,10 +614,12 @@ class PluginShm:
                                    real_cred, cred_uid)
 
     def set_event_filter(self, pids: Sequence[int] = (), uids: Sequence[int] = (),
-                         comms: Sequence[str] = ()) -> None:
+                         comms: Sequence[str] = (), *, cache_task: bool = False) -> None:
         """The plugin's event filter: keep an event when its task's pid or tgid is in ``pids``, its
         uid in ``uids`` and its comm in ``comms`` (an empty list: any). Set it before activating
-        event targets: the plugin reads it at every hit. At most :data:`FILTER_MAX` of each."""
+        event targets: the plugin reads it at every hit. At most :data:`FILTER_MAX` of each.
+        ``cache_task`` lets each vCPU keep its task's identity and verdict until a ``switch``
+        target runs on it: set it only while switch targets on every such place are active."""
         raw_comms = [c.encode() for c in comms]
         for name, seq in (("pids", pids), ("uids", uids), ("comms", raw_comms)):
             if len(seq) > FILTER_MAX:
@@ -623,9 +631,12 @@ class PluginShm:
         packed = b"".join(c.ljust(16, b"\0") for c in raw_comms).ljust(128, b"\0")
         with self._locked():
             _EVCONF_FILTER.pack_into(self._map, _H_EVCONF + _EVCONF_RING.size + _EVCONF_TASK.size,
-                                     len(pids), len(uids), len(raw_comms), 0,
+                                     len(pids), len(uids), len(raw_comms), int(cache_task),
                                      *[*pids, *[0] * (FILTER_MAX - len(pids))],
                                      *[*uids, *[0] * (FILTER_MAX - len(uids))], packed)
+            # what a vCPU remembers of its task was judged by the old filter
+            version = struct.unpack_from("<Q", self._map, _H_TARGETS_VERSION)[0]
+            struct.pack_into("<Q", self._map, _H_TARGETS_VERSION, version + 1)
 
     def event_slots(self) -> list[int]:
         """The slots that make syscall event records (another trace's, if this mapping set none)."""

@@ -44,6 +44,10 @@ MEMORY = {"execve": (0, 0, 1), "execveat": (1, 0, 2), "openat": (1, 0, None), "o
 #: Syscalls whose results exist only at their return (the stop path breaks there): not served here.
 NEEDS_RETURN = frozenset(SYSCALL_EXITS)
 
+#: Where a vCPU's current task, or its comm, pid (exec) or credentials change: while plugin targets
+#: mark all of them, each vCPU keeps its task's identity and the filter's verdict between them.
+SWITCH_HOOKS = ("__switch_to", "__set_task_comm", "commit_creds")
+
 _RECORD = struct.Struct("<QQIIiiII16s6Q")  # counter.c struct event up to data
 _REGION = struct.Struct("<QH")
 _EV_ARGS, _EV_TASK, _EV_TRUNC = 1, 2, 4
@@ -133,7 +137,7 @@ def plugin_path_problem(vm: LinuxVM, names: Sequence[str], flt: Filter | None = 
             return "the plugin found no gs_base register: it cannot tell an event's task"
         if shm.event_slots():
             return "another syscall trace holds the plugin's event filter"
-        if len([t for t in shm.targets() if t is None]) < len(set(names)):
+        if len([t for t in shm.targets() if t is None]) < len(set(names)) + len(SWITCH_HOOKS):
             return "too few free plugin target slots"
     finally:
         shm.close()
@@ -149,6 +153,7 @@ class PluginSyscallTrace:
     shm: PluginShm
     slots: dict[int, str] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)
+    switch_slots: list[int] = field(default_factory=list)
     _lost_reported: int = 0
     _pending: deque[Event] = field(default_factory=deque)
     _on_loss: Callable[[int], object] | None = None
@@ -187,12 +192,21 @@ class PluginSyscallTrace:
             self.shm.set_event_filter(sorted(flt.pids or ()), sorted(flt.uids or ()), sorted(flt.comms or ()))
             free = [i for i, t in enumerate(self.shm.targets()) if t is None]
             changed: set[int] = set()
+            hooks = [int(a) for a in map(vm.linux.profile.symbol, SWITCH_HOOKS) if a is not None]
+            cache = len(hooks) == len(SWITCH_HOOKS)
+            for addr in hooks if cache else []:
+                slot = free.pop(0)
+                self.switch_slots.append(slot)
+                changed.update(self.shm.set_target(slot, addr, log=False, switch=True))
             for name, slot in zip(names, free, strict=False):
                 data_arg, data_len, argv_arg = MEMORY.get(name, (None, 1, None))
                 capture = ArgCapture.syscall(prog, data_arg=data_arg, data_len=data_len, argv_arg=argv_arg)
                 self.slots[slot] = name
                 changed.update(self.shm.set_target(slot, addresses[name], args=capture, event=True))
             retranslate(vm.machine, changed)
+            if cache:  # the switch targets are in every translation from here on
+                self.shm.set_event_filter(sorted(flt.pids or ()), sorted(flt.uids or ()),
+                                          sorted(flt.comms or ()), cache_task=True)
         except BaseException:
             self.close()
             raise
@@ -262,12 +276,13 @@ class PluginSyscallTrace:
     def close(self) -> None:
         """Free the plugin slots (and re-translate them), clear the filter and unmap."""
         changed: set[int] = set()
-        for slot in self.slots:
+        with contextlib.suppress(AradiaError):
+            self.shm.set_event_filter()  # no cached task first: the switch targets go next
+        for slot in [*self.slots, *self.switch_slots]:
             with contextlib.suppress(AradiaError):
                 changed.update(self.shm.set_target(slot, None))
         self.slots.clear()
-        with contextlib.suppress(AradiaError):
-            self.shm.set_event_filter()
+        self.switch_slots.clear()
         if changed and self.vm.machine is not None:
             with contextlib.suppress(AradiaError):
                 retranslate(self.vm.machine, changed)
@@ -280,5 +295,5 @@ class PluginSyscallTrace:
         self.close()
 
 
-__all__ = ["MEMORY", "NEEDS_RETURN", "CapturedMemory", "PluginSyscallTrace", "current_task_offset",
-           "parse_record", "plugin_path_problem"]
+__all__ = ["MEMORY", "NEEDS_RETURN", "SWITCH_HOOKS", "CapturedMemory", "PluginSyscallTrace",
+           "current_task_offset", "parse_record", "plugin_path_problem"]

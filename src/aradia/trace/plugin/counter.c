@@ -32,7 +32,10 @@
  * (TF_ARGV), each bounded (STR_MAX, ARGV_MAX, EVENT_DATA; EV_TRUNC says a bound cut). aradia decodes
  * the record with the same decoder the stop path uses, reading those regions. The event filter
  * (pids/tgids, uids, comms) in the header is applied before anything is written: a filtered call
- * costs the task read only. aradia sets the filter before it activates event targets.
+ * costs the task read only; with cache_task set (aradia armed TF_SWITCH targets on the context
+ * switch, comm and credential changes) not even that: each vCPU keeps its task's identity and the
+ * filter's verdict until a TF_SWITCH target runs on it or targets_version changes. aradia sets the
+ * filter before it activates event targets.
  *
  * Compile-time capabilities come from the header of the installed QEMU (aradia/lab/plugin_build.py
  * detects them):
@@ -82,6 +85,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 #define TF_DATA 16u        /* and the first bytes at argument argspec.data_arg */
 #define TF_EVENT 32u       /* write a syscall event record (task, filter, memory) instead of a hit */
 #define TF_ARGV 64u        /* TF_EVENT: the argv array at argument argspec.argv_arg and its strings */
+#define TF_SWITCH 128u     /* the vCPU's current task (or its comm, pid, creds) may change here */
 
 #define EVENT_SIZE 1024
 #define EVENT_DATA (EVENT_SIZE - 104)
@@ -128,7 +132,9 @@ struct evconf {          /* 248 bytes at 3328, written by aradia: syscall events
     uint32_t event_size;     /* EVENT_SIZE */
     uint64_t current_off;    /* per-CPU offset of the current task pointer (0: tasks unknown) */
     uint16_t task_pid, task_tgid, task_comm, task_real_cred, cred_uid, pad0[3];
-    uint32_t npids, nuids, ncomms, pad1; /* filter sizes, 0: any */
+    uint32_t npids, nuids, ncomms;       /* filter sizes, 0: any */
+    uint32_t cache_task;                 /* TF_SWITCH targets are armed: a vCPU may keep its task's
+                                            identity and filter verdict until one of them runs */
     int32_t pids[FILTER_MAX];            /* a task passes when its pid or tgid is one of them */
     uint32_t uids[FILTER_MAX];
     char comms[FILTER_MAX][COMM_LEN];
@@ -243,6 +249,13 @@ struct vcpu_regs {       /* per vCPU, used only on its thread */
     struct qemu_plugin_register *rdi;
     struct qemu_plugin_register *gs_base;
     GByteArray *buf;
+    bool task_known;     /* the fields below describe the current task (see evconf.cache_task) */
+    bool task_read;      /* its identity could be read */
+    bool task_passes;    /* the filter's verdict */
+    uint64_t task_version; /* targets_version they were read under */
+    int32_t pid, tgid;
+    uint32_t uid;
+    char comm[COMM_LEN];
 };
 static struct vcpu_regs *vregs;
 #endif
@@ -569,19 +582,31 @@ static void capture_argv(struct vcpu_regs *v, struct event *e, uint64_t p)
 static void emit_event(unsigned int vcpu, unsigned int idx, uint32_t flags)
 {
     struct vcpu_regs *v = &vregs[vcpu];
-    struct event tmp;
     if (v->buf == NULL) {
         return;
     }
-    tmp.status = 0;
-    tmp.pid = tmp.tgid = -1;
-    tmp.uid = UINT32_MAX;
-    memset(tmp.comm, 0, COMM_LEN);
-    bool have_task = read_task(v, &tmp);
-    if (!have_task) {
-        __atomic_fetch_add(&hdr->event_faults, 1, __ATOMIC_RELAXED);
+    uint64_t version = __atomic_load_n(&hdr->targets_version, __ATOMIC_ACQUIRE);
+    if (!v->task_known || v->task_version != version ||
+        !__atomic_load_n(&hdr->ev.cache_task, __ATOMIC_RELAXED)) {
+        struct event tmp;
+        tmp.pid = tmp.tgid = -1;
+        tmp.uid = UINT32_MAX;
+        memset(tmp.comm, 0, COMM_LEN);
+        v->task_read = read_task(v, &tmp);
+        v->task_passes = passes(&tmp, v->task_read);
+        v->pid = tmp.pid;
+        v->tgid = tmp.tgid;
+        v->uid = tmp.uid;
+        memcpy(v->comm, tmp.comm, COMM_LEN);
+        v->task_version = version;
+        v->task_known = true;
+        if (!v->task_read) {
+            __atomic_fetch_add(&hdr->event_faults, 1, __ATOMIC_RELAXED);
+            v->task_known = false; /* try again at the next call */
+        }
     }
-    if (!passes(&tmp, have_task)) {
+    bool have_task = v->task_read;
+    if (!v->task_passes) {
         __atomic_fetch_add(&hdr->filtered, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -594,10 +619,10 @@ static void emit_event(unsigned int vcpu, unsigned int idx, uint32_t flags)
     e->time_ns = now_ns();
     e->target = idx;
     e->status = have_task ? EV_TASK : 0;
-    e->pid = tmp.pid;
-    e->tgid = tmp.tgid;
-    e->uid = tmp.uid;
-    memcpy(e->comm, tmp.comm, COMM_LEN);
+    e->pid = v->pid;
+    e->tgid = v->tgid;
+    e->uid = v->uid;
+    memcpy(e->comm, v->comm, COMM_LEN);
     e->data_len = 0;
     if (read_args(v, &spec, e->args)) {
         e->status |= EV_ARGS;
@@ -615,6 +640,15 @@ static void emit_event(unsigned int vcpu, unsigned int idx, uint32_t flags)
     }
     e->seq = pos;
     __atomic_store_n(head, pos + 1, __ATOMIC_RELEASE);
+}
+
+/* A TF_SWITCH target: the vCPU's task identity must be read again at its next event. */
+static void on_switch(unsigned int vcpu, void *udata)
+{
+    unsigned int idx;
+    if (count_hit(vcpu, (uint64_t)(uintptr_t)udata, &idx) & TF_SWITCH) {
+        vregs[vcpu].task_known = false;
+    }
 }
 
 static void on_hit_args(unsigned int vcpu, void *udata)
@@ -719,6 +753,10 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 #endif
             void *udata = (void *)(uintptr_t)(want_gen[j] * MAX_TARGETS + want[j]);
 #ifdef ARADIA_ARGS
+            if (want_flags[j] & TF_SWITCH) {
+                qemu_plugin_register_vcpu_insn_exec_cb(insn, on_switch, QEMU_PLUGIN_CB_NO_REGS, udata);
+                continue;
+            }
             if ((want_flags[j] & (TF_ARGS | TF_LOG)) == (TF_ARGS | TF_LOG)) {
                 /* reads registers: QEMU must have them in the CPU state at this instruction */
                 qemu_plugin_register_vcpu_insn_exec_cb(insn, on_hit_args, QEMU_PLUGIN_CB_R_REGS, udata);
