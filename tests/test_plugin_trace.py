@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,16 +21,18 @@ from typing import Any
 
 import pytest
 
+from aradia.errors import GuestDataCorrupt
 from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin, installed_qemu
-from aradia.trace.pluginload import plugin_capabilities
-from aradia.trace.pluginshm import PluginShm
+from aradia.trace.pluginload import PluginError, plugin_capabilities
+from aradia.trace.pluginshm import EVENT_SIZE, PluginShm
+from aradia.trace.plugintrace import parse_record
+from aradia.trace.syscalls import decode
 from cli_runner import assert_one_line_error, cli_argv, run_cli
 from guest_programs import EDGE_PATH, build_sysargs, install_program
 from test_trace import N_EXEC, WORK
 
-pytestmark = pytest.mark.guest
 EVENT_ENTRIES = 512  # per vCPU; the burst below is larger than both rings together
 BURST = 3000
 
@@ -101,6 +104,7 @@ def _known(events: list[dict[str, Any]]) -> tuple[list[Any], list[Any], int]:
     return [(e["args"]["path"], e["args"]["argv"]) for e in execs], opens, len({e["pid"] for e in execs})
 
 
+@pytest.mark.guest
 @pytest.mark.timeout(900)
 def test_same_events_as_the_stop_path(plugin_guest: Guest) -> None:
     """The 50 known commands with argv, and the known opens, on both paths; the path named on stderr."""
@@ -129,6 +133,7 @@ def test_same_events_as_the_stop_path(plugin_guest: Guest) -> None:
     assert shape(auto_events) == shape(stop_events) and len(shape(auto_events)) == N_EXEC
 
 
+@pytest.mark.guest
 @pytest.mark.timeout(600)
 def test_burst_larger_than_the_ring_loss_is_exact_and_shown(plugin_guest: Guest) -> None:
     """A burst of 3001 openat calls while the reader is stopped: reported + lost = 3001 exactly, and
@@ -157,3 +162,44 @@ def test_burst_larger_than_the_ring_loss_is_exact_and_shown(plugin_guest: Guest)
     got = [e["args"]["path"] for e in events]
     assert all(e["comm"] == "sysargs" and e["name"] == "openat" for e in events)
     assert len(set(got)) == len(got) and set(got) <= set(paths) and paths[-1] in got
+
+
+# --- records and the filter, without a guest ----------------------------------------------------------------
+def _record(args: tuple[int, ...], regions: list[tuple[int, bytes]], status: int = 3, comm: bytes = b"sh") -> bytes:
+    data = b"".join(struct.pack("<QH", a, len(b)) + b for a, b in regions)
+    head = struct.pack("<QQIIiiII16s6Q", 5_000_000_000, 7, 2, status, 41, 40, 1000, len(data), comm, *args)
+    return (head + data).ljust(EVENT_SIZE, b"\0")
+
+
+@pytest.mark.timeout(30)
+def test_record_decodes_like_guest_memory() -> None:
+    """A record's regions serve the stop path's decoder: execve's path and argv come out whole, a read
+    outside the regions is unreadable (as an unmapped page), a region running past the data is corrupt."""
+    argv = struct.pack("<3Q", 0x7000, 0x7010, 0)
+    rec = _record((0x6000, 0x5000, 0, 0, 0, 0),
+                  [(0x6000, b"/bin/ls\0"), (0x5000, argv), (0x7000, b"ls\0"), (0x7010, b"-l\0")])
+    fields, memory = parse_record(rec)
+    assert (fields["pid"], fields["tgid"], fields["uid"], fields["comm"], fields["target"]) == (41, 40, 1000, "sh", 2)
+    assert decode("execve", list(fields["args"]), memory.read) == {"path": "/bin/ls", "argv": ["ls", "-l"]}
+    assert memory.read(0x6005, 100) == b"ls\0"  # what the region holds from there, not 100 bytes
+    with pytest.raises(GuestDataCorrupt, match="0x6008 was not captured"):
+        memory.read(0x6008, 1)
+    bad = bytearray(_record((0,) * 6, [(0x6000, b"abc\0")]))
+    struct.pack_into("<H", bad, 104 + 8, 900)  # the region claims more bytes than the record's data
+    with pytest.raises(GuestDataCorrupt, match="runs past"):
+        parse_record(bytes(bad))
+
+
+@pytest.mark.timeout(30)
+def test_filter_bounds() -> None:
+    """The plugin's filter holds 8 of each and comms of at most 15 bytes; more is a clear error."""
+    with PluginShm(max_vcpus=1, event_entries=4) as shm:
+        shm.set_event_filter(list(range(8)), [0], ["a" * 15])  # at the bounds: accepted
+        with pytest.raises(PluginError, match="9 pids in the plugin's event filter: at most 8"):
+            shm.set_event_filter(list(range(9)))
+        with pytest.raises(PluginError, match="a comm is at most 15 bytes"):
+            shm.set_event_filter(comms=["a" * 16])
+        with pytest.raises(PluginError, match="a syscall event needs its argument capture"):
+            shm.set_target(0, 0x1000, event=True)
+    r = run_cli("trace", "--vm", "qmp:/nonexistent/qmp.sock", "--path", "plugin", "procs")
+    assert_one_line_error(r, "--path applies to trace count and trace syscalls only")
