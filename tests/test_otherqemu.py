@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from aradia.lab import GuestError
 from aradia.lab.otherqemu import OTHER_SUITE, build_other_qemu, host_suite, other_suite, wrapper_info
-from aradia.lab.plugin_build import installed_qemu
+from aradia.lab.plugin_build import build_plugin, installed_qemu
+from cli_runner import SRC
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,3 +66,21 @@ def test_wrapper_boots_firmware() -> None:
     replies = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     version = next(r["return"]["qemu"] for r in replies if "qemu" in r.get("return", {}))
     assert "{major}.{minor}.{micro}".format(**version) == other.version
+
+
+def test_setup_command_builds_the_plugin_too() -> None:
+    """``python -m aradia.lab.otherqemu`` (what dev.sh runs) prints the wrapper and leaves aradia's plugin
+    built for that QEMU (its header fetched with the tree, while the archive has that point release)."""
+    res = subprocess.run([sys.executable, "-m", "aradia.lab.otherqemu"], capture_output=True, text=True,
+                         timeout=900, check=False, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    other = build_other_qemu()
+    assert res.stdout == f"{other.wrapper}\n"
+    so = build_plugin(binary=str(other.wrapper))
+    manifest = json.loads(so.with_suffix(".json").read_text())
+    assert (manifest["qemu"]["version"], manifest["qemu"]["suite"]) == (other.version, other.suite)
+    bad = subprocess.run([sys.executable, "-m", "aradia.lab.otherqemu", "sid"], capture_output=True, text=True,
+                         timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["aradia: building the other Debian release's QEMU or its plugin "
+                                               "failed: Debian sid: aradia builds the QEMU of bookworm or trixie only"]

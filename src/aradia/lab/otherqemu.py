@@ -113,6 +113,8 @@ def build_other_qemu(suite: str | None = None, cache_dir: Path | None = None, *,
     wrapper (``--version``) fails.
     """
     suite = suite or other_suite()
+    if suite not in OTHER_SUITE:
+        raise GuestError(f"Debian {suite}: aradia builds the QEMU of {' or '.join(sorted(OTHER_SUITE))} only")
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
     final = cache / "otherqemu" / suite
@@ -220,12 +222,21 @@ exec "$T/{loader}" --library-path "{lib_path}" "$T/usr/bin/qemu-system-x86_64" \
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aradia.lab.otherqemu [SUITE]``: build (or find) it; print the wrapper's path."""
+    """``python -m aradia.lab.otherqemu [SUITE]``: build (or find) it and aradia's plugin for it (the
+    plugin header comes from the same point release's source, fetched now while the archive has it);
+    print the wrapper's path."""
+    from aradia.errors import AradiaError
+    from aradia.lab.plugin_build import build_plugin
+
+    def say(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
     try:
-        other = build_other_qemu(argv[0] if argv else None,
-                                 progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
-    except GuestError as exc:
-        print(f"aradia: building the other Debian release's QEMU failed: {exc}", file=sys.stderr)
+        other = build_other_qemu(argv[0] if argv else None, progress=say)
+        build_plugin(binary=str(other.wrapper), progress=say)
+    except AradiaError as exc:
+        print(f"aradia: building the other Debian release's QEMU or its plugin failed: {exc}",
+              file=sys.stderr)
         return 2
     print(other.wrapper)
     return 0

@@ -261,15 +261,16 @@ _BUILT: dict[tuple[str, str], Path] = {}
 
 
 def build_plugin(cache_dir: Path | None = None, *, header: Path | None = None,
-                 progress: Progress | None = None) -> Path:
+                 progress: Progress | None = None, binary: str | None = None) -> Path:
     """Build (or find in the cache) the plugin for the installed QEMU; returns the ``.so`` path.
 
     ``header`` overrides the download with a ``qemu-plugin.h`` of the installed QEMU's version (for
-    a QEMU that is not Debian's). Raises :class:`PluginError` when a tool or the download fails.
+    a QEMU that is not Debian's); ``binary`` names another QEMU than ``$ARADIA_QEMU`` (default) to
+    build for. Raises :class:`PluginError` when a tool or the download fails.
     """
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
-    info = installed_qemu()
+    info = installed_qemu(binary)
     key = (str(cache), info.cache_name + (f"@{header}" if header else ""))
     if key in _BUILT and _BUILT[key].exists():
         return _BUILT[key]
