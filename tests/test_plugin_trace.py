@@ -21,14 +21,15 @@ from typing import Any
 
 import pytest
 
-from aradia.errors import GuestDataCorrupt
+from aradia.errors import AradiaError, GuestDataCorrupt
 from aradia.lab.images import GuestImage
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin, installed_qemu
 from aradia.trace.pluginload import PluginError, plugin_capabilities
 from aradia.trace.pluginshm import EVENT_SIZE, PluginShm
-from aradia.trace.plugintrace import parse_record
+from aradia.trace.plugintrace import PluginSyscallTrace, parse_record
 from aradia.trace.syscalls import decode
+from aradia.vm import attach
 from cli_runner import assert_one_line_error, cli_argv, run_cli
 from guest_programs import EDGE_PATH, build_sysargs, install_program
 from test_trace import N_EXEC, WORK
@@ -203,3 +204,31 @@ def test_filter_bounds() -> None:
             shm.set_target(0, 0x1000, event=True)
     r = run_cli("trace", "--vm", "qmp:/nonexistent/qmp.sock", "--path", "plugin", "procs")
     assert_one_line_error(r, "--path applies to trace count and trace syscalls only")
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_reboot_ends_a_plugin_trace(guest_image: Callable[[str], GuestImage]) -> None:
+    """A reset under a plugin trace (the plugin's targets now stale: KASLR) ends it with the stop
+    path's clear error; before it, the trace reports the guest's opens."""
+    serves, version = _plugin_serves()
+    if not serves:
+        pytest.skip(f"QEMU {version}: no plugin path (its plugin API reads no registers or memory)")
+    with PluginShm(max_vcpus=2) as shm:
+        guest = launch(guest_image("6.1"), smp=1, plugins=[shm.plugin_arg(build_plugin())],
+                       extra_args=["-action", "reboot=reset"])
+        try:
+            with attach(f"qmp:{guest.qmp_path}") as vm, PluginSyscallTrace.open(vm, ["openat"]) as trace:
+                guest.run("cat /etc/hostname")
+                seen: list[Any] = []
+                for ev in trace.events(duration=2):
+                    seen.append((ev.comm, ev.args["path"]))
+                assert ("cat", "/etc/hostname") in seen, seen
+                guest.send_console(b"echo b > /proc/sysrq-trigger\n")
+                started = time.monotonic()
+                with pytest.raises(AradiaError, match=r"reset \(rebooted\) while tracing"):
+                    for _ in trace.events(duration=60):
+                        pass
+                assert time.monotonic() - started < 15
+        finally:
+            guest.stop()

@@ -157,6 +157,7 @@ class PluginSyscallTrace:
     _lost_reported: int = 0
     _pending: deque[Event] = field(default_factory=deque)
     _on_loss: Callable[[int], object] | None = None
+    _gone: str | None = None  # why the traced guest is gone (reset, shutdown)
 
     @classmethod
     def open(cls, vm: LinuxVM, names: Sequence[str], flt: Filter | None = None) -> PluginSyscallTrace:
@@ -184,6 +185,7 @@ class PluginSyscallTrace:
             raise AradiaError("the kernel has neither current_task nor pcpu_hot: no task for events")
         task, cred = prog.type("struct task_struct"), prog.type("struct cred")
         self = cls(vm, names, PluginShm.open(path), addresses=addresses)
+        vm.machine.qmp.on_event(self._on_qmp_event)
         try:
             self.shm.set_event_task(current, drgn.offsetof(task, "pid"), drgn.offsetof(task, "tgid"),
                                     drgn.offsetof(task, "comm"), drgn.offsetof(task, "real_cred"),
@@ -211,6 +213,14 @@ class PluginSyscallTrace:
             self.close()
             raise
         return self
+
+    def _on_qmp_event(self, ev: Any) -> None:
+        # the stop path's words (Tracer): after a reset the kernel sits at new addresses (KASLR)
+        if ev.name == "RESET":
+            self._gone = ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
+                          "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
+        elif ev.name == "SHUTDOWN":
+            self._gone = f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
 
     @property
     def lost(self) -> int:
@@ -269,12 +279,16 @@ class PluginSyscallTrace:
                 yield self._pending.popleft()
             if stop:
                 return
+            if self._gone is not None:
+                raise AradiaError(self._gone)
             if not qemu.qmp.alive:
                 raise AradiaError("QEMU exited while tracing")
             time.sleep(_POLL)
 
     def close(self) -> None:
         """Free the plugin slots (and re-translate them), clear the filter and unmap."""
+        if self.vm.machine is not None:
+            self.vm.machine.qmp.off_event(self._on_qmp_event)
         changed: set[int] = set()
         with contextlib.suppress(AradiaError):
             self.shm.set_event_filter()  # no cached task first: the switch targets go next
