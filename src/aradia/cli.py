@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -400,8 +402,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints, call counts."""
     from aradia.trace.tracer import Filter, Tracer
 
-    if args.what != "count" and args.path != "auto":
-        raise AradiaError("--path applies to trace count only")
+    if args.what not in ("count", "syscalls") and args.path != "auto":
+        raise AradiaError("--path applies to trace count and trace syscalls only")
     client = _client(args)
     if client is not None:
         with client:
@@ -412,21 +414,63 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _kernel(vm, args)
         if args.what == "count":
             return _count(vm, args)
+        flt = Filter(pids=set(args.pid) if args.pid else None, comms=set(args.comm) if args.comm else None,
+                     uids=set(args.uid) if args.uid else None)
+        until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        why = ""
+        if args.what == "syscalls" and args.path != "gdb":
+            from aradia.trace.plugintrace import plugin_path_problem
+
+            names = [n.strip() for n in args.e.split(",")]
+            problem = plugin_path_problem(vm, names, flt)
+            if problem is None:
+                return _syscalls_in_qemu(vm, names, flt, args, until)
+            if args.path == "plugin":
+                raise AradiaError(f"--path plugin: {problem}")
+            why = f"; no plugin path: {problem}"
         with Tracer.open(vm) as tracer:
-            tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
-                                   comms=set(args.comm) if args.comm else None,
-                                   uids=set(args.uid) if args.uid else None)
+            tracer.filter = flt
             _arm(tracer, args)
-            until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
-            print(f"tracing {args.what} on {args.vm}, {until}", file=sys.stderr, flush=True)
+            via = f" via gdb (every event stops the VM{why})" if args.what == "syscalls" else ""
+            print(f"tracing {args.what} on {args.vm}{via}, {until}", file=sys.stderr, flush=True)
             try:
                 for ev in tracer.events(duration=args.duration):
-                    if args.json:
-                        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
-                    else:
-                        print(ev.line(), flush=True)
+                    _print_event(ev, args)
             except KeyboardInterrupt:
                 pass  # closing the tracer disarms everything and lets the guest run
+    return 0
+
+
+def _print_event(ev: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
+    else:
+        print(ev.line(), flush=True)
+
+
+def _syscalls_in_qemu(vm: Any, names: list[str], flt: Any, args: argparse.Namespace, until: str) -> int:
+    """``aradia trace syscalls`` on the plugin path: events written inside QEMU, the VM never stops."""
+    from aradia.trace.plugintrace import PluginSyscallTrace
+
+    def lost(n: int) -> None:
+        print(f"aradia: warning: {n} events lost (the plugin's ring overflowed before aradia read it)",
+              file=sys.stderr, flush=True)
+
+    # Ctrl-C ends the loop after a last read of the rings: what the plugin wrote before it is reported
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+    try:
+        with PluginSyscallTrace.open(vm, names, flt) as trace:
+            print(f"tracing syscalls on {args.vm} via plugin (inside QEMU, the VM does not stop), {until}",
+                  file=sys.stderr, flush=True)
+            seen = 0
+            for ev in trace.events(duration=args.duration, until=interrupted.is_set, on_loss=lost):
+                seen += 1
+                _print_event(ev, args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"aradia: plugin path: {seen} events reported, {trace.lost} lost to ring overflow",
+          file=sys.stderr, flush=True)
     return 0
 
 
@@ -614,7 +658,8 @@ def _trace_options(*, after: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--uid", type=int, action="append", default=default(None),
                    help="only this user (repeatable)")
     p.add_argument("--path", choices=["auto", "plugin", "gdb"], default=default("auto"),
-                   help="count: auto (default) the plugin when loaded, plugin: require it, gdb: breakpoints")
+                   help="count, syscalls: auto (default) inside QEMU by aradia's plugin when it can, "
+                        "plugin: require it, gdb: breakpoints (the VM stops at every event)")
     return p
 
 
