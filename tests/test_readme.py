@@ -606,7 +606,7 @@ def test_trace_options_after_the_subcommand_mean_what_they_mean_before() -> None
 def test_missing_vm_and_misplaced_path_are_one_line_errors() -> None:
     for argv, needle in ((["trace", "syscalls"], "--vm SPEC is required"),
                          (["ps"], "--vm SPEC is required"),
-                         (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "syscalls"], "--path applies to")):
+                         (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "procs"], "--path applies to")):
         r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert needle in r.stderr.strip().splitlines()[-1], r.stderr

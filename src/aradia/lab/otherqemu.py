@@ -32,77 +32,29 @@ import shutil
 import stat
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import aradia.cache
 from aradia.cache import cache_lock
 from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, deb_field, run_tool
+from aradia.lab.qemu_release import (
+    FORMAT,
+    MANIFEST,
+    OTHER_SUITE,
+    OtherQemu,
+    host_suite,
+    other_suite,
+    wrapper_info,
+)
 from aradia.progress import Progress
-
-#: The Debian release whose QEMU is "the other one", by the host's release.
-OTHER_SUITE = {"bookworm": "trixie", "trixie": "bookworm"}
 
 #: What QEMU needs beyond its libraries: its modules and data, the BIOS, the NICs' option ROMs.
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios", "ipxe-qemu")
 
 WRAPPER_NAME = "qemu-system-x86_64"
-_MANIFEST = "manifest.json"
-_FORMAT = 1  # bump when the tree's layout or the wrapper changes
 _LOADER = "ld-linux-x86-64.so.2"
 _LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib64", "lib64")
-
-
-@dataclass(frozen=True)
-class OtherQemu:
-    """A QEMU unpacked from another Debian release and the wrapper that runs it."""
-
-    suite: str  # Debian suite it came from, e.g. "trixie"
-    version: str  # QEMU's own version, e.g. "10.0.13"
-    package_version: str  # Debian version of qemu-system-x86, e.g. "1:10.0.13+ds-0+deb13u1"
-    source_package: str  # "qemu"
-    source_version: str
-    wrapper: Path  # run this as qemu-system-x86_64 ($ARADIA_QEMU)
-    tree: Path
-
-
-def host_suite() -> str:
-    """The host's Debian codename (``VERSION_CODENAME`` of ``/etc/os-release``)."""
-    try:
-        text = Path("/etc/os-release").read_text()
-    except OSError as exc:
-        raise GuestError(f"cannot read /etc/os-release: {exc}") from exc
-    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)\"?$", text, re.MULTILINE)
-    if m is None or not re.search(r"^ID=\"?debian\"?$", text, re.MULTILINE):
-        raise GuestError("the host is not a Debian release with a VERSION_CODENAME")
-    return m.group(1)
-
-
-def other_suite(host: str | None = None) -> str:
-    """The Debian release whose QEMU aradia also tests on, given the host's (default: this host)."""
-    host = host or host_suite()
-    if host not in OTHER_SUITE:
-        raise GuestError(f"no other QEMU is known for Debian {host}: aradia pairs "
-                         + ", ".join(f"{a} with {b}" for a, b in OTHER_SUITE.items()))
-    return OTHER_SUITE[host]
-
-
-def wrapper_info(binary: str | os.PathLike[str]) -> OtherQemu | None:
-    """The :class:`OtherQemu` whose wrapper ``binary`` is (a path or a name on ``$PATH``), else None."""
-    found = shutil.which(str(binary))
-    if found is None:
-        return None
-    path = Path(found).resolve()
-    manifest = path.parent / _MANIFEST
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("wrapper") != path.name or data.get("format") != _FORMAT:
-        return None
-    return OtherQemu(data["suite"], data["version"], data["package_version"], data["source_package"],
-                     data["source_version"], path, path.parent / "tree")
 
 
 def build_other_qemu(suite: str | None = None, cache_dir: Path | None = None, *,
@@ -177,8 +129,8 @@ def _build(suite: str, cache: Path, work: Path, final: Path, say: Progress) -> N
     if v is None:
         raise GuestError(f"the {suite} QEMU printed no version: {out[:200]!r}")
     say(f"QEMU {v.group(1)} (Debian {package_version}) from {suite}")
-    (work / _MANIFEST).write_text(json.dumps({
-        "format": _FORMAT, "wrapper": WRAPPER_NAME, "suite": suite, "version": v.group(1),
+    (work / MANIFEST).write_text(json.dumps({
+        "format": FORMAT, "wrapper": WRAPPER_NAME, "suite": suite, "version": v.group(1),
         "package_version": package_version, "source_package": source_package,
         "source_version": source_version, "packages": packages}, indent=1))
 

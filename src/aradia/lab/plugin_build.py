@@ -29,8 +29,9 @@ from pathlib import Path
 
 import aradia.cache
 from aradia.cache import cache_lock
+from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, run_tool
-from aradia.lab.otherqemu import wrapper_info
+from aradia.lab.qemu_release import host_suite, wrapper_info
 from aradia.machine.qemu import QEMU_BINARY
 from aradia.progress import Progress
 from aradia.trace.pluginload import SO_PATTERN, SOURCE, PluginCapabilities, PluginError
@@ -128,14 +129,9 @@ def installed_qemu(binary: str | None = None) -> QemuBuildInfo:
 
 def _host_suite() -> str:
     try:
-        text = Path("/etc/os-release").read_text()
-    except OSError as exc:
-        raise PluginError(f"cannot read /etc/os-release: {exc}") from exc
-    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)\"?$", text, re.MULTILINE)
-    if m is None or "ID=debian" not in text:
-        raise PluginError("the host is not a Debian release with a VERSION_CODENAME:"
-                          " pass header= to build_plugin")
-    return m.group(1)
+        return host_suite()
+    except GuestError as exc:
+        raise PluginError(f"{exc}: pass header= to build_plugin") from exc
 
 
 def _source_apt(cache: Path, suite: str) -> PrivateApt:
