@@ -109,7 +109,8 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                          (["honeypot", "report"], "usage: aradia honeypot"),
                          (["honeypot", "bogus", "x"], "usage: aradia honeypot"),
                          (["honeypot"], "--vm SPEC is required"),
-                         (["honeypot", "--vm", str(tmp_path / "missing.elf")], "missing.elf")):
+                         (["honeypot", "--vm", str(tmp_path / "missing.elf")], "missing.elf"),
+                         (["honeypot", "--vm", "web1", "--server", "https://127.0.0.1:9"], "no --server mode")):
         r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert needle in r.stderr.strip().splitlines()[-1], (argv, r.stderr)

@@ -31,7 +31,22 @@ def _page_phys(mapping: drgn.Object, index: int) -> int:
     delta = index - int(page.index)
     if delta < 0 or delta >= 1 << 9:
         delta = 0
-    return int(page_to_phys(page)) + delta * PAGE_SIZE
+    return page_phys(page) + delta * PAGE_SIZE
+
+
+def page_phys(page: drgn.Object) -> int:
+    """The physical address of the memory a ``struct page *`` describes.
+
+    drgn finds the page array (``vmemmap``) from what the kernel tells it; with some kernels' RAM
+    alone (5.10) it cannot, and then it is the kernel's own ``vmemmap_base`` (x86-64, vmemmap model).
+    """
+    prog = page.prog_
+    try:
+        return int(page_to_phys(page))
+    except LookupError:  # drgn's ObjectNotFoundError is a KeyError
+        base = int(prog["vmemmap_base"])
+        pfn = (page.value_() - base) // drgn.sizeof(prog.type("struct page"))
+        return pfn * PAGE_SIZE
 
 
 def read_cached(inode: drgn.Object, offset: int, size: int) -> bytes:

@@ -30,6 +30,7 @@ MAX_LINKS = 40  # symlinks followed in one lookup (the kernel's own limit)
 DCACHE_MOUNTED = 0x10000
 
 Key = tuple[int, int]
+FMODE_WRITE = 0x2  # struct file's f_mode: opened for writing
 """(``struct super_block *`` address, inode number): one file of the guest."""
 
 
