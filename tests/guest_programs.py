@@ -459,3 +459,72 @@ def install_cli_programs(guest: Guest, tmp: Path) -> None:
     install_program(guest, "multi", build_multi(tmp))
     install_program(guest, "opener", build_opener(tmp))
     guest.run("cp /tmp/multi /tmp/aradia-act && cp /tmp/multi /tmp/aradia-decoy")
+
+
+# --- page cache control (static, glibc) ------------------------------------------------------------------
+PCACHE_C = r"""
+/* pcache resident FILE         prints "resident R of N MAP" (mincore: MAP has 1/0 per page)
+ * pcache evict FILE PAGES      posix_fadvise(DONTNEED) on every other run of PAGES pages (the 2nd,
+ *                              4th...), then prints what `resident` prints
+ * pcache hold FILE             opens FILE read-only, prints "held PID", sleeps (for a deleted-open test)
+ * pcache sleep                 prints "sleeping PID", sleeps (run as a copy to delete its executable) */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+static int resident(const char *path) {
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) { perror(path); return 1; }
+    long n = (st.st_size + 4095) / 4096, r = 0;
+    unsigned char *vec = calloc(n + 1, 1);
+    if (n) {
+        void *m = mmap(0, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED || mincore(m, st.st_size, vec)) { perror("mincore"); return 1; }
+        munmap(m, st.st_size);
+    }
+    printf("resident ");
+    for (long i = 0; i < n; i++) r += vec[i] & 1;
+    printf("%ld of %ld ", r, n);
+    for (long i = 0; i < n; i++) putchar(vec[i] & 1 ? '1' : '0');
+    putchar('\n');
+    close(fd);
+    return 0;
+}
+int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "resident")) return resident(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "evict")) {
+        int fd = open(argv[2], O_RDONLY);
+        struct stat st;
+        long run = atol(argv[3]) * 4096;
+        if (fd < 0 || fstat(fd, &st) || run <= 0) { perror(argv[2]); return 1; }
+        for (long off = run; off < st.st_size; off += 2 * run)
+            if (posix_fadvise(fd, off, run, POSIX_FADV_DONTNEED)) { perror("fadvise"); return 1; }
+        close(fd);
+        return resident(argv[2]);
+    }
+    if (argc >= 3 && !strcmp(argv[1], "hold")) {
+        int fd = open(argv[2], O_RDONLY);
+        if (fd < 0) { perror(argv[2]); return 1; }
+        printf("held %d fd %d\n", getpid(), fd);
+        fflush(stdout);
+        for (;;) pause();
+    }
+    if (argc >= 2 && !strcmp(argv[1], "sleep")) {
+        printf("sleeping %d\n", getpid());
+        fflush(stdout);
+        for (;;) pause();
+    }
+    fprintf(stderr, "usage: pcache resident|evict|hold|sleep ...\n");
+    return 2;
+}
+"""
+
+
+def build_pcache(tmp: Path) -> bytes:
+    """The static ``pcache`` program: page-cache residency (mincore), eviction (fadvise), holders."""
+    return build_program(tmp, "pcache", PCACHE_C, ["-static", "-O2", "-s"])

@@ -232,6 +232,74 @@ def cmd_files(args: argparse.Namespace) -> int:
                                      ["FD", "FLAGS", "POS", "PATH"]), pid=args.pid)
 
 
+def _local_only(args: argparse.Namespace, what: str) -> None:
+    if getattr(args, "server", None):
+        raise AradiaError(f"{what} is not offered over --server (it needs the VM's QMP socket here)")
+
+
+def cmd_files_get(args: argparse.Namespace) -> int:
+    """Extract files from the guest's kernel objects (page cache over disk)."""
+    from aradia.apps.extract import targets
+    from aradia.apps.extract.report import extraction_lines
+    from aradia.apps.extract.session import extract_targets
+
+    _local_only(args, "files get")
+    if args.path is None and args.pid is None:
+        raise AradiaError("files get: name a PATH, or --pid PID with --fd N, --exe or --all-mapped")
+    if args.path is not None and (args.pid is not None or args.fd is not None or args.exe or args.all_mapped):
+        raise AradiaError("files get: a PATH or --pid, not both")
+    if args.pid is not None and sum((args.fd is not None, args.exe, args.all_mapped)) != 1:
+        raise AradiaError("files get --pid PID: give exactly one of --fd N, --exe, --all-mapped")
+    if args.path is not None:
+        resolve = lambda prog, w: [targets.by_path(prog, args.path)]  # noqa: E731
+    elif args.fd is not None:
+        resolve = lambda prog, w: [targets.by_fd(prog, args.pid, args.fd)]  # noqa: E731
+    elif args.exe:
+        resolve = lambda prog, w: [targets.by_exe(prog, args.pid)]  # noqa: E731
+    else:
+        resolve = lambda prog, w: targets.all_mapped(prog, args.pid, w)  # noqa: E731
+    with _open(args) as vm:
+        _kernel(vm, args)
+        results, seconds, warnings = extract_targets(
+            vm, resolve, args.output, directory=args.all_mapped, source=args.source, disk_node=args.disk,
+            pause=args.pause)
+    total = sum(x.info.size for x in results)
+    rate = total / seconds / 1e6 if seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({"files": [x.as_dict() for x in results], "bytes": total, "seconds": seconds,
+                          "mb_per_s": rate, "warnings": warnings}, indent=1))
+    else:
+        for x in results:
+            print("\n".join(extraction_lines(x)))
+            for w in x.warnings:
+                print(f"aradia: warning: {x.name}: {w}", file=sys.stderr)
+        print(f"{len(results)} file(s), {total} bytes in {seconds:.3f} s ({rate:.1f} MB/s)")
+    for w in warnings:
+        print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_files_ls(args: argparse.Namespace) -> int:
+    """A directory as the guest's dentry cache holds it."""
+    from aradia.apps.extract.report import listing_lines
+    from aradia.apps.extract.targets import listing
+    from aradia.linux.bounds import Warnings
+
+    _local_only(args, "files ls")
+    warnings = Warnings()
+    with _open(args) as vm:
+        kernel = _kernel(vm, args)
+        with vm.paused() if args.pause else contextlib.nullcontext():
+            entries = listing(kernel.prog, args.dir, warnings)
+    if args.json:
+        print(json.dumps({"items": [dataclasses.asdict(e) for e in entries], "warnings": warnings}, indent=1))
+    else:
+        print("\n".join(listing_lines(entries)))
+        for w in warnings:
+            print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     """Sockets and their owners."""
     def addr(a: str, p: int) -> str:
@@ -599,6 +667,27 @@ def build_parser() -> argparse.ArgumentParser:
                               ("files", cmd_files, "open files of a process")):
         sp = vm_parser(name, func, help_, _view_options())
         sp.add_argument("pid", type=int, metavar="PID")
+    sp = vm_parser("files-get", cmd_files_get, "extract files from the guest's kernel objects: page cache "
+                   "(dirty pages too) over the disk read through QEMU; deleted files still open or running")
+    sp.prog = "aradia files get"
+    sp.add_argument("path", nargs="?", metavar="PATH", help="absolute path as pid 1 sees it")
+    sp.add_argument("--pid", type=int, metavar="PID", help="a file of this process (with --fd, --exe or "
+                    "--all-mapped)")
+    sp.add_argument("--fd", type=int, metavar="N", help="its open descriptor N (deleted files too)")
+    sp.add_argument("--exe", action="store_true", help="its executable (also when deleted)")
+    sp.add_argument("--all-mapped", action="store_true", help="every file it maps, into directory OUT")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (directory with "
+                    "--all-mapped)")
+    sp.add_argument("--source", choices=["auto", "memory", "disk"], default="auto",
+                    help="auto: page cache over disk (default); memory: never the disk; disk: only the disk")
+    sp.add_argument("--disk", metavar="NODE", help="QEMU block node holding the file system (default: the "
+                    "VM's only disk)")
+    sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile (consistent copy)")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp = vm_parser("files-ls", cmd_files_ls, "a directory as the guest's dentry cache holds it",
+                   _view_options())
+    sp.prog = "aradia files ls"
+    sp.add_argument("dir", metavar="DIR", help="absolute path of a directory")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
     sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)",
@@ -677,6 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; an AradiaError is one line on stderr and exit status 2."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `files get|ls ...` beside the older `files PID`
+    if len(argv) >= 2 and argv[0] == "files" and argv[1] in ("get", "ls"):
+        argv[:2] = [f"files-{argv[1]}"]
     args = parser.parse_args(argv)
     if getattr(args, "vm", "") is None:  # accepted anywhere on the line, so checked once it is parsed
         parser.error(f"{args.command}: --vm SPEC is required")

@@ -63,6 +63,15 @@ SERIES: dict[str, KernelSeries] = {
 }
 
 
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    # a virtio-blk disk (ext4, jbd2, mbcache, crc16 and crc32c are built into Debian's cloud kernels;
+    # virtio_blk is a module): the disk itself is made by the test (aradia.lab.disk)
+    "disk": ("virtio_blk",),
+}
+"""Image variants: name -> kernel modules the initramfs loads beyond the base set."""
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """A bootable guest: a Debian kernel, its modules and the initramfs aradia built for it."""
@@ -88,18 +97,24 @@ class GuestImage:
 
 
 def build_guest(
-    kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None
+    kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None,
+    variant: str = "base",
 ) -> GuestImage:
     """Build (or reuse from the cache) a guest image for kernel series ``kernel``.
+
+    ``variant`` (a key of :data:`VARIANTS`) adds kernel modules; each variant has its own cache key
+    (the base variant's key is what it always was).
 
     ``progress``, if given, is called with one short line per slow step. Raises :class:`GuestError`
     when a tool or a download fails.
     """
     if kernel not in SERIES:
         raise GuestError(f"unknown kernel series {kernel!r}; known: {', '.join(SERIES)}")
+    if variant not in VARIANTS:
+        raise GuestError(f"unknown image variant {variant!r}; known: {', '.join(VARIANTS)}")
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
-    image_dir = cache / "images" / f"{kernel}-{_image_key(kernel)}"
+    image_dir = cache / "images" / f"{kernel}-{_image_key(kernel, variant)}"
     cached = _load_image(cache, image_dir)
     if cached is not None:
         return cached
@@ -111,7 +126,7 @@ def build_guest(
         builder = _Builder(cache, say)
         kernel_dir = builder.kernel(SERIES[kernel])
         userland_dir = builder.userland()
-        builder.image(kernel, kernel_dir, userland_dir, image_dir)
+        builder.image(kernel, kernel_dir, userland_dir, image_dir, VARIANTS[variant])
     image = _load_image(cache, image_dir)
     if image is None:
         raise GuestError(f"guest image in {image_dir} is incomplete right after building it")
@@ -122,8 +137,10 @@ def build_guest(
 # cache plumbing
 
 
-def _image_key(series: str) -> str:
+def _image_key(series: str, variant: str = "base") -> str:
     h = hashlib.sha256(f"{_IMAGE_FORMAT}\0{series}\0{_USERLAND_SUITE}\0".encode())
+    if variant != "base":
+        h.update(f"variant\0{variant}\0{' '.join(VARIANTS[variant])}\0".encode())
     h.update(INIT_SCRIPT.encode())
     for src in guest_sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes())
@@ -278,7 +295,8 @@ class _Builder:
             _write_manifest(tmp, {"suite": _USERLAND_SUITE, "versions": versions})
         return final
 
-    def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path) -> None:
+    def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path,
+              extra_modules: tuple[str, ...] = ()) -> None:
         kman = _read_manifest(kernel_dir)
         uman = _read_manifest(userland_dir)
         assert kman is not None and uman is not None
@@ -286,7 +304,7 @@ class _Builder:
         with self._staged("image", final) as tmp:
             ssh_key = _make_client_key(tmp / "ssh_key")
             rootfs = Rootfs(userland_dir / "root")
-            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key)
+            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key, extra_modules)
             (tmp / "initrd.gz").write_bytes(gzip.compress(rootfs.cpio(), compresslevel=6, mtime=0))
             _write_manifest(tmp, {
                 "series": series,
@@ -313,14 +331,16 @@ def _make_client_key(path: Path) -> Path | None:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aradia.lab.images [SERIES...]``: build (or find cached) guest images."""
+    """``python -m aradia.lab.images [SERIES[:VARIANT]...]``: build (or find cached) guest images."""
     import sys
     import time
 
-    for series in argv or ["6.1"]:
+    for name in argv or ["6.1"]:
+        series, _, variant = name.partition(":")
         started = time.monotonic()
         try:
-            image = build_guest(series, progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+            image = build_guest(series, variant=variant or "base",
+                                progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         except GuestError as exc:
             print(f"aradia: building the {series} guest failed: {exc}", file=sys.stderr)
             return 2
@@ -329,7 +349,8 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["GUEST_IP", "READY_MARKER", "ROOT_PASSWORD", "SERIES", "GuestImage", "KernelSeries", "build_guest"]
+__all__ = ["GUEST_IP", "READY_MARKER", "ROOT_PASSWORD", "SERIES", "VARIANTS", "GuestImage", "KernelSeries",
+           "build_guest"]
 
 
 if __name__ == "__main__":
