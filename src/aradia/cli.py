@@ -300,6 +300,32 @@ def cmd_files_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_aes(args: argparse.Namespace) -> int:
+    """AES key schedules in a process's memory or all guest RAM."""
+    from aradia.apps.extract.aes_keys import scan_process, scan_ram
+
+    _local_only(args, "keys aes")
+    if args.max_errors < 0:
+        raise AradiaError("--max-errors must be 0 or more")
+    with _open(args) as vm:
+        _kernel(vm, args)
+        with vm.paused() if args.pause else contextlib.nullcontext():
+            if args.pid is not None:
+                result = scan_process(vm, args.pid, max_errors=args.max_errors)
+            else:
+                result = scan_ram(vm, max_errors=args.max_errors)
+    if args.json:
+        print(json.dumps({"where": result.where, "keys": [dataclasses.asdict(k) for k in result.keys],
+                          "scanned": result.scanned, "seconds": result.seconds, "mb_per_s": result.mb_per_s},
+                         indent=1))
+        return 0
+    rows = [[f"{k.address:#x}", f"AES-{k.bits}", k.key, str(k.bit_errors), k.order] for k in result.keys]
+    print(_table(rows, ["ADDRESS", "CIPHER", "KEY", "BIT-ERRORS", "ORDER"]))
+    print(f"{len(result.keys)} key(s) in {result.where}: {result.scanned} bytes in {result.seconds:.2f} s "
+          f"({result.mb_per_s:.1f} MB/s)")
+    return 0
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     """Sockets and their owners."""
     def addr(a: str, p: int) -> str:
@@ -688,6 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
                    _view_options())
     sp.prog = "aradia files ls"
     sp.add_argument("dir", metavar="DIR", help="absolute path of a directory")
+    sp = vm_parser("keys-aes", cmd_keys_aes, "AES-128/192/256 key schedules in a process's memory or all "
+                   "guest RAM, tolerant of flipped bits")
+    sp.prog = "aradia keys aes"
+    sp.add_argument("--pid", type=int, metavar="PID", help="only this process's memory (virtual addresses)")
+    sp.add_argument("--max-errors", type=int, default=10, metavar="N",
+                    help="bits of a schedule that may differ from the true one (default 10, as aeskeyfind)")
+    sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
     sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)",
@@ -767,9 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; an AradiaError is one line on stderr and exit status 2."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `files get|ls ...` beside the older `files PID`
-    if len(argv) >= 2 and argv[0] == "files" and argv[1] in ("get", "ls"):
-        argv[:2] = [f"files-{argv[1]}"]
+    # two-word commands: `files get|ls ...` (beside the older `files PID`), `keys aes`
+    if len(argv) >= 2 and (argv[0], argv[1]) in (("files", "get"), ("files", "ls"), ("keys", "aes")):
+        argv[:2] = [f"{argv[0]}-{argv[1]}"]
     args = parser.parse_args(argv)
     if getattr(args, "vm", "") is None:  # accepted anywhere on the line, so checked once it is parsed
         parser.error(f"{args.command}: --vm SPEC is required")

@@ -6,7 +6,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import drgn
 
@@ -15,9 +14,10 @@ from aradia.apps.extract.files import Extraction, extract_inode
 from aradia.apps.extract.targets import Target, output_name
 from aradia.errors import AradiaError
 from aradia.linux.bounds import Warnings
+from aradia.linux.kernel import LinuxVM
 
 
-def extract_targets(vm: Any, resolve: Callable[[drgn.Program, Warnings], list[Target]], output: str, *,
+def extract_targets(vm: LinuxVM, resolve: Callable[[drgn.Program, Warnings], list[Target]], output: str, *,
                     directory: bool = False, source: str = "auto", disk_node: str | None = None,
                     pause: bool = False) -> tuple[list[Extraction], float, list[str]]:
     """Extract the files ``resolve(prog, warnings)`` names into ``output`` (a file, or with
@@ -28,9 +28,9 @@ def extract_targets(vm: Any, resolve: Callable[[drgn.Program, Warnings], list[Ta
     started = time.perf_counter()
     results = []
     with contextlib.ExitStack() as stack:
-        if pause and vm.live:
+        if pause and vm.machine is not None:
             stack.enter_context(vm.paused())
-        disk = stack.enter_context(DiskFiles(vm.machine if vm.live else None, disk_node))
+        disk = stack.enter_context(DiskFiles(vm.machine, disk_node))
         targets = resolve(kernel.prog, warnings)
         if directory:
             os.makedirs(output, exist_ok=True)
@@ -47,8 +47,8 @@ def extract_targets(vm: Any, resolve: Callable[[drgn.Program, Warnings], list[Ta
                 path = os.path.join(output, name)
             try:
                 with open(path, "wb") as fh:
-                    results.append(extract_inode(vm.read, t.inode, fh, name=t.name, disk=disk, source=source,
-                                                 output=path))
+                    results.append(extract_inode(vm.memory.read, t.inode, fh, name=t.name, disk=disk,
+                                                 source=source, output=path))
             except OSError as e:
                 raise AradiaError(f"cannot write {path}: {e}") from e
     return results, time.perf_counter() - started, list(warnings)
