@@ -96,7 +96,8 @@ def scan_process(vm: LinuxVM, pid: int, *, max_errors: int = DEFAULT_MAX_ERRORS)
         scanned += len(data)
         for k in scan(data, base, max_errors=max_errors):
             keys[(k.address, k.bits)] = k  # a run's overlap with the next may find one twice
-    return AesScan(sorted(keys.values(), key=lambda k: k.address), scanned, time.perf_counter() - started, f"process {pid} (virtual addresses)")
+    return AesScan(sorted(keys.values(), key=lambda k: k.address), scanned, time.perf_counter() - started,
+                   f"process {pid} (virtual addresses)")
 
 
 __all__ = ["AesScan", "scan_process", "scan_ram"]
