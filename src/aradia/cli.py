@@ -657,9 +657,24 @@ def _view_options() -> argparse.ArgumentParser:
     return p
 
 
+TWO_WORD = {("files", "get"), ("files", "ls"), ("keys", "aes")}
+"""Commands of two words (registered as ``files-get``...): ``files get|ls`` sit beside ``files PID``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: reads ``files get`` as the command ``files-get`` (and so on)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        if self.prog == "aradia" and len(argv) >= 2 and (argv[0], argv[1]) in TWO_WORD:
+            argv[:2] = [f"{argv[0]}-{argv[1]}"]
+        return super().parse_known_args(argv, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``aradia`` command."""
-    p = argparse.ArgumentParser(prog="aradia", description="Virtual machine introspection for QEMU guests "
+    p = _Parser(prog="aradia", description="Virtual machine introspection for QEMU guests "
                                 "and memory dumps.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -800,10 +815,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; an AradiaError is one line on stderr and exit status 2."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # two-word commands: `files get|ls ...` (beside the older `files PID`), `keys aes`
-    if len(argv) >= 2 and (argv[0], argv[1]) in (("files", "get"), ("files", "ls"), ("keys", "aes")):
-        argv[:2] = [f"{argv[0]}-{argv[1]}"]
     args = parser.parse_args(argv)
     if getattr(args, "vm", "") is None:  # accepted anywhere on the line, so checked once it is parsed
         parser.error(f"{args.command}: --vm SPEC is required")
