@@ -4,15 +4,18 @@ An expanded AES key is over-determined: most words of the schedule are the XOR o
 (``w[j] = w[j - Nk] ^ w[j - 1]`` when ``j`` is not a multiple of ``Nk``), whatever the byte order.
 So, at every byte offset (four alignments of 32-bit words) and for each key size, the scanner
 
-1. sums the popcounts of six such linear relations (numpy over the whole buffer at once) and keeps
-   positions whose sum is small, and whose key words are not a run of equal words (zero pages);
+1. sums the popcounts of six such linear relations (numpy over 1 MiB blocks at once) and keeps
+   positions whose sum is small (runs of equal words, as in zero pages, are penalised) and whose key
+   looks random (aeskeyfind's entropy test: 30-70 % of its bits set, at least ``2 * Nk`` distinct
+   bytes; so a deliberately weak key such as ``00 01 02 ... 0f`` is not reported);
 2. for each survivor, in both byte orders, rebuilds the key from every window of ``Nk``
    consecutive words (running the expansion backwards), expands it again and keeps the window whose
    schedule differs least from memory: a schedule with a few flipped bits still has a clean window,
    which gives the true key, and the difference is the number of flipped bits;
 3. accepts it when at most ``max_errors`` bits differ, keeping the best of overlapping finds.
 
-Random data passes step 1 with probability ~1e-16 per position and never step 3.
+Random data passes step 1 with probability ~1e-16 per position and never step 3; a guest's RAM
+(page tables, counters, sparse structures) leaves ~1 candidate in 2 MiB for step 2.
 """
 
 from __future__ import annotations
@@ -78,10 +81,20 @@ def _candidates(w: np.ndarray, d: np.ndarray, nk: int, n: int, pre_threshold: in
     # penalty where w[p] == w[p + 1] (zero pages and other runs of equal words satisfy every relation)
     e = np.bitwise_count(d[nk - 1:nk - 1 + m] ^ w[:m])
     e += (d[:m] == 0).view(np.uint8) << 5
-    s = e[_LINEAR[nk][0]:_LINEAR[nk][0] + n].copy()
+    s = e[_LINEAR[nk][0]:_LINEAR[nk][0] + n].astype(np.uint16)  # six of up to 64: past a byte
     for off in _LINEAR[nk][1:]:
         s += e[off:off + n]
-    return np.flatnonzero(s <= pre_threshold)
+    cand = np.flatnonzero(s <= pre_threshold)
+    if len(cand):
+        # the key looks random (aeskeyfind's entropy test, in two parts): 30-70 % of its bits set,
+        # and at least 2 * nk distinct bytes among its 4 * nk (counters, flags and sparse words are
+        # structures, not keys; a random key fails either part with p < 1e-5)
+        key = w[cand[:, None] + np.arange(nk)]
+        bits = np.bitwise_count(key).sum(axis=1, dtype=np.int32)
+        kb = np.sort(key.view(np.uint8), axis=1)
+        distinct = 1 + (kb[:, 1:] != kb[:, :-1]).sum(axis=1)
+        cand = cand[(bits >= 10 * nk) & (bits <= 22 * nk) & (distinct >= 2 * nk)]
+    return cand
 
 
 BLOCK = 1 << 20  # bytes scanned at once (numpy's temporaries stay in the CPU cache)
