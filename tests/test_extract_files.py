@@ -30,9 +30,9 @@ HALF_PAGES = 256 + 1  # half.bin: 1 MiB and 5 bytes
 EVICT_RUN = 4  # pages evicted, then kept, alternately
 
 
-@pytest.fixture(scope="module")
-def g(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    """A guest of the ``disk`` variant with /dev/vda (ext4, made on the host) mounted on /mnt/d,
+@pytest.fixture(scope="module", params=["6.1", "6.12", "5.10"])
+def g(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """A guest of the ``disk`` variant (each kernel series) with /dev/vda (ext4, made on the host) mounted on /mnt/d,
     periodic writeback off (so unsynced writes stay dirty), and ``/tmp/pcache`` installed."""
     tmp = tmp_path_factory.mktemp("extract")
     rng = random.Random(14)
@@ -40,7 +40,8 @@ def g(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
              "data/half.bin": rng.randbytes(HALF_PAGES * PAGE - PAGE + 5),
              "data/dirty.bin": rng.randbytes(16 * PAGE)}
     disk = make_ext4(tmp / "disk.img", files)
-    with launch(build_guest("6.1", variant="disk"), shared_memory=True, extra_args=disk_args([disk])) as guest:
+    with launch(build_guest(request.param, variant="disk"), shared_memory=True,
+                extra_args=disk_args([disk])) as guest:
         install_program(guest, "pcache", build_pcache(tmp))
         guest.run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && "
                   "echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "

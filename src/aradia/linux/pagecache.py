@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import drgn
-from drgn.helpers.linux.mm import page_to_phys
 
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS, Warnings
@@ -27,6 +26,19 @@ class NotCached(AradiaError):
     """A page of the file is not in the guest's page cache."""
 
 
+def page_phys(prog: drgn.Program, page: int) -> int:
+    """The guest-physical address of the page whose ``struct page`` is at ``page`` (x86-64's
+    ``vmemmap``: pfn = (page - vmemmap_base) / sizeof(struct page)). drgn's own ``page_to_phys``
+    needs a ``vmemmap`` or ``mem_map`` object, which a 5.10 kernel profile built from RAM lacks."""
+    key = "aradia.vmemmap"
+    if key not in prog.cache:
+        prog.cache[key] = (int(prog["vmemmap_base"].value_()), prog.type("struct page").size)
+    base, size = prog.cache[key]
+    if page < base or (page - base) % size:
+        raise AradiaError(f"{page:#x} is not a struct page in the vmemmap")
+    return (page - base) // size * PAGE_SIZE
+
+
 def _page_phys(mapping: drgn.Object, index: int) -> int:
     entry = xa_load(mapping.i_pages.address_of_(), index)
     if not entry or entry & 3:
@@ -36,7 +48,7 @@ def _page_phys(mapping: drgn.Object, index: int) -> int:
     delta = index - int(page.index)
     if delta < 0 or delta >= 1 << 9:
         delta = 0
-    return int(page_to_phys(page)) + delta * PAGE_SIZE
+    return page_phys(mapping.prog_, entry) + delta * PAGE_SIZE
 
 
 def read_cached(inode: drgn.Object, offset: int, size: int) -> bytes:
@@ -81,10 +93,10 @@ def _folio_pages(page: drgn.Object, head_bit: int) -> int:
     if not int(page.flags) >> head_bit & 1:
         return 1
     tail = drgn.Object(page.prog_, "struct page *", value=page.value_() + page.type_.type.size)
-    for name in ("compound_order", "_folio_order"):
+    for name in ("compound_order", "_folio_order"):  # 6.1; 6.2-6.5
         if tail.type_.type.has_member(name):
             return min(1 << int(getattr(tail, name)), MAX_FOLIO_PAGES)
-    return 1
+    return min(1 << (int(tail.flags) & 0xFF), MAX_FOLIO_PAGES)  # 6.6+: the order in folio->_flags_1
 
 
 def cached_pages(inode: drgn.Object, warnings: Warnings, *,
@@ -109,7 +121,7 @@ def cached_pages(inode: drgn.Object, warnings: Warnings, *,
             break
         try:
             page = drgn.Object(prog, "struct page *", value=entry)
-            phys = int(page_to_phys(page))
+            phys = page_phys(prog, entry)
             dirty = bool(int(page.flags) >> dirty_bit & 1)
             count = _folio_pages(page, head_bit)
         except GUEST_ERRORS as e:
