@@ -9,6 +9,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,20 @@ def test_bad_input(g: Guest) -> None:
                           "no process 999999")
     assert_one_line_error(run_cli("keys", "aes", "--vm", f"qmp:{g.qmp_path}", "--max-errors", "-1"),
                           "--max-errors")
+
+
+def test_found_in_a_dump(g: Guest, program: dict, tmp_path: Path) -> None:
+    """The README's ``keys aes --vm mem.elf``: the same three keys (flipped or not: the dump is taken
+    after the flip test when run in file order, so compare keys only) from an ELF dump of the guest."""
+    dump = tmp_path / "mem.elf"
+    r = run_cli("dump", "--vm", f"qmp:{g.qmp_path}", "-o", str(dump), timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("keys", "aes", "--vm", str(dump), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    found = {(k["bits"], k["key"]) for k in json.loads(r.stdout)["keys"]}
+    assert {(bits, key) for bits, (key, _a) in program["keys"].items()} <= found
+    # and in the process's memory as the dump holds it
+    r = run_cli("keys", "aes", "--vm", str(dump), "--pid", str(program["pid"]), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert {(k["bits"], k["key"]) for k in json.loads(r.stdout)["keys"]} == \
+        {(bits, key) for bits, (key, _a) in program["keys"].items()}

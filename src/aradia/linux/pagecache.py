@@ -109,6 +109,7 @@ def cached_pages(inode: drgn.Object, warnings: Warnings, *,
     """
     prog = inode.prog_
     dirty_bit, head_bit = _pg_bits(prog)
+    flags_at = drgn.offsetof(prog.type("struct page"), "flags")
     npages = -(-int(inode.i_size) // PAGE_SIZE)
     out: dict[int, CachedPage] = {}
     what = f"page cache of inode {int(inode.i_ino)}"
@@ -120,10 +121,12 @@ def cached_pages(inode: drgn.Object, warnings: Warnings, *,
                 warnings.add(f"{what}: more than {max_pages} pages; the rest were skipped")
             break
         try:
-            page = drgn.Object(prog, "struct page *", value=entry)
             phys = page_phys(prog, entry)
-            dirty = bool(int(page.flags) >> dirty_bit & 1)
-            count = _folio_pages(page, head_bit)
+            flags = prog.read_u64(entry + flags_at)  # one read, no drgn object per page
+            dirty = bool(flags >> dirty_bit & 1)
+            count = 1
+            if flags >> head_bit & 1:
+                count = _folio_pages(drgn.Object(prog, "struct page *", value=entry), head_bit)
         except GUEST_ERRORS as e:
             warnings.add(f"{what}: page {index} unreadable ({e}): skipped")
             continue

@@ -122,9 +122,15 @@ def _fill(read_phys: Callable[[int, int], bytes], ext: Extent, pages: dict[int, 
     """The bytes of one extent as ``(offset, data, source)`` pieces (a disk read can fall short)."""
     if ext.source in (CACHE, DIRTY):
         pieces = []
-        for off in range(ext.start, ext.end, PAGE_SIZE):
+        off = ext.start
+        while off < ext.end:  # one read per run of physically contiguous pages
+            phys = pages[off // PAGE_SIZE].phys
             n = min(PAGE_SIZE, ext.end - off)
-            pieces.append((off, read_phys(pages[off // PAGE_SIZE].phys, n), ext.source))
+            while (off + n < ext.end and n < CHUNK_PAGES * PAGE_SIZE
+                   and pages[(off + n) // PAGE_SIZE].phys == phys + n):
+                n += min(PAGE_SIZE, ext.end - off - n)
+            pieces.append((off, read_phys(phys, n), ext.source))
+            off += n
         return pieces
     if ext.source == DISK and opened is not None:
         stream, disk_size = opened
