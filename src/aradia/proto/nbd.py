@@ -123,9 +123,11 @@ class NBDFile(io.RawIOBase):
         self.pos = 0
 
     def readable(self) -> bool:
+        """Always: the file reads."""
         return True
 
     def seekable(self) -> bool:
+        """Always: the file seeks."""
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -135,6 +137,7 @@ class NBDFile(io.RawIOBase):
         return self.pos
 
     def tell(self) -> int:
+        """The current position."""
         return self.pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
