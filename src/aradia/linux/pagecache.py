@@ -99,13 +99,14 @@ def _folio_pages(page: drgn.Object, head_bit: int) -> int:
     return min(1 << (int(tail.flags) & 0xFF), MAX_FOLIO_PAGES)  # 6.6+: the order in folio->_flags_1
 
 
-def cached_pages(inode: drgn.Object, warnings: Warnings, *,
-                 max_pages: int = 1 << 22) -> dict[int, CachedPage]:
+def cached_pages(inode: drgn.Object, warnings: Warnings, *, max_pages: int = 1 << 22,
+                 values: set[int] | None = None) -> dict[int, CachedPage]:
     """Page index -> :class:`CachedPage` for every page of ``inode``'s file in the page cache.
 
     One walk of the mapping's XArray (bounded, with a warning for what it skipped); shadow entries
     (value entries: pages evicted, or swapped-out shmem) are not pages. Large folios count once
-    per page they hold.
+    per page they hold. ``values``, if given, receives the indices of value entries (for shmem:
+    pages swapped out, whose contents are not in RAM).
     """
     prog = inode.prog_
     dirty_bit, head_bit = _pg_bits(prog)
@@ -115,6 +116,8 @@ def cached_pages(inode: drgn.Object, warnings: Warnings, *,
     what = f"page cache of inode {int(inode.i_ino)}"
     for index, entry in xa_entries(inode.i_mapping.i_pages.address_of_(), what, warnings):
         if entry & 1:  # a value entry: a shadow of an evicted page, or a swap entry
+            if values is not None:
+                values.add(index)
             continue
         if index >= npages or len(out) >= max_pages:
             if index < npages:

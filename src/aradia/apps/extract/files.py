@@ -59,7 +59,8 @@ class Extraction:
                 "warnings": list(self.warnings)}
 
 
-def _sources(info: InodeInfo, pages: dict[int, Any], disk_ok: bool, source: str) -> list[str]:
+def _sources(info: InodeInfo, pages: dict[int, Any], disk_ok: bool, source: str,
+             swapped: set[int]) -> list[str]:
     npages = -(-info.size // PAGE_SIZE)
     memory_only = info.fstype in MEMORY_FS
     out = []
@@ -67,8 +68,8 @@ def _sources(info: InodeInfo, pages: dict[int, Any], disk_ok: bool, source: str)
         page = pages.get(i) if source != "disk" else None
         if page is not None:  # tmpfs pages are always dirty (no storage behind them): plain cache
             out.append(DIRTY if page.dirty and not memory_only else CACHE)
-        elif memory_only and source != "disk":
-            out.append(HOLE)
+        elif memory_only and source != "disk":  # never written: zeros; swapped out: not in RAM
+            out.append(MISSING if i in swapped else HOLE)
         elif disk_ok and source != "memory":
             out.append(DISK)
         else:
@@ -93,7 +94,8 @@ def extract_inode(read_phys: Callable[[int, int], bytes], inode: drgn.Object, ou
         raise NotARegularFile(f"{name or info.ino}: not a regular file (mode {info.mode:o})")
     if not 0 <= info.size <= MAX_FILE:
         raise AradiaError(f"{name or info.ino}: size {info.size} is out of range")
-    pages = cached_pages(inode, warnings) if source != "disk" else {}
+    swapped: set[int] = set()
+    pages = cached_pages(inode, warnings, values=swapped) if source != "disk" else {}
     opened = None
     if source != "memory" and info.fstype not in MEMORY_FS and disk is not None:
         needs_disk = source == "disk" or len(pages) < -(-info.size // PAGE_SIZE)
@@ -102,7 +104,7 @@ def extract_inode(read_phys: Callable[[int, int], bytes], inode: drgn.Object, ou
         warnings.add(f"{info.fstype} has no disk: the file exists only in memory")
     if source == "disk" and disk is None:
         warnings.add("no disk to read")
-    sources = _sources(info, pages, opened is not None, source)
+    sources = _sources(info, pages, opened is not None, source, swapped)
     extents = runs(sources, info.size)
     digest = hashlib.sha256()
     final: list[Extent] = []

@@ -15,7 +15,7 @@ HOLE = "hole"
 DISK = "disk"
 """Read from the guest's disk through QEMU (an NBD export), found by the file system's own blocks."""
 MISSING = "missing"
-"""In neither: zeros in the output, reported."""
+"""In neither memory nor disk (or a tmpfs page swapped out): zeros in the output, reported."""
 
 SOURCES = (CACHE, DIRTY, HOLE, DISK, MISSING)
 
