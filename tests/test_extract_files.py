@@ -220,3 +220,31 @@ def test_bad_input(g: Guest, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("files", "ls", "--vm", vm, "/nonexistent"), "not found")
     with contextlib.suppress(FileNotFoundError):
         (tmp_path / "x").unlink()
+
+
+def test_absurd_inode_size_is_a_one_line_error(g: Guest, tmp_path: Path) -> None:
+    """Guest data is untrusted: an inode whose i_size says 4 EiB (written by the test into guest
+    memory) is refused with one line, and the same file with its size restored extracts."""
+    from aradia.apps.extract.targets import by_path
+    from aradia.vm import attach
+
+    g.run("head -c 10000 /dev/urandom > /tmp/victim.bin")
+    truth = guest_sha(g, "/tmp/victim.bin")
+
+    def set_size(value: int | None) -> int:
+        with attach(f"qmp:{g.qmp_path}") as vm:
+            inode = by_path(vm.load_kernel().prog, "/tmp/victim.bin").inode
+            addr = inode.i_size.address_
+            old = int.from_bytes(vm.read_virt(addr, 8), "little")
+            if value is not None:
+                vm.write_virt(addr, value.to_bytes(8, "little"))
+            return old
+
+    original = set_size(1 << 62)
+    assert original == 10000
+    try:
+        r = run_cli("files", "get", "--vm", f"qmp:{g.qmp_path}", "/tmp/victim.bin", "-o", str(tmp_path / "v"))
+        assert_one_line_error(r, "/tmp/victim.bin", "size 4611686018427387904 is out of range")
+    finally:
+        assert set_size(original) == 1 << 62
+    assert get(g, tmp_path / "v", "/tmp/victim.bin")["sha256"] == truth
