@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -92,6 +93,17 @@ def guest(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest]) ->
 
 
 GUEST_FIXTURES = frozenset({"guest_image", "boot_guest", "launch_guest", "guest"})
+
+
+def pytest_report_header() -> str:
+    """Name the QEMU this run boots (``$ARADIA_QEMU`` or the installed one) and its version."""
+    try:
+        out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = f"cannot run it: {exc}"
+    first = out.splitlines()[0] if out.strip() else "printed no version"
+    return f"QEMU under test: {QEMU_BINARY}: {first}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -33,6 +33,7 @@ rm -f /usr/local/bin/nc; cp /bin/busybox /usr/local/bin/nc
 printf '#!/bin/bash\\n/usr/local/bin/nc -w 2 127.0.0.1 22 </dev/null | head -c 16; echo; echo appd-nc=$?\\n' \\
   > /usr/local/bin/appd
 chmod 755 /usr/local/bin/appd
+if [ -x /tmp/xattr ]; then /tmp/xattr set /srv/app/config trusted.keep 1; fi
 """
 
 POLICY = """
@@ -46,10 +47,10 @@ action = "{action}"
 allow = [{{ parent_comm = "appd" }}]
 """
 
-#: What the guest says about the tree: every file's hash, then ls -li of everything (the bind
-#: mount and the hard link included).
-TRUTH = ("cd /srv/app && find . -type f | sort | xargs sha256sum; ls -liR /srv/app; ls -li /root/hardlink;"
-         " ls -liR /mnt/app-bind")
+#: What the guest says about the tree: every file's hash, ls -li of everything (the bind mount and
+#: the hard link included; modification times to the nanosecond) and the config's extended attributes.
+TRUTH = ("cd /srv/app && find . -type f | sort | xargs sha256sum; ls -liR --full-time /srv/app;"
+         " ls -li /root/hardlink; ls -liR /mnt/app-bind; if [ -x /tmp/xattr ]; then /tmp/xattr list /srv/app/config; fi")
 
 
 def set_scene(guest: Guest) -> str:
@@ -65,15 +66,19 @@ def write_policy(path: Path, action: str) -> Path:
 
 
 @contextmanager
-def guarding(guest: Guest, policy: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
+def guarding(guest: Guest, policy: Path, *extra: str,
+             warnings: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
     """``aradia guard --json`` against the guest while the block runs; the process (armed when the
-    block starts). Ended with SIGINT unless the block ended it."""
+    block starts; the warnings it printed before go to ``warnings``). Ended with SIGINT unless the
+    block ended it."""
     p = subprocess.Popen(cli_argv("guard", "--vm", f"qmp:{guest.qmp_path}", "--policy", str(policy), "--json",
                                   *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stderr is not None
         line = p.stderr.readline()
         while line.startswith("aradia:") and "error" not in line:
+            if warnings is not None:
+                warnings.append(line.rstrip("\n"))
             line = p.stderr.readline()
         assert line.startswith(f"guarding qmp:{guest.qmp_path} with {policy}"), line + p.stderr.read()
         yield p

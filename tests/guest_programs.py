@@ -453,6 +453,34 @@ def build_opener(tmp: Path) -> bytes:
     return build_program(tmp, "opener", OPENER_C, ["-O2", "-s"])
 
 
+XATTR_C = r"""
+/* xattr set PATH NAME VALUE | xattr rm PATH NAME | xattr list PATH: extended attributes the way the
+ * guest's own tools would change them (the test guest has no setfattr); errors as strerror. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/xattr.h>
+int main(int argc, char **argv) {
+    char names[4096];
+    long r;
+    if (argc == 5 && !strcmp(argv[1], "set")) r = setxattr(argv[2], argv[3], argv[4], strlen(argv[4]), 0);
+    else if (argc == 4 && !strcmp(argv[1], "rm")) r = removexattr(argv[2], argv[3]);
+    else if (argc == 3 && !strcmp(argv[1], "list")) {
+        r = listxattr(argv[2], names, sizeof names);
+        for (long i = 0; r > 0 && i < r; i += (long)strlen(names + i) + 1) puts(names + i);
+        r = r < 0 ? r : 0;
+    } else { fputs("usage: xattr set PATH NAME VALUE | rm PATH NAME | list PATH\n", stderr); return 2; }
+    if (r) { fprintf(stderr, "xattr: %s: %s\n", argv[2], strerror(errno)); return 1; }
+    return 0;
+}
+"""
+
+
+def build_xattr(tmp: Path) -> bytes:
+    """``xattr`` (static, glibc)."""
+    return build_program(tmp, "xattr", XATTR_C, ["-O2", "-static"])
+
+
 def install_cli_programs(guest: Guest, tmp: Path) -> None:
     """Install the multi-call program as ``/tmp/aradia-act``, ``/tmp/aradia-decoy`` and ``/tmp/multi``,
     and ``/tmp/opener``, in the guest."""

@@ -12,6 +12,7 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from guard_setup import TRUTH, alerts_of, attempt, guarding, set_scene, write_policy
+from guest_programs import build_xattr, install_program
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"gdb": True, "shared_memory": True, "smp": 2}
@@ -28,6 +29,9 @@ ATTEMPTS = [
     ("truncate", "truncate -s 0 /srv/app/config", "/srv/app/config"),
     ("chmod", "chmod 777 /srv/app/config", "/srv/app/config"),
     ("chown", "chown 1000:1000 /srv/app/config", "/srv/app/config"),
+    ("touch", "touch -d 2001-01-01 /srv/app/config", "/srv/app/config"),
+    ("setxattr", "/tmp/xattr set /srv/app/config trusted.evil 1", "/srv/app/config"),
+    ("removexattr", "/tmp/xattr rm /srv/app/config trusted.keep", "/srv/app/config"),
     ("dd", "echo evil | dd of=/srv/app/config", "/srv/app/config"),
     ("symlink made in /tmp", "ln -sf /srv/app/config /tmp/cfglink && echo evil >> /tmp/cfglink", "/srv/app/config"),
     ("hard link made before", "echo evil >> /root/hardlink", "/root/hardlink"),
@@ -39,6 +43,12 @@ ATTEMPTS = [
     ("write bin/run", "echo evil >> /srv/app/bin/run", "/srv/app/bin/run"),
     ("rm bin/run", "rm -f /srv/app/bin/run", "/srv/app/bin/run"),
 ]
+@pytest.fixture(scope="module", autouse=True)
+def xattr_tool(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """/tmp/xattr in the guest (set_scene gives the config an attribute ``trusted.keep`` with it)."""
+    install_program(guest, "xattr", build_xattr(tmp_path_factory.mktemp("xattr")))
+
+
 UPDATE = "/usr/local/bin/deploy -c 'echo updated=1 >> /srv/app/config'"
 NC = "/usr/local/bin/nc -w 2 127.0.0.1 22 </dev/null | head -c 16"
 
@@ -82,6 +92,26 @@ def test_block_protected_tree(guest: Guest, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_a_file_open_for_writing_before_the_guard_is_named_at_start(guest: Guest, tmp_path: Path) -> None:
+    """The guard decides at open: a descriptor opened for writing before it started is out of its reach,
+    so it says so at start, naming the process (and is silent when none is)."""
+    set_scene(guest)
+    pid = guest.run("sleep 600 3>>/srv/app/config & echo $!").strip()
+    held: list[str] = []
+    try:
+        with guarding(guest, write_policy(tmp_path / "p.toml", "block"), warnings=held):
+            pass
+    finally:
+        guest.run(f"kill {pid}")
+    clean: list[str] = []
+    with guarding(guest, write_policy(tmp_path / "p.toml", "block"), warnings=clean):
+        pass
+    assert held == [f"aradia: warning: pid {pid} (sleep) holds /srv/app/config open for writing (fd 3) since "
+                    "before the guard: writes through it are not seen"], held
+    assert clean == [], clean
+
+
+@pytest.mark.timeout(300)
 def test_forbidden_program(guest: Guest, tmp_path: Path) -> None:
     set_scene(guest)
     with guarding(guest, write_policy(tmp_path / "p.toml", "block")) as p:
@@ -96,8 +126,9 @@ def test_forbidden_program(guest: Guest, tmp_path: Path) -> None:
     check_alert(alerts[0], client, "blocked", "/usr/local/bin/nc")
 
 
-#: The attempts in an order in which each one works when nothing blocks (the tree is moved last).
-ALERT_ORDER = ["append", "sed -i", "cp over", "truncate", "chmod", "chown", "dd", "symlink made in /tmp",
+#: The attempts in an order in which each one works when nothing blocks (the tree is moved last; the
+#: attribute is removed before sed -i replaces the file by a new one without it).
+ALERT_ORDER = ["append", "setxattr", "removexattr", "sed -i", "cp over", "truncate", "chmod", "chown", "touch", "dd", "symlink made in /tmp",
                "hard link made before", "/proc/self/fd re-open", "relative ..", "bind mount", "new file in bin/",
                "write bin/run", "rm bin/run", "mv away", "mv onto", "rm", "rename /srv/app"]
 

@@ -542,6 +542,10 @@ COMMANDS: dict[str, Case] = {
         "aradia keys aes --vm qmp:/run/vm1/qmp.sock --pid 4242")},
     "aradia keys aes --vm mem.elf --json": Case(None, exempt=EXTRACT),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
+    'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml --keep': Case(
+        None, exempt="run by tests/test_guard_service.py against a real service and guest"),
+    'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml': Case(
+        None, exempt="run by tests/test_guard_service.py against a real service and guest"),
     "aradia serve --config fleet.toml --aggregate": Case(None, exempt=SERVICE + " (the aggregate)"),
     'aradia ps --server https://hv1:8765 --token "$T" --vm web1': Case(None, exempt=SERVICE
                                                                       + " (test_cli_over_server)"),
@@ -613,7 +617,7 @@ def test_trace_options_after_the_subcommand_mean_what_they_mean_before() -> None
 def test_missing_vm_and_misplaced_path_are_one_line_errors() -> None:
     for argv, needle in ((["trace", "syscalls"], "--vm SPEC is required"),
                          (["ps"], "--vm SPEC is required"),
-                         (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "syscalls"], "--path applies to")):
+                         (["trace", "--vm", "qmp:/nonexistent", "--path", "gdb", "procs"], "--path applies to")):
         r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert needle in r.stderr.strip().splitlines()[-1], r.stderr

@@ -158,7 +158,10 @@ def _cli_trace_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
     try:
         assert p.stderr is not None
         ready = p.stderr.readline()  # printed once the probes are armed
-        assert ready.startswith(f"tracing syscalls on qmp:{guest.qmp_path}, for 60 s"), ready + p.stderr.read()
+        # the path is named: this guest's QEMU runs no plugin, so the stop path, and why
+        assert re.fullmatch(rf"tracing syscalls on qmp:{re.escape(str(guest.qmp_path))} via gdb \(every event "
+                            r"stops the VM; no plugin path: this QEMU was started without aradia's plugin "
+                            r"\(-plugin …/counter-\*\.so,shm=…\)\), for 60 s\n", ready), ready + p.stderr.read()
         marker = len(guest.console_text())
         guest.send_console(b"bash /tmp/work.sh\n")
         deadline = time.monotonic() + 60

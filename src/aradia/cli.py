@@ -7,10 +7,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aradia.errors import AradiaError
@@ -434,6 +436,16 @@ def trace_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if v is not None}
 
 
+def _records(stream: Any, duration: float | None, what: str) -> Iterator[dict[str, Any]]:
+    """A live stream's records for ``duration`` seconds (or until Ctrl-C); a loss (this client fell
+    behind) is a warning on stderr."""
+    for rec in stream.events(duration):
+        if "dropped" in rec:
+            print(f"aradia: warning: {rec['dropped']} {what} lost (this client fell behind)", file=sys.stderr)
+        else:
+            yield rec
+
+
 def _trace_remote(client: Any, args: argparse.Namespace) -> int:
     """``aradia trace --server …``: a trace on the service, its events streamed here, stopped at the end."""
     from aradia.trace.events import Event
@@ -466,11 +478,8 @@ def _trace_remote(client: Any, args: argparse.Namespace) -> int:
         print(f"tracing {args.what} on {args.vm} at {args.server} (trace {trace['id']}), {until}",
               file=sys.stderr, flush=True)
         try:
-            for rec in stream.events(args.duration):
-                if "dropped" in rec:
-                    print(f"aradia: warning: {rec['dropped']} events lost (this client fell behind)",
-                          file=sys.stderr)
-                elif args.json:
+            for rec in _records(stream, args.duration, "events"):
+                if args.json:
                     print(json.dumps(rec), flush=True)
                 else:
                     keys = ("vcpu", "kind", "name", "pid", "tgid", "comm", "uid", "args")
@@ -487,8 +496,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     """Live probes: syscalls, kernel or user functions, process lifecycle, watchpoints, call counts."""
     from aradia.trace.tracer import Filter, Tracer
 
-    if args.what != "count" and args.path != "auto":
-        raise AradiaError("--path applies to trace count only")
+    if args.what not in ("count", "syscalls") and args.path != "auto":
+        raise AradiaError("--path applies to trace count and trace syscalls only")
     client = _client(args)
     if client is not None:
         with client:
@@ -499,21 +508,63 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _kernel(vm, args)
         if args.what == "count":
             return _count(vm, args)
+        flt = Filter(pids=set(args.pid) if args.pid else None, comms=set(args.comm) if args.comm else None,
+                     uids=set(args.uid) if args.uid else None)
+        until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        why = ""
+        if args.what == "syscalls" and args.path != "gdb":
+            from aradia.trace.plugintrace import plugin_path_problem
+
+            names = [n.strip() for n in args.e.split(",")]
+            problem = plugin_path_problem(vm, names, flt)
+            if problem is None:
+                return _syscalls_in_qemu(vm, names, flt, args, until)
+            if args.path == "plugin":
+                raise AradiaError(f"--path plugin: {problem}")
+            why = f"; no plugin path: {problem}"
         with Tracer.open(vm) as tracer:
-            tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
-                                   comms=set(args.comm) if args.comm else None,
-                                   uids=set(args.uid) if args.uid else None)
+            tracer.filter = flt
             _arm(tracer, args)
-            until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
-            print(f"tracing {args.what} on {args.vm}, {until}", file=sys.stderr, flush=True)
+            via = f" via gdb (every event stops the VM{why})" if args.what == "syscalls" else ""
+            print(f"tracing {args.what} on {args.vm}{via}, {until}", file=sys.stderr, flush=True)
             try:
                 for ev in tracer.events(duration=args.duration):
-                    if args.json:
-                        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
-                    else:
-                        print(ev.line(), flush=True)
+                    _print_event(ev, args)
             except KeyboardInterrupt:
                 pass  # closing the tracer disarms everything and lets the guest run
+    return 0
+
+
+def _print_event(ev: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
+    else:
+        print(ev.line(), flush=True)
+
+
+def _syscalls_in_qemu(vm: Any, names: list[str], flt: Any, args: argparse.Namespace, until: str) -> int:
+    """``aradia trace syscalls`` on the plugin path: events written inside QEMU, the VM never stops."""
+    from aradia.trace.plugintrace import PluginSyscallTrace
+
+    def lost(n: int) -> None:
+        print(f"aradia: warning: {n} events lost (the plugin's ring overflowed before aradia read it)",
+              file=sys.stderr, flush=True)
+
+    # Ctrl-C ends the loop after a last read of the rings: what the plugin wrote before it is reported
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+    try:
+        with PluginSyscallTrace.open(vm, names, flt) as trace:
+            print(f"tracing syscalls on {args.vm} via plugin (inside QEMU, the VM does not stop), {until}",
+                  file=sys.stderr, flush=True)
+            seen = 0
+            for ev in trace.events(duration=args.duration, until=interrupted.is_set, on_loss=lost):
+                seen += 1
+                _print_event(ev, args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"aradia: plugin path: {seen} events reported, {trace.lost} lost to ring overflow",
+          file=sys.stderr, flush=True)
     return 0
 
 
@@ -535,6 +586,13 @@ def cmd_guard(args: argparse.Namespace) -> int:
     from aradia.trace.tracer import Tracer
 
     policy = load_policy(args.policy)
+    client = _client(args)
+    if client is not None:
+        with client:
+            return _guard_remote(client, args)
+    if args.keep:
+        raise AradiaError("--keep is for a guard on a service (--server): a local guard lives as long as "
+                          "this command")
     with _open(args) as vm:
         if not vm.live:
             raise AradiaError("the guard needs a live VM (qmp:PATH), not a dump")
@@ -545,7 +603,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
         def show(ev: Any) -> None:
             if id(ev) not in shown:
                 shown.add(id(ev))
-                print(json.dumps(maker.record(ev)) if args.json else alert_line(ev), flush=True)
+                rec = maker.record(ev)
+                print(json.dumps(rec) if args.json else alert_line(rec), flush=True)
 
         resume = threading.Event()
 
@@ -562,8 +621,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
             guard = Guard(tracer, policy, dry_run=args.dry_run, pause=pause if args.pause else None)
             for w in guard.start():
                 print(f"aradia: warning: {w}", file=sys.stderr)
-            watcher = PolicyWatcher(guard, args.policy, lambda text: print(f"guard: {text}", file=sys.stderr,
-                                                                         flush=True))
+            watcher = PolicyWatcher(guard.reload, args.policy,
+                                    lambda text: print(f"guard: {text}", file=sys.stderr, flush=True))
             watcher.start()
             until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
             mode = " (dry run: nothing is blocked)" if args.dry_run else ""
@@ -580,12 +639,59 @@ def cmd_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guard_remote(client: Any, args: argparse.Namespace) -> int:
+    """``aradia guard --server …``: the guard as the service's app; its alerts streamed here until the
+    end (then it is stopped), or left running on the service with ``--keep``."""
+    from aradia.apps.guard.alerts import alert_line
+    from aradia.apps.guard.policy import load_policy
+    from aradia.apps.guard.reload import PolicyWatcher
+
+    if args.pause:
+        raise AradiaError("--pause is not offered over --server (the service owns the VM's run state)")
+    policy_path = args.policy
+    with open(policy_path) as f:  # (load_policy read and checked it just now)
+        spec = {"kind": "guard", "policy": f.read(), "dry_run": args.dry_run}
+    mode = " (dry run: nothing is blocked)" if args.dry_run else ""
+    if args.keep:
+        trace = client.start_trace(args.vm, spec)
+        print(json.dumps(trace) if args.json else trace["id"])
+        print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} until the trace is stopped "
+              f"(DELETE /api/v1/traces/{trace['id']})", file=sys.stderr, flush=True)
+        return 0
+    with client.live(args.vm, kind=["guard"]) as stream:
+        trace = client.start_trace(args.vm, spec)  # after subscribing: no alert is missed
+
+        def update(path: str) -> list[str]:
+            with open(path) as f:
+                load_policy(path)  # a policy that does not parse is refused here, with its file's name
+                client.update_trace(trace["id"], {**spec, "policy": f.read()})
+            return []
+
+        watcher = PolicyWatcher(update, policy_path,
+                                lambda text: print(f"guard: {text}", file=sys.stderr, flush=True))
+        watcher.start()
+        until = "Ctrl-C to stop" if args.duration is None else f"for {args.duration:g} s"
+        print(f"guarding {args.vm} at {args.server} with {policy_path}{mode} (trace {trace['id']}), {until}",
+              file=sys.stderr, flush=True)
+        try:
+            for rec in _records(stream, args.duration, "alerts"):
+                if rec.get("kind") == "guard":
+                    print(json.dumps(rec) if args.json else alert_line(rec), flush=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            watcher.stop()
+            client.stop_trace(trace["id"])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the introspection service for the VMs in a config file."""
+    from aradia.apps.served import service_apps
     from aradia.service.config import load_config
     from aradia.service.server import serve
 
-    return serve(load_config(args.config), listen=args.listen, aggregate=args.aggregate)
+    return serve(load_config(args.config), listen=args.listen, aggregate=args.aggregate, apps=service_apps())
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -646,7 +752,8 @@ def _trace_options(*, after: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--uid", type=int, action="append", default=default(None),
                    help="only this user (repeatable)")
     p.add_argument("--path", choices=["auto", "plugin", "gdb"], default=default("auto"),
-                   help="count: auto (default) the plugin when loaded, plugin: require it, gdb: breakpoints")
+                   help="count, syscalls: auto (default) inside QEMU by aradia's plugin when it can, "
+                        "plugin: require it, gdb: breakpoints (the VM stops at every event)")
     return p
 
 
@@ -781,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="alerts as event records, one JSON object per line")
     sp.add_argument("--pause", action="store_true", help="hold the VM stopped at each alert until SIGUSR1")
     sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    sp.add_argument("--keep", action="store_true", help="with --server: leave the guard running on the "
+                    "service (armed again when the service restarts) and print its trace id")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

@@ -135,6 +135,10 @@ class Client:
         """The caller's traces."""
         return self._call("GET", "/traces").json()
 
+    def update_trace(self, trace_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """A new spec for an app's trace (e.g. the guard's policy), taken without disarming."""
+        return self._call("PUT", f"/traces/{trace_id}", body=spec).json()
+
     def stop_trace(self, trace_id: str) -> dict[str, Any]:
         """Disarm a trace."""
         return self._call("DELETE", f"/traces/{trace_id}").json()

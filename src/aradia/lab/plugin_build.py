@@ -29,7 +29,9 @@ from pathlib import Path
 
 import aradia.cache
 from aradia.cache import cache_lock
+from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, run_tool
+from aradia.lab.qemu_release import host_suite, wrapper_info
 from aradia.machine.qemu import QEMU_BINARY
 from aradia.progress import Progress
 from aradia.trace.pluginload import SO_PATTERN, SOURCE, PluginCapabilities, PluginError
@@ -66,6 +68,7 @@ class QemuBuildInfo:
     package_version: str  # Debian binary package version, "" if QEMU is not Debian's
     source_package: str
     source_version: str
+    suite: str = ""  # Debian suite of the deb-src to fetch the header from ("": the host's)
 
     @property
     def cache_name(self) -> str:
@@ -106,6 +109,13 @@ def installed_qemu(binary: str | None = None) -> QemuBuildInfo:
     debian = re.search(r"\(Debian\s+([^)\s]+)\)", out)
     if debian is None:
         return QemuBuildInfo(m.group(1), "", "", "")
+    other = wrapper_info(binary)  # another Debian release's QEMU (aradia.lab.otherqemu)
+    if other is not None:
+        if other.package_version != debian.group(1):
+            raise PluginError(f"{binary} says it is Debian {debian.group(1)} but its manifest says "
+                              f"{other.package_version}")
+        return QemuBuildInfo(m.group(1), other.package_version, other.source_package, other.source_version,
+                             other.suite)
     try:
         fields = _run(["dpkg-query", "-W", "-f", "${source:Package} ${source:Version} ${Version}",
                        _QEMU_PACKAGE], timeout=30, what="dpkg-query").split()
@@ -119,14 +129,9 @@ def installed_qemu(binary: str | None = None) -> QemuBuildInfo:
 
 def _host_suite() -> str:
     try:
-        text = Path("/etc/os-release").read_text()
-    except OSError as exc:
-        raise PluginError(f"cannot read /etc/os-release: {exc}") from exc
-    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)\"?$", text, re.MULTILINE)
-    if m is None or "ID=debian" not in text:
-        raise PluginError("the host is not a Debian release with a VERSION_CODENAME:"
-                          " pass header= to build_plugin")
-    return m.group(1)
+        return host_suite()
+    except GuestError as exc:
+        raise PluginError(f"{exc}: pass header= to build_plugin") from exc
 
 
 def _source_apt(cache: Path, suite: str) -> PrivateApt:
@@ -199,7 +204,7 @@ def _fetch_header(info: QemuBuildInfo, cache: Path, say: Progress) -> bytes:
     if not info.source_version:
         raise PluginError(f"QEMU {info.version} is not Debian's:"
                           " pass header= (its qemu-plugin.h) to build_plugin")
-    suite = _host_suite()
+    suite = info.suite or _host_suite()
     apt = _source_apt(cache, suite)
     say(f"apt-get update (Debian {suite} sources, private lists)")
     _run(["apt-get", *apt.options, "-q", "update"], timeout=600, what=f"apt-get update ({suite} deb-src)")
@@ -252,15 +257,16 @@ _BUILT: dict[tuple[str, str], Path] = {}
 
 
 def build_plugin(cache_dir: Path | None = None, *, header: Path | None = None,
-                 progress: Progress | None = None) -> Path:
+                 progress: Progress | None = None, binary: str | None = None) -> Path:
     """Build (or find in the cache) the plugin for the installed QEMU; returns the ``.so`` path.
 
     ``header`` overrides the download with a ``qemu-plugin.h`` of the installed QEMU's version (for
-    a QEMU that is not Debian's). Raises :class:`PluginError` when a tool or the download fails.
+    a QEMU that is not Debian's); ``binary`` names another QEMU than ``$ARADIA_QEMU`` (default) to
+    build for. Raises :class:`PluginError` when a tool or the download fails.
     """
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
-    info = installed_qemu()
+    info = installed_qemu(binary)
     key = (str(cache), info.cache_name + (f"@{header}" if header else ""))
     if key in _BUILT and _BUILT[key].exists():
         return _BUILT[key]

@@ -343,6 +343,15 @@ class Btf:
         """Ids of types called ``name`` whose kind is in ``kinds``."""
         return [i for i in self.ids_by_name(name) if self.kind(i) in kinds]
 
+    def function_params(self, name: str) -> list[str] | None:
+        """The parameter names of function ``name`` in order (from its FUNC's prototype); None when
+        the BTF has no such function."""
+        for fid in self.find(name, (FUNC,)):
+            proto = self.type(self.type(fid).type)
+            if proto.kind == FUNC_PROTO:
+                return [m.name for m in proto.members]
+        return None
+
     def enumerator(self, name: str) -> tuple[int, int] | None:
         """(enum type id, value) of the enumerator ``name``, or None."""
         if self._enumerators is None:

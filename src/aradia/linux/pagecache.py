@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import drgn
+from drgn.helpers.linux.mm import page_to_phys
 
 from aradia.errors import AradiaError
 from aradia.linux.bounds import GUEST_ERRORS, Warnings
@@ -26,19 +27,6 @@ class NotCached(AradiaError):
     """A page of the file is not in the guest's page cache."""
 
 
-def page_phys(prog: drgn.Program, page: int) -> int:
-    """The guest-physical address of the page whose ``struct page`` is at ``page`` (x86-64's
-    ``vmemmap``: pfn = (page - vmemmap_base) / sizeof(struct page)). drgn's own ``page_to_phys``
-    needs a ``vmemmap`` or ``mem_map`` object, which a 5.10 kernel profile built from RAM lacks."""
-    key = "aradia.vmemmap"
-    if key not in prog.cache:
-        prog.cache[key] = (int(prog["vmemmap_base"].value_()), prog.type("struct page").size)
-    base, size = prog.cache[key]
-    if page < base or (page - base) % size:
-        raise AradiaError(f"{page:#x} is not a struct page in the vmemmap")
-    return (page - base) // size * PAGE_SIZE
-
-
 def _page_phys(mapping: drgn.Object, index: int) -> int:
     entry = xa_load(mapping.i_pages.address_of_(), index)
     if not entry or entry & 3:
@@ -48,7 +36,22 @@ def _page_phys(mapping: drgn.Object, index: int) -> int:
     delta = index - int(page.index)
     if delta < 0 or delta >= 1 << 9:
         delta = 0
-    return page_phys(mapping.prog_, entry) + delta * PAGE_SIZE
+    return page_phys(page) + delta * PAGE_SIZE
+
+
+def page_phys(page: drgn.Object) -> int:
+    """The physical address of the memory a ``struct page *`` describes.
+
+    drgn finds the page array (``vmemmap``) from what the kernel tells it; with some kernels' RAM
+    alone (5.10) it cannot, and then it is the kernel's own ``vmemmap_base`` (x86-64, vmemmap model).
+    """
+    prog = page.prog_
+    try:
+        return int(page_to_phys(page))
+    except LookupError:  # drgn's ObjectNotFoundError is a KeyError
+        base = int(prog["vmemmap_base"])
+        pfn = (page.value_() - base) // drgn.sizeof(prog.type("struct page"))
+        return pfn * PAGE_SIZE
 
 
 def read_cached(inode: drgn.Object, offset: int, size: int) -> bytes:
@@ -124,8 +127,8 @@ def cached_pages(inode: drgn.Object, warnings: Warnings, *, max_pages: int = 1 <
                 warnings.add(f"{what}: more than {max_pages} pages; the rest were skipped")
             break
         try:
-            phys = page_phys(prog, entry)
-            flags = prog.read_u64(entry + flags_at)  # one read, no drgn object per page
+            phys = page_phys(drgn.Object(prog, "struct page *", value=entry))
+            flags = prog.read_u64(entry + flags_at)  # one read
             dirty = bool(flags >> dirty_bit & 1)
             count = 1
             if flags >> head_bit & 1:

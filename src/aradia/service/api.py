@@ -205,6 +205,14 @@ async def get_trace(trace_id: str, c: CallerDep) -> Any:
     return await c.run("trace.get", id=trace_id)
 
 
+@router.put("/traces/{trace_id}", name="trace.update")
+async def update_trace(trace_id: str, spec: Annotated[Any, Body()], c: CallerDep) -> Any:
+    """A new spec for an app's trace, of the same app (the guard's policy), taken without disarming:
+    no moment unguarded. A spec the app cannot use keeps the old one (400; 422 when it is well-formed
+    but the guest cannot serve it)."""
+    return await c.run("trace.update", id=trace_id, spec=spec)
+
+
 @router.delete("/traces/{trace_id}", name="trace.stop")
 async def stop_trace(trace_id: str, c: CallerDep) -> Any:
     """Disarm and forget a trace."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from aradia.errors import AradiaError, NotAttached, NotRAM, PageFault
 from aradia.linux.kernel import VIEWS
+from aradia.service.apps import Apps
 from aradia.service.config import ServiceConfig
 from aradia.service.live import LiveHub
 from aradia.service.owner import Subscription, VMOwner
@@ -26,7 +27,7 @@ from aradia.service.policy import AccessError, NotFound, Policy, Principal
 from aradia.service.rates import Rates
 from aradia.service.store import EventStore
 from aradia.service.store_sql import StoreError
-from aradia.service.tracespec import SpecError, parse_spec, spec_json
+from aradia.service.tracespec import AppSpec, SpecError, parse_spec, spec_json
 
 log = logging.getLogger("aradia.service")
 ANONYMOUS = "-"
@@ -74,6 +75,7 @@ OPERATIONS: dict[str, Operation] = {
     "trace.start": Operation("trace", True, write=True),
     "trace.get": Operation("trace", False),
     "trace.stop": Operation("trace", False, write=True),
+    "trace.update": Operation("trace", False, write=True),
     "traces": Operation("trace", False),
     "events": Operation("trace", False),
     "live": Operation("trace", True),
@@ -103,9 +105,10 @@ def _int(params: dict[str, Any], key: str, *, required: bool = False) -> int | N
 class Service:
     """The service's state: owners of the configured VMs, store, bus, hub of live subscribers."""
 
-    def __init__(self, config: ServiceConfig, *, aggregate: bool = False) -> None:
+    def __init__(self, config: ServiceConfig, *, aggregate: bool = False, apps: Apps | None = None) -> None:
         self.config = config
         self.aggregate = aggregate
+        self.apps: Apps = dict(apps or {})  # started like traces (a spec whose kind is the app's name)
         self.policy = Policy(config)
         days, mb = config.store.max_age_days, config.store.max_mb
         self.store = EventStore(config.store.path, max_age=days * 86400 if days else None,
@@ -150,7 +153,7 @@ class Service:
                 log.warning("stored trace for a VM not in the config", extra={"trace": row["id"]})
                 continue
             try:
-                sub = Subscription(row["id"], row["vm"], row["tenant"], parse_spec(row["spec"]),
+                sub = Subscription(row["id"], row["vm"], row["tenant"], parse_spec(row["spec"], self.apps),
                                    created=row["created"])
                 owner.add(sub, pending_ok=True)
             except AradiaError as e:
@@ -306,8 +309,11 @@ class Service:
         return path
 
     def op_trace_start(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Arm a trace from a probe spec; it is stored (armed again after a restart)."""
-        spec = parse_spec(params.get("spec"))
+        """Arm a trace from a probe spec (or an app from its spec); it is stored (armed again after a
+        restart)."""
+        spec = parse_spec(params.get("spec"), self.apps)
+        if isinstance(spec, AppSpec):
+            self.policy.authorize(principal, spec.app.permission, vm)
         with self._lock:
             mine = sum(1 for t in self._traces.values() if t.tenant == principal.name)
             if mine >= self.config.limits.max_traces:
@@ -347,6 +353,24 @@ class Service:
         self.store.delete_trace(sub.id)
         with self._lock:
             self._traces.pop(sub.id, None)
+        return sub.describe()
+
+    def op_trace_update(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """A new spec for an app's trace (the guard's policy), taken without disarming; stored."""
+        sub = self._own_trace(principal, params)
+        spec = parse_spec(params.get("spec"), self.apps)
+        if isinstance(spec, AppSpec):
+            self.policy.authorize(principal, spec.app.permission, sub.vm)
+        try:
+            self.owners[sub.vm].update(sub.id, spec)
+        except SpecError:
+            raise
+        except AradiaError as e:
+            if "already" in str(e):
+                raise Conflict(str(e)) from e
+            raise
+        self.store.save_trace({"id": sub.id, "vm": sub.vm, "tenant": sub.tenant, "spec": spec_json(sub.spec),
+                               "created": sub.created})
         return sub.describe()
 
     def op_traces(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -433,6 +457,9 @@ def _detail(operation: str, params: dict[str, Any]) -> str:
         return f"format={params.get('format') or 'elf'}"
     if operation in ("trace.get", "trace.stop"):
         return f"id={params.get('id')}"
+    if operation == "trace.update":
+        spec = params.get("spec")
+        return f"id={params.get('id')}" + (f" kind={spec.get('kind')}" if isinstance(spec, dict) else "")
     if operation == "trace.start":
         spec = params.get("spec")
         return f"kind={spec.get('kind')}" if isinstance(spec, dict) else ""

@@ -21,7 +21,9 @@ from aradia.errors import AradiaError, NotAttached
 from aradia.service.config import VMConfig
 from aradia.service.schema import Records
 from aradia.service.tracespec import (
+    AppSpec,
     ProbeKey,
+    SpecError,
     arm,
     disarm,
     event_filter,
@@ -275,6 +277,35 @@ class VMOwner:
                     self._release(key)
             if not self._subs:
                 self._drop_tracer(None)
+            return sub
+
+    def update(self, trace_id: str, spec: Any) -> Subscription:
+        """Give trace ``trace_id`` (an app's) a new spec of the same app without disarming it; the
+        old spec stays when the app refuses the new one or another trace shares the armed app."""
+        with self._trace_lock:
+            sub = self._subs.get(trace_id)
+            if sub is None:
+                raise AradiaError(f"no trace {trace_id!r} on {self.name}")
+            old_keys, new_keys = probe_keys(sub.spec), probe_keys(spec)
+            if not (isinstance(sub.spec, AppSpec) and isinstance(spec, AppSpec)
+                    and sub.spec.app is spec.app):
+                raise SpecError(f"only an app's spec can be changed in place, by one of the same app "
+                                f"({sub.spec.kind}); stop the trace and start another")
+            if old_keys == new_keys:
+                return sub
+            if new_keys[0] in self._probes:
+                raise AradiaError(f"another trace on {self.name} already has that spec armed")
+            have = self._probes.get(old_keys[0])
+            if have is not None and have[1] > 1:
+                raise AradiaError(f"trace {trace_id} shares its armed {sub.spec.kind} with another "
+                                  "trace: already changed by both")
+            if have is not None and self._tracer is not None:
+                spec.app.update(self._tracer, have[0], spec.spec)
+                del self._probes[old_keys[0]]
+                self._probes[new_keys[0]] = have
+            sub.spec = spec  # (unarmed, waiting for its VM: armed with the new spec when it is back)
+            sub.keys = event_keys(spec)
+            sub.filter = event_filter(spec)
             return sub
 
     def _ensure_tracer(self) -> Tracer:

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from aradia.errors import AradiaError
 from aradia.service.api import create_app
+from aradia.service.apps import Apps
 from aradia.service.config import ServiceConfig, parse_listen
 from aradia.service.operations import Service, memory_json, status_of
 
@@ -80,9 +81,10 @@ async def handle_command(service: Service, vm: str, request: dict[str, Any]) -> 
     return {"ok": True, "result": result}
 
 
-def build(config: ServiceConfig, *, aggregate: bool = False) -> FastAPI:
-    """The service and its ASGI app; the lifespan starts and stops the VMs' owners, bus and aggregator."""
-    service = Service(config, aggregate=aggregate)
+def build(config: ServiceConfig, *, aggregate: bool = False, apps: Apps | None = None) -> FastAPI:
+    """The service (offering ``apps``) and its ASGI app; the lifespan starts and stops the VMs' owners,
+    bus and aggregator."""
+    service = Service(config, aggregate=aggregate, apps=apps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,11 +128,12 @@ def build(config: ServiceConfig, *, aggregate: bool = False) -> FastAPI:
     return create_app(service, lifespan=lifespan)
 
 
-def serve(config: ServiceConfig, *, listen: str | None = None, aggregate: bool = False) -> int:
-    """Run the service until SIGINT/SIGTERM."""
+def serve(config: ServiceConfig, *, listen: str | None = None, aggregate: bool = False,
+          apps: Apps | None = None) -> int:
+    """Run the service (offering ``apps``: see :mod:`aradia.service.apps`) until SIGINT/SIGTERM."""
     setup_logging()
     host, port = parse_listen(listen or config.listen)
-    app = build(config, aggregate=aggregate or config.aggregate)
+    app = build(config, aggregate=aggregate or config.aggregate, apps=apps)
     tls: dict[str, Any] = {}
     if config.tls is not None:
         tls = {"ssl_certfile": config.tls.cert, "ssl_keyfile": config.tls.key}

@@ -9,18 +9,21 @@ A spec is JSON, one of (``kind`` picks)::
     {"kind": "count", "symbols": ["__x64_sys_getppid"]}
     {"kind": "watch", "address": 140737488346112, "length": 8, "access": "w", "in_pid": 812}
 
-each with optional event filters ``pid``, ``comm``, ``uid`` (lists), as ``aradia trace`` has them.
+each with optional event filters ``pid``, ``comm``, ``uid`` (lists), as ``aradia trace`` has them;
+or the spec of an app the service offers (:mod:`aradia.service.apps`: ``{"kind": "guard", …}``).
 Many specs share one tracer per VM: each probe is armed once however many specs need it
 (:class:`ProbeKey` counts them) and an event goes to the specs whose :func:`matches` says so.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from aradia.errors import AradiaError
+from aradia.service.apps import Apps, ServiceApp
 from aradia.trace.events import Event
 from aradia.trace.probes import Filter
 from aradia.trace.tracer import LIFECYCLE, Tracer
@@ -99,20 +102,45 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(TraceSpec)
 
 #: One armed probe, as a hashable key: (what, *its parameters).
 ProbeKey = tuple[Any, ...]
+#: in an event key: every event of that kind
+ANY_NAME = "*"
 
 
-def parse_spec(data: Any) -> Any:
-    """A validated spec (a ``*Spec`` model) from JSON data; :class:`SpecError` says what is wrong."""
+@dataclass(frozen=True)
+class AppSpec:
+    """The spec of an app the service offers (``spec`` as the app validated it), with the app."""
+
+    app: ServiceApp
+    spec: BaseModel
+
+    @property
+    def kind(self) -> str:
+        """The app's name (the spec's ``kind``)."""
+        return self.app.name
+
+
+def parse_spec(data: Any, apps: Apps | None = None) -> Any:
+    """A validated spec (a ``*Spec`` model, or an :class:`AppSpec` for one of ``apps``) from JSON data;
+    :class:`SpecError` says what is wrong."""
+    app = (apps or {}).get(str(data.get("kind"))) if isinstance(data, dict) else None
     try:
+        if app is not None:
+            return AppSpec(app, app.parse(data))
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}"
                              for err in e.errors()[:5])
-        raise SpecError(f"bad probe spec: {problems}") from None
+        raise SpecError(f"bad {'app' if app else 'probe'} spec: {problems}") from None
+    except SpecError:
+        raise
+    except AradiaError as e:
+        raise SpecError(f"bad {app.name if app else 'probe'} spec: {e}") from None
 
 
 def spec_json(spec: Any) -> dict[str, Any]:
     """The spec as JSON data (what is stored and shown)."""
+    if isinstance(spec, AppSpec):
+        return spec.spec.model_dump(exclude_none=True)
     return spec.model_dump(exclude_none=True)
 
 
@@ -131,6 +159,8 @@ def probe_keys(spec: Any) -> list[ProbeKey]:
         return [("count", s) for s in dict.fromkeys(spec.symbols)]
     if isinstance(spec, WatchSpec):
         return [("watch", spec.address, spec.length, spec.access, spec.in_pid)]
+    if isinstance(spec, AppSpec):
+        return [("app", spec)]  # the same app spec twice is armed once (a different one clashes)
     raise SpecError(f"unknown spec {spec!r}")
 
 
@@ -148,18 +178,21 @@ def event_keys(spec: Any) -> set[tuple[str, str]]:
         return {("count", s) for s in spec.symbols}
     if isinstance(spec, WatchSpec):
         return {("watch", f"{spec.address:#x}")}
+    if isinstance(spec, AppSpec):
+        return {(spec.app.event_kind, ANY_NAME)}
     return set()
 
 
 def event_filter(spec: Any) -> Filter:
-    """The spec's pid/comm/uid filter."""
-    return Filter(pids=set(spec.pid) if spec.pid else None, comms=set(spec.comm) if spec.comm else None,
-                  uids=set(spec.uid) if spec.uid else None)
+    """The spec's pid/comm/uid filter (an app's spec has none: all its events are its own)."""
+    pid, comm, uid = (getattr(spec, k, None) for k in ("pid", "comm", "uid"))
+    return Filter(pids=set(pid) if pid else None, comms=set(comm) if comm else None,
+                  uids=set(uid) if uid else None)
 
 
 def matches(spec: Any, keys: set[tuple[str, str]], flt: Filter, ev: Event) -> bool:
     """Whether event ``ev`` belongs to ``spec`` (its ``event_keys`` and ``event_filter`` given)."""
-    return (ev.kind, ev.name) in keys and flt.keep(ev)
+    return ((ev.kind, ev.name) in keys or (ev.kind, ANY_NAME) in keys) and flt.keep(ev)
 
 
 def arm(tracer: Tracer, key: ProbeKey) -> Any:
@@ -181,6 +214,8 @@ def arm(tracer: Tracer, key: ProbeKey) -> Any:
     if what == "watch":
         _, address, length, access, in_pid = key
         return tracer.add_watch(address, length, access, pid=in_pid)
+    if what == "app":
+        return key[1].app.arm(tracer, key[1].spec)
     raise SpecError(f"unknown probe {what!r}")
 
 
@@ -194,5 +229,7 @@ def disarm(tracer: Tracer, key: ProbeKey, handle: Any) -> None:
     elif what == "lifecycle":
         for probe in handle:
             tracer.remove(probe)
+    elif what == "app":
+        key[1].app.disarm(tracer, handle)
     else:
         tracer.remove(handle)

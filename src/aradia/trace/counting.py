@@ -102,20 +102,10 @@ class CallCounter:
 
     def _retranslate(self, addresses: set[int]) -> None:
         """TCG instruments code when it translates it: redo the translations of ``addresses``."""
-        from aradia.proto.gdbrsp import GdbClient
-        from aradia.trace.pluginload import force_retranslation
+        from aradia.trace.pluginload import retranslate
 
-        if not addresses:
-            return
-        qemu = self.vm.machine
-        assert qemu is not None  # open() refuses a dump
-        client = GdbClient(qemu.gdb_address(), was_running=qemu.status() == "running")
-        try:
-            missed = force_retranslation(client, addresses)
-        finally:
-            client.close()
-        if missed:
-            raise AradiaError(f"could not re-translate {', '.join(hex(a) for a in missed)}")
+        assert self.vm.machine is not None  # open() refuses a dump
+        retranslate(self.vm.machine, addresses)
 
     # --- breakpoints -------------------------------------------------------------------------------
     def _start_gdb(self) -> None:

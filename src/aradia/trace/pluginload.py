@@ -23,6 +23,7 @@ from aradia.errors import AradiaError
 from aradia.machine.qemu import process_cmdline
 
 if TYPE_CHECKING:
+    from aradia.machine.qemu import Qemu
     from aradia.proto.gdbrsp import GdbClient
 
 SOURCE = Path(__file__).resolve().parent / "plugin" / "counter.c"
@@ -127,5 +128,22 @@ def force_retranslation(gdb: GdbClient, vaddrs: Iterable[int]) -> list[int]:
     return missed
 
 
+def retranslate(qemu: Qemu, addresses: Iterable[int]) -> None:
+    """Make ``qemu`` re-translate the code at ``addresses`` (after a target change) through its GDB
+    stub; AradiaError naming the addresses it could not reach."""
+    from aradia.proto.gdbrsp import GdbClient
+
+    addresses = set(addresses)
+    if not addresses:
+        return
+    client = GdbClient(qemu.gdb_address(), was_running=qemu.status() == "running")
+    try:
+        missed = force_retranslation(client, addresses)
+    finally:
+        client.close()
+    if missed:
+        raise AradiaError(f"could not re-translate {', '.join(hex(a) for a in missed)}")
+
+
 __all__ = ["SOURCE", "SO_PATTERN", "PluginCapabilities", "PluginError", "force_retranslation", "plugin_args",
-           "plugin_capabilities", "plugin_shm_from_cmdline", "plugin_shm_path"]
+           "plugin_capabilities", "plugin_shm_from_cmdline", "plugin_shm_path", "retranslate"]

@@ -42,13 +42,14 @@ DATA_MAX = 64
 """Bytes the plugin copies at most from behind one pointer argument (:attr:`ArgCapture.data_len`)."""
 
 _MAGIC = 0x31474C5044415241  # "ARADPLG1"
-_LAYOUT = 3
+_LAYOUT = 4
 _HEADER_SIZE = 4096
 _HIT_SIZE = 32
 _ARGREC_SIZE = 128
 _ARGS_SPAN_MAX = 256  # the plugin reads the six slots of pt_regs in one span of at most this
 _TF_ACTIVE, _TF_LOG, _TF_INLINE, _TF_ARGS, _TF_DATA = 1, 2, 4, 8, 16
-_CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY, _CAP_SYSCALL_ARGS = 1, 2, 4, 8
+_TF_EVENT, _TF_ARGV, _TF_SWITCH = 32, 64, 128
+_CAP_INSN_INLINE, _CAP_READ_REGISTER, _CAP_READ_MEMORY, _CAP_SYSCALL_ARGS, _CAP_TASK = 1, 2, 4, 8, 16
 _HIT_ARGS = 1
 _AR_ARGS, _AR_DATA = 1, 2
 
@@ -64,7 +65,16 @@ _H_ARG_FAULTS = 192
 _H_TARGETS = 256
 _TARGET = struct.Struct("<QQII Q")
 _H_ARGSPECS = _H_TARGETS + MAX_TARGETS * _TARGET.size
-_ARGSPEC = struct.Struct("<6HBBH")
+_ARGSPEC = struct.Struct("<6HBBBB")
+_H_EVCONF = 3328  # struct evconf (counter.c): the event rings, the task's layout, the filter
+_EVCONF_RING = struct.Struct("<QII")  # events_off, event_entries, event_size
+_EVCONF_TASK = struct.Struct("<Q5H6x")  # current_off; pid, tgid, comm, real_cred offsets; cred's uid
+_EVCONF_FILTER = struct.Struct("<4I8i8I128s")  # npids, nuids, ncomms, cache_task; pids; uids; comms
+_H_EVSTATS = 3584  # filtered, event_faults (plugin-written)
+EVENT_SIZE = 1024
+"""Bytes of one syscall event record (see :mod:`aradia.trace.pluginevents`)."""
+FILTER_MAX = 8
+"""Pids, uids or comms an event filter in the plugin holds at most (each)."""
 _ARGREC_HEAD = struct.Struct("<6QQII")  # args, seq, status, data_len; then DATA_MAX bytes
 _RING_HEAD_SIZE = 64
 
@@ -83,7 +93,8 @@ class ArgCapture:
 
     offsets: tuple[int, ...]
     data_arg: int | None = None  # index 0..5 into the arguments
-    data_len: int = DATA_MAX  # 1..DATA_MAX
+    data_len: int = DATA_MAX  # 1..DATA_MAX; 0 (events only): the NUL-terminated string there
+    argv_arg: int | None = None  # events only: the argument holding a NULL-terminated argv
 
     def __post_init__(self) -> None:
         if len(self.offsets) != NARGS or not all(0 <= o <= 0xFFF8 for o in self.offsets):
@@ -92,11 +103,14 @@ class ArgCapture:
             raise PluginError(f"argument offsets {self.offsets} span more than {_ARGS_SPAN_MAX} bytes")
         if self.data_arg is not None and not 0 <= self.data_arg < NARGS:
             raise PluginError(f"data_arg {self.data_arg} is not an argument index 0..{NARGS - 1}")
-        if not 1 <= self.data_len <= DATA_MAX:
-            raise PluginError(f"data_len {self.data_len} is out of range 1..{DATA_MAX}")
+        if not 0 <= self.data_len <= DATA_MAX:  # 0: a NUL-terminated string (syscall events only)
+            raise PluginError(f"data_len {self.data_len} is out of range 0..{DATA_MAX}")
+        if self.argv_arg is not None and not 0 <= self.argv_arg < NARGS:
+            raise PluginError(f"argv_arg {self.argv_arg} is not an argument index 0..{NARGS - 1}")
 
     @classmethod
-    def syscall(cls, prog: Any, *, data_arg: int | None = None, data_len: int = DATA_MAX) -> ArgCapture:
+    def syscall(cls, prog: Any, *, data_arg: int | None = None, data_len: int = DATA_MAX,
+                argv_arg: int | None = None) -> ArgCapture:
         """The capture for the running kernel: where its ``struct pt_regs`` keeps the six arguments.
 
         ``prog`` is the kernel's drgn program (``vm.linux.prog``, types from BTF).
@@ -108,13 +122,14 @@ class ArgCapture:
             offsets = tuple(drgn.offsetof(regs, name) for name in SYSCALL_ARG_REGS)
         except (LookupError, ValueError) as exc:
             raise PluginError(f"the kernel's struct pt_regs lacks the argument registers: {exc}") from exc
-        return cls(offsets, data_arg, data_len)
+        return cls(offsets, data_arg, data_len, argv_arg)
 
     def _spec(self) -> tuple[int, ...]:
         """The slot's argspec words as the plugin reads them."""
+        argv = 0 if self.argv_arg is None else self.argv_arg
         if self.data_arg is None:
-            return (*self.offsets, 0, 0, 0)
-        return (*self.offsets, self.data_arg, self.data_len, 0)
+            return (*self.offsets, 0, 0, argv, 0)
+        return (*self.offsets, self.data_arg, self.data_len, argv, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +188,9 @@ class PluginStatus:
     bad_vcpu: int
     syscall_args: bool = False  # the plugin captures syscall arguments (a vCPU found its rdi)
     arg_faults: int = 0  # argument or data reads that failed
+    task: bool = False  # syscall events carry their task (a vCPU found gs_base)
+    filtered: int = 0  # event hits the plugin's filter dropped
+    event_faults: int = 0  # event hits whose task could not be read
 
 
 @dataclass(frozen=True)
@@ -189,14 +207,18 @@ class _Layout:
     ring_block: int
     args_off: int  # max_vcpus args rings
     args_block: int
+    events_off: int  # max_vcpus event rings
+    event_entries: int
+    events_block: int
     size: int
 
     @classmethod
-    def of(cls, max_vcpus: int, ring_entries: int, args_entries: int) -> _Layout:
+    def of(cls, max_vcpus: int, ring_entries: int, args_entries: int, event_entries: int) -> _Layout:
         """The layout for these parameters; PluginError if one is out of range."""
         if not 1 <= max_vcpus <= 1024:
             raise PluginError(f"max_vcpus {max_vcpus} is out of range 1..1024")
-        for name, n in (("ring_entries", ring_entries), ("args_entries", args_entries)):
+        for name, n in (("ring_entries", ring_entries), ("args_entries", args_entries),
+                        ("event_entries", event_entries)):
             if n < 2 or n & (n - 1) or n > 1 << 24:
                 raise PluginError(f"{name} {n} is not a power of two in 2..2**24")
         counters_off = _HEADER_SIZE
@@ -206,10 +228,12 @@ class _Layout:
         ring_block = _RING_HEAD_SIZE + ring_entries * _HIT_SIZE
         args_off = ring_off + max_vcpus * ring_block
         args_block = _RING_HEAD_SIZE + args_entries * _ARGREC_SIZE
-        end = args_off + max_vcpus * args_block
+        events_off = args_off + max_vcpus * args_block
+        events_block = _RING_HEAD_SIZE + event_entries * EVENT_SIZE
+        end = events_off + max_vcpus * events_block
         size = (end + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         return cls(max_vcpus, ring_entries, args_entries, counters_off, inline_off, bases_off, ring_off,
-                   ring_block, args_off, args_block, size)
+                   ring_block, args_off, args_block, events_off, event_entries, events_block, size)
 
 
 class PluginShm:
@@ -225,11 +249,13 @@ class PluginShm:
     """
 
     def __init__(self, path: Path | str | None = None, *, max_vcpus: int = 16,
-                 ring_entries: int = 1 << 16, args_entries: int = 1 << 12) -> None:
+                 ring_entries: int = 1 << 16, args_entries: int = 1 << 12,
+                 event_entries: int = 1 << 9) -> None:
         """Create the file (``path``, default a new name in ``/dev/shm``), laid out for up to
-        ``max_vcpus`` vCPUs with hit rings of ``ring_entries`` and args rings of ``args_entries``
-        records per vCPU (powers of two; an args record is 128 bytes, a hit 32)."""
-        layout = _Layout.of(max_vcpus, ring_entries, args_entries)
+        ``max_vcpus`` vCPUs with hit rings of ``ring_entries``, args rings of ``args_entries`` and
+        syscall event rings of ``event_entries`` records per vCPU (powers of two; a hit is 32 bytes,
+        an args record 128, an event :data:`EVENT_SIZE`)."""
+        layout = _Layout.of(max_vcpus, ring_entries, args_entries, event_entries)
         path = Path(path) if path is not None else Path(
             f"/dev/shm/aradia-plugin-{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -244,6 +270,7 @@ class PluginShm:
                             ring_entries, args_entries, layout.counters_off, layout.inline_off,
                             layout.ring_off, layout.size)
         _H_ARADIA.pack_into(mapping, _H_ARADIA_OFF, layout.args_off, layout.bases_off)
+        _EVCONF_RING.pack_into(mapping, _H_EVCONF, layout.events_off, event_entries, EVENT_SIZE)
         self._setup(path, fd, mapping, layout, owner=True)
 
     @classmethod
@@ -275,6 +302,7 @@ class PluginShm:
         self.max_vcpus = layout.max_vcpus
         self.ring_entries = layout.ring_entries
         self.args_entries = layout.args_entries
+        self.event_entries = layout.event_entries
         self.size = layout.size
         self._layout = layout
         self._fd = fd
@@ -285,6 +313,8 @@ class PluginShm:
         self._tails = [0 if owner else self._ring_head(v) for v in range(layout.max_vcpus)]
         self._lost = 0
         self._lost_args = 0
+        self._event_tails = [0 if owner else self._event_head(v) for v in range(layout.max_vcpus)]
+        self._lost_events = 0
 
     # -- life cycle ---------------------------------------------------------------------------------
     def plugin_arg(self, so: Path | str) -> str:
@@ -315,9 +345,11 @@ class PluginShm:
         api, qapi, smp, caps, pid, _loaded, trans, instr, stale, bad = _H_PLUGIN.unpack_from(
             self._map, _H_PLUGIN_OFF)
         (faults,) = struct.unpack_from("<Q", self._map, _H_ARG_FAULTS)
+        filtered, event_faults = struct.unpack_from("<QQ", self._map, _H_EVSTATS)
         return PluginStatus(pid, api, qapi, smp, bool(caps & _CAP_INSN_INLINE),
                             bool(caps & _CAP_READ_REGISTER), bool(caps & _CAP_READ_MEMORY),
-                            trans, instr, stale, bad, bool(caps & _CAP_SYSCALL_ARGS), faults)
+                            trans, instr, stale, bad, bool(caps & _CAP_SYSCALL_ARGS), faults,
+                            bool(caps & _CAP_TASK), filtered, event_faults)
 
     @property
     def loaded(self) -> bool:
@@ -355,7 +387,7 @@ class PluginShm:
         return [t[0] if t else None for t in map(self._slot, range(MAX_TARGETS))]
 
     def set_target(self, index: int, vaddr: int | None, *, log: bool = True, inline: bool = False,
-                   args: ArgCapture | None = None) -> list[int]:
+                   args: ArgCapture | None = None, event: bool = False, switch: bool = False) -> list[int]:
         """Point slot ``index`` at guest-virtual ``vaddr`` (None clears it); its count restarts at 0.
 
         ``log`` appends every hit to the ring; ``inline`` counts with a counter add compiled into
@@ -363,6 +395,11 @@ class PluginShm:
         it, see :attr:`PluginStatus.insn_inline`). ``args`` (with ``log``) makes every hit of a
         syscall entry carry the syscall's arguments where the plugin can read them
         (:attr:`syscall_args`); elsewhere the target still counts and logs, with ``Hit.args`` None.
+        ``event`` (with ``args``) makes every hit a syscall event record instead (task, the plugin's
+        event filter, the string at ``args.data_arg``, the argv at ``args.argv_arg``: see
+        :mod:`aradia.trace.plugintrace`), read with :meth:`drain_events`. ``switch`` (no log) marks a
+        place where a vCPU's task, or its comm, pid or credentials, may change (the context switch,
+        ``__set_task_comm``, ``commit_creds``): the plugin then forgets what it knew of the task.
         Returns the addresses whose translations must be redone
         (:func:`~aradia.trace.pluginload.force_retranslation`) before the change is fully in effect.
         """
@@ -374,11 +411,18 @@ class PluginShm:
             raise PluginError("an inline counter cannot log hits: pass log=False")
         if args is not None and not log:
             raise PluginError("captured arguments go into the hit log: pass log=True")
+        if event and args is None:
+            raise PluginError("a syscall event needs its argument capture: pass args=")
         if inline and self.loaded and not self.status().insn_inline:
             raise PluginError("this QEMU's plugin API has no shared inline counter")
+        if switch and (log or inline or args is not None):
+            raise PluginError("a switch target only counts: pass log=False and no args")
         flags = _TF_ACTIVE | (_TF_LOG if log else 0) | (_TF_INLINE if inline else 0)
+        flags |= _TF_SWITCH if switch else 0
         if args is not None:
             flags |= _TF_ARGS | (_TF_DATA if args.data_arg is not None else 0)
+            if event:
+                flags |= _TF_EVENT | (_TF_ARGV if args.argv_arg is not None else 0)
         spec = args._spec() if args is not None else None
         with self._locked():
             old = self._slot(index)
@@ -391,7 +435,7 @@ class PluginShm:
             struct.pack_into("<I", self._map, off + 16, 0)
             gen = struct.unpack_from("<Q", self._map, off + 8)[0] + 1
             struct.pack_into("<QQ", self._map, off, vaddr or 0, gen)
-            _ARGSPEC.pack_into(self._map, _H_ARGSPECS + index * _ARGSPEC.size, *(spec or (0,) * 9))
+            _ARGSPEC.pack_into(self._map, _H_ARGSPECS + index * _ARGSPEC.size, *(spec or (0,) * 10))
             bases = [*self._vcpu_counts(index), self._inline_raw(index)]
             struct.pack_into(f"<{len(bases)}Q", self._map, self._base_off(index), *bases)
             if new is not None:
@@ -553,6 +597,86 @@ class PluginShm:
                         if status & _AR_DATA else None))
         return out
 
+    # -- syscall events -----------------------------------------------------------------------------
+    def set_event_task(self, current_off: int, pid: int, tgid: int, comm: int, real_cred: int,
+                       cred_uid: int) -> None:
+        """Where the plugin finds an event's task: the per-CPU offset of the current task pointer
+        (from ``gs_base``) and the byte offsets of ``task_struct``'s pid, tgid, comm and real_cred
+        and of ``cred``'s uid (aradia takes them from the kernel's BTF)."""
+        for name, off in (("pid", pid), ("tgid", tgid), ("comm", comm), ("real_cred", real_cred),
+                          ("uid", cred_uid)):
+            if not 0 <= off <= 0xFFF0:
+                raise PluginError(f"task offset {name}={off} is out of range 0..0xfff0")
+        if not 0 < current_off < 1 << 64:
+            raise PluginError(f"per-CPU offset {current_off:#x} of the current task is not valid")
+        with self._locked():
+            _EVCONF_TASK.pack_into(self._map, _H_EVCONF + _EVCONF_RING.size, current_off, pid, tgid, comm,
+                                   real_cred, cred_uid)
+
+    def set_event_filter(self, pids: Sequence[int] = (), uids: Sequence[int] = (),
+                         comms: Sequence[str] = (), *, cache_task: bool = False) -> None:
+        """The plugin's event filter: keep an event when its task's pid or tgid is in ``pids``, its
+        uid in ``uids`` and its comm in ``comms`` (an empty list: any). Set it before activating
+        event targets: the plugin reads it at every hit. At most :data:`FILTER_MAX` of each.
+        ``cache_task`` lets each vCPU keep its task's identity and verdict until a ``switch``
+        target runs on it: set it only while switch targets on every such place are active."""
+        raw_comms = [c.encode() for c in comms]
+        for name, seq in (("pids", pids), ("uids", uids), ("comms", raw_comms)):
+            if len(seq) > FILTER_MAX:
+                raise PluginError(f"{len(seq)} {name} in the plugin's event filter: at most {FILTER_MAX}")
+        if any(len(c) > 15 or b"\0" in c for c in raw_comms):
+            raise PluginError(f"a comm is at most 15 bytes with no NUL: {list(comms)}")
+        if any(not -(1 << 31) <= p < 1 << 31 for p in pids) or any(not 0 <= u < 1 << 32 for u in uids):
+            raise PluginError(f"pids or uids out of range: {list(pids)} {list(uids)}")
+        packed = b"".join(c.ljust(16, b"\0") for c in raw_comms).ljust(128, b"\0")
+        with self._locked():
+            _EVCONF_FILTER.pack_into(self._map, _H_EVCONF + _EVCONF_RING.size + _EVCONF_TASK.size,
+                                     len(pids), len(uids), len(raw_comms), int(cache_task),
+                                     *[*pids, *[0] * (FILTER_MAX - len(pids))],
+                                     *[*uids, *[0] * (FILTER_MAX - len(uids))], packed)
+            # what a vCPU remembers of its task was judged by the old filter
+            version = struct.unpack_from("<Q", self._map, _H_TARGETS_VERSION)[0]
+            struct.pack_into("<Q", self._map, _H_TARGETS_VERSION, version + 1)
+
+    def event_slots(self) -> list[int]:
+        """The slots that make syscall event records (another trace's, if this mapping set none)."""
+        return [i for i, t in enumerate(map(self._slot, range(MAX_TARGETS))) if t and t[1] & _TF_EVENT]
+
+    @property
+    def lost_events(self) -> int:
+        """Syscall events the plugin wrote that a ring overwrote before this mapping read them."""
+        return self._lost_events
+
+    def _event_head(self, vcpu: int) -> int:
+        block = self._layout.events_off + vcpu * self._layout.events_block
+        return int(struct.unpack_from("<Q", self._map, block)[0])
+
+    def drain_events(self) -> list[tuple[int, bytes]]:
+        """The syscall event records written since the last call, as (vCPU, record bytes), in the
+        order each vCPU wrote them (vCPUs one after another). Records a ring overwrote first are
+        counted in :attr:`lost_events`: written = read + lost, exactly."""
+        out: list[tuple[int, bytes]] = []
+        keep = self.event_entries - 1
+        with self._lock:
+            for vcpu in range(self.max_vcpus):
+                block = self._layout.events_off + vcpu * self._layout.events_block
+                head, tail = self._event_head(vcpu), self._event_tails[vcpu]
+                if head == tail:
+                    continue
+                if head < tail:
+                    raise PluginError(f"vCPU {vcpu}'s event ring head went backwards ({head} < {tail})")
+                if head - tail > keep:
+                    self._lost_events += head - tail - keep
+                    tail = head - keep
+                runs = self._copy(block, EVENT_SIZE, self.event_entries, tail, head)
+                # records the vCPU overwrote while we copied them are lost, not read
+                skip = min(max(0, self._event_head(vcpu) - keep - tail), head - tail)
+                self._event_tails[vcpu] = head
+                self._lost_events += skip
+                raw = b"".join(bytes(r) for r in runs)
+                out += [(vcpu, raw[i * EVENT_SIZE:(i + 1) * EVENT_SIZE]) for i in range(skip, head - tail)]
+        return out
+
 
 def _read_layout(fd: int, path: Path) -> _Layout:
     """The layout an existing file declares, checked against what its parameters give."""
@@ -572,15 +696,23 @@ def _read_layout(fd: int, path: Path) -> _Layout:
                           f"{max_targets} targets); this aradia reads layout {_LAYOUT}")
     args_off, bases_off = _H_ARADIA.unpack_from(head, _H_ARADIA_OFF)
     try:
-        want = _Layout.of(max_vcpus, ring_entries, args_entries)
+        events_off, event_entries, event_size = _EVCONF_RING.unpack_from(os.pread(fd, _EVCONF_RING.size,
+                                                                                  _H_EVCONF))
+    except (OSError, struct.error) as exc:
+        raise PluginError(f"cannot read plugin file {path}: {exc}") from exc
+    if event_size != EVENT_SIZE:
+        raise PluginError(f"{path}: event records of {event_size} bytes; this aradia reads {EVENT_SIZE}")
+    try:
+        want = _Layout.of(max_vcpus, ring_entries, args_entries, event_entries)
     except PluginError as exc:
         raise PluginError(f"{path}: {exc}") from exc
-    found = (counters_off, inline_off, ring_off, args_off, bases_off, file_size, size)
-    expect = (want.counters_off, want.inline_off, want.ring_off, want.args_off, want.bases_off, want.size,
-              want.size)
+    found = (counters_off, inline_off, ring_off, args_off, bases_off, events_off, file_size, size)
+    expect = (want.counters_off, want.inline_off, want.ring_off, want.args_off, want.bases_off,
+              want.events_off, want.size, want.size)
     if found != expect:
         raise PluginError(f"{path}: offsets and size {found} are not the layout's {expect}")
     return want
 
 
-__all__ = ["DATA_MAX", "MAX_TARGETS", "NARGS", "ArgCapture", "Hit", "HitBatch", "PluginShm", "PluginStatus"]
+__all__ = ["DATA_MAX", "EVENT_SIZE", "FILTER_MAX", "MAX_TARGETS", "NARGS", "ArgCapture", "Hit", "HitBatch",
+           "PluginShm", "PluginStatus"]

@@ -5,23 +5,25 @@ from __future__ import annotations
 import re
 import socket
 import time
+from typing import Any
 
-from aradia.service.schema import Records, wall_time
-from aradia.trace.events import Event
+from aradia.service.schema import Records
 
 
-def alert_line(ev: Event) -> str:
-    """One human-readable line: time, action, operation, object, process, session, ancestry."""
-    a = ev.args
+def alert_line(record: dict[str, Any]) -> str:
+    """One human-readable line of an alert's event record: time, action, operation, object, process,
+    session, ancestry."""
+    a = record.get("args") or {}
     obj = a.get("object") or {}
-    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall_time(ev.time)))
-    proc = a.get("process") or {"pid": ev.tgid, "comm": ev.comm, "uid": ev.uid, "exe": None}
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["time"]))
+    proc = a.get("process") or {"pid": record.get("tgid"), "comm": record.get("comm"),
+                                "uid": record.get("uid"), "exe": None}
     s = a.get("session")
     session = "no login session" if not s else (f"session {s['user']} (uid {s['uid']}) from {s['client']}:"
                                                 f"{s['client_port']} (daemon pid {s['daemon_pid']})")
     chain = " < ".join(f"{p['comm']}[{p['pid']}]" for p in a.get("ancestry") or [])
-    return (f"{when}Z {a.get('action', '?').upper()} {ev.name} {obj.get('path')} (dev {obj.get('dev')} "
-            f"ino {obj.get('ino')}) by {proc['comm']}[{proc['pid']}] uid={proc['uid']} "
+    return (f"{when}Z {a.get('action', '?').upper()} {record.get('name')} {obj.get('path')} "
+            f"(dev {obj.get('dev')} ino {obj.get('ino')}) by {proc['comm']}[{proc['pid']}] uid={proc['uid']} "
             f"exe={proc.get('exe')}; "
             f"{session}; ancestry {chain or '-'}; rule {a.get('rule')}")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import drgn
 
-from aradia.apps.guard.objects import Key, inode_key, under, user_dev
+from aradia.apps.guard.objects import FMODE_WRITE, Key, inode_key, under, user_dev
 from aradia.apps.guard.policy import Allow, Policy, load_policy
 from aradia.apps.guard.resolve import Resolved, resolve
 from aradia.apps.guard.session import actor, parents, task_exe
@@ -30,15 +30,16 @@ from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.walks import d_path
 from aradia.trace.events import Event
 from aradia.trace.hooks import HookContext
+from aradia.trace.probes import Probe
 from aradia.trace.tracer import Tracer
 
 EPERM = 1
-FMODE_WRITE = 0x2
 O_TRUNC = 0o1000
 MAX_REPORTED = 4096  # (process, rule) pairs remembered for one-alert-per-attempt
 
 # hook -> (operation, which arguments are what): "file" a struct file *, "path" a struct path *,
-# "dentry" a struct dentry *, "dir" a struct path * of the directory the next "dentry" goes into
+# "dentry" a struct dentry *, "dir" a struct path * of the directory the next "dentry" goes into,
+# "-" an argument the decision does not read
 HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "security_file_open": ("write", ("file",)),
     "security_path_truncate": ("truncate", ("path",)),
@@ -51,6 +52,14 @@ HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "security_path_mknod": ("create", ("dir", "new")),
     "security_path_mkdir": ("mkdir", ("dir", "new")),
     "security_path_symlink": ("symlink", ("dir", "new")),
+}
+#: hooks on an inode operation, by the name of the parameter holding its dentry (its place differs
+#: between kernels: 5.10's ``security_inode_setattr(dentry, attr)``, 6.x's ``(idmap, dentry, attr)``,
+#: so it is taken from the function's BTF prototype)
+INODE_HOOKS: dict[str, str] = {
+    "security_inode_setattr": "setattr",  # times (touch), and mode/owner/size after the path hooks
+    "security_inode_setxattr": "setxattr",
+    "security_inode_removexattr": "removexattr",
 }
 EXEC_HOOK = "security_bprm_check"
 
@@ -69,16 +78,42 @@ class Guard:
         self.decide_seconds = 0.0
         self._reported: OrderedDict[tuple[int, int, str, int], None] = OrderedDict()
         self._reload_lock = threading.Lock()
+        self._probes: list[Probe] = []
 
     # --- set-up ------------------------------------------------------------------------------------
     def start(self) -> list[str]:
         """Resolve the policy in the guest and arm every hook; the warnings of the resolution."""
         with self.tracer.held():
             self.state = resolve(self.tracer.vm.linux.prog, self.policy)
-        for symbol, (op, kinds) in HOOKS.items():
-            self.tracer.add_hook(symbol, self._file_decision(op, kinds))
-        self.tracer.add_hook(EXEC_HOOK, self._exec_decision)
+        try:
+            for symbol, (op, kinds) in (*HOOKS.items(), *self._inode_hooks()):
+                self._probes.append(self.tracer.add_hook(symbol, self._file_decision(op, kinds)))
+            self._probes.append(self.tracer.add_hook(EXEC_HOOK, self._exec_decision))
+        except BaseException:
+            self.stop()  # a hook that cannot be armed (one is there already): none stays armed
+            raise
         return list(self.state.warnings)
+
+    def _inode_hooks(self) -> list[tuple[str, tuple[str, tuple[str, ...]]]]:
+        """:data:`INODE_HOOKS` with their arguments' kinds from the kernel's BTF (the ``dentry``
+        parameter a "dentry", the others skipped); a hook the BTF does not describe is left out, with
+        a warning."""
+        btf = self.tracer.vm.linux.profile.btf
+        out = []
+        for symbol, op in INODE_HOOKS.items():
+            params = btf.function_params(symbol) if btf is not None else None
+            if not params or "dentry" not in params:
+                assert self.state is not None
+                self.state.warnings.append(f"{symbol} is not in this kernel's BTF: {op} is not guarded")
+                continue
+            out.append((symbol, (op, tuple("dentry" if p == "dentry" else "-" for p in params))))
+        return out
+
+    def stop(self) -> None:
+        """Disarm every hook (the tracer and its other probes go on)."""
+        probes, self._probes = self._probes, []
+        for probe in probes:
+            self.tracer.remove(probe)
 
     def reload(self, policy: Policy | str) -> list[str]:
         """Take a new policy (or re-read the file) without disarming: resolved with the event loop held
@@ -139,6 +174,8 @@ class Guard:
         mnt = next((p.mnt.read_() for p in paths.values()), None)
         out: list[tuple[drgn.Object, drgn.Object | None, str]] = []
         for i, kind in enumerate(kinds):
+            if kind == "-":
+                continue
             if kind == "file":
                 f = ctx.obj(i, "struct file *")
                 if not int(f.f_mode) & FMODE_WRITE or f.f_inode.i_sb.value_() not in st.superblocks:

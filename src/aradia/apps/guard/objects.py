@@ -21,6 +21,7 @@ MAX_DEPTH = 256  # d_parent steps in an ancestry walk
 MAX_TREE = 200_000  # files under one protected tree
 
 Key = tuple[int, int]
+FMODE_WRITE = 0x2  # struct file's f_mode: opened for writing
 """(``struct super_block *`` address, inode number): one file of the guest."""
 
 

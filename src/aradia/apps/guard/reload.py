@@ -7,19 +7,19 @@ import signal
 import threading
 from collections.abc import Callable
 
-from aradia.apps.guard.guard import Guard
 from aradia.errors import AradiaError
 
 POLL_SECONDS = 0.5
 
 
 class PolicyWatcher:
-    """A thread that reloads ``guard``'s policy from ``path`` on SIGHUP (installed by :meth:`start`,
-    from the main thread) or an mtime change; ``report(text)`` hears each reload and each failure
-    (a failing policy leaves the previous one in force)."""
+    """A thread that calls ``reload(path)`` (a guard's :meth:`~aradia.apps.guard.guard.Guard.reload`,
+    or a service's trace update) on SIGHUP (installed by :meth:`start`, from the main thread) or when
+    ``path``'s mtime changes; ``reload`` returns warnings and raises :class:`AradiaError` for a policy
+    it cannot use (the previous one stays in force); ``report(text)`` hears each reload and failure."""
 
-    def __init__(self, guard: Guard, path: str, report: Callable[[str], None]) -> None:
-        self.guard = guard
+    def __init__(self, reload: Callable[[str], list[str]], path: str, report: Callable[[str], None]) -> None:
+        self.reload = reload
         self.path = path
         self.report = report
         self.reloads = 0
@@ -54,7 +54,7 @@ class PolicyWatcher:
             self._hup.clear()
             self._mtime = mtime
             try:
-                warnings = self.guard.reload(self.path)
+                warnings = self.reload(self.path)
             except AradiaError as e:
                 self.report(f"policy reload ({why}) failed, the previous policy stays: {e}")
                 continue

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import drgn
 
-from aradia.apps.guard.objects import Key, Namespace, NotFound
+from aradia.apps.guard.objects import FMODE_WRITE, Key, Namespace, NotFound, under
 from aradia.apps.guard.policy import Policy, PolicyError
-from aradia.linux.bounds import GUEST_ERRORS
+from aradia.linux.bounds import GUEST_ERRORS, Warnings
 from aradia.linux.pagecache import read_cached
+from aradia.linux.walks import d_path, each_task, open_files
 
 MAX_PASSWD = 1 << 20
 
@@ -63,9 +64,32 @@ def resolve(prog: drgn.Program, policy: Policy) -> Resolved:
             out.programs[path] = ns.resolve(path).key
         except NotFound as e:
             out.warnings.append(f"allow rule program {path}: {e}")
+    out.warnings.extend(open_for_writing(prog, out))
     with contextlib.suppress(NotFound, *GUEST_ERRORS):
         _mnt, passwd = ns.lookup("/etc/passwd")
         inode = passwd.d_inode
         text = read_cached(inode, 0, min(int(inode.i_size), MAX_PASSWD)).decode(errors="replace")
         out.users = parse_passwd(text)
     return out
+
+
+def open_for_writing(prog: drgn.Program, st: Resolved) -> list[str]:
+    """A warning for each process that holds a protected file open for writing already: the guard
+    decides at open, so writes through a descriptor opened before it started are not seen."""
+    out: list[str] = []
+    if not st.keys:
+        return out
+    warnings = Warnings()
+    for task in each_task(prog, warnings):
+        if int(task.pid) != int(task.tgid):
+            continue  # threads share their process's descriptors
+        with contextlib.suppress(*GUEST_ERRORS):
+            for fd, f in open_files(task):
+                if not int(f.f_mode) & FMODE_WRITE or f.f_inode.i_sb.value_() not in st.superblocks:
+                    continue
+                if under(f.f_path.dentry, st.keys) is not None:
+                    path = d_path(f.f_path).decode(errors="replace")
+                    out.append(f"pid {int(task.pid)} ({task.comm.string_().decode(errors='replace')}) holds "
+                               f"{path} open for writing (fd {fd}) since before the guard: writes through "
+                               "it are not seen")
+    return out + [f"while looking for open files: {w}" for w in warnings]

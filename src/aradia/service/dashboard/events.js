@@ -9,15 +9,28 @@ import { showTraces } from "./traces.js";
 
 const KEEP = 2000;
 
-// Decoded arguments as text: argv for an exec, else key=value pairs.
+// A guard alert as one line: action, operation, object, process, login session.
+function alertText(record) {
+  const a = record.args || {};
+  const o = a.object || {};
+  const p = a.process || { comm: record.comm, pid: record.tgid, uid: record.uid };
+  const s = a.session;
+  const who = s ? `session ${s.user} from ${s.client}:${s.client_port}` : "no login session";
+  return `${String(a.action || "?").toUpperCase()} ${record.name} ${o.path} (ino ${o.ino}) by ` +
+    `${p.comm}[${p.pid}] uid=${p.uid}; ${who}; rule ${a.rule}`;
+}
+
+// Decoded arguments as text: argv for an exec, an alert's line, else key=value pairs.
 export function argsText(record) {
   const a = record.args || {};
+  if (record.kind === "guard") return alertText(record);
   if (Array.isArray(a.argv)) return a.argv.join(" ");
   return Object.entries(a).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
 }
 
 function row(record, shown) {
-  return h("tr", { dataset: { id: record.id, name: record.name, kind: record.kind, pid: record.pid,
+  const alert = record.kind === "guard" ? `alert alert-${(record.args || {}).action}` : undefined;
+  return h("tr", { class: alert, dataset: { id: record.id, name: record.name, kind: record.kind, pid: record.pid,
                               comm: record.comm, time: record.time, ...(shown ? { shown } : {}) } },
     h("td", {}, clock(record.time)), h("td", { class: "num" }, record.vcpu), h("td", { class: "num" }, record.pid),
     h("td", {}, record.comm), h("td", {}, record.kind), h("td", {}, record.name),

@@ -1,5 +1,6 @@
 // Start and stop traces on one VM: syscalls, kernel probe, LIB:SYMBOL uprobe, process lifecycle,
-// count; optional pid/comm filters. A refusal shows the policy's answer (#trace-status).
+// count (optional pid/comm filters), or the insider guard with a policy (TOML, as `aradia guard
+// --policy` reads it). A refusal shows the service's answer (#trace-status).
 
 import { api } from "./api.js";
 import { h } from "./dom.js";
@@ -10,12 +11,15 @@ const KINDS = {
   uprobe: ["LIB:SYMBOL specs", "libc.so.6:malloc"],
   procs: ["lifecycle events", "fork,exec,exit"],
   count: ["kernel functions to count", "__x64_sys_getppid"],
+  guard: ["the guard's policy goes in the box below", ""],
 };
+const POLICY_EXAMPLE = '[[protect]]\npath = "/srv/app"\naction = "block"\nallow = [{ comm = "deployer" }]\n';
 
 const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
 
 // The probe spec the form describes.
-export function specOf(kind, what, process, pid, comm) {
+export function specOf(kind, what, process, pid, comm, policy = "", dryRun = false) {
+  if (kind === "guard") return { kind, policy, dry_run: dryRun };
   const items = list(what || KINDS[kind][1]);
   const spec = { kind };
   if (kind === "syscalls") spec.syscalls = items;
@@ -34,9 +38,20 @@ export function showTraces(root, vm, me) {
   const process = h("input", { id: "trace-process", placeholder: "uprobe: process name", size: 14 });
   const pid = h("input", { id: "trace-pid", placeholder: "only pids", size: 10 });
   const comm = h("input", { id: "trace-comm", placeholder: "only comms", size: 12 });
+  const policy = h("textarea", { id: "trace-policy", rows: 6, cols: 60, placeholder: POLICY_EXAMPLE });
+  const dryRun = h("input", { id: "trace-dry-run", type: "checkbox" });
+  const guardBox = h("div", { id: "trace-guard", class: "toolbar", hidden: true },
+    policy, h("label", {}, dryRun, " dry run (report what would be blocked, block nothing)"),
+    me.operator || (me.allow || []).includes("guard") ? ""
+      : h("span", { class: "note" }, "Your token lacks the guard permission: the service will refuse it."));
   const status = h("p", { id: "trace-status", class: "status" });
   const rows = h("tbody", { id: "trace-rows" });
-  const hint = () => { what.placeholder = `${KINDS[kind.value][0]}, e.g. ${KINDS[kind.value][1]}`; };
+  const hint = () => {
+    const guard = kind.value === "guard";
+    what.placeholder = guard ? KINDS.guard[0] : `${KINDS[kind.value][0]}, e.g. ${KINDS[kind.value][1]}`;
+    for (const el of [what, process, pid, comm]) el.disabled = guard;
+    guardBox.hidden = !guard;
+  };
   kind.addEventListener("change", hint);
   hint();
   let timer = null;
@@ -58,7 +73,8 @@ export function showTraces(root, vm, me) {
     status.textContent = "starting…";
     try {
       const t = await api(`/vms/${encodeURIComponent(vm)}/traces`, { method: "POST",
-        body: specOf(kind.value, what.value, process.value.trim(), pid.value.trim(), comm.value.trim()) });
+        body: specOf(kind.value, what.value, process.value.trim(), pid.value.trim(), comm.value.trim(),
+                     policy.value, dryRun.checked) });
       status.textContent = `trace ${t.id} started`;
       status.dataset.trace = t.id;
     } catch (e) {
@@ -84,7 +100,7 @@ export function showTraces(root, vm, me) {
       : h("p", { class: "note" }, "Your token lacks the trace permission: the service will refuse a start."),
     h("div", { class: "toolbar" }, kind, what, process, pid, comm,
       h("button", { type: "button", id: "trace-start", onclick: start }, "Start trace")),
-    status,
+    guardBox, status,
     h("table", {}, h("thead", {}, h("tr", {}, ["id", "spec", "events", "counts", ""].map((t) => h("th", {}, t)))), rows));
   poll();
   return () => { stopped = true; clearTimeout(timer); };

@@ -1,0 +1,13 @@
+"""The apps ``aradia serve`` offers beside traces (see :mod:`aradia.service.apps`)."""
+
+from __future__ import annotations
+
+from aradia.service.apps import Apps
+
+
+def service_apps() -> Apps:
+    """Every app the service runs, by the spec ``kind`` that starts it."""
+    from aradia.apps.guard.served import GuardApp
+
+    guard = GuardApp()
+    return {guard.name: guard}
