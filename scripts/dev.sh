@@ -24,6 +24,10 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The service's bus (NATS JetStream) in tests and the fleet demo; setpriv for the least-privilege test.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 command -v setpriv >/dev/null || need+=(util-linux)
+# The extraction tests' ext4 disk image (mke2fs -d).
+command -v mke2fs >/dev/null || [ -x /usr/sbin/mke2fs ] || need+=(e2fsprogs)
+# bench/extract.py compares the AES key scan with Debian's aeskeyfind.
+command -v aeskeyfind >/dev/null || need+=(aeskeyfind)
 # The dashboard's tests drive Debian's chromium with Playwright (Playwright's own download is not used).
 command -v chromium >/dev/null || need+=(chromium)
 # Debian's own python3 (3.11 on 12, 3.13 on 13) when there is one: an interpreter every user may run,
@@ -42,7 +46,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,service]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,service,extract]'
 # The dashboard's chart library (uPlot, pinned, integrity-checked) from the npm registry into the package.
 .venv/bin/python scripts/vendor.py
 

@@ -487,3 +487,169 @@ def install_cli_programs(guest: Guest, tmp: Path) -> None:
     install_program(guest, "multi", build_multi(tmp))
     install_program(guest, "opener", build_opener(tmp))
     guest.run("cp /tmp/multi /tmp/aradia-act && cp /tmp/multi /tmp/aradia-decoy")
+
+
+# --- page cache control (static, glibc) ------------------------------------------------------------------
+PCACHE_C = r"""
+/* pcache resident FILE         prints "resident R of N MAP" (mincore: MAP has 1/0 per page)
+ * pcache evict FILE PAGES      posix_fadvise(DONTNEED) on every other run of PAGES pages (the 2nd,
+ *                              4th...), then prints what `resident` prints
+ * pcache hold FILE             opens FILE read-only, prints "held PID", sleeps (for a deleted-open test)
+ * pcache sleep                 prints "sleeping PID", sleeps (run as a copy to delete its executable) */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+static int resident(const char *path) {
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) { perror(path); return 1; }
+    long n = (st.st_size + 4095) / 4096, r = 0;
+    unsigned char *vec = calloc(n + 1, 1);
+    if (n) {
+        void *m = mmap(0, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED || mincore(m, st.st_size, vec)) { perror("mincore"); return 1; }
+        munmap(m, st.st_size);
+    }
+    printf("resident ");
+    for (long i = 0; i < n; i++) r += vec[i] & 1;
+    printf("%ld of %ld ", r, n);
+    for (long i = 0; i < n; i++) putchar(vec[i] & 1 ? '1' : '0');
+    putchar('\n');
+    close(fd);
+    return 0;
+}
+int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "resident")) return resident(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "evict")) {
+        int fd = open(argv[2], O_RDONLY);
+        struct stat st;
+        long run = atol(argv[3]) * 4096;
+        if (fd < 0 || fstat(fd, &st) || run <= 0) { perror(argv[2]); return 1; }
+        for (long off = run; off < st.st_size; off += 2 * run)
+            if (posix_fadvise(fd, off, run, POSIX_FADV_DONTNEED)) { perror("fadvise"); return 1; }
+        close(fd);
+        return resident(argv[2]);
+    }
+    if (argc >= 3 && !strcmp(argv[1], "hold")) {
+        int fd = open(argv[2], O_RDONLY);
+        if (fd < 0) { perror(argv[2]); return 1; }
+        printf("held %d fd %d\n", getpid(), fd);
+        fflush(stdout);
+        for (;;) pause();
+    }
+    if (argc >= 2 && !strcmp(argv[1], "sleep")) {
+        printf("sleeping %d\n", getpid());
+        fflush(stdout);
+        for (;;) pause();
+    }
+    fprintf(stderr, "usage: pcache resident|evict|hold|sleep ...\n");
+    return 2;
+}
+"""
+
+
+def build_pcache(tmp: Path) -> bytes:
+    """The static ``pcache`` program: page-cache residency (mincore), eviction (fadvise), holders."""
+    return build_program(tmp, "pcache", PCACHE_C, ["-static", "-O2", "-s"])
+
+
+# --- AES key schedules (static, glibc) -------------------------------------------------------------------
+AESKEYS_C = r"""
+/* aeskeys [NOISE_BYTES]: generates an AES-128, -192 and -256 key (getrandom), expands each into a
+ * heap buffer (FIPS-197 key expansion, bytes in order) and prints one line per key:
+ *     key BITS HEX at VADDR
+ * then, with NOISE_BYTES, fills that many bytes with random data (touched, so resident) and prints
+ *     noise VADDR SIZE
+ * then "ready PID" and waits. On SIGUSR1 it prints, per key, how many bits of the schedule in its
+ * memory differ from a fresh expansion of the key: "diff BITS N". */
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+static uint8_t sbox[256];
+static void make_sbox(void) {
+    uint8_t p = 1, q = 1;
+    do {
+        p = p ^ (uint8_t)(p << 1) ^ (p & 0x80 ? 0x1B : 0);
+        q ^= q << 1; q ^= q << 2; q ^= q << 4;
+        if (q & 0x80) q ^= 0x09;
+        uint8_t x = q ^ (uint8_t)((q << 1) | (q >> 7)) ^ (uint8_t)((q << 2) | (q >> 6))
+                      ^ (uint8_t)((q << 3) | (q >> 5)) ^ (uint8_t)((q << 4) | (q >> 4));
+        sbox[p] = x ^ 0x63;
+    } while (p != 1);
+    sbox[0] = 0x63;
+}
+static void expand(const uint8_t *key, int nk, uint8_t *w) {
+    static const uint8_t rcon[] = {1, 2, 4, 8, 16, 32, 64, 128, 0x1b, 0x36};
+    int total = 4 * (nk + 7);
+    memcpy(w, key, 4 * nk);
+    for (int i = nk; i < total; i++) {
+        uint8_t t[4];
+        memcpy(t, w + 4 * (i - 1), 4);
+        if (i % nk == 0) {
+            uint8_t u = t[0];
+            t[0] = sbox[t[1]] ^ rcon[i / nk - 1]; t[1] = sbox[t[2]]; t[2] = sbox[t[3]]; t[3] = sbox[u];
+        } else if (nk == 8 && i % nk == 4) {
+            for (int k = 0; k < 4; k++) t[k] = sbox[t[k]];
+        }
+        for (int k = 0; k < 4; k++) w[4 * i + k] = w[4 * (i - nk) + k] ^ t[k];
+    }
+}
+static uint8_t keys[3][32], *sched[3];
+static const int nks[3] = {4, 6, 8};
+static volatile sig_atomic_t check;
+static void on_usr1(int sig) { (void)sig; check = 1; }
+int main(int argc, char **argv) {
+    make_sbox();
+    for (int k = 0; k < 3; k++) {
+        if (getrandom(keys[k], 32, 0) != 32) return 1;
+        sched[k] = malloc(240 + 64);
+        memset(sched[k], 0, 240 + 64);
+        expand(keys[k], nks[k], sched[k]);
+        printf("key %d ", 32 * nks[k]);
+        for (int i = 0; i < 4 * nks[k]; i++) printf("%02x", keys[k][i]);
+        printf(" at %p\n", (void *)sched[k]);
+    }
+    if (argc > 1) {
+        size_t n = strtoull(argv[1], 0, 0);
+        uint8_t *noise = malloc(n);
+        for (size_t off = 0; off < n; ) {
+            ssize_t got = getrandom(noise + off, n - off > 33554432 ? 33554432 : n - off, 0);
+            if (got <= 0) return 1;
+            off += (size_t)got;
+        }
+        printf("noise %p %zu\n", (void *)noise, n);
+    }
+    signal(SIGUSR1, on_usr1);
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    for (;;) {
+        pause();
+        if (check) {
+            check = 0;
+            for (int k = 0; k < 3; k++) {
+                uint8_t fresh[240];
+                int bits = 0, total = 16 * (nks[k] + 7);
+                expand(keys[k], nks[k], fresh);
+                for (int i = 0; i < total; i++) bits += __builtin_popcount(fresh[i] ^ sched[k][i]);
+                explicit_bzero(fresh, sizeof fresh);  /* leave no schedule of our own on the stack */
+                printf("diff %d %d\n", 32 * nks[k], bits);
+            }
+            fflush(stdout);
+        }
+    }
+}
+"""
+
+
+def build_aeskeys(tmp: Path) -> bytes:
+    """The static ``aeskeys`` program: AES-128/192/256 schedules in its heap, keys on stdout."""
+    return build_program(tmp, "aeskeys", AESKEYS_C, ["-static", "-O2", "-s"])

@@ -537,6 +537,8 @@ class Case:
 
 
 QMP = {"qmp:/run/vm1/qmp.sock": "qmp:{qmp}"}
+EXTRACT = ("run in their own forms by tests/test_extract_files.py (a guest with an ext4 disk: cached, evicted, "
+           "unsynced, deleted files) and tests/test_extract_keys.py (a 768 MiB guest with a key program)")
 SPEC = {"SPEC": "qmp:{qmp}"}
 TRACE = {"qmp:PATH": "qmp:{qmp}"}
 
@@ -578,6 +580,15 @@ COMMANDS: dict[str, Case] = {
     HONEYPOT: Case(honeypot, (QMP,)),
     "aradia honeypot --vm qmp:/run/vm1/qmp.sock --out hp --accept-any-password root --json": Case(honeypot, (QMP,)),
     "aradia honeypot report hp": Case(honeypot_report),
+    **{line: Case(None, (QMP,), exempt=EXTRACT) for line in (
+        "aradia files ls  --vm qmp:/run/vm1/qmp.sock /mnt/data",
+        "aradia files get --vm qmp:/run/vm1/qmp.sock /mnt/data/report.pdf -o report.pdf",
+        "aradia files get --vm qmp:/run/vm1/qmp.sock --pid 4242 --fd 3 -o held.bin",
+        "aradia files get --vm qmp:/run/vm1/qmp.sock --pid 4242 --exe -o dropper",
+        "aradia files get --vm qmp:/run/vm1/qmp.sock --pid 4242 --all-mapped -o libs/",
+        "aradia files get --vm qmp:/run/vm1/qmp.sock /mnt/data/x --source disk -o x.old",
+        "aradia keys aes --vm qmp:/run/vm1/qmp.sock --pid 4242")},
+    "aradia keys aes --vm mem.elf --json": Case(None, exempt=EXTRACT),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
     'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml --keep': Case(
         None, exempt="run by tests/test_guard_service.py against a real service and guest"),
@@ -623,8 +634,8 @@ def test_readme_command_parses(line: str) -> None:
         if "--json" in argv:
             assert args.json is True
         for opt, attr in (("--pid", "pid"), ("--uid", "uid")):
-            if opt in argv:
-                assert getattr(args, attr) == [7]
+            if opt in argv:  # trace filters repeat (a list); files and keys take one process
+                assert getattr(args, attr) in ([7], 7, 4242)
 
 
 @pytest.mark.timeout(900)

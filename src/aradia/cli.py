@@ -234,6 +234,100 @@ def cmd_files(args: argparse.Namespace) -> int:
                                      ["FD", "FLAGS", "POS", "PATH"]), pid=args.pid)
 
 
+def _local_only(args: argparse.Namespace, what: str) -> None:
+    if getattr(args, "server", None):
+        raise AradiaError(f"{what} is not offered over --server (it needs the VM's QMP socket here)")
+
+
+def cmd_files_get(args: argparse.Namespace) -> int:
+    """Extract files from the guest's kernel objects (page cache over disk)."""
+    from aradia.apps.extract import targets
+    from aradia.apps.extract.report import extraction_lines
+    from aradia.apps.extract.session import extract_targets
+
+    _local_only(args, "files get")
+    if args.path is None and args.pid is None:
+        raise AradiaError("files get: name a PATH, or --pid PID with --fd N, --exe or --all-mapped")
+    if args.path is not None and (args.pid is not None or args.fd is not None or args.exe or args.all_mapped):
+        raise AradiaError("files get: a PATH or --pid, not both")
+    if args.pid is not None and sum((args.fd is not None, args.exe, args.all_mapped)) != 1:
+        raise AradiaError("files get --pid PID: give exactly one of --fd N, --exe, --all-mapped")
+    if args.path is not None:
+        resolve = lambda prog, w: [targets.by_path(prog, args.path)]  # noqa: E731
+    elif args.fd is not None:
+        resolve = lambda prog, w: [targets.by_fd(prog, args.pid, args.fd)]  # noqa: E731
+    elif args.exe:
+        resolve = lambda prog, w: [targets.by_exe(prog, args.pid)]  # noqa: E731
+    else:
+        resolve = lambda prog, w: targets.all_mapped(prog, args.pid, w)  # noqa: E731
+    with _open(args) as vm:
+        _kernel(vm, args)
+        results, seconds, warnings = extract_targets(
+            vm, resolve, args.output, directory=args.all_mapped, source=args.source, disk_node=args.disk,
+            pause=args.pause)
+    total = sum(x.info.size for x in results)
+    rate = total / seconds / 1e6 if seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({"files": [x.as_dict() for x in results], "bytes": total, "seconds": seconds,
+                          "mb_per_s": rate, "warnings": warnings}, indent=1))
+    else:
+        for x in results:
+            print("\n".join(extraction_lines(x)))
+            for w in x.warnings:
+                print(f"aradia: warning: {x.name}: {w}", file=sys.stderr)
+        print(f"{len(results)} file(s), {total} bytes in {seconds:.3f} s ({rate:.1f} MB/s)")
+    for w in warnings:
+        print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_files_ls(args: argparse.Namespace) -> int:
+    """A directory as the guest's dentry cache holds it."""
+    from aradia.apps.extract.report import listing_lines
+    from aradia.apps.extract.targets import listing
+    from aradia.linux.bounds import Warnings
+
+    _local_only(args, "files ls")
+    warnings = Warnings()
+    with _open(args) as vm:
+        kernel = _kernel(vm, args)
+        with vm.paused() if args.pause else contextlib.nullcontext():
+            entries = listing(kernel.prog, args.dir, warnings)
+    if args.json:
+        print(json.dumps({"items": [dataclasses.asdict(e) for e in entries], "warnings": warnings}, indent=1))
+    else:
+        print("\n".join(listing_lines(entries)))
+        for w in warnings:
+            print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_aes(args: argparse.Namespace) -> int:
+    """AES key schedules in a process's memory or all guest RAM."""
+    from aradia.apps.extract.aes_keys import scan_process, scan_ram
+
+    _local_only(args, "keys aes")
+    if args.max_errors < 0:
+        raise AradiaError("--max-errors must be 0 or more")
+    with _open(args) as vm:
+        _kernel(vm, args)
+        with vm.paused() if args.pause else contextlib.nullcontext():
+            if args.pid is not None:
+                result = scan_process(vm, args.pid, max_errors=args.max_errors)
+            else:
+                result = scan_ram(vm, max_errors=args.max_errors)
+    if args.json:
+        print(json.dumps({"where": result.where, "keys": [dataclasses.asdict(k) for k in result.keys],
+                          "scanned": result.scanned, "seconds": result.seconds, "mb_per_s": result.mb_per_s},
+                         indent=1))
+        return 0
+    rows = [[f"{k.address:#x}", f"AES-{k.bits}", k.key, str(k.bit_errors), k.order] for k in result.keys]
+    print(_table(rows, ["ADDRESS", "CIPHER", "KEY", "BIT-ERRORS", "ORDER"]))
+    print(f"{len(result.keys)} key(s) in {result.where}: {result.scanned} bytes in {result.seconds:.2f} s "
+          f"({result.mb_per_s:.1f} MB/s)")
+    return 0
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     """Sockets and their owners."""
     def addr(a: str, p: int) -> str:
@@ -711,9 +805,24 @@ def _view_options() -> argparse.ArgumentParser:
     return p
 
 
+TWO_WORD = {("files", "get"), ("files", "ls"), ("keys", "aes")}
+"""Commands of two words (registered as ``files-get``...): ``files get|ls`` sit beside ``files PID``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: reads ``files get`` as the command ``files-get`` (and so on)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        if self.prog == "aradia" and len(argv) >= 2 and (argv[0], argv[1]) in TWO_WORD:
+            argv[:2] = [f"{argv[0]}-{argv[1]}"]
+        return super().parse_known_args(argv, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``aradia`` command."""
-    p = argparse.ArgumentParser(prog="aradia", description="Virtual machine introspection for QEMU guests "
+    p = _Parser(prog="aradia", description="Virtual machine introspection for QEMU guests "
                                 "and memory dumps.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -747,6 +856,35 @@ def build_parser() -> argparse.ArgumentParser:
                               ("files", cmd_files, "open files of a process")):
         sp = vm_parser(name, func, help_, _view_options())
         sp.add_argument("pid", type=int, metavar="PID")
+    sp = vm_parser("files-get", cmd_files_get, "extract files from the guest's kernel objects: page cache "
+                   "(dirty pages too) over the disk read through QEMU; deleted files still open or running")
+    sp.prog = "aradia files get"
+    sp.add_argument("path", nargs="?", metavar="PATH", help="absolute path as pid 1 sees it")
+    sp.add_argument("--pid", type=int, metavar="PID", help="a file of this process (with --fd, --exe or "
+                    "--all-mapped)")
+    sp.add_argument("--fd", type=int, metavar="N", help="its open descriptor N (deleted files too)")
+    sp.add_argument("--exe", action="store_true", help="its executable (also when deleted)")
+    sp.add_argument("--all-mapped", action="store_true", help="every file it maps, into directory OUT")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (directory with "
+                    "--all-mapped)")
+    sp.add_argument("--source", choices=["auto", "memory", "disk"], default="auto",
+                    help="auto: page cache over disk (default); memory: never the disk; disk: only the disk")
+    sp.add_argument("--disk", metavar="NODE", help="QEMU block node holding the file system (default: the "
+                    "VM's only disk)")
+    sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile (consistent copy)")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp = vm_parser("files-ls", cmd_files_ls, "a directory as the guest's dentry cache holds it",
+                   _view_options())
+    sp.prog = "aradia files ls"
+    sp.add_argument("dir", metavar="DIR", help="absolute path of a directory")
+    sp = vm_parser("keys-aes", cmd_keys_aes, "AES-128/192/256 key schedules in a process's memory or all "
+                   "guest RAM, tolerant of flipped bits")
+    sp.prog = "aradia keys aes"
+    sp.add_argument("--pid", type=int, metavar="PID", help="only this process's memory (virtual addresses)")
+    sp.add_argument("--max-errors", type=int, default=10, metavar="N",
+                    help="bits of a schedule that may differ from the true one (default 10, as aeskeyfind)")
+    sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
     sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)",

@@ -46,8 +46,25 @@ _IMAGE_FORMAT = 3
 _USERLAND_SUITE = "bookworm"
 _USERLAND_PACKAGES = ("busybox-static", "bash", "dropbear-bin")
 _USERLAND_FORMAT = 2  # bump when the way the userland closure is chosen changes
-#: ssh server variants: the extra userland packages each needs (dropbear is in every image)
-VARIANTS: dict[str, tuple[str, ...]] = {"dropbear": (), "openssh": OPENSSH_PACKAGES}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an image variant adds to the default image."""
+
+    packages: tuple[str, ...] = ()  # userland packages (with their library closure)
+    modules: tuple[str, ...] = ()  # kernel modules the initramfs loads after the usual ones
+    ssh: str = "dropbear"  # the ssh server /init starts: dropbear or openssh
+
+
+VARIANTS: dict[str, Variant] = {
+    "dropbear": Variant(),
+    "openssh": Variant(packages=OPENSSH_PACKAGES, ssh="openssh"),  # Debian's sshd (dropbear stays in)
+    # a virtio-blk disk (ext4, jbd2, mbcache, crc16 and crc32c are built into Debian's cloud kernels;
+    # virtio_blk is a module): the disk itself is made by the test (aradia.lab.disk)
+    "disk": Variant(modules=("virtio_blk",)),
+}
+"""Image variants by name; ``dropbear`` is the default image."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,8 @@ SERIES: dict[str, KernelSeries] = {
     "6.1": KernelSeries("6.1", "bookworm", r"linux-image-6\.1\.0-(\d+)-cloud-amd64(?:-unsigned)?"),
     "6.12": KernelSeries("6.12", "trixie", r"linux-image-6\.12\.(\d+)\+deb13-cloud-amd64(?:-unsigned)?"),
 }
+
+
 
 
 @dataclass(frozen=True)
@@ -97,9 +116,10 @@ def build_guest(
 ) -> GuestImage:
     """Build (or reuse from the cache) a guest image for kernel series ``kernel``.
 
-    ``variant`` is its ssh server (:data:`VARIANTS`): ``dropbear``, or ``openssh`` (Debian's sshd,
-    cached apart). ``progress``, if given, is called with one short line per slow step. Raises
-    :class:`GuestError` when a tool or a download fails.
+    ``variant`` (a key of :data:`VARIANTS`) picks the ssh server (``dropbear``; ``openssh``: Debian's
+    sshd) and extra kernel modules (``disk``: virtio-blk); each variant is cached apart (the default
+    image's key is what it always was). ``progress``, if given, is called with one short line per
+    slow step. Raises :class:`GuestError` when a tool or a download fails.
     """
     if kernel not in SERIES:
         raise GuestError(f"unknown kernel series {kernel!r}; known: {', '.join(SERIES)}")
@@ -119,8 +139,8 @@ def build_guest(
             return cached
         builder = _Builder(cache, say)
         kernel_dir = builder.kernel(SERIES[kernel])
-        userland_dir = builder.userland(VARIANTS[variant])
-        builder.image(kernel, kernel_dir, userland_dir, image_dir, variant)
+        userland_dir = builder.userland(VARIANTS[variant].packages)
+        builder.image(kernel, kernel_dir, userland_dir, image_dir, VARIANTS[variant])
     image = _load_image(cache, image_dir)
     if image is None:
         raise GuestError(f"guest image in {image_dir} is incomplete right after building it")
@@ -132,10 +152,13 @@ def build_guest(
 
 
 def _image_key(series: str, variant: str = "dropbear") -> str:
+    v = VARIANTS[variant]
     h = hashlib.sha256(f"{_IMAGE_FORMAT}\0{series}\0{_USERLAND_SUITE}\0".encode())
-    if variant != "dropbear":  # the default image's key stays what it was
-        h.update(f"{variant}\0{' '.join(VARIANTS[variant])}\0".encode())
-    h.update(init_script(variant).encode())
+    if v.packages:  # (the default image adds nothing: its key stays what it was)
+        h.update(f"{variant}\0{' '.join(v.packages)}\0".encode())
+    if v.modules:
+        h.update(f"variant\0{variant}\0{' '.join(v.modules)}\0".encode())
+    h.update(init_script(v.ssh).encode())
     for src in guest_sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:12]
@@ -292,7 +315,7 @@ class _Builder:
         return final
 
     def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path,
-              variant: str = "dropbear") -> None:
+              variant: Variant = Variant()) -> None:
         kman = _read_manifest(kernel_dir)
         uman = _read_manifest(userland_dir)
         assert kman is not None and uman is not None
@@ -300,7 +323,8 @@ class _Builder:
         with self._staged("image", final) as tmp:
             ssh_key = _make_client_key(tmp / "ssh_key")
             rootfs = Rootfs(userland_dir / "root")
-            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key, variant)
+            host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key, variant.ssh,
+                                     variant.modules)
             (tmp / "initrd.gz").write_bytes(gzip.compress(rootfs.cpio(), compresslevel=6, mtime=0))
             _write_manifest(tmp, {
                 "series": series,
@@ -314,7 +338,7 @@ class _Builder:
                 "userland_versions": uman["versions"],
                 "ssh_key": ssh_key is not None,
                 "host_key_line": host_key_line,
-                "ssh_daemon": variant,
+                "ssh_daemon": variant.ssh,
             })
 
 
@@ -328,14 +352,16 @@ def _make_client_key(path: Path) -> Path | None:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aradia.lab.images [SERIES...]``: build (or find cached) guest images."""
+    """``python -m aradia.lab.images [SERIES[:VARIANT]...]``: build (or find cached) guest images."""
     import sys
     import time
 
-    for series in argv or ["6.1"]:
+    for name in argv or ["6.1"]:
+        series, _, variant = name.partition(":")
         started = time.monotonic()
         try:
-            image = build_guest(series, progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+            image = build_guest(series, variant=variant or "dropbear",
+                                progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         except GuestError as exc:
             print(f"aradia: building the {series} guest failed: {exc}", file=sys.stderr)
             return 2
@@ -344,7 +370,8 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["GUEST_IP", "READY_MARKER", "ROOT_PASSWORD", "SERIES", "GuestImage", "KernelSeries", "build_guest"]
+__all__ = ["GUEST_IP", "READY_MARKER", "ROOT_PASSWORD", "SERIES", "VARIANTS", "GuestImage", "KernelSeries",
+           "build_guest"]
 
 
 if __name__ == "__main__":

@@ -215,8 +215,9 @@ def _modinfo_depends(ko: bytes, name: str) -> list[str]:
     return []
 
 
-def _module_load_order(modules_dir: Path) -> list[tuple[str, bytes]]:
-    """The wanted modules and their dependencies, dependencies first, decompressed."""
+def _module_load_order(modules_dir: Path, extra: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
+    """The wanted modules (and ``extra``, required) with their dependencies, dependencies first,
+    decompressed."""
     files, builtin = _module_files(modules_dir)
     order: list[tuple[str, bytes]] = []
     placed: set[str] = set()
@@ -234,7 +235,7 @@ def _module_load_order(modules_dir: Path) -> list[tuple[str, bytes]]:
         placed.add(name)
         order.append((name, ko))
 
-    for name, required in _WANTED_MODULES:
+    for name, required in (*_WANTED_MODULES, *((m, True) for m in extra)):
         if name in files or name in builtin or required:
             visit(name, ())
     return order
@@ -280,9 +281,9 @@ def init_script(daemon: str = "dropbear") -> str:
 
 
 def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None,
-             daemon: str = "dropbear") -> str:
-    """Fill the initramfs (the ssh server ``daemon``: ``dropbear`` or ``openssh``); returns the ssh host
-    public key line."""
+             daemon: str = "dropbear", extra_modules: tuple[str, ...] = ()) -> str:
+    """Fill the initramfs (the ssh server ``daemon``: ``dropbear`` or ``openssh``; ``extra_modules``
+    loaded after the usual ones); returns the ssh host public key line."""
     for d in ("proc", "sys", "dev", "run", "var/log", "usr/bin", "usr/sbin", "sbin", "etc/dropbear"):
         rootfs.dir(d)
     rootfs.dir("root", 0o700)
@@ -314,7 +315,7 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
         rootfs.dir("root/.ssh", 0o700)
         rootfs.file("root/.ssh/authorized_keys", ssh_key.with_suffix(".pub").read_bytes(), 0o600)
     names = []
-    for name, ko in _module_load_order(modules_dir):
+    for name, ko in _module_load_order(modules_dir, extra_modules):
         rootfs.file(f"lib/modules/aradia/{name}.ko", ko)
         names.append(name)
     rootfs.file("etc/aradia-modules", ("\n".join(names) + "\n").encode())

@@ -4,15 +4,20 @@ A file a process maps or has read lives, page by page, in its inode's ``i_mappin
 it there works whether or not a given process has faulted the page in, which is what reading a
 library's symbol tables "as mapped" needs: ``ld.so`` maps the whole file but touches few pages.
 A page the page cache does not hold (never read, or evicted) is a :class:`NotCached`.
+:func:`cached_pages` lists every page a file has in the cache at once (with its dirty bit), which is
+what extracting whole files (``aradia.apps.extract``) needs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import drgn
 from drgn.helpers.linux.mm import page_to_phys
 
 from aradia.errors import AradiaError
-from aradia.linux.walks import xa_load
+from aradia.linux.bounds import GUEST_ERRORS, Warnings
+from aradia.linux.walks import xa_entries, xa_load
 
 PAGE_SIZE = 4096
 MAX_FILE_READ = 64 << 20
@@ -67,3 +72,71 @@ def read_cached(inode: drgn.Object, offset: int, size: int) -> bytes:
         out += prog.read(_page_phys(mapping, pos // PAGE_SIZE) + pos % PAGE_SIZE, n, True)
         pos += n
     return bytes(out)
+
+
+@dataclass(frozen=True)
+class CachedPage:
+    """One page of a file in the page cache: its guest-physical address and whether it is dirty
+    (written by the guest, not yet written back to the file's storage)."""
+
+    phys: int
+    dirty: bool
+
+
+MAX_FOLIO_PAGES = 1 << 9  # a PMD-sized folio; larger orders are guest data corruption
+
+
+def _pg_bits(prog: drgn.Program) -> tuple[int, int]:
+    """The bit numbers of PG_dirty and PG_head in ``page->flags`` (an enum in the kernel's BTF)."""
+    return int(prog["PG_dirty"].value_()), int(prog["PG_head"].value_())
+
+
+def _folio_pages(page: drgn.Object, head_bit: int) -> int:
+    """Pages in the folio whose head is ``page`` (1 for an order-0 page)."""
+    if not int(page.flags) >> head_bit & 1:
+        return 1
+    tail = drgn.Object(page.prog_, "struct page *", value=page.value_() + page.type_.type.size)
+    for name in ("compound_order", "_folio_order"):  # 6.1; 6.2-6.5
+        if tail.type_.type.has_member(name):
+            return min(1 << int(getattr(tail, name)), MAX_FOLIO_PAGES)
+    return min(1 << (int(tail.flags) & 0xFF), MAX_FOLIO_PAGES)  # 6.6+: the order in folio->_flags_1
+
+
+def cached_pages(inode: drgn.Object, warnings: Warnings, *, max_pages: int = 1 << 22,
+                 values: set[int] | None = None) -> dict[int, CachedPage]:
+    """Page index -> :class:`CachedPage` for every page of ``inode``'s file in the page cache.
+
+    One walk of the mapping's XArray (bounded, with a warning for what it skipped); shadow entries
+    (value entries: pages evicted, or swapped-out shmem) are not pages. Large folios count once
+    per page they hold. ``values``, if given, receives the indices of value entries (for shmem:
+    pages swapped out, whose contents are not in RAM).
+    """
+    prog = inode.prog_
+    dirty_bit, head_bit = _pg_bits(prog)
+    flags_at = drgn.offsetof(prog.type("struct page"), "flags")
+    npages = -(-int(inode.i_size) // PAGE_SIZE)
+    out: dict[int, CachedPage] = {}
+    what = f"page cache of inode {int(inode.i_ino)}"
+    for index, entry in xa_entries(inode.i_mapping.i_pages.address_of_(), what, warnings):
+        if entry & 1:  # a value entry: a shadow of an evicted page, or a swap entry
+            if values is not None:
+                values.add(index)
+            continue
+        if index >= npages or len(out) >= max_pages:
+            if index < npages:
+                warnings.add(f"{what}: more than {max_pages} pages; the rest were skipped")
+            break
+        try:
+            phys = page_phys(drgn.Object(prog, "struct page *", value=entry))
+            flags = prog.read_u64(entry + flags_at)  # one read
+            dirty = bool(flags >> dirty_bit & 1)
+            count = 1
+            if flags >> head_bit & 1:
+                count = _folio_pages(drgn.Object(prog, "struct page *", value=entry), head_bit)
+        except GUEST_ERRORS as e:
+            warnings.add(f"{what}: page {index} unreadable ({e}): skipped")
+            continue
+        for k in range(count):
+            if index + k < npages:
+                out[index + k] = CachedPage(phys + k * PAGE_SIZE, dirty)
+    return out
