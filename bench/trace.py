@@ -15,6 +15,8 @@ prints how long they took by the guest's own clock. Then, in interleaved rounds,
 * **gdb-stub raw hot**: no tracer: a bare :class:`~aradia.proto.gdbrsp.GdbClient` breakpoint on the
   hot syscall's entry that only moves RIP past the entry's 5-byte NOP and continues, the floor of a
   stub probe (what the tracer adds per event is the difference to **gdb-probe hot**);
+* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~60-line RSP client that imports
+  nothing from aradia: the stub's own limit, against which the tracer's rate is put last;
 * **plugin counter**: the plugin counting executions of ``__x64_sys_getppid`` (callback, no log); its
   count must match the loop's own count within 0.5 % (the shell's own ``getppid`` calls, measured with
   ``loop 0`` under the same target, are subtracted);
@@ -26,7 +28,7 @@ by the guest's clock, except under the hot GDB probes: the guest's clock partly 
 holds the VM, so there the rate is the host's, from the first to the last loop hit. Each phase keeps its best
 run (the host is shared: other work only ever slows a run down); the median follows in brackets.
 Cost per event is the wall time each event adds: 1/rate(phase) - 1/rate(untraced), best rates.
-Ratios are printed last. Usage:
+Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare client hot) the very last. Usage:
 
     python bench/trace.py [--kernel 6.1] [--rounds 5] [--reps 5] [--calls 200000] [--hot-calls 400]
     python bench/trace.py --quick     # 3 rounds, 4 reps, 100,000 / 200 calls
@@ -59,13 +61,15 @@ from aradia.trace.pluginload import force_retranslation
 from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
+from bare_rsp import BareRsp
 
 REPO = Path(__file__).resolve().parent.parent
 HOT_SYSCALL = "getppid"
 HOT_SYMBOL = "__x64_sys_getppid"
 TOLERANCE = 0.005  # plugin count vs the loop's own count
 PHASES = ("untraced", "gdb-probe hot", "gdb-probe cold", "tracer, no probe", "gdb-stub raw hot",
-          "plugin counter", "plugin counter+log")
+          "bare client hot", "plugin counter", "plugin counter+log")
+HOT_PHASES = ("gdb-probe hot", "gdb-stub raw hot", "bare client hot")  # host clock, one loop per round
 NOP5 = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
 
@@ -220,25 +224,66 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
                 continue
             hits.append(time.monotonic())
             if skip_len:
-                gdb.write_register("rip", addr + skip_len, ev.thread)
+                gdb.resume({"rip": addr + skip_len}, ev.thread)
             else:
                 gdb.step(ev.thread, until_pc_changes=True)
-            gdb.cont()
+                gdb.cont()
         worker.join(30)
     finally:
         gdb.close()
     if "error" in result:
         raise BenchError(f"loop under the raw stub breakpoint failed: {result['error']}")
-    # the shell's own few getppid calls come before (and after) the loop's: its calls are the run of
-    # ``calls`` consecutive hits with the shortest span
-    if len(hits) < calls:
-        raise BenchError(f"the raw stub breakpoint saw {len(hits)} hits for {calls} calls")
-    span = min(hits[i + calls - 1] - hits[i] for i in range(len(hits) - calls + 1))
-    rate = (calls - 1) / span
+    rate = hot_rate(hits, calls)
     ph.rates.append(rate)
     ph.events.append(rate)
     ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; "
                     f"{'RIP moved past the entry NOP' if skip_len else 'single-stepped'}")
+
+
+def hot_rate(hits: list[float], calls: int) -> float:
+    """Hits per second of the loop's ``calls`` calls among ``hits`` (host times): the shell's own few
+    ``getppid`` calls come before and after the loop's, so the loop's are the run of ``calls``
+    consecutive hits with the shortest span."""
+    if len(hits) < calls:
+        raise BenchError(f"{len(hits)} hits for the loop's {calls} calls")
+    span = min(hits[i + calls - 1] - hits[i] for i in range(len(hits) - calls + 1))
+    return (calls - 1) / span
+
+
+def phase_bare(guest: Guest, addr: int, skip: int, calls: int, ph: Phase) -> None:
+    """The independent client (``bare_rsp.py``): per hit the stop reply, ``P`` RIP past the NOP, ``c``."""
+    result: dict[str, BaseException] = {}
+
+    def work() -> None:
+        try:
+            run_loops(guest, calls)
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+
+    client = BareRsp("127.0.0.1", guest.gdb_port or 0)
+    try:
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        hits = client.hits(addr, skip, lambda: not worker.is_alive())
+        worker.join(30)
+    finally:
+        client.close()
+    if "error" in result:
+        raise BenchError(f"loop under the bare client's breakpoint failed: {result['error']}")
+    rate = hot_rate(hits, calls)
+    ph.rates.append(rate)
+    ph.events.append(rate)
+    ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; RIP moved past the "
+                    "entry NOP")
+
+
+def entry_breakpoint(vm: VM, entry: int) -> tuple[int, int]:
+    """Where a probe on the function at ``entry`` breaks and how many bytes of NOP it skips there."""
+    head = vm.read_virt(entry, 9)
+    addr, rest = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
+    if rest[:5] != NOP5:
+        raise BenchError(f"no 5-byte NOP at {addr:#x}: the bare client cannot step, it only moves RIP")
+    return addr, 5
 
 
 def phase_gdb_idle(vm: VM, guest: Guest, calls: int, reps: int, cold: str | None, ph: Phase) -> None:
@@ -324,7 +369,7 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
             line += f"  events {max(p.events):,.0f}/s  {fmt_us(per_event_us(p.best, base))}"
         if name == "gdb-probe hot":
             line += "  [host clock, first..last loop event]"
-        elif name == "gdb-stub raw hot":
+        elif name in HOT_PHASES:
             line += "  [host clock, first..last of the loop's hits]"
         print(line)
         if p.notes:
@@ -346,6 +391,14 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
     hot = max(ph["gdb-probe hot"].events)
     print(f"ratio plugin vs gdb-probe events/s: {max(ph['plugin counter'].events) / hot:,.0f}x")
     print(f"ratio plugin+log vs gdb-probe events/s: {max(ph['plugin counter+log'].events) / hot:,.0f}x")
+    bare = ph["bare client hot"]
+    rounds = ", ".join(f"{t / b:.2f}" for t, b in zip(ph["gdb-probe hot"].rates, bare.rates, strict=True))
+    print(f"hot path, best of {len(bare.rates)} rounds: bare client {bare.best:,.0f} hits/s, "
+          f"aradia raw client {ph['gdb-stub raw hot'].best:,.0f} hits/s, "
+          f"aradia tracer (syscall probe, registers decoded) {ph['gdb-probe hot'].best:,.0f} events/s; "
+          f"tracer / bare in each round: {rounds}")
+    print(f"ratio aradia raw client / bare client: {ph['gdb-stub raw hot'].best / bare.best:.2f}x")
+    print(f"ratio aradia tracer / bare client: {ph['gdb-probe hot'].best / bare.best:.2f}x")
     return ok and seen
 
 
@@ -385,6 +438,7 @@ def main() -> int:
         target = vm.linux.profile.symbol(HOT_SYMBOL)
         if target is None:
             raise BenchError(f"no {HOT_SYMBOL} in this kernel")
+        bare_at, bare_skip = entry_breakpoint(vm, target)
         if vm.linux.profile.symbol(args.cold) is None:
             raise BenchError(f"no kernel symbol {args.cold!r} for the cold probe")
         print(f"guest: Linux {image.release}, 1 vCPU, {args.memory}, TCG, plugin loaded (no target unless "
@@ -403,6 +457,7 @@ def main() -> int:
             lambda: phase_gdb_idle(vm, guest, n, reps, None, ph["tracer, no probe"]),
             lambda: hot_seen.append(phase_gdb_hot(vm, guest, args.hot_calls, ph["gdb-probe hot"])),
             lambda: phase_gdb_raw(guest, gdb_address, target, args.hot_calls, ph["gdb-stub raw hot"]),
+            lambda: phase_bare(guest, bare_at, bare_skip, args.hot_calls, ph["bare client hot"]),
         ]
         for rnd in range(args.rounds):
             marks = {name: len(p.rates) for name, p in ph.items()}

@@ -26,7 +26,7 @@ from aradia.trace.guardian import GuardedStub
 IMPLEMENTATIONS = [GdbClient, GuardedStub]
 #: What the tracer, counting, the GDB memory source and the benchmark need from a stub.
 EXPECTED = {"read_memory", "write_memory", "registers", "read_register", "write_register", "threads",
-            "set_breakpoint", "remove_breakpoint", "cont", "step", "wait_stop", "interrupt", "monitor", "close"}
+            "set_breakpoint", "remove_breakpoint", "cont", "resume", "step", "wait_stop", "interrupt", "monitor", "close"}
 
 
 def protocol_methods() -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import dataclasses
 from collections import Counter
 
 from aradia.errors import AradiaError, NotRAM, PageFault, ProtocolError
@@ -283,6 +284,74 @@ class GdbClient(GdbRunControl):
                 self._g_thread = thread
             self._check_ok(replies[-1], f"P{reg.regnum:x} ({name})")
 
+    def write_registers(self, values: dict[str, int], thread: str | None = None, *,
+                        monitor: str | None = None) -> str:
+        """Set several registers of a vCPU and, optionally, run a monitor command, in one round trip.
+
+        The ``P`` packets (and the ``qRcmd``) go out together and are answered in order, so this costs
+        one exchange however many registers it writes. Returns the monitor command's output ("" without one).
+        """
+        packets: list[bytes] = []
+        for name, value in values.items():
+            reg = self._reg(name)
+            if not 0 <= value < 1 << (8 * reg.size):
+                raise AradiaError(f"value {value:#x} does not fit register {name} ({reg.bitsize} bits)")
+            data = value.to_bytes(reg.size, self.byteorder)  # type: ignore[arg-type]
+            packets.append(b"P%x=%s" % (reg.regnum, binascii.hexlify(data)))
+        with self.halted():
+            sel = self._select(thread) if packets else []
+            self._console.clear()
+            self._console_size = 0
+            extra = [b"qRcmd," + binascii.hexlify(monitor.encode())] if monitor is not None else []
+            replies = self._exchange([*sel, *packets, *extra], idempotent=False)
+            text = b"".join(self._console).decode("utf-8", "replace")
+            self._console.clear()
+            self._console_size = 0
+            if sel:
+                self._check_ok(replies[0], "Hg")
+                self._g_thread = thread
+            for name, reply in zip(values, replies[len(sel):len(sel) + len(packets)], strict=True):
+                self._check_ok(reply, f"P{self._reg(name).regnum:x} ({name})")
+            if extra:
+                self._check_monitor(replies[-1], monitor or "")
+            return text.replace("\r\n", "\n")
+
+    def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
+        """Write ``registers`` of the stopped vCPU ``thread`` (none: nothing to write) and let every
+        vCPU run (the next stop comes from :meth:`wait_stop`); the writes cost one round trip."""
+        if registers:
+            self.write_registers(registers, thread)
+        self.cont()
+
+    def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
+        """The next stop event (see :meth:`GdbRunControl.wait_stop`); with ``registers`` it carries the
+        stopped vCPU's registers (:attr:`StopEvent.registers`): the expedited ones when the stop reply
+        holds every register of the ``g`` packet, else read with ``g`` at once."""
+        ev = super().wait_stop(timeout)
+        if ev is None or not registers or ev.ended:
+            return ev
+        regs = self._decode_expedited(ev.expedited)
+        if regs is None:
+            regs = self.registers(ev.thread)
+        return dataclasses.replace(ev, registers=regs)
+
+    def _decode_expedited(self, expedited: dict[int, bytes]) -> dict[str, int] | None:
+        """Registers by name from a stop reply's expedited values; None unless they cover every
+        register the ``g`` packet carries (a partial set would leave the caller without cr3 or gs_base)."""
+        if not expedited:
+            return None
+        out: dict[str, int] = {}
+        for r in self._regs:
+            hexdata = expedited.get(r.regnum)
+            if hexdata is None or len(hexdata) != 2 * r.size:
+                if r.offset is not None:
+                    return None
+                continue
+            value = self._decode(r, hexdata)
+            if value is not None:
+                out[r.name] = value
+        return out
+
     # --- memory --------------------------------------------------------------------------------
     def _set_phys(self, physical: bool) -> None:
         if self._phys is physical or (self._phys is None and not physical):
@@ -427,11 +496,14 @@ class GdbClient(GdbRunControl):
             text = b"".join(self._console).decode("utf-8", "replace")
             self._console.clear()
             self._console_size = 0
-            if reply == b"":
-                raise AradiaError(f"{self._where()} does not support monitor commands")
-            if reply != b"OK" and is_error(reply):
-                raise AradiaError(f"{self._where()} refused monitor command {command!r}: {reply.decode()}")
+            self._check_monitor(reply, command)
             return text.replace("\r\n", "\n")
+
+    def _check_monitor(self, reply: bytes, command: str) -> None:
+        if reply == b"":
+            raise AradiaError(f"{self._where()} does not support monitor commands")
+        if reply != b"OK" and is_error(reply):
+            raise AradiaError(f"{self._where()} refused monitor command {command!r}: {reply.decode()}")
 
     # --- helpers -------------------------------------------------------------------------------
     def _check_ok(self, reply: bytes, what: str) -> None:

@@ -108,13 +108,14 @@ class _Guard:
         self.migration_checked = 0.0
         self.left = False
 
-    def run_state(self) -> str | None:
-        """QEMU's run state, asked through the stub's monitor; None if QEMU cannot say.
+    def run_state(self, said: str | None = None) -> str | None:
+        """QEMU's run state, asked through the stub's monitor (or read from ``said``, the output of an
+        ``info status`` the caller sent along with other packets); None if QEMU cannot say.
 
         :class:`NotAttached` (the stub connection is gone) propagates.
         """
         try:
-            state = parse_info_status(self.client.monitor("info status"))
+            state = parse_info_status(self.client.monitor("info status") if said is None else said)
         except NotAttached:
             raise
         except AradiaError:
@@ -123,9 +124,12 @@ class _Guard:
             self.migrated_state = state  # a source stays migrated for this guardian: never resume it
         return state
 
-    def check(self, what: str) -> None:
-        """Raise :class:`Migrated` if ``what`` (a continue, a step) would resume a guest living elsewhere."""
-        state = self.migrated_state or self.run_state()
+    def check(self, what: str, said: str | None = None) -> None:
+        """Raise :class:`Migrated` if ``what`` (a continue, a step) would resume a guest living elsewhere.
+
+        ``said``: the output of an ``info status`` sent just now (with the hit's register writes).
+        """
+        state = self.migrated_state or self.run_state(said)
         if self.migrated_state:
             raise Migrated(f"refusing to {what}: the VM was live-migrated away (run state "
                            f"{self.migrated_state}); resuming it here would run the guest twice. "
@@ -259,11 +263,23 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
             guard.check("continue the VM")
         client.cont()
         return None
+    if op == "resume":
+        regs = {str(k): int(v) for k, v in (req.get("registers") or {}).items()}
+        thread = req.get("thread")
+        if client.running:  # as "cont": asking a running VM would stop it
+            client.resume(regs, thread)
+            return None
+        # the hot path: the register writes and the run-state check go out in one round trip
+        said = client.write_registers(regs, thread, monitor="info status")
+        guard.check("continue the VM", said)
+        client.cont()
+        return None
     if op == "interrupt":
         ev = client.interrupt()
         return None if ev is None else _event(ev)
     if op == "wait":
-        ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT))
+        ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT),
+                              registers=bool(req.get("registers")))
         if ev is not None and ev.kind == "signal" and ev.signal == SIGXCPU:
             guard.check("go on")  # QEMU stopped the VM to complete a migration
         if ev is not None:
@@ -303,13 +319,16 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
 
 def _event(ev: StopEvent) -> dict[str, Any]:
     """A stop as JSON for the pipe (:func:`_stop_event` rebuilds it on the tracer's side)."""
-    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info, "raw": ev.raw}
+    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info, "raw": ev.raw,
+            "registers": ev.registers}
 
 
 def _stop_event(msg: dict[str, Any]) -> StopEvent:
     """The :class:`StopEvent` that :func:`_event` sent."""
+    regs = msg.get("registers")
     return StopEvent(str(msg["kind"]), int(msg["signal"]), msg["thread"],
-                     {str(k): str(v) for k, v in msg["info"].items()}, str(msg["raw"]))
+                     {str(k): str(v) for k, v in msg["info"].items()}, str(msg["raw"]),
+                     None if regs is None else {str(k): int(v) for k, v in regs.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,11 +418,18 @@ class GuardedStub:
         """Let the guest run."""
         self.call("cont")
 
-    def wait_stop(self, timeout: float) -> StopEvent | None:
-        """The next stop or None after ``timeout``."""
+    def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
+        """Write ``registers`` of the stopped vCPU and let the guest run: one request, and one round
+        trip to the stub for the writes and the guardian's run-state check together."""
+        self.call("resume", registers=registers, thread=thread)
+
+    def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
+        """The next stop or None after ``timeout``; with ``registers`` it carries the stopped vCPU's
+        registers (the guardian reads them at the stop, in the same request)."""
         end = time.monotonic() + timeout
         while True:
-            ev = self.call("wait", timeout=max(0.0, min(MAX_WAIT, end - time.monotonic())))
+            ev = self.call("wait", timeout=max(0.0, min(MAX_WAIT, end - time.monotonic())),
+                           registers=registers)
             if ev is not None or time.monotonic() >= end:
                 return None if ev is None else _stop_event(ev)
 
