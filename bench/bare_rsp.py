@@ -25,7 +25,7 @@ class BareRsp:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.send(b"qSupported:multiprocess+")
-        while (reply := self.packet()).startswith((b"T", b"S")):  # the stop connecting caused
+        while (reply := self.packet(timeout)).startswith((b"T", b"S")):  # the stop connecting caused
             pass
         annex = self.request(b"qXfer:features:read:target.xml:0,ffb")  # unlocks p/P
         if not annex.startswith((b"m", b"l")):

@@ -399,7 +399,8 @@ class Tracer:
             out = self._decide(probe, thread, regs)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
-                ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
+                # one read of the whole struct, not one per argument
+                ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs", address=regs["rdi"]).read_()
                 raw = [int(getattr(ptregs, r)) for r in syscalls.SYSCALL_ARG_REGS]
                 if probe.name in SYSCALL_EXITS:
                     self._in_syscall[self._task_address(regs)] = (probe.name, raw)  # reported at its end
