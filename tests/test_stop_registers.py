@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aradia.errors import Migrated
+from aradia.errors import AradiaError, Migrated
 from aradia.proto.gdbrsp import GdbClient
 from aradia.proto.gdbwire import (
     StopEvent,
@@ -86,12 +86,15 @@ class HitClient:
     def __init__(self, *, running: bool = False, status: str = "VM status: paused (debug)\n") -> None:
         self.running = running
         self.status = status
+        self.monitor_works = True
         self.calls: list[tuple[Any, ...]] = []
 
     def write_registers(self, values: dict[str, int], thread: str | None = None, *,
-                        monitor: str | None = None) -> str:
+                        monitor: str | None = None) -> str | None:
         self.calls.append(("write_registers", values, thread, monitor))
-        return self.status if monitor == "info status" else ""
+        if monitor is None:
+            return ""
+        return self.status if self.monitor_works else None
 
     def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
         self.calls.append(("resume", registers, thread))
@@ -101,6 +104,8 @@ class HitClient:
 
     def monitor(self, command: str, timeout: float | None = None) -> str:
         self.calls.append(("monitor", command))
+        if not self.monitor_works:
+            raise AradiaError("GDB stub does not support monitor commands")
         return self.status
 
     def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
@@ -133,6 +138,15 @@ def test_resume_refuses_to_continue_a_migrated_source() -> None:
     with pytest.raises(Migrated):  # once seen, never resumed: refused again without asking
         request(client, guard, op="resume", registers={}, thread=None)
     assert ("cont",) not in client.calls
+
+
+def test_resume_copes_with_a_stub_without_monitor_commands() -> None:
+    # as before the hot path: a stub that cannot say its run state does not stop the trace
+    client = HitClient()
+    client.monitor_works = False
+    request(client, guardian._Guard(client), op="resume", registers={"rip": 1}, thread="p01.01")
+    assert client.calls == [("write_registers", {"rip": 1}, "p01.01", "info status"),
+                            ("monitor", "info status"), ("cont",)]
 
 
 def test_resume_of_a_running_vm_asks_nothing() -> None:

@@ -285,11 +285,12 @@ class GdbClient(GdbRunControl):
             self._check_ok(replies[-1], f"P{reg.regnum:x} ({name})")
 
     def write_registers(self, values: dict[str, int], thread: str | None = None, *,
-                        monitor: str | None = None) -> str:
+                        monitor: str | None = None) -> str | None:
         """Set several registers of a vCPU and, optionally, run a monitor command, in one round trip.
 
         The ``P`` packets (and the ``qRcmd``) go out together and are answered in order, so this costs
-        one exchange however many registers it writes. Returns the monitor command's output ("" without one).
+        one exchange however many registers it writes. Returns the monitor command's output ("" without
+        one), None if the stub refused the command (a refused register write raises).
         """
         packets: list[bytes] = []
         for name, value in values.items():
@@ -312,8 +313,8 @@ class GdbClient(GdbRunControl):
                 self._g_thread = thread
             for name, reply in zip(values, replies[len(sel):len(sel) + len(packets)], strict=True):
                 self._check_ok(reply, f"P{self._reg(name).regnum:x} ({name})")
-            if extra:
-                self._check_monitor(replies[-1], monitor or "")
+            if extra and (replies[-1] == b"" or (replies[-1] != b"OK" and is_error(replies[-1]))):
+                return None
             return text.replace("\r\n", "\n")
 
     def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:

@@ -280,7 +280,7 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
             return None
         # the hot path: the register writes and the run-state check go out in one round trip
         said = client.write_registers(regs, thread, monitor="info status")
-        guard.check("continue the VM", said)
+        guard.check("continue the VM", said)  # (None: the stub refused qRcmd; check() asks and copes)
         client.cont()
         return None
     if op == "interrupt":
