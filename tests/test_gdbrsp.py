@@ -482,23 +482,28 @@ def test_hot_path_through_either_gdb_stub(vm: Vm, kind: str) -> None:
             stub.resume({"rip": 1 << 64}, "p01.01")
         assert status(vm.q) == "debug" and hmp_registers(vm.q)["rip"] == 0x7004
         stub.remove_breakpoint(0x7004)
-        stub.resume({"rbx": 0x4242}, "p01.01")
+        stub.resume({"rbx": 0x4242_0000}, "p01.01")  # (a write that is not the PC: P, then c)
         assert stub.wait_stop(0.5) is None  # nothing armed: it runs
         assert status(vm.q) == "running"
         stub.interrupt()
-        assert hmp_registers(vm.q)["rbx"] > 0x4242  # written, then "inc bx" ran on from there
+        bx = hmp_registers(vm.q)["rbx"]
+        assert bx >> 16 == 0x4242 and bx & 0xFFFF > 0  # written, then the 16-bit "inc bx" ran on
     finally:
         stub.close()
 
 
 @pytest.mark.timeout(60)
-def test_write_registers_and_a_monitor_command_in_one_exchange(vm: Vm) -> None:
+def test_registers_and_monitor_commands_in_one_exchange(vm: Vm) -> None:
     with connect(vm.gdb) as c:
-        said = c.write_registers({"rax": 0x1111, "rbx": 0x2222}, "p01.01", monitor="info status")
-        assert status(vm.q) == "prelaunch" and said.strip() == "VM status: paused (prelaunch)"
+        c.write_registers({"rax": 0x1111, "rbx": 0x2222}, "p01.01")
+        regs, said = c.registers_and_monitor("p01.01", ["info status", "info version"])
         assert {k: v for k, v in hmp_registers(vm.q).items() if k != "rip"} == {"rax": 0x1111, "rbx": 0x2222}
-        assert c.write_registers({"rax": 3}) == ""  # no monitor command: no output
-        assert hmp_registers(vm.q)["rax"] == 3
+        assert (regs["rax"], regs["rbx"], regs["rip"]) == (0x1111, 0x2222, hmp_registers(vm.q)["rip"])
+        version = qmp(vm.q.qmp_path, "query-version")["qemu"]
+        assert status(vm.q) == "prelaunch"
+        assert said is not None and said.startswith("VM status: paused (prelaunch)\n")
+        assert f"{version['major']}.{version['minor']}.{version['micro']}" in said  # both outputs, in order
+        assert c.registers_and_monitor("p01.01") == (c.registers("p01.01"), "")  # no commands: no output
 
 
 @pytest.mark.timeout(60)

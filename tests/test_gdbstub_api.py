@@ -134,10 +134,12 @@ class Recorder:
 class NoGuard:
     """The guardian's migration checks, with no migration."""
 
-    def check(self, what: str) -> None:
+    said_at_stop: str | None = None
+
+    def check(self, what: str, said: str | None = None) -> None:
         """Nothing to refuse."""
 
-    def watch_migration(self) -> None:
+    def watch_migration(self, said: str | None = None) -> None:
         """No migration under way."""
 
 

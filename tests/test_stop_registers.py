@@ -83,18 +83,22 @@ def test_a_stop_with_registers_crosses_the_guardians_pipe() -> None:
 class HitClient:
     """Records what the guardian asks of its GdbClient on the hot path; answers like QEMU would."""
 
-    def __init__(self, *, running: bool = False, status: str = "VM status: paused (debug)\n") -> None:
+    def __init__(self, *, running: bool = False, status: str = "VM status: paused (debug)\n",
+                 migration: str = "") -> None:
         self.running = running
         self.status = status
+        self.migration = migration  # what "info migrate" prints ("" before any migration)
         self.monitor_works = True
         self.calls: list[tuple[Any, ...]] = []
 
-    def write_registers(self, values: dict[str, int], thread: str | None = None, *,
-                        monitor: str | None = None) -> str | None:
-        self.calls.append(("write_registers", values, thread, monitor))
-        if monitor is None:
-            return ""
-        return self.status if self.monitor_works else None
+    def _say(self, command: str) -> str:
+        return self.status if command == "info status" else self.migration
+
+    def registers_and_monitor(self, thread: str | None = None,
+                              commands: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, int], str | None]:
+        self.calls.append(("registers_and_monitor", thread, list(commands)))
+        text = "".join(self._say(c) for c in commands) if self.monitor_works else None
+        return {"rip": 0xFFFFFFFF81000000, "rdi": 0x1000}, text
 
     def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
         self.calls.append(("resume", registers, thread))
@@ -102,15 +106,18 @@ class HitClient:
     def cont(self) -> None:
         self.calls.append(("cont",))
 
+    def detach(self) -> None:
+        self.calls.append(("detach",))
+
     def monitor(self, command: str, timeout: float | None = None) -> str:
         self.calls.append(("monitor", command))
         if not self.monitor_works:
             raise AradiaError("GDB stub does not support monitor commands")
-        return self.status
+        return self._say(command)
 
     def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
         self.calls.append(("wait_stop", registers))
-        return StopEvent("signal", 5, "p01.01", {}, "T05thread:p01.01;", {"rip": 5} if registers else None)
+        return StopEvent("signal", 5, "p01.01", {}, "T05thread:p01.01;")
 
 
 def request(client: HitClient, guard: guardian._Guard, **req: Any) -> Any:
@@ -118,49 +125,77 @@ def request(client: HitClient, guard: guardian._Guard, **req: Any) -> Any:
     return json.loads(json.dumps({"ok": guardian._handle(client, guard, json.loads(json.dumps(req)))}))["ok"]
 
 
-def test_resume_writes_and_checks_the_run_state_in_one_exchange_then_continues() -> None:
-    client = HitClient()
+def guard_for(client: HitClient, *, migration_due: bool = False) -> guardian._Guard:
+    """The guardian's migration guard over ``client``; the periodic migration check due or not."""
     guard = guardian._Guard(client)
+    guard.migration_checked = 0.0 if migration_due else float("inf")
+    return guard
+
+
+def test_a_hit_reads_registers_and_run_state_in_one_exchange_and_resumes_in_one_packet() -> None:
+    client = HitClient()
+    guard = guard_for(client)
+    ev = request(client, guard, op="wait", timeout=0.1, registers=True)
+    assert ev["registers"] == {"rip": 0xFFFFFFFF81000000, "rdi": 0x1000}
     assert request(client, guard, op="resume", registers={"rip": 0xFFFFFFFF81000005}, thread="p01.01") is None
-    assert client.calls == [("write_registers", {"rip": 0xFFFFFFFF81000005}, "p01.01", "info status"),
-                            ("cont",)]  # no separate "info status" round trip
-    assert not any(c[0] == "monitor" for c in client.calls)
+    assert client.calls == [("wait_stop", False), ("registers_and_monitor", "p01.01", ["info status"]),
+                            ("resume", {"rip": 0xFFFFFFFF81000005}, "p01.01")]  # no round trip of its own
+
+
+def test_the_migration_status_rides_along_when_due() -> None:
+    client = HitClient()
+    request(client, guard_for(client, migration_due=True), op="wait", timeout=0.1, registers=True)
+    assert client.calls[1] == ("registers_and_monitor", "p01.01", ["info status", "info migrate"])
+    # a migration under way, seen at the stop: the guardian steps aside and says so
+    client = HitClient(migration="Migration status: active\n")
+    guard = guard_for(client, migration_due=True)
+    with pytest.raises(Migrated, match="under way"):
+        request(client, guard, op="wait", timeout=0.1, registers=True)
+    assert guard.left and ("detach",) in client.calls and not any(c[0] == "resume" for c in client.calls)
 
 
 def test_resume_refuses_to_continue_a_migrated_source() -> None:
     client = HitClient(status="VM status: paused (postmigrate)\n")
-    guard = guardian._Guard(client)
+    guard = guard_for(client)
+    request(client, guard, op="wait", timeout=0.1, registers=True)
     with pytest.raises(Migrated, match="live-migrated away"):
         request(client, guard, op="resume", registers={"rip": 1}, thread="p01.01")
-    assert ("cont",) not in client.calls
+    assert not any(c[0] in ("resume", "cont") for c in client.calls)
     assert guard.migrated_state == "postmigrate"
     client.calls.clear()
     with pytest.raises(Migrated):  # once seen, never resumed: refused again without asking
         request(client, guard, op="resume", registers={}, thread=None)
-    assert ("cont",) not in client.calls
+    assert client.calls == []
+
+
+def test_the_run_state_read_at_a_stop_is_forgotten_once_anything_may_have_resumed() -> None:
+    for between in ({"op": "cont"}, {"op": "monitor", "command": "cont"}):
+        client = HitClient()
+        guard = guard_for(client)
+        request(client, guard, op="wait", timeout=0.1, registers=True)
+        request(client, guard, **between)
+        client.calls.clear()
+        request(client, guard, op="resume", registers={"rip": 1}, thread="p01.01")
+        assert client.calls[0] == ("monitor", "info status"), between  # asked afresh
 
 
 def test_resume_copes_with_a_stub_without_monitor_commands() -> None:
     # as before the hot path: a stub that cannot say its run state does not stop the trace
     client = HitClient()
     client.monitor_works = False
-    request(client, guardian._Guard(client), op="resume", registers={"rip": 1}, thread="p01.01")
-    assert client.calls == [("write_registers", {"rip": 1}, "p01.01", "info status"),
-                            ("monitor", "info status"), ("cont",)]
+    guard = guard_for(client)
+    request(client, guard, op="wait", timeout=0.1, registers=True)
+    request(client, guard, op="resume", registers={"rip": 1}, thread="p01.01")
+    assert client.calls[-2:] == [("monitor", "info status"), ("resume", {"rip": 1}, "p01.01")]
 
 
 def test_resume_of_a_running_vm_asks_nothing() -> None:
     client = HitClient(running=True)
-    request(client, guardian._Guard(client), op="resume", registers=None, thread=None)
+    request(client, guard_for(client), op="resume", registers=None, thread=None)
     assert client.calls == [("resume", {}, None)]  # asking the run state would stop a running VM
 
 
-def test_wait_with_registers_asks_the_client_for_them() -> None:
+def test_wait_without_registers_reads_nothing_more() -> None:
     client = HitClient()
-    guard = guardian._Guard(client)
-    guard.migration_checked = float("inf")  # (the periodic migration check is not under test here)
-    ev = request(client, guard, op="wait", timeout=0.1, registers=True)
-    assert ev["registers"] == {"rip": 5} and client.calls == [("wait_stop", True)]
-    client.calls.clear()
-    ev = request(client, guard, op="wait", timeout=0.1)
+    ev = request(client, guard_for(client), op="wait", timeout=0.1)
     assert ev["registers"] is None and client.calls == [("wait_stop", False)]

@@ -116,9 +116,11 @@ class GdbRunControl(GdbTransport):
         self.running = False
         return stopped_it
 
-    def _continue(self) -> None:
+    def _continue(self, at: int | None = None) -> None:
+        """``c``, or ``c ADDR``: continue with the PC of the stub's continue vCPU (the one that
+        stopped last) set to ``at``."""
         self._g_thread = None
-        self._send(frame(b"c"), acks_first=True)
+        self._send(frame(b"c" if at is None else b"c%x" % at), acks_first=True)
         self.running = True
 
     def interrupt(self) -> StopEvent | None:

@@ -57,6 +57,7 @@ guardian notices a vanished tracer within that time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -116,6 +117,13 @@ class _Guard:
         self.migrated_state: str | None = None
         self.migration_checked = 0.0
         self.left = False
+        #: ``info status`` (and, when due, ``info migrate``) output read with the registers at the
+        #: current breakpoint stop; the ``resume`` that ends the stop checks it. None: not read.
+        self.said_at_stop: str | None = None
+
+    def migration_due(self) -> bool:
+        """Whether a stop should look at the migration status now (every :data:`MIGRATION_CHECK_INTERVAL`)."""
+        return time.monotonic() - self.migration_checked >= MIGRATION_CHECK_INTERVAL
 
     def run_state(self, said: str | None = None) -> str | None:
         """QEMU's run state, asked through the stub's monitor (or read from ``said``, the output of an
@@ -167,16 +175,20 @@ class _Guard:
         m = _MIGRATION_STATUS.search(text)
         return m[1] if m else "none"
 
-    def watch_migration(self) -> None:
+    def watch_migration(self, said: str | None = None) -> None:
         """At a stop: if a migration is under way, step aside (disarm, ``D;1``) and raise :class:`Migrated`.
 
-        Checks at most every :data:`MIGRATION_CHECK_INTERVAL`.
+        Checks at most every :data:`MIGRATION_CHECK_INTERVAL`; ``said`` is the output of an ``info
+        migrate`` the caller sent along with the stop's other packets (then nothing is asked here).
         """
-        now = time.monotonic()
-        if now - self.migration_checked < MIGRATION_CHECK_INTERVAL:
+        if said is None and not self.migration_due():
             return
-        self.migration_checked = now
-        status = self.migration_status()
+        self.migration_checked = time.monotonic()
+        if said is None:
+            status = self.migration_status()
+        else:
+            m = _MIGRATION_STATUS.search(said)
+            status = m[1] if m else "none"
         if status not in MIGRATION_ACTIVE:
             return
         self.leave()
@@ -261,6 +273,8 @@ def _serve(ctl: socket.socket, address: str, was_running: bool | None) -> None:
 
 def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
     op = req["op"]
+    # the run state read at a stop holds until something may have let the VM run
+    said, guard.said_at_stop = guard.said_at_stop, (guard.said_at_stop if op in _KEEP_STOP else None)
     if op == "break":
         client.set_breakpoint(int(req["addr"]), int(req.get("kind", 0)), int(req.get("length", 1)))
         return None
@@ -273,25 +287,28 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         client.cont()
         return None
     if op == "resume":
-        regs = {str(k): int(v) for k, v in (req.get("registers") or {}).items()}
-        thread = req.get("thread")
-        if client.running:  # as "cont": asking a running VM would stop it
-            client.resume(regs, thread)
-            return None
-        # the hot path: the register writes and the run-state check go out in one round trip
-        said = client.write_registers(regs, thread, monitor="info status")
-        guard.check("continue the VM", said)  # (None: the stub refused qRcmd; check() asks and copes)
-        client.cont()
+        if not client.running:  # (asking a running VM would stop it, and a hit could slip by)
+            # the run state read with this stop's registers; asked now if the stop was not read so
+            guard.check("continue the VM", said)
+        client.resume({str(k): int(v) for k, v in (req.get("registers") or {}).items()}, req.get("thread"))
         return None
     if op == "interrupt":
         ev = client.interrupt()
         return None if ev is None else _event(ev)
     if op == "wait":
-        ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT),
-                              registers=bool(req.get("registers")))
+        ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT))
         if ev is not None and ev.kind == "signal" and ev.signal == SIGXCPU:
             guard.check("go on")  # QEMU stopped the VM to complete a migration
-        if ev is not None:
+        if ev is not None and not ev.ended and req.get("registers"):
+            # the hot path: registers, run state and (when due) migration status in one round trip
+            migrate = guard.migration_due()
+            asks = ["info status", *(["info migrate"] * migrate)]
+            regs, text = client.registers_and_monitor(ev.thread, asks)
+            guard.said_at_stop = text
+            if migrate:
+                guard.watch_migration(text if text is not None else "")
+            ev = dataclasses.replace(ev, registers=regs)
+        elif ev is not None:
             guard.watch_migration()
         return None if ev is None else _event(ev)
     if op == "regs":
@@ -324,6 +341,11 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         timeout = req.get("timeout")
         return client.monitor(str(req["command"]), None if timeout is None else float(timeout))
     raise ProtocolError(f"unknown guardian request {op!r}")
+
+
+#: Requests that leave the VM stopped where it is: the run state read at the stop stays good for them.
+_KEEP_STOP = frozenset({"break", "unbreak", "regs", "reg", "set_reg", "read", "write", "threads", "running",
+                        "status"})
 
 
 def _event(ev: StopEvent) -> dict[str, Any]:
