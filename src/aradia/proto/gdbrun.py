@@ -180,9 +180,11 @@ class GdbRunControl(GdbTransport):
                 if payload is not None:
                     if is_stop_reply(payload):
                         self._on_stop(parse_stop_reply(payload), provoked=False)
+                        if self._events:
+                            return self._events.popleft()  # at once: yielding the CPU here costs a hit
                     elif is_console(payload):
                         self._note_console(payload)
-            time.sleep(0)
+            time.sleep(0)  # (lock released: another thread may take its turn)
 
     def _step_packet(self, tid: str | None, timeout: float) -> StopEvent:
         packet = b"vCont;s:%s" % tid.encode() if tid else b"s"

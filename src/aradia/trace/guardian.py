@@ -21,32 +21,38 @@ QMP, and after the tracer's death):
 * ``info status`` (0.06-0.2 ms) before every continue and single step of the stopped VM: in
   ``finish-migrate`` or ``postmigrate`` (the guest lives on the destination now; once seen, this
   guardian never resumes the VM again) and in ``inmigrate`` it refuses with
-  :class:`~aradia.errors.Migrated`. On the hot path (``resume``: a breakpoint hit's register writes
-  and the continue, one request) the ``qRcmd`` goes to the stub in the same window as the ``P``
-  packets, so the check costs no round trip of its own; the ``c`` follows only once it said yes.
-  No QMP event could replace it: in QEMU's source a VM stopped at a breakpoint changes to
-  ``finish-migrate`` without a ``STOP`` event (``vm_stop_force_state`` only sets the state), and
-  ``MIGRATION`` events exist only when the migrating party turned them on. A ``T18`` (SIGXCPU)
-  stop, which the stub reports when a migration completes on a running VM, turns into that error
-  at once.
-* ``info migrate`` at a stop, at most every :data:`MIGRATION_CHECK_INTERVAL`: while a migration is
-  under way the guardian steps aside — removes every breakpoint, detaches with ``D;1`` so the guest
-  runs and the migration completes from ``running`` — and the request fails with ``Migrated``.
+  :class:`~aradia.errors.Migrated`. A ``T18`` (SIGXCPU) stop, which the stub reports when a
+  migration completes on a running VM, turns into that error at once. On the hot path (a
+  breakpoint hit: ``wait`` with ``registers``, then ``resume``) the ``qRcmd`` rides in the same
+  exchange as the ``g`` that reads the stop's registers, and the ``resume`` checks what it said, so
+  the check costs no round trip of its own; that reading holds only while the VM stays stopped (any
+  request that may let it run forgets it, and the next continue asks again). No QMP event could
+  replace the check: in QEMU's source a VM stopped at a breakpoint changes to ``finish-migrate``
+  without a ``STOP`` event (``vm_stop_force_state`` only sets the state), and ``MIGRATION`` events
+  exist only when the migrating party turned them on.
+* ``info migrate`` at a stop, at most every :data:`MIGRATION_CHECK_INTERVAL` (on the hot path in
+  the same exchange as the registers): while a migration is under way the guardian steps aside —
+  removes every breakpoint, detaches with ``D;1`` so the guest runs and the migration completes
+  from ``running`` — and the request fails with ``Migrated``.
 * Leaving (detach, or the tracer's end) asks ``info status`` first: a migrated VM gets its
   breakpoints removed and the connection closed *without* ``D`` (closing leaves the run state
   alone); any other VM gets ``D;1`` as above. If QEMU cannot say (no answer to ``info status``), the
   guardian keeps the old behaviour, ``D;1``.
 
-What stays open: the instant between a check and the ``c``/``D`` after it (a migration completing
-exactly then is not caught; only QEMU's stub could close that), and a migration that starts and
-completes between two ``info migrate`` checks while the VM sits at a breakpoint.
+What stays open: the time between a check and the ``c``/``D`` after it (a migration completing
+exactly then is not caught; only QEMU's stub could close that) — on the hot path that is the
+tracer's handling of the hit and the hops between the processes (0.15-0.25 ms of handling measured
+for a syscall probe, milliseconds on a loaded host), where it used to be one round trip to the stub
+— and a migration that starts and completes between two ``info migrate`` checks while the VM sits
+at a breakpoint.
 
 QEMU gone. When the stub connection breaks (QEMU exited: QMP ``quit``, a signal, a guest power-off)
 the request in progress fails with :class:`~aradia.errors.NotAttached` saying so, and the guardian
 exits right after that reply; the tracer's later calls repeat the same error.
 
 Per breakpoint hit the tracer sends two requests: ``wait`` with ``registers`` (the stop comes back
-with the stopped vCPU's registers, read with ``g`` as soon as the stop reply arrived) and ``resume``.
+with the stopped vCPU's registers, read with ``g`` as soon as the stop reply arrived, together with
+the run-state check) and ``resume`` (a PC-only write is one ``c ADDR`` packet to the stub).
 
 Protocol: one JSON object per line each way. Requests ``{"op": ..., ...}``; replies ``{"ok": value}``
 or ``{"error": text, "kind": class name}`` (plus ``"fatal": true`` when the guardian exits after it).
