@@ -23,7 +23,8 @@ prints how long they took by the guest's own clock. Then, in interleaved rounds,
 * **plugin counter+log**: the same with every hit logged to the ring, drained by a host thread.
 
 Each round sets every phase up once and runs its loop ``--reps`` times back to back (the hot probes:
-once, ``--hot-calls``); rounds start at a different phase each time. Loop rates are calls per second
+``--hot-calls`` once per set-up; the three hot phases run back to back ``--hot-reps`` times a round,
+each time starting one later); rounds start at a different phase each time. Loop rates are calls per second
 by the guest's clock, except under the hot GDB probes: the guest's clock partly stops while the stub
 holds the VM, so there the rate is the host's, from the first to the last loop hit. Each phase keeps its best
 run (the host is shared: other work only ever slows a run down); the median follows in brackets.
@@ -31,6 +32,7 @@ Cost per event is the wall time each event adds: 1/rate(phase) - 1/rate(untraced
 Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare client hot) the very last. Usage:
 
     python bench/trace.py [--kernel 6.1] [--rounds 5] [--reps 5] [--calls 200000] [--hot-calls 400]
+                           [--hot-reps 3]
     python bench/trace.py --quick     # 3 rounds, 4 reps, 100,000 / 200 calls
 """
 
@@ -381,7 +383,7 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
           f"{'OK' if ok else 'MISMATCH'}")
     seen = all(n == args.hot_calls for n in hot_seen)
     print(f"check gdb-probe hot reported every loop call: {sum(n == args.hot_calls for n in hot_seen)}/"
-          f"{len(hot_seen)} rounds {'OK' if seen else 'MISSED'}")
+          f"{len(hot_seen)} runs {'OK' if seen else 'MISSED'}")
     print(f"total run time {elapsed:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
 
     for name in PHASES[1:]:
@@ -393,10 +395,10 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
     print(f"ratio plugin+log vs gdb-probe events/s: {max(ph['plugin counter+log'].events) / hot:,.0f}x")
     bare = ph["bare client hot"]
     rounds = ", ".join(f"{t / b:.2f}" for t, b in zip(ph["gdb-probe hot"].rates, bare.rates, strict=True))
-    print(f"hot path, best of {len(bare.rates)} rounds: bare client {bare.best:,.0f} hits/s, "
+    print(f"hot path, best of {len(bare.rates)} runs each: bare client {bare.best:,.0f} hits/s, "
           f"aradia raw client {ph['gdb-stub raw hot'].best:,.0f} hits/s, "
           f"aradia tracer (syscall probe, registers decoded) {ph['gdb-probe hot'].best:,.0f} events/s; "
-          f"tracer / bare in each round: {rounds}")
+          f"tracer / bare in each run (same round and turn): {rounds}")
     print(f"ratio aradia raw client / bare client: {ph['gdb-stub raw hot'].best / bare.best:.2f}x")
     print(f"ratio aradia tracer / bare client: {ph['gdb-probe hot'].best / bare.best:.2f}x")
     return ok and seen
@@ -410,6 +412,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every phase")
     ap.add_argument("--reps", type=int, default=5, help="loop runs per phase and round (hot probes: 1)")
     ap.add_argument("--calls", type=int, default=200_000, help="getppid calls per loop run")
+    ap.add_argument("--hot-reps", type=int, default=3,
+                    help="runs of each hot phase (tracer, raw client, bare client) per round, back to back")
     ap.add_argument("--hot-calls", type=int, default=400,
                     help="getppid calls per loop run under the hot GDB probe")
     ap.add_argument("--cold", default="__x64_sys_reboot", help="kernel function for the cold probe")
@@ -443,8 +447,8 @@ def main() -> int:
             raise BenchError(f"no kernel symbol {args.cold!r} for the cold probe")
         print(f"guest: Linux {image.release}, 1 vCPU, {args.memory}, TCG, plugin loaded (no target unless "
               f"measured); hot: {HOT_SYSCALL} ({HOT_SYMBOL}), cold: {args.cold}; {args.rounds} rounds x "
-              f"{args.reps} loops of {args.calls:,} calls (hot probe: 1 x {args.hot_calls:,}); setup "
-              f"{time.monotonic() - started:.1f} s", flush=True)
+              f"{args.reps} loops of {args.calls:,} calls (hot probes: {args.hot_reps} x 1 x "
+              f"{args.hot_calls:,}); setup {time.monotonic() - started:.1f} s", flush=True)
         print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
         run_loops(guest, args.calls)  # warm-up: translate the loop's path once
         n, reps = args.calls, args.reps
@@ -455,10 +459,22 @@ def main() -> int:
             lambda: phase_plugin(guest, shm, gdb_address, target, n, reps, True, ph["plugin counter+log"]),
             lambda: phase_gdb_idle(vm, guest, n, reps, args.cold, ph["gdb-probe cold"]),
             lambda: phase_gdb_idle(vm, guest, n, reps, None, ph["tracer, no probe"]),
+        ]
+        hot: list[Callable[[], object]] = [
             lambda: hot_seen.append(phase_gdb_hot(vm, guest, args.hot_calls, ph["gdb-probe hot"])),
             lambda: phase_gdb_raw(guest, gdb_address, target, args.hot_calls, ph["gdb-stub raw hot"]),
             lambda: phase_bare(guest, bare_at, bare_skip, args.hot_calls, ph["bare client hot"]),
         ]
+        turn = [0]
+
+        def hot_phases() -> None:
+            """The three hot phases back to back, ``--hot-reps`` times, each time starting one later."""
+            for _ in range(args.hot_reps):
+                for i in range(len(hot)):
+                    hot[(turn[0] + i) % len(hot)]()
+                turn[0] += 1
+
+        steps.append(hot_phases)
         for rnd in range(args.rounds):
             marks = {name: len(p.rates) for name, p in ph.items()}
             for i in range(len(steps)):  # each round starts one phase later: load changes hit all alike
