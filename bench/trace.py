@@ -15,20 +15,24 @@ prints how long they took by the guest's own clock. Then, in interleaved rounds,
 * **gdb-stub raw hot**: no tracer: a bare :class:`~aradia.proto.gdbrsp.GdbClient` breakpoint on the
   hot syscall's entry that only moves RIP past the entry's 5-byte NOP and continues, the floor of a
   stub probe (what the tracer adds per event is the difference to **gdb-probe hot**);
+* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~60-line RSP client that imports
+  nothing from aradia: the stub's own limit, against which the tracer's rate is put last;
 * **plugin counter**: the plugin counting executions of ``__x64_sys_getppid`` (callback, no log); its
   count must match the loop's own count within 0.5 % (the shell's own ``getppid`` calls, measured with
   ``loop 0`` under the same target, are subtracted);
 * **plugin counter+log**: the same with every hit logged to the ring, drained by a host thread.
 
 Each round sets every phase up once and runs its loop ``--reps`` times back to back (the hot probes:
-once, ``--hot-calls``); rounds start at a different phase each time. Loop rates are calls per second
+``--hot-calls`` once per set-up; the three hot phases run back to back ``--hot-reps`` times a round,
+each time starting one later); rounds start at a different phase each time. Loop rates are calls per second
 by the guest's clock, except under the hot GDB probes: the guest's clock partly stops while the stub
 holds the VM, so there the rate is the host's, from the first to the last loop hit. Each phase keeps its best
 run (the host is shared: other work only ever slows a run down); the median follows in brackets.
 Cost per event is the wall time each event adds: 1/rate(phase) - 1/rate(untraced), best rates.
-Ratios are printed last. Usage:
+Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare client hot) the very last. Usage:
 
     python bench/trace.py [--kernel 6.1] [--rounds 5] [--reps 5] [--calls 200000] [--hot-calls 400]
+                           [--hot-reps 3]
     python bench/trace.py --quick     # 3 rounds, 4 reps, 100,000 / 200 calls
 """
 
@@ -59,13 +63,15 @@ from aradia.trace.pluginload import force_retranslation
 from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
+from bare_rsp import BareRsp
 
 REPO = Path(__file__).resolve().parent.parent
 HOT_SYSCALL = "getppid"
 HOT_SYMBOL = "__x64_sys_getppid"
 TOLERANCE = 0.005  # plugin count vs the loop's own count
 PHASES = ("untraced", "gdb-probe hot", "gdb-probe cold", "tracer, no probe", "gdb-stub raw hot",
-          "plugin counter", "plugin counter+log")
+          "bare client hot", "plugin counter", "plugin counter+log")
+HOT_PHASES = ("gdb-probe hot", "gdb-stub raw hot", "bare client hot")  # host clock, one loop per round
 NOP5 = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
 
@@ -220,25 +226,66 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
                 continue
             hits.append(time.monotonic())
             if skip_len:
-                gdb.write_register("rip", addr + skip_len, ev.thread)
+                gdb.resume({"rip": addr + skip_len}, ev.thread)
             else:
                 gdb.step(ev.thread, until_pc_changes=True)
-            gdb.cont()
+                gdb.cont()
         worker.join(30)
     finally:
         gdb.close()
     if "error" in result:
         raise BenchError(f"loop under the raw stub breakpoint failed: {result['error']}")
-    # the shell's own few getppid calls come before (and after) the loop's: its calls are the run of
-    # ``calls`` consecutive hits with the shortest span
-    if len(hits) < calls:
-        raise BenchError(f"the raw stub breakpoint saw {len(hits)} hits for {calls} calls")
-    span = min(hits[i + calls - 1] - hits[i] for i in range(len(hits) - calls + 1))
-    rate = (calls - 1) / span
+    rate = hot_rate(hits, calls)
     ph.rates.append(rate)
     ph.events.append(rate)
     ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; "
                     f"{'RIP moved past the entry NOP' if skip_len else 'single-stepped'}")
+
+
+def hot_rate(hits: list[float], calls: int) -> float:
+    """Hits per second of the loop's ``calls`` calls among ``hits`` (host times): the shell's own few
+    ``getppid`` calls come before and after the loop's, so the loop's are the run of ``calls``
+    consecutive hits with the shortest span."""
+    if len(hits) < calls:
+        raise BenchError(f"{len(hits)} hits for the loop's {calls} calls")
+    span = min(hits[i + calls - 1] - hits[i] for i in range(len(hits) - calls + 1))
+    return (calls - 1) / span
+
+
+def phase_bare(guest: Guest, addr: int, skip: int, calls: int, ph: Phase) -> None:
+    """The independent client (``bare_rsp.py``): per hit the stop reply, ``P`` RIP past the NOP, ``c``."""
+    result: dict[str, BaseException] = {}
+
+    def work() -> None:
+        try:
+            run_loops(guest, calls)
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+
+    client = BareRsp("127.0.0.1", guest.gdb_port or 0)
+    try:
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        hits = client.hits(addr, skip, lambda: not worker.is_alive())
+        worker.join(30)
+    finally:
+        client.close()
+    if "error" in result:
+        raise BenchError(f"loop under the bare client's breakpoint failed: {result['error']}")
+    rate = hot_rate(hits, calls)
+    ph.rates.append(rate)
+    ph.events.append(rate)
+    ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; RIP moved past the "
+                    "entry NOP")
+
+
+def entry_breakpoint(vm: VM, entry: int) -> tuple[int, int]:
+    """Where a probe on the function at ``entry`` breaks and how many bytes of NOP it skips there."""
+    head = vm.read_virt(entry, 9)
+    addr, rest = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
+    if rest[:5] != NOP5:
+        raise BenchError(f"no 5-byte NOP at {addr:#x}: the bare client cannot step, it only moves RIP")
+    return addr, 5
 
 
 def phase_gdb_idle(vm: VM, guest: Guest, calls: int, reps: int, cold: str | None, ph: Phase) -> None:
@@ -324,7 +371,7 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
             line += f"  events {max(p.events):,.0f}/s  {fmt_us(per_event_us(p.best, base))}"
         if name == "gdb-probe hot":
             line += "  [host clock, first..last loop event]"
-        elif name == "gdb-stub raw hot":
+        elif name in HOT_PHASES:
             line += "  [host clock, first..last of the loop's hits]"
         print(line)
         if p.notes:
@@ -336,7 +383,7 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
           f"{'OK' if ok else 'MISMATCH'}")
     seen = all(n == args.hot_calls for n in hot_seen)
     print(f"check gdb-probe hot reported every loop call: {sum(n == args.hot_calls for n in hot_seen)}/"
-          f"{len(hot_seen)} rounds {'OK' if seen else 'MISSED'}")
+          f"{len(hot_seen)} runs {'OK' if seen else 'MISSED'}")
     print(f"total run time {elapsed:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
 
     for name in PHASES[1:]:
@@ -346,6 +393,14 @@ def report(ph: dict[str, Phase], args: argparse.Namespace, checks: list[tuple[in
     hot = max(ph["gdb-probe hot"].events)
     print(f"ratio plugin vs gdb-probe events/s: {max(ph['plugin counter'].events) / hot:,.0f}x")
     print(f"ratio plugin+log vs gdb-probe events/s: {max(ph['plugin counter+log'].events) / hot:,.0f}x")
+    bare = ph["bare client hot"]
+    rounds = ", ".join(f"{t / b:.2f}" for t, b in zip(ph["gdb-probe hot"].rates, bare.rates, strict=True))
+    print(f"hot path, best of {len(bare.rates)} runs each: bare client {bare.best:,.0f} hits/s, "
+          f"aradia raw client {ph['gdb-stub raw hot'].best:,.0f} hits/s, "
+          f"aradia tracer (syscall probe, registers decoded) {ph['gdb-probe hot'].best:,.0f} events/s; "
+          f"tracer / bare in each run (same round and turn): {rounds}")
+    print(f"ratio aradia raw client / bare client: {ph['gdb-stub raw hot'].best / bare.best:.2f}x")
+    print(f"ratio aradia tracer / bare client: {ph['gdb-probe hot'].best / bare.best:.2f}x")
     return ok and seen
 
 
@@ -357,6 +412,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every phase")
     ap.add_argument("--reps", type=int, default=5, help="loop runs per phase and round (hot probes: 1)")
     ap.add_argument("--calls", type=int, default=200_000, help="getppid calls per loop run")
+    ap.add_argument("--hot-reps", type=int, default=3,
+                    help="runs of each hot phase (tracer, raw client, bare client) per round, back to back")
     ap.add_argument("--hot-calls", type=int, default=400,
                     help="getppid calls per loop run under the hot GDB probe")
     ap.add_argument("--cold", default="__x64_sys_reboot", help="kernel function for the cold probe")
@@ -385,12 +442,13 @@ def main() -> int:
         target = vm.linux.profile.symbol(HOT_SYMBOL)
         if target is None:
             raise BenchError(f"no {HOT_SYMBOL} in this kernel")
+        bare_at, bare_skip = entry_breakpoint(vm, target)
         if vm.linux.profile.symbol(args.cold) is None:
             raise BenchError(f"no kernel symbol {args.cold!r} for the cold probe")
         print(f"guest: Linux {image.release}, 1 vCPU, {args.memory}, TCG, plugin loaded (no target unless "
               f"measured); hot: {HOT_SYSCALL} ({HOT_SYMBOL}), cold: {args.cold}; {args.rounds} rounds x "
-              f"{args.reps} loops of {args.calls:,} calls (hot probe: 1 x {args.hot_calls:,}); setup "
-              f"{time.monotonic() - started:.1f} s", flush=True)
+              f"{args.reps} loops of {args.calls:,} calls (hot probes: {args.hot_reps} x 1 x "
+              f"{args.hot_calls:,}); setup {time.monotonic() - started:.1f} s", flush=True)
         print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
         run_loops(guest, args.calls)  # warm-up: translate the loop's path once
         n, reps = args.calls, args.reps
@@ -401,9 +459,22 @@ def main() -> int:
             lambda: phase_plugin(guest, shm, gdb_address, target, n, reps, True, ph["plugin counter+log"]),
             lambda: phase_gdb_idle(vm, guest, n, reps, args.cold, ph["gdb-probe cold"]),
             lambda: phase_gdb_idle(vm, guest, n, reps, None, ph["tracer, no probe"]),
+        ]
+        hot: list[Callable[[], object]] = [
             lambda: hot_seen.append(phase_gdb_hot(vm, guest, args.hot_calls, ph["gdb-probe hot"])),
             lambda: phase_gdb_raw(guest, gdb_address, target, args.hot_calls, ph["gdb-stub raw hot"]),
+            lambda: phase_bare(guest, bare_at, bare_skip, args.hot_calls, ph["bare client hot"]),
         ]
+        turn = [0]
+
+        def hot_phases() -> None:
+            """The three hot phases back to back, ``--hot-reps`` times, each time starting one later."""
+            for _ in range(args.hot_reps):
+                for i in range(len(hot)):
+                    hot[(turn[0] + i) % len(hot)]()
+                turn[0] += 1
+
+        steps.append(hot_phases)
         for rnd in range(args.rounds):
             marks = {name: len(p.rates) for name, p in ph.items()}
             for i in range(len(steps)):  # each round starts one phase later: load changes hit all alike

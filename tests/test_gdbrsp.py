@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -438,6 +439,71 @@ def test_the_same_scenario_through_either_gdb_stub(vm: Vm, kind: str) -> None:
         assert stub.read_memory(0x7000, len(LOOP), physical=True) == LOOP[:4] + b"\x41" + LOOP[5:]
     finally:
         stub.close()
+
+
+def hmp_registers(q: BareQemu) -> dict[str, int]:
+    """vCPU 0's rax, rbx and rip as QEMU's own HMP ``info registers`` prints them (ground truth; EAX..
+    EIP outside long mode, as here)."""
+    text = qmp(q.qmp_path, "human-monitor-command", **{"command-line": "info registers"})
+    return {"r" + m[1].lower(): int(m[2], 16) for m in re.finditer(r"\b[RE](AX|BX|IP)=([0-9a-f]+)", text)}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["GdbClient", "GuardedStub"])
+def test_hot_path_through_either_gdb_stub(vm: Vm, kind: str) -> None:
+    """Per hit: the registers come with the stop, one resume writes RIP past the instruction and runs."""
+    stub: GdbStub = connect(vm.gdb) if kind == "GdbClient" else GuardedStub(vm.gdb, was_running=False)
+    try:
+        _start_loop(stub)
+        stub.set_breakpoint(0x7004)  # on "inc bx": every hit skips it by moving RIP to 0x7005
+        stub.resume()
+        seen: list[dict[str, int]] = []
+        for _ in range(20):
+            ev = stub.wait_stop(10, registers=True)
+            assert isinstance(ev, StopEvent) and ev.thread == "p01.01" and ev.registers is not None
+            truth = hmp_registers(vm.q)
+            assert {k: ev.registers[k] for k in ("rax", "rbx", "rip")} == truth
+            seen.append(ev.registers)
+            stub.resume({"rip": 0x7005}, "p01.01")
+        assert [r["rip"] for r in seen] == [0x7004] * 20
+        ax = [r["rax"] & 0xFFFF for r in seen]
+        assert ax == list(range(ax[0], ax[0] + 20))  # one loop iteration per hit, none lost
+        assert {r["rbx"] for r in seen} == {0}  # "inc bx" was skipped every time
+        assert stub.wait_stop(10) is not None  # (the 21st hit)
+        # without the write the continue stays on the breakpoint: the same iteration reports again
+        stub.resume(None, "p01.01")
+        again = stub.wait_stop(10, registers=True)
+        assert again is not None and again.registers is not None
+        assert (again.registers["rip"], again.registers["rax"] & 0xFFFF) == (0x7004, ax[-1] + 1)
+        # bad writes are refused before anything runs
+        with pytest.raises(AradiaError, match="no register 'nosuch'"):
+            stub.resume({"nosuch": 1}, "p01.01")
+        with pytest.raises(AradiaError, match="does not fit register rip"):
+            stub.resume({"rip": 1 << 64}, "p01.01")
+        assert status(vm.q) == "debug" and hmp_registers(vm.q)["rip"] == 0x7004
+        stub.remove_breakpoint(0x7004)
+        stub.resume({"rbx": 0x4242_0000}, "p01.01")  # (a write that is not the PC: P, then c)
+        assert stub.wait_stop(0.5) is None  # nothing armed: it runs
+        assert status(vm.q) == "running"
+        stub.interrupt()
+        bx = hmp_registers(vm.q)["rbx"]
+        assert bx >> 16 == 0x4242 and bx & 0xFFFF > 0  # written, then the 16-bit "inc bx" ran on
+    finally:
+        stub.close()
+
+
+@pytest.mark.timeout(60)
+def test_registers_and_monitor_commands_in_one_exchange(vm: Vm) -> None:
+    with connect(vm.gdb) as c:
+        c.write_registers({"rax": 0x1111, "rbx": 0x2222}, "p01.01")
+        regs, said = c.registers_and_monitor("p01.01", ["info status", "info version"])
+        assert {k: v for k, v in hmp_registers(vm.q).items() if k != "rip"} == {"rax": 0x1111, "rbx": 0x2222}
+        assert (regs["rax"], regs["rbx"], regs["rip"]) == (0x1111, 0x2222, hmp_registers(vm.q)["rip"])
+        version = qmp(vm.q.qmp_path, "query-version")["qemu"]
+        assert status(vm.q) == "prelaunch"
+        assert said is not None and said.startswith("VM status: paused (prelaunch)\n")
+        assert f"{version['major']}.{version['minor']}.{version['micro']}" in said  # both outputs, in order
+        assert c.registers_and_monitor("p01.01") == (c.registers("p01.01"), "")  # no commands: no output
 
 
 @pytest.mark.timeout(60)

@@ -26,7 +26,7 @@ from aradia.trace.guardian import GuardedStub
 IMPLEMENTATIONS = [GdbClient, GuardedStub]
 #: What the tracer, counting, the GDB memory source and the benchmark need from a stub.
 EXPECTED = {"read_memory", "write_memory", "registers", "read_register", "write_register", "threads",
-            "set_breakpoint", "remove_breakpoint", "cont", "step", "wait_stop", "interrupt", "monitor", "close"}
+            "set_breakpoint", "remove_breakpoint", "cont", "resume", "step", "wait_stop", "interrupt", "monitor", "close"}
 
 
 def protocol_methods() -> list[str]:
@@ -134,10 +134,12 @@ class Recorder:
 class NoGuard:
     """The guardian's migration checks, with no migration."""
 
-    def check(self, what: str) -> None:
+    said_at_stop: str | None = None
+
+    def check(self, what: str, said: str | None = None) -> None:
         """Nothing to refuse."""
 
-    def watch_migration(self) -> None:
+    def watch_migration(self, said: str | None = None) -> None:
         """No migration under way."""
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 
 from aradia.errors import AradiaError, NotRAM, PageFault, ProtocolError
 from aradia.proto.gdbconn import parse_address
@@ -223,14 +225,31 @@ class GdbClient(GdbRunControl):
 
     def registers(self, thread: str | None = None) -> dict[str, int]:
         """All registers of a vCPU (``g``, decoded with the target description; cr0..cr8, efer on x86)."""
+        return self.registers_and_monitor(thread)[0]
+
+    def registers_and_monitor(self, thread: str | None = None,
+                              commands: Sequence[str] = ()) -> tuple[dict[str, int], str | None]:
+        """All registers of a vCPU and the output of monitor ``commands`` (HMP), in one round trip.
+
+        The ``g`` and ``qRcmd`` packets go out together and are answered in order. The output is the
+        commands' text run together ("" without commands), None if the stub refused one of them.
+        """
+        rcmds = [b"qRcmd," + binascii.hexlify(c.encode()) for c in commands]
         with self.halted():
             sel = self._select(thread)
-            replies = self._exchange([*sel, b"g"])
+            self._console.clear()
+            self._console_size = 0
+            replies = self._exchange([*sel, b"g", *rcmds], idempotent=not rcmds)
+            text: str | None = b"".join(self._console).decode("utf-8", "replace").replace("\r\n", "\n")
+            self._console.clear()
+            self._console_size = 0
             if sel:
                 self._check_ok(replies[0], "Hg")
                 self._g_thread = thread
-            g = replies[-1]
+            g = replies[len(sel)]
             self._check_hex(g, "g")
+            if any(r == b"" or (r != b"OK" and is_error(r)) for r in replies[len(sel) + 1:]):
+                text = None
             out: dict[str, int] = {}
             for r in self._regs:
                 if r.offset is None or 2 * (r.offset + r.size) > len(g):
@@ -245,7 +264,7 @@ class GdbClient(GdbRunControl):
                         value = self._decode(r, reply)
                         if value is not None:
                             out[r.name] = value
-            return out
+            return out, text
 
     def _reg(self, name: str) -> RegisterInfo:
         try:
@@ -282,6 +301,78 @@ class GdbClient(GdbRunControl):
                 self._check_ok(replies[0], "Hg")
                 self._g_thread = thread
             self._check_ok(replies[-1], f"P{reg.regnum:x} ({name})")
+
+    def write_registers(self, values: dict[str, int], thread: str | None = None) -> None:
+        """Set several registers of a vCPU in one round trip (the ``P`` packets go out together)."""
+        packets: list[bytes] = []
+        for name, value in values.items():
+            reg = self._reg(name)
+            if not 0 <= value < 1 << (8 * reg.size):
+                raise AradiaError(f"value {value:#x} does not fit register {name} ({reg.bitsize} bits)")
+            data = value.to_bytes(reg.size, self.byteorder)  # type: ignore[arg-type]
+            packets.append(b"P%x=%s" % (reg.regnum, binascii.hexlify(data)))
+        if not packets:
+            return
+        with self.halted():
+            sel = self._select(thread)
+            replies = self._exchange([*sel, *packets])
+            if sel:
+                self._check_ok(replies[0], "Hg")
+                self._g_thread = thread
+            for name, reply in zip(values, replies[len(sel):], strict=True):
+                self._check_ok(reply, f"P{self._reg(name).regnum:x} ({name})")
+
+    def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
+        """Write ``registers`` of the stopped vCPU ``thread`` (none: nothing to write) and let every
+        vCPU run; the next stop comes from :meth:`wait_stop`.
+
+        Moving only the program counter of the vCPU that stopped (a breakpoint's usual exit) is one
+        packet, ``c ADDR``: QEMU sets the PC of that vCPU (the one it reported stopping, its continue
+        vCPU) and continues, with no reply to wait for. Other writes cost one round trip, then ``c``.
+        """
+        regs = dict(registers or {})
+        with self._lock:
+            pc = self._pc_name() if regs else ""
+            if (regs.keys() == {pc} and not self.running and not self._halt_depth
+                    and (thread is None or thread == self.stop_thread)):
+                reg = self._reg(pc)
+                if not 0 <= regs[pc] < 1 << (8 * reg.size):
+                    raise AradiaError(f"value {regs[pc]:#x} does not fit register {pc} ({reg.bitsize} bits)")
+                self._want_running = True
+                self._connect_paused = False
+                self._continue(regs[pc])
+                return
+            self.write_registers(regs, thread)
+            self.cont()
+
+    def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
+        """The next stop event (see :meth:`GdbRunControl.wait_stop`); with ``registers`` it carries the
+        stopped vCPU's registers (:attr:`StopEvent.registers`): the expedited ones when the stop reply
+        holds every register of the ``g`` packet, else read with ``g`` at once."""
+        ev = super().wait_stop(timeout)
+        if ev is None or not registers or ev.ended:
+            return ev
+        regs = self._decode_expedited(ev.expedited)
+        if regs is None:
+            regs = self.registers(ev.thread)
+        return dataclasses.replace(ev, registers=regs)
+
+    def _decode_expedited(self, expedited: dict[int, bytes]) -> dict[str, int] | None:
+        """Registers by name from a stop reply's expedited values; None unless they cover every
+        register the ``g`` packet carries (a partial set would leave the caller without cr3 or gs_base)."""
+        if not expedited:
+            return None
+        out: dict[str, int] = {}
+        for r in self._regs:
+            hexdata = expedited.get(r.regnum)
+            if hexdata is None or len(hexdata) != 2 * r.size:
+                if r.offset is not None:
+                    return None
+                continue
+            value = self._decode(r, hexdata)
+            if value is not None:
+                out[r.name] = value
+        return out
 
     # --- memory --------------------------------------------------------------------------------
     def _set_phys(self, physical: bool) -> None:
@@ -427,11 +518,14 @@ class GdbClient(GdbRunControl):
             text = b"".join(self._console).decode("utf-8", "replace")
             self._console.clear()
             self._console_size = 0
-            if reply == b"":
-                raise AradiaError(f"{self._where()} does not support monitor commands")
-            if reply != b"OK" and is_error(reply):
-                raise AradiaError(f"{self._where()} refused monitor command {command!r}: {reply.decode()}")
+            self._check_monitor(reply, command)
             return text.replace("\r\n", "\n")
+
+    def _check_monitor(self, reply: bytes, command: str) -> None:
+        if reply == b"":
+            raise AradiaError(f"{self._where()} does not support monitor commands")
+        if reply != b"OK" and is_error(reply):
+            raise AradiaError(f"{self._where()} refused monitor command {command!r}: {reply.decode()}")
 
     # --- helpers -------------------------------------------------------------------------------
     def _check_ok(self, reply: bytes, what: str) -> None:

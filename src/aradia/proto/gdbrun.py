@@ -116,9 +116,11 @@ class GdbRunControl(GdbTransport):
         self.running = False
         return stopped_it
 
-    def _continue(self) -> None:
+    def _continue(self, at: int | None = None) -> None:
+        """``c``, or ``c ADDR``: continue with the PC of the stub's continue vCPU (the one that
+        stopped last) set to ``at``."""
         self._g_thread = None
-        self._send(frame(b"c"), acks_first=True)
+        self._send(frame(b"c" if at is None else b"c%x" % at), acks_first=True)
         self.running = True
 
     def interrupt(self) -> StopEvent | None:
@@ -178,9 +180,11 @@ class GdbRunControl(GdbTransport):
                 if payload is not None:
                     if is_stop_reply(payload):
                         self._on_stop(parse_stop_reply(payload), provoked=False)
+                        if self._events:
+                            return self._events.popleft()  # at once: yielding the CPU here costs a hit
                     elif is_console(payload):
                         self._note_console(payload)
-            time.sleep(0)
+            time.sleep(0)  # (lock released: another thread may take its turn)
 
     def _step_packet(self, tid: str | None, timeout: float) -> StopEvent:
         packet = b"vCont;s:%s" % tid.encode() if tid else b"s"

@@ -78,9 +78,15 @@ class GdbStub(Protocol):
         the program counter where it was (QEMU does that now and then), at most ``max_attempts`` times."""
         ...
 
-    def wait_stop(self, timeout: float) -> StopEvent | None:
+    def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
+        """Write ``registers`` of the stopped vCPU ``thread`` (e.g. ``{"rip": ...}`` past a breakpoint)
+        and let every vCPU run: the hot path's one call after a hit."""
+        ...
+
+    def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
         """The next stop (breakpoint, watchpoint, a stop from elsewhere), or None after ``timeout``
-        seconds or at once if the VM is stopped and no stop is pending."""
+        seconds or at once if the VM is stopped and no stop is pending. With ``registers`` the stop
+        carries the stopped vCPU's registers (:attr:`StopEvent.registers`), fetched with it."""
         ...
 
     def interrupt(self) -> StopEvent | None:

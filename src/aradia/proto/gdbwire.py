@@ -129,6 +129,16 @@ class StopEvent:
     #: Other ``key:value`` pairs (``watch``, ``rwatch``, ``awatch``, ``swbreak``, register numbers, ...).
     info: dict[str, str] = field(default_factory=dict)
     raw: str = ""
+    #: The stopped vCPU's registers by name, when they came with the stop: all of them, either
+    #: expedited in the stop reply or fetched by the client right at the stop (``wait_stop(...,
+    #: registers=True)``); None when nobody fetched them.
+    registers: dict[str, int] | None = field(default=None, compare=False)
+
+    @property
+    def expedited(self) -> dict[int, bytes]:
+        """Registers the stub expedited in the stop reply (``T05 06:0000..;07:...``): register
+        number -> the value's hex digits in target byte order. Empty when it sent none (QEMU does not)."""
+        return expedited_registers(self.info)
 
     @property
     def watch_address(self) -> int | None:
@@ -150,6 +160,23 @@ class StopEvent:
     def ended(self) -> bool:
         """Whether the VM (the debugged process) is gone."""
         return self.kind in ("exited", "terminated")
+
+
+def expedited_registers(info: dict[str, str]) -> dict[int, bytes]:
+    """The ``NN:hexvalue`` pairs of a stop reply's fields: register number -> hex digits.
+
+    A key is a register number when it is all hex digits (``watch``, ``thread``, ``core``... are not;
+    a key such as ``ab`` would be, which the protocol rules out by naming no other field that way).
+    A value that is not an even number of hex digits (``xx`` marks an unavailable byte) is skipped.
+    """
+    out: dict[int, bytes] = {}
+    for key, value in info.items():
+        if not key or len(key) > 8 or key.strip("0123456789abcdefABCDEF"):
+            continue
+        raw = value.encode("ascii", "replace")
+        if raw and len(raw) % 2 == 0 and not raw.translate(None, _HEX):
+            out[int(key, 16)] = raw
+    return out
 
 
 def parse_stop_reply(payload: bytes) -> StopEvent:

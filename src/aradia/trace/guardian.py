@@ -22,22 +22,37 @@ QMP, and after the tracer's death):
   ``finish-migrate`` or ``postmigrate`` (the guest lives on the destination now; once seen, this
   guardian never resumes the VM again) and in ``inmigrate`` it refuses with
   :class:`~aradia.errors.Migrated`. A ``T18`` (SIGXCPU) stop, which the stub reports when a
-  migration completes on a running VM, turns into that error at once.
-* ``info migrate`` at a stop, at most every :data:`MIGRATION_CHECK_INTERVAL`: while a migration is
-  under way the guardian steps aside — removes every breakpoint, detaches with ``D;1`` so the guest
-  runs and the migration completes from ``running`` — and the request fails with ``Migrated``.
+  migration completes on a running VM, turns into that error at once. On the hot path (a
+  breakpoint hit: ``wait`` with ``registers``, then ``resume``) the ``qRcmd`` rides in the same
+  exchange as the ``g`` that reads the stop's registers, and the ``resume`` checks what it said, so
+  the check costs no round trip of its own; that reading holds only while the VM stays stopped (any
+  request that may let it run forgets it, and the next continue asks again). No QMP event could
+  replace the check: in QEMU's source a VM stopped at a breakpoint changes to ``finish-migrate``
+  without a ``STOP`` event (``vm_stop_force_state`` only sets the state), and ``MIGRATION`` events
+  exist only when the migrating party turned them on.
+* ``info migrate`` at a stop, at most every :data:`MIGRATION_CHECK_INTERVAL` (on the hot path in
+  the same exchange as the registers): while a migration is under way the guardian steps aside —
+  removes every breakpoint, detaches with ``D;1`` so the guest runs and the migration completes
+  from ``running`` — and the request fails with ``Migrated``.
 * Leaving (detach, or the tracer's end) asks ``info status`` first: a migrated VM gets its
   breakpoints removed and the connection closed *without* ``D`` (closing leaves the run state
   alone); any other VM gets ``D;1`` as above. If QEMU cannot say (no answer to ``info status``), the
   guardian keeps the old behaviour, ``D;1``.
 
-What stays open: the instant between a check and the ``c``/``D`` after it (a migration completing
-exactly then is not caught; only QEMU's stub could close that), and a migration that starts and
-completes between two ``info migrate`` checks while the VM sits at a breakpoint.
+What stays open: the time between a check and the ``c``/``D`` after it (a migration completing
+exactly then is not caught; only QEMU's stub could close that) — on the hot path that is the
+tracer's handling of the hit and the hops between the processes (0.15-0.25 ms of handling measured
+for a syscall probe, milliseconds on a loaded host), where it used to be one round trip to the stub
+— and a migration that starts and completes between two ``info migrate`` checks while the VM sits
+at a breakpoint.
 
 QEMU gone. When the stub connection breaks (QEMU exited: QMP ``quit``, a signal, a guest power-off)
 the request in progress fails with :class:`~aradia.errors.NotAttached` saying so, and the guardian
 exits right after that reply; the tracer's later calls repeat the same error.
+
+Per breakpoint hit the tracer sends two requests: ``wait`` with ``registers`` (the stop comes back
+with the stopped vCPU's registers, read with ``g`` as soon as the stop reply arrived, together with
+the run-state check) and ``resume`` (a PC-only write is one ``c ADDR`` packet to the stub).
 
 Protocol: one JSON object per line each way. Requests ``{"op": ..., ...}``; replies ``{"ok": value}``
 or ``{"error": text, "kind": class name}`` (plus ``"fatal": true`` when the guardian exits after it).
@@ -48,6 +63,7 @@ guardian notices a vanished tracer within that time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -107,14 +123,22 @@ class _Guard:
         self.migrated_state: str | None = None
         self.migration_checked = 0.0
         self.left = False
+        #: ``info status`` (and, when due, ``info migrate``) output read with the registers at the
+        #: current breakpoint stop; the ``resume`` that ends the stop checks it. None: not read.
+        self.said_at_stop: str | None = None
 
-    def run_state(self) -> str | None:
-        """QEMU's run state, asked through the stub's monitor; None if QEMU cannot say.
+    def migration_due(self) -> bool:
+        """Whether a stop should look at the migration status now (every :data:`MIGRATION_CHECK_INTERVAL`)."""
+        return time.monotonic() - self.migration_checked >= MIGRATION_CHECK_INTERVAL
+
+    def run_state(self, said: str | None = None) -> str | None:
+        """QEMU's run state, asked through the stub's monitor (or read from ``said``, the output of an
+        ``info status`` the caller sent along with other packets); None if QEMU cannot say.
 
         :class:`NotAttached` (the stub connection is gone) propagates.
         """
         try:
-            state = parse_info_status(self.client.monitor("info status"))
+            state = parse_info_status(self.client.monitor("info status") if said is None else said)
         except NotAttached:
             raise
         except AradiaError:
@@ -123,9 +147,12 @@ class _Guard:
             self.migrated_state = state  # a source stays migrated for this guardian: never resume it
         return state
 
-    def check(self, what: str) -> None:
-        """Raise :class:`Migrated` if ``what`` (a continue, a step) would resume a guest living elsewhere."""
-        state = self.migrated_state or self.run_state()
+    def check(self, what: str, said: str | None = None) -> None:
+        """Raise :class:`Migrated` if ``what`` (a continue, a step) would resume a guest living elsewhere.
+
+        ``said``: the output of an ``info status`` sent just now (with the hit's register writes).
+        """
+        state = self.migrated_state or self.run_state(said)
         if self.migrated_state:
             raise Migrated(f"refusing to {what}: the VM was live-migrated away (run state "
                            f"{self.migrated_state}); resuming it here would run the guest twice. "
@@ -154,16 +181,20 @@ class _Guard:
         m = _MIGRATION_STATUS.search(text)
         return m[1] if m else "none"
 
-    def watch_migration(self) -> None:
+    def watch_migration(self, said: str | None = None) -> None:
         """At a stop: if a migration is under way, step aside (disarm, ``D;1``) and raise :class:`Migrated`.
 
-        Checks at most every :data:`MIGRATION_CHECK_INTERVAL`.
+        Checks at most every :data:`MIGRATION_CHECK_INTERVAL`; ``said`` is the output of an ``info
+        migrate`` the caller sent along with the stop's other packets (then nothing is asked here).
         """
-        now = time.monotonic()
-        if now - self.migration_checked < MIGRATION_CHECK_INTERVAL:
+        if said is None and not self.migration_due():
             return
-        self.migration_checked = now
-        status = self.migration_status()
+        self.migration_checked = time.monotonic()
+        if said is None:
+            status = self.migration_status()
+        else:
+            m = _MIGRATION_STATUS.search(said)
+            status = m[1] if m else "none"
         if status not in MIGRATION_ACTIVE:
             return
         self.leave()
@@ -248,6 +279,8 @@ def _serve(ctl: socket.socket, address: str, was_running: bool | None) -> None:
 
 def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
     op = req["op"]
+    # the run state read at a stop holds until something may have let the VM run
+    said, guard.said_at_stop = guard.said_at_stop, (guard.said_at_stop if op in _KEEP_STOP else None)
     if op == "break":
         client.set_breakpoint(int(req["addr"]), int(req.get("kind", 0)), int(req.get("length", 1)))
         return None
@@ -259,6 +292,12 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
             guard.check("continue the VM")
         client.cont()
         return None
+    if op == "resume":
+        if not client.running:  # (asking a running VM would stop it, and a hit could slip by)
+            # the run state read with this stop's registers; asked now if the stop was not read so
+            guard.check("continue the VM", said)
+        client.resume({str(k): int(v) for k, v in (req.get("registers") or {}).items()}, req.get("thread"))
+        return None
     if op == "interrupt":
         ev = client.interrupt()
         return None if ev is None else _event(ev)
@@ -266,7 +305,16 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         ev = client.wait_stop(min(float(req.get("timeout", MAX_WAIT)), MAX_WAIT))
         if ev is not None and ev.kind == "signal" and ev.signal == SIGXCPU:
             guard.check("go on")  # QEMU stopped the VM to complete a migration
-        if ev is not None:
+        if ev is not None and not ev.ended and req.get("registers"):
+            # the hot path: registers, run state and (when due) migration status in one round trip
+            migrate = guard.migration_due()
+            asks = ["info status", *(["info migrate"] * migrate)]
+            regs, text = client.registers_and_monitor(ev.thread, asks)
+            guard.said_at_stop = text
+            if migrate:
+                guard.watch_migration(text if text is not None else "")
+            ev = dataclasses.replace(ev, registers=regs)
+        elif ev is not None:
             guard.watch_migration()
         return None if ev is None else _event(ev)
     if op == "regs":
@@ -301,15 +349,23 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
     raise ProtocolError(f"unknown guardian request {op!r}")
 
 
+#: Requests that leave the VM stopped where it is: the run state read at the stop stays good for them.
+_KEEP_STOP = frozenset({"break", "unbreak", "regs", "reg", "set_reg", "read", "write", "threads", "running",
+                        "status"})
+
+
 def _event(ev: StopEvent) -> dict[str, Any]:
     """A stop as JSON for the pipe (:func:`_stop_event` rebuilds it on the tracer's side)."""
-    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info, "raw": ev.raw}
+    return {"kind": ev.kind, "signal": ev.signal, "thread": ev.thread, "info": ev.info, "raw": ev.raw,
+            "registers": ev.registers}
 
 
 def _stop_event(msg: dict[str, Any]) -> StopEvent:
     """The :class:`StopEvent` that :func:`_event` sent."""
+    regs = msg.get("registers")
     return StopEvent(str(msg["kind"]), int(msg["signal"]), msg["thread"],
-                     {str(k): str(v) for k, v in msg["info"].items()}, str(msg["raw"]))
+                     {str(k): str(v) for k, v in msg["info"].items()}, str(msg["raw"]),
+                     None if regs is None else {str(k): int(v) for k, v in regs.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,11 +455,18 @@ class GuardedStub:
         """Let the guest run."""
         self.call("cont")
 
-    def wait_stop(self, timeout: float) -> StopEvent | None:
-        """The next stop or None after ``timeout``."""
+    def resume(self, registers: dict[str, int] | None = None, thread: str | None = None) -> None:
+        """Write ``registers`` of the stopped vCPU and let the guest run: one request, and one round
+        trip to the stub for the writes and the guardian's run-state check together."""
+        self.call("resume", registers=registers, thread=thread)
+
+    def wait_stop(self, timeout: float, *, registers: bool = False) -> StopEvent | None:
+        """The next stop or None after ``timeout``; with ``registers`` it carries the stopped vCPU's
+        registers (the guardian reads them at the stop, in the same request)."""
         end = time.monotonic() + timeout
         while True:
-            ev = self.call("wait", timeout=max(0.0, min(MAX_WAIT, end - time.monotonic())))
+            ev = self.call("wait", timeout=max(0.0, min(MAX_WAIT, end - time.monotonic())),
+                           registers=registers)
             if ev is not None or time.monotonic() >= end:
                 return None if ev is None else _stop_event(ev)
 

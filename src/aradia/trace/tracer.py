@@ -429,7 +429,8 @@ class Tracer:
                 self._await_return(probe, regs, entry=kept)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
-                ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs *", value=regs["rdi"])
+                # one read of the whole struct, not one per argument
+                ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs", address=regs["rdi"]).read_()
                 raw = [int(getattr(ptregs, r)) for r in syscalls.SYSCALL_ARG_REGS]
                 if probe.name in SYSCALL_EXITS:
                     self._in_syscall[self._task_address(regs)] = (probe.name, raw)  # reported at its end
@@ -582,7 +583,7 @@ class Tracer:
     def _next(self, timeout: float) -> Event | None:
         """Wait up to ``timeout`` for one stop and handle it; the event it makes, if any."""
         self._check_alive()
-        stop = self.stub.wait_stop(timeout)
+        stop = self.stub.wait_stop(timeout, registers=True)  # the registers come with the stop
         if stop is None:
             return None
         self._check_alive()
@@ -590,7 +591,7 @@ class Tracer:
             raise AradiaError(f"the VM ended while tracing ({stop.kind})")
         thread = stop.thread
         self._stopped = True
-        regs = self.stub.registers(thread)
+        regs = stop.registers if stop.registers is not None else self.stub.registers(thread)
         try:
             if stop.watch_address is not None:
                 ev = self._watch_event(stop, thread, regs)
@@ -604,25 +605,26 @@ class Tracer:
         return ev
 
     def _resume(self, thread: str | None, regs: dict[str, int]) -> None:
-        """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run."""
+        """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run: one
+        request (register writes and continue together) unless a single step is needed."""
         rip = regs.get("rip", 0)
         probe = self.probes.get(rip)
         now, self._return_now = self._return_now, None
+        writes: dict[str, int] = {}
         if now is not None:  # a hook decided: the function returns at once, its body never runs
-            for name in ("rax", "rsp", "rip"):
-                self.stub.write_register(name, now[name], thread)
+            writes = {name: now[name] for name in ("rax", "rsp", "rip")}
         elif probe is not None and probe.skip:
-            self.stub.write_register("rip", rip + probe.skip, thread)
+            writes = {"rip": rip + probe.skip}
         elif probe is not None and probe.kind == "uprobe" and self._endbr_at(regs):
             # a user function compiled with CET starts with ENDBR64 (a NOP here): skipping it is
             # running it, and spares the single-step (which makes TCG flush all translated code)
-            self.stub.write_register("rip", rip + len(ENDBR64), thread)
+            writes = {"rip": rip + len(ENDBR64)}
         elif probe is not None or rip in self._returns:
             # off the breakpoint, or the continue would re-hit it
             self.stub.step(thread, until_pc_changes=True)
             self._check_step(thread, regs)
         self._stopped = False
-        self.stub.cont()
+        self.stub.resume(writes, thread)
 
     def _endbr_at(self, regs: dict[str, int]) -> bool:
         """Whether the stopped task's instruction at RIP is ENDBR64 (read in its own address space:
