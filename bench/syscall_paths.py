@@ -29,7 +29,6 @@ follows in brackets. Ratios to **untraced**, measured in the same run, are print
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import statistics
 import sys
@@ -39,7 +38,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
@@ -50,25 +48,13 @@ from aradia.trace.plugintrace import PluginSyscallTrace, plugin_path_problem
 from aradia.trace.probes import Filter
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
+from guest_loop import BenchError, guest_programs
 
 REPO = Path(__file__).resolve().parent.parent
 SYSCALL, NR = "getsid", 124
 EVENT_ENTRIES = 1 << 14  # per vCPU (16 MiB): room for what the loop writes between two drains
 
 
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
-
-
-def guest_programs() -> ModuleType:
-    """``tests/guest_programs.py`` (the loop's source and builder), imported by its path."""
-    path = REPO / "tests" / "guest_programs.py"
-    spec = importlib.util.spec_from_file_location("aradia_bench_guest_programs", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass

@@ -39,7 +39,6 @@ Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare cli
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import re
@@ -51,7 +50,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
@@ -64,6 +62,7 @@ from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
 from bare_rsp import BareRsp
+from guest_loop import BenchError, guest_programs
 
 REPO = Path(__file__).resolve().parent.parent
 HOT_SYSCALL = "getppid"
@@ -76,19 +75,6 @@ NOP5 = bytes.fromhex("0f1f440000")
 ENDBR64 = bytes.fromhex("f30f1efa")
 
 
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
-
-
-def guest_programs() -> ModuleType:
-    """``tests/guest_programs.py`` (the loop program's source and builder), imported by its path."""
-    path = REPO / "tests" / "guest_programs.py"
-    spec = importlib.util.spec_from_file_location("aradia_bench_guest_programs", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass

@@ -34,7 +34,7 @@ from aradia.trace.events import Event
 from aradia.trace.pluginload import plugin_shm_path, retranslate
 from aradia.trace.pluginshm import FILTER_MAX, ArgCapture, PluginShm
 from aradia.trace.probes import Filter
-from aradia.trace.tracer import SYSCALL_EXITS
+from aradia.trace.tracer import SYSCALL_EXITS, gone_reason
 
 #: Pointer arguments whose memory a record carries: (argument, bytes (0: a NUL-terminated string),
 #: argv argument or None) by syscall; other syscalls carry their six numbers only.
@@ -215,12 +215,7 @@ class PluginSyscallTrace:
         return self
 
     def _on_qmp_event(self, ev: Any) -> None:
-        # the stop path's words (Tracer): after a reset the kernel sits at new addresses (KASLR)
-        if ev.name == "RESET":
-            self._gone = ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
-                          "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
-        elif ev.name == "SHUTDOWN":
-            self._gone = f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
+        self._gone = gone_reason(ev) or self._gone  # the stop path's words
 
     @property
     def lost(self) -> int:

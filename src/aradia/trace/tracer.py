@@ -88,6 +88,16 @@ class HandOffLock:
                 self._cond.wait(left)
 
 
+def gone_reason(ev: Any) -> str | None:
+    """Why a trace cannot go on after QMP event ``ev`` (a reset or a shutdown of the guest), or None."""
+    if ev.name == "RESET":
+        return ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
+                "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
+    if ev.name == "SHUTDOWN":
+        return f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
+    return None
+
+
 @dataclass
 class Tracer:
     """Probes on one live VM (``vm`` from :func:`aradia.attach`), events through :meth:`events`."""
@@ -123,11 +133,7 @@ class Tracer:
         return tracer
 
     def _on_qmp_event(self, ev: Any) -> None:
-        if ev.name == "RESET":
-            self._gone = ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
-                          "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
-        elif ev.name == "SHUTDOWN":
-            self._gone = f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
+        self._gone = gone_reason(ev) or self._gone
 
     def _check_alive(self) -> None:
         """Raise the clear error when the guest rebooted, shut down or its QEMU exited."""
