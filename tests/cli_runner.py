@@ -171,3 +171,15 @@ def event_lines(text: str) -> list[Line]:
         assert m, f"not an event line: {line!r}"
         out.append(Line(m["comm"], int(m["tgid"]), int(m["pid"]), int(m["uid"]), m["kind"], m["name"], m["args"]))
     return out
+
+
+def interrupt(p: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """End a CLI process as Ctrl-C does (SIGINT) unless it ended; ``kill -9`` if it has not ended
+    within ``timeout`` s."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aradia.lab.launcher import Guest
-from cli_runner import cli_argv
+from cli_runner import cli_argv, interrupt
 
 #: /srv/app with a config and a bin/ directory; a hard link to the config made before the guard
 #: starts, a bind mount of the tree; the allowed updater /usr/local/bin/deploy (a copy of bash: the
@@ -83,13 +82,7 @@ def guarding(guest: Guest, policy: Path, *extra: str,
         assert line.startswith(f"guarding qmp:{guest.qmp_path} with {policy}"), line + p.stderr.read()
         yield p
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        interrupt(p)
 
 
 def alerts_of(p: subprocess.Popen[str]) -> tuple[list[dict[str, Any]], str]:

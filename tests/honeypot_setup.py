@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import signal
 import socket
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import paramiko
 
 from aradia.lab.launcher import Guest
-from cli_runner import cli_argv
+from cli_runner import cli_argv, interrupt
 from waiting import wait_until
 
 
@@ -70,13 +69,7 @@ def monitoring(guest: Guest, out: Path, *extra: str) -> Iterator[Monitor]:
     try:
         yield m
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        interrupt(p)
         reader.join(10)
         m.stderr = p.stderr.read()
     assert p.returncode == 0 and "Traceback" not in m.stderr, (p.returncode, m.stderr)
