@@ -110,7 +110,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                          (["honeypot", "bogus", "x"], "usage: aradia honeypot"),
                          (["honeypot"], "--vm SPEC is required"),
                          (["honeypot", "--vm", str(tmp_path / "missing.elf")], "missing.elf"),
-                         (["honeypot", "--vm", "web1", "--server", "https://127.0.0.1:9"], "no --server mode")):
+                         (["honeypot", "--vm", "web1", "--server", "https://127.0.0.1:9"], "start it as an app")):
         r = run_cli(*argv, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr)
         assert needle in r.stderr.strip().splitlines()[-1], (argv, r.stderr)

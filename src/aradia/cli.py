@@ -654,7 +654,8 @@ def cmd_honeypot(args: argparse.Namespace) -> int:
         print(report(Path(args.action[1])))
         return 0
     if args.server:
-        raise AradiaError("aradia honeypot runs where the VM is (--vm qmp:PATH); it has no --server mode yet")
+        raise AradiaError("aradia honeypot runs where the VM is (--vm qmp:PATH); on a service, start it "
+                          'as an app: POST /api/v1/vms/VM/traces {"kind": "honeypot"}')
     out = Path(args.out or time.strftime("honeypot-%Y%m%d-%H%M%S"))
     with _open(args) as vm:
         if not vm.live:

@@ -8,6 +8,7 @@ from aradia.service.apps import Apps
 def service_apps() -> Apps:
     """Every app the service runs, by the spec ``kind`` that starts it."""
     from aradia.apps.guard.served import GuardApp
+    from aradia.apps.honeypot.served import HoneypotApp
 
-    guard = GuardApp()
-    return {guard.name: guard}
+    apps = (GuardApp(), HoneypotApp())
+    return {app.name: app for app in apps}

@@ -5,15 +5,36 @@ serve``) hands it the apps it offers, each a :class:`ServiceApp`. A client start
 a trace, with a spec whose ``kind`` is the app's name (``{"kind": "guard", "policy": "…"}``); the
 service checks the app's own permission besides ``trace``, stores the spec (so the app is armed again
 after a restart, as a trace is), and hands the app's events on as a trace's (store, bus, live).
+
+An app's events reach the service one of two ways: as the tracer's own events of its
+``event_kind`` (the guard's hooks emit ``guard`` events), or, for an app that digests the tracer's
+events into records of its own (the honeypot), through :meth:`ServiceApp.handle` and the
+:class:`AppSink` it was armed with (its ``event_kind`` is None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from aradia.service.schema import Records
+from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
+
+
+@dataclass
+class AppSink:
+    """Where an armed app puts what it makes: event records (``emit``, made with ``records``: the
+    VM's one id scheme) and files (under ``directory``, its own on the service's host)."""
+
+    records: Records
+    emit: Callable[[dict[str, Any]], None]
+    directory: Path
+    handle: Any = None  # what the app's arm returned (set by the service once it is armed)
 
 
 class ServiceApp(Protocol):
@@ -23,17 +44,21 @@ class ServiceApp(Protocol):
     name: str
     #: what a tenant's ``allow`` must hold to start it (besides ``trace``)
     permission: str
-    #: the ``kind`` of the events it reports
-    event_kind: str
+    #: the ``kind`` of the tracer's events that are its own (None: it emits records through its sink)
+    event_kind: str | None
 
     def parse(self, data: dict[str, Any]) -> BaseModel:
         """The validated spec (a frozen pydantic model with a ``kind`` field); raise
         :class:`pydantic.ValidationError` or :class:`aradia.errors.AradiaError` if it is malformed."""
         ...
 
-    def arm(self, tracer: Tracer, spec: Any) -> Any:
-        """Arm the app on ``tracer`` (called with the tracer's loop held out); a handle for :meth:`disarm`.
-        Raise :class:`aradia.errors.AradiaError` when this VM cannot serve the spec."""
+    def arm(self, tracer: Tracer, spec: Any, sink: AppSink) -> Any:
+        """Arm the app on ``tracer``; a handle for :meth:`disarm`. Raise
+        :class:`aradia.errors.AradiaError` when this VM cannot serve the spec."""
+        ...
+
+    def handle(self, handle: Any, ev: Event) -> None:
+        """Every event of the tracer, in order (an app that only reports its own events ignores them)."""
         ...
 
     def disarm(self, tracer: Tracer, handle: Any) -> None:

@@ -11,7 +11,7 @@
     [[tenant]]
     name = "alice"
     token_sha256 = "…"               # SHA-256 (hex) of the token: `aradia token new` prints both
-    allow = ["views", "read", "trace"]   # of views, read, write, trace, dump, guard; default: none
+    allow = ["views", "read", "trace"]   # of views, read, write, trace, dump, guard, honeypot; default: none
     rate = 5.0                       # optional: requests/s, overriding [limits] for this tenant
     burst = 10                       # optional
     [[vm]]
@@ -56,8 +56,9 @@ from aradia.errors import AradiaError
 from aradia.service.schema import NAME_RE
 
 #: what a tenant may be allowed to do (``list``, its own VMs, every principal may)
-#: (``guard``: arm the insider guard, which makes guest operations fail; a tenant needs ``trace`` too)
-OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump", "guard")
+#: (``guard``: arm the insider guard, which makes guest operations fail; ``honeypot``: the SSH honeypot
+#: monitor, which records passwords and may let any password in; a tenant needs ``trace`` too)
+OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump", "guard", "honeypot")
 #: how the service reaches a VM's RAM (see :func:`aradia.vm.attach`)
 MEMORY_PATHS: tuple[str, ...] = ("auto", "shared-file", "proc-mem", "gdb")
 #: the name the operator goes by (in audit rows and rate buckets); no tenant may take it

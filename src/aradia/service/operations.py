@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aradia.errors import AradiaError, NotAttached, NotRAM, PageFault
@@ -117,8 +118,11 @@ class Service:
         self.rates = Rates()
         self.bus: Any = None  # EventBus when [nats] is configured (set by the server)
         self.aggregator: Any = None  # Aggregator of an --aggregate service with [nats]
+        #: apps' files (the honeypot's transcripts and kept files), beside the store: the service's own
+        self.apps_dir = Path(os.path.dirname(os.path.abspath(config.store.path))) / "apps"
         self.owners: dict[str, VMOwner] = {} if aggregate else {
-            vm.name: VMOwner(vm, host=config.host, emit=self._emit, log=log) for vm in config.vms}
+            vm.name: VMOwner(vm, host=config.host, emit=self._emit, log=log, data_dir=self.apps_dir)
+            for vm in config.vms}
         self._lock = threading.Lock()
         self._traces: dict[str, Subscription] = {}
         #: dumps wait here while they are streamed to the client (beside the store, the service's own)

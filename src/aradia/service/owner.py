@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aradia.errors import AradiaError, NotAttached
+from aradia.service.apps import AppSink
 from aradia.service.config import VMConfig
 from aradia.service.schema import Records
 from aradia.service.tracespec import (
@@ -72,8 +74,10 @@ class Subscription:
 class VMOwner:
     """Holds one VM's QMP and GDB-stub connections for the service."""
 
-    def __init__(self, config: VMConfig, *, host: str, emit: Emit, log: logging.Logger | None = None) -> None:
+    def __init__(self, config: VMConfig, *, host: str, emit: Emit, log: logging.Logger | None = None,
+                 data_dir: Path | None = None) -> None:
         self.config = config
+        self.data_dir = data_dir  # apps' files go under it (e.g. the honeypot's transcripts)
         self.name = config.name
         self.host = host
         self._emit = emit
@@ -244,7 +248,10 @@ class VMOwner:
             for key in probe_keys(sub.spec):
                 have = self._probes.get(key)
                 if have is None:
-                    self._probes[key] = [arm(tracer, key), 1]
+                    sink = self._sink(sub) if key[0] == "app" else None
+                    self._probes[key] = [arm(tracer, key, sink), 1]
+                    if sink is not None:
+                        sink.handle = self._probes[key][0]
                 else:
                     have[1] += 1
                 done.append(key)
@@ -254,6 +261,31 @@ class VMOwner:
             if not self._subs:
                 self._drop_tracer(None)
             raise
+
+    def _sink(self, sub: Subscription) -> AppSink:
+        """Where the app ``sub`` starts puts its records (to every trace sharing the armed app; while it
+        arms, to ``sub`` alone) and its files."""
+
+        def emit(record: dict[str, Any]) -> None:
+            subs = self._app_subs(sink.handle) or [sub]
+            for s in subs:
+                s.events += 1
+            try:
+                self._emit(record, [s.id for s in subs])
+            except Exception:  # a sink's trouble never stops the guest's tracing
+                self.log.exception("event sink failed", extra={"vm": self.name})
+
+        base = self.data_dir if self.data_dir is not None else Path("aradia-apps")
+        sink = AppSink(self._records, emit, base / f"{self.name}-{sub.id}")
+        return sink
+
+    def _app_subs(self, handle: Any) -> list[Subscription]:
+        """The traces of the armed app ``handle`` (none before it is armed)."""
+        if handle is None:
+            return []
+        keys = {k for k, have in self._probes.items() if k[0] == "app" and have[0] is handle}
+        return [s for s in list(self._subs.values())
+                if isinstance(s.spec, AppSpec) and probe_keys(s.spec)[0] in keys]
 
     def _release(self, key: ProbeKey) -> None:
         have = self._probes.get(key)
@@ -365,6 +397,12 @@ class VMOwner:
                 self._drop_vm(why)
 
     def _dispatch(self, ev: Event) -> None:
+        for key, (handle, _n) in list(self._probes.items()):
+            if key[0] == "app":
+                try:
+                    key[1].app.handle(handle, ev)
+                except Exception:  # an app's trouble never stops the guest's tracing
+                    self.log.exception("app failed on an event", extra={"vm": self.name, "app": key[1].kind})
         subs = [s for s in list(self._subs.values()) if matches(s.spec, s.keys, s.filter, ev)]
         if not subs:
             return

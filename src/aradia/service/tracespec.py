@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from aradia.errors import AradiaError
-from aradia.service.apps import Apps, ServiceApp
+from aradia.service.apps import Apps, AppSink, ServiceApp
 from aradia.trace.events import Event
 from aradia.trace.probes import Filter
 from aradia.trace.tracer import LIFECYCLE, Tracer
@@ -179,7 +179,8 @@ def event_keys(spec: Any) -> set[tuple[str, str]]:
     if isinstance(spec, WatchSpec):
         return {("watch", f"{spec.address:#x}")}
     if isinstance(spec, AppSpec):
-        return {(spec.app.event_kind, ANY_NAME)}
+        kind = spec.app.event_kind  # (None: the app emits its records itself, through its sink)
+        return {(kind, ANY_NAME)} if kind else set()
     return set()
 
 
@@ -195,8 +196,9 @@ def matches(spec: Any, keys: set[tuple[str, str]], flt: Filter, ev: Event) -> bo
     return ((ev.kind, ev.name) in keys or (ev.kind, ANY_NAME) in keys) and flt.keep(ev)
 
 
-def arm(tracer: Tracer, key: ProbeKey) -> Any:
-    """Arm the probe ``key`` names on ``tracer``; the handle :func:`disarm` takes."""
+def arm(tracer: Tracer, key: ProbeKey, sink: AppSink | None = None) -> Any:
+    """Arm the probe ``key`` names on ``tracer`` (an app with its ``sink``); the handle :func:`disarm`
+    takes."""
     what = key[0]
     if what == "syscall":
         return tracer.add_syscall(key[1])
@@ -215,7 +217,9 @@ def arm(tracer: Tracer, key: ProbeKey) -> Any:
         _, address, length, access, in_pid = key
         return tracer.add_watch(address, length, access, pid=in_pid)
     if what == "app":
-        return key[1].app.arm(tracer, key[1].spec)
+        if sink is None:
+            raise SpecError(f"app {key[1].kind} needs a sink to arm")
+        return key[1].app.arm(tracer, key[1].spec, sink)
     raise SpecError(f"unknown probe {what!r}")
 
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aradia.apps.guard.guard import Guard
 from aradia.apps.guard.policy import parse_policy
+from aradia.service.apps import AppSink
+from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 
 MAX_POLICY = 64 * 1024  # characters of TOML: far beyond any real policy, small beside a body limit
@@ -44,11 +46,15 @@ class GuardApp:
         parse_policy(spec.policy, "policy")
         return spec
 
-    def arm(self, tracer: Tracer, spec: Any) -> Guard:
-        """Resolve the policy in the guest and arm the guard's hooks on ``tracer``."""
+    def arm(self, tracer: Tracer, spec: Any, sink: AppSink) -> Guard:
+        """Resolve the policy in the guest and arm the guard's hooks on ``tracer`` (its alerts are the
+        tracer's ``guard`` events: the sink is not needed)."""
         guard = Guard(tracer, parse_policy(spec.policy, "policy"), dry_run=spec.dry_run)
         guard.start()
         return guard
+
+    def handle(self, handle: Any, ev: Event) -> None:
+        """Nothing: the guard decides at its hooks."""
 
     def disarm(self, tracer: Tracer, handle: Any) -> None:
         """Disarm the guard's hooks."""

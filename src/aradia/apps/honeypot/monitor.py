@@ -37,6 +37,7 @@ from aradia.apps.honeypot.sessions import Session, SessionTable
 from aradia.linux.bounds import GUEST_ERRORS
 from aradia.service.schema import Records, wall_time
 from aradia.trace.events import Event
+from aradia.trace.probes import Probe
 from aradia.trace.tracer import Tracer
 from aradia.trace.uprobes import UserTarget
 
@@ -56,12 +57,14 @@ class Honeypot:
         self.show = show
         self.table = SessionTable()
         self.user_targets: dict[str, list[UserTarget]] = {}
+        self.probes: list[Probe] = []
+        self.check: PasswordCheck | None = None
 
     def start(self) -> None:
         """Arm every probe (the guest runs on meanwhile, between the arming stops). The user-space
         probes are armed only in the processes that need them, when they appear: the password check
         in a session's daemon (at its forks), readline in a session's bash (at its exec)."""
-        check = PasswordCheck(self._user_of, self.accept_any)
+        check = self.check = PasswordCheck(self._user_of, self.accept_any)
         add = self.tracer.add_uprobe
         self.user_targets = {
             "daemon": [add(GETPWNAM, follow=False),
@@ -70,10 +73,19 @@ class Honeypot:
         }
         hits = Hits(lambda tgid: tgid in self.table.by_tgid, self._arm)
         for symbol, what in KERNEL_HOOKS.items():
-            self.tracer.add_hook(symbol, hits.decision(what))
+            self.probes.append(self.tracer.add_hook(symbol, hits.decision(what)))
         for name in NET_SYSCALLS:
-            self.tracer.add_syscall(name)
+            self.probes.append(self.tracer.add_syscall(name))
         self._adopt()
+
+    def stop(self) -> None:
+        """Disarm every probe of the monitor (the tracer and other probes go on); :meth:`close` after."""
+        for targets in self.user_targets.values():
+            for target in targets:
+                self.tracer.remove_uprobe(target)
+        for probe in self.probes:
+            self.tracer.remove(probe)
+        self.user_targets, self.probes = {}, []
 
     def _adopt(self) -> None:
         """Take the sessions open now (their start is the monitor's: ``adopted``)."""
