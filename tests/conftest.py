@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,13 @@ from aradia.lab import GuestError
 from aradia.lab.images import GuestImage, build_guest
 from aradia.lab.launcher import Guest, launch
 from aradia.machine.qemu import QEMU_BINARY
+
+# The tests stop CLI commands with SIGINT, as a user's Ctrl-C. A test run started in the background by a
+# shell without job control (`cmd &` in a script) inherits SIGINT *ignored*, and so would every command
+# it starts (Python then installs no KeyboardInterrupt handler): the Ctrl-C would do nothing. Handling
+# SIGINT here makes the commands' SIGINT the default again (a handler is reset at exec, an ignore is not).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BOOT_TIMES: list[tuple[str, float]] = []
 BUILD_TIMES: list[tuple[str, float]] = []
