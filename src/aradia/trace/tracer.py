@@ -23,7 +23,7 @@ from typing import Any
 
 import drgn
 
-from aradia.errors import AradiaError
+from aradia.errors import AradiaError, NotAttached
 from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.kernel import LinuxVM
 from aradia.linux.net import socket_info
@@ -88,13 +88,20 @@ class HandOffLock:
                 self._cond.wait(left)
 
 
+#: SHUTDOWN reasons that mean QEMU exits (quit over QMP, a signal, its window closed, an error)
+QEMU_EXITING = frozenset({"host-qmp-quit", "host-signal", "host-ui", "host-error"})
+
+
 def gone_reason(ev: Any) -> str | None:
     """Why a trace cannot go on after QMP event ``ev`` (a reset or a shutdown of the guest), or None."""
     if ev.name == "RESET":
         return ("the guest was reset (rebooted) while tracing: its kernel was loaded anew at new "
                 "addresses (KASLR), so every armed probe is stale; trace again once it has booted")
     if ev.name == "SHUTDOWN":
-        return f"the guest shut down while tracing ({ev.data.get('reason', 'no reason given')})"
+        reason = ev.data.get("reason", "no reason given")
+        if reason in QEMU_EXITING:
+            return None  # QEMU itself is going away: its end is reported as such (NotAttached)
+        return f"the guest shut down while tracing ({reason})"
     return None
 
 
@@ -138,7 +145,7 @@ class Tracer:
     def _check_alive(self) -> None:
         """Raise the clear error when the guest rebooted, shut down or its QEMU exited."""
         if self._gone is None and not self.vm.machine.qmp.alive:
-            self._gone = "QEMU exited while tracing"
+            raise NotAttached("QEMU exited while tracing")
         if self._gone is not None:
             raise AradiaError(self._gone)
 
