@@ -8,12 +8,13 @@ tenant, permission, rate, sizes), the same audit rows and the same results.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,17 +325,17 @@ class Service:
                 raise TooManyTraces(f"{principal.name} has {mine} traces, the limit is "
                                     f"{self.config.limits.max_traces}: stop one first")
         sub = Subscription(uuid.uuid4().hex[:16], str(vm), principal.name, spec)
-        try:
+        with _clash_is_conflict():
             self.owners[str(vm)].add(sub)
-        except AradiaError as e:
-            if "already" in str(e):
-                raise Conflict(str(e)) from e
-            raise
-        self.store.save_trace({"id": sub.id, "vm": sub.vm, "tenant": sub.tenant, "spec": spec_json(spec),
-                               "created": sub.created})
+        self._save_trace(sub)
         with self._lock:
             self._traces[sub.id] = sub
         return sub.describe()
+
+    def _save_trace(self, sub: Subscription) -> None:
+        """Store ``sub`` (armed again after a restart) with its current spec."""
+        self.store.save_trace({"id": sub.id, "vm": sub.vm, "tenant": sub.tenant, "spec": spec_json(sub.spec),
+                               "created": sub.created})
 
     def _own_trace(self, principal: Principal, params: dict[str, Any]) -> Subscription:
         trace_id = params.get("id")
@@ -365,16 +366,9 @@ class Service:
         spec = parse_spec(params.get("spec"), self.apps)
         if isinstance(spec, AppSpec):
             self.policy.authorize(principal, spec.app.permission, sub.vm)
-        try:
+        with _clash_is_conflict():
             self.owners[sub.vm].update(sub.id, spec)
-        except SpecError:
-            raise
-        except AradiaError as e:
-            if "already" in str(e):
-                raise Conflict(str(e)) from e
-            raise
-        self.store.save_trace({"id": sub.id, "vm": sub.vm, "tenant": sub.tenant, "spec": spec_json(sub.spec),
-                               "created": sub.created})
+        self._save_trace(sub)
         return sub.describe()
 
     def op_traces(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -423,6 +417,19 @@ class Service:
         rows, cursor = self.store.audit_rows(limit=limit, cursor=params.get("cursor") or None,
                                              tenant=params.get("tenant") or None, allowed=allowed)
         return {"items": rows, "next": cursor}
+
+
+@contextlib.contextmanager
+def _clash_is_conflict() -> Iterator[None]:
+    """A probe or app another trace holds already (the owner says "already"): 409, not 422."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except AradiaError as e:
+        if "already" in str(e):
+            raise Conflict(str(e)) from e
+        raise
 
 
 class AccessErrorReadOnly(AccessError):
