@@ -194,6 +194,10 @@ def test_a_new_policy_is_taken_in_place_and_a_bad_one_keeps_the_old(scene: Scene
     block_policy = sc.policy.read_text()
     with sc.client.live("web1", kind=["guard"]) as stream:
         trace = sc.client.start_trace("web1", {"kind": "guard", "policy": alert_policy})
+        # one guard per VM: another policy is a clash (409), nothing more armed
+        clash = api(sc.svc.url, ALICE.token, "POST", "/vms/web1/traces", json={"kind": "guard", "policy": block_policy})
+        assert clash.status_code == 409 and "already" in clash.json()["error"], clash.text
+        assert [t["id"] for t in sc.client.traces()] == [trace["id"]]
         c1, rc1, out1 = attempt(sc.guest, APPEND)
         updated = sc.client.update_trace(trace["id"], {"kind": "guard", "policy": block_policy})
         c2, rc2, out2 = attempt(sc.guest, "echo evil2 >> /srv/app/config")
