@@ -122,6 +122,14 @@ def test_keys_belong_to_live_connections_only(guest: Guest, tmp_path: Path) -> N
     for cap, keys in ((cap_a, keys_a), (cap_b, keys_b)):
         code, doc = decrypted(cap, keys)
         assert code == 0 and doc["connections"][0]["complete"]
+    # A capture cut short (QEMU killed mid-write): what came before the cut still decrypts.
+    cut = tmp_path / "cut.pcap"
+    data = cap_b.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3 + 7])
+    code, doc = decrypted(cut, keys_b)
+    assert code == 1 and any(w.startswith("capture truncated") for w in doc["warnings"]), doc["warnings"]
+    sent = [m["command"] for m in doc["connections"][0]["messages"] if "command" in m]
+    assert sent and sent == COMMANDS[:len(sent)]
 
 
 def test_dropbear_offers_no_gcm(guest: Guest) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -162,28 +163,41 @@ class ChachaCipher:
         return _payload(plain, 0, length), end
 
 
+_KNOWN_TYPES = np.array(sorted(MESSAGE_NAMES), dtype=np.uint8)
+
+
+def _counters(top: int, n: int) -> bytes:
+    """The 128-bit big-endian counter blocks ``top, top - 1, ... top - n + 1`` (wrapping)."""
+    steps = np.arange(n, dtype=np.uint64)
+    lo = np.uint64(top & (2**64 - 1)) - steps  # numpy wraps unsigned arithmetic: a borrow shows as lo > top's
+    hi = (np.uint64(top >> 64 & (2**64 - 1)) - (steps > np.uint64(top & (2**64 - 1))).astype(np.uint64))
+    return np.stack([hi, lo], axis=1).astype(">u8").tobytes()
+
+
 def ctr_starts(key: bytes, counter: int, stream: bytes, pos: int, etm: bool, back: int) -> Iterator[int]:
     """Counters, from ``counter + 1`` down to ``counter - back``, whose first block at ``pos``
     decrypts to a plausible packet start: how a counter read from a live cipher state (advanced by
-    the blocks already processed) is taken back to the start of the key epoch. One ECB pass over
-    all of them."""
+    the blocks already processed) is taken back to the start of the key epoch. One ECB pass and a
+    few vectorised tests over all of them (a million counters in well under a second)."""
     block = stream[pos + 4:pos + 20] if etm else stream[pos:pos + 16]
     if len(block) < 16:
         return
-    first = counter + 1
-    counters = b"".join(((first - i) % (1 << 128)).to_bytes(16, "big") for i in range(back + 2))
-    stream_keys = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
-    clear_len = struct.unpack_from(">I", stream, pos)[0] if etm else 0
-    for i in range(back + 2):
-        plain = bytes(a ^ b for a, b in zip(block, stream_keys[16 * i:16 * i + 16], strict=True))
-        if etm:
-            pad, kind, length = plain[0], plain[1], clear_len
-        else:
-            length, pad, kind = struct.unpack_from(">IBB", plain)
-            if (length + 4) % 16 or not 12 <= length <= MAX_PACKET:
-                continue
-        if 4 <= pad < length and kind in MESSAGE_NAMES:
-            yield first - i
+    first, n = (counter + 1) % (1 << 128), back + 2
+    with np.errstate(over="ignore"):
+        counters = _counters(first, n)
+    keystream = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
+    plain = np.frombuffer(keystream, dtype=np.uint8).reshape(n, 16) ^ np.frombuffer(block, dtype=np.uint8)
+    if etm:
+        length = np.full(n, struct.unpack_from(">I", stream, pos)[0], dtype=np.int64)
+        pad, kind = plain[:, 0].astype(np.int64), plain[:, 1]
+        ok = np.ones(n, dtype=bool)
+    else:
+        length = plain[:, :4].astype(np.int64) @ np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.int64)
+        pad, kind = plain[:, 4].astype(np.int64), plain[:, 5]
+        ok = ((length + 4) % 16 == 0) & (length >= 12) & (length <= MAX_PACKET)
+    ok &= (pad >= 4) & (pad < length) & np.isin(kind, _KNOWN_TYPES)
+    for i in np.nonzero(ok)[0]:
+        yield (first - int(i)) % (1 << 128)
 
 
 __all__ = ["AES_CTR", "AES_GCM", "CHACHA", "SUPPORTED", "BadPacket", "ChachaCipher", "CtrCipher", "GcmCipher",

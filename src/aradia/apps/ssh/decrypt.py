@@ -47,6 +47,10 @@ from aradia.apps.ssh.wire import (
 from aradia.errors import AradiaError
 
 PROBE_PACKETS = 3  # CTR candidates must decrypt this many packets (or all there are) to be kept
+# How far a counter taken mid-session is walked back, at least (more if the capture holds more): the
+# traffic up to the moment of ``keys ssh`` may exceed what was captured (a capture cut short).
+CTR_BACK = 1 << 20  # blocks: 16 MiB of one direction's traffic
+GCM_BACK = 1 << 16  # packets
 
 
 @dataclass
@@ -109,14 +113,15 @@ def _candidates(d: _Direction, enc: str, mac: str, key: SshKey) -> Iterator[tupl
         if key.iv_is == "initial":
             starts: Iterator[int] | list[int] = [int(key.iv, 16)]
         else:
-            starts = ctr_starts(raw, int(key.iv, 16), data, d.pos, etm, (len(data) - d.pos) // 16)
+            back = max(CTR_BACK, (len(data) - d.pos) // 16)
+            starts = ctr_starts(raw, int(key.iv, 16), data, d.pos, etm, back)
         for start in starts:
             yield CtrCipher(raw, start, maclen, etm), d.seqnr, f"{start % (1 << 128):032x}"
     elif enc in AES_GCM and len(key.iv) == 24:
         iv = bytes.fromhex(key.iv)
         invocation = int.from_bytes(iv[4:], "big")
         # A saved counter is that many packets on from the epoch's start: each packet is >= 36 bytes.
-        back = 0 if key.iv_is == "initial" else (len(data) - d.pos) // 36
+        back = 0 if key.iv_is == "initial" else max(GCM_BACK, (len(data) - d.pos) // 36)
         for i in range(invocation, invocation - back - 1, -1):
             yield GcmCipher(raw, iv[:4], i % (1 << 64)), d.seqnr, iv[:4].hex() + f"{i % (1 << 64):016x}"
     elif enc == CHACHA:

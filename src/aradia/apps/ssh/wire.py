@@ -192,6 +192,8 @@ def describe(payload: bytes) -> dict[str, object]:
                 out["command"] = r.text()
             elif out["request"] == "subsystem":
                 out["subsystem"] = r.text()
+            elif out["request"] == "exit-status":
+                out["status"] = r.uint32()
             elif out["request"] == "env":
                 out["variable"], out["value"] = r.text(), r.text()
             elif out["request"] == "pty-req":
