@@ -539,6 +539,8 @@ class Case:
 QMP = {"qmp:/run/vm1/qmp.sock": "qmp:{qmp}"}
 EXTRACT = ("run in their own forms by tests/test_extract_files.py (a guest with an ext4 disk: cached, evicted, "
            "unsynced, deleted files) and tests/test_extract_keys.py (a 768 MiB guest with a key program)")
+SSH_DECRYPT = ("run in their own forms by tests/test_ssh_decrypt.py (dropbear and OpenSSH guests, the host's "
+               "ssh client on one connection per cipher, its record compared byte for byte)")
 SPEC = {"SPEC": "qmp:{qmp}"}
 TRACE = {"qmp:PATH": "qmp:{qmp}"}
 
@@ -589,6 +591,11 @@ COMMANDS: dict[str, Case] = {
         "aradia files get --vm qmp:/run/vm1/qmp.sock /mnt/data/x --source disk -o x.old",
         "aradia keys aes --vm qmp:/run/vm1/qmp.sock --pid 4242")},
     "aradia keys aes --vm mem.elf --json": Case(None, exempt=EXTRACT),
+    **{line: Case(None, (QMP,), exempt=SSH_DECRYPT) for line in (
+        "aradia capture start --vm qmp:/run/vm1/qmp.sock -o /var/tmp/vm1.pcap",
+        "aradia keys ssh --vm qmp:/run/vm1/qmp.sock -o keys.json",
+        "aradia capture stop --vm qmp:/run/vm1/qmp.sock")},
+    "aradia decrypt ssh /var/tmp/vm1.pcap --keys keys.json": Case(None, exempt=SSH_DECRYPT),
     "aradia serve --config /etc/aradia/serve.toml": Case(None, exempt=SERVICE + " (the fleet fixture)"),
     'aradia guard --server https://hv1:8765 --token "$T" --vm web1 --policy guard.toml --keep': Case(
         None, exempt="run by tests/test_guard_service.py against a real service and guest"),
@@ -626,6 +633,9 @@ def test_readme_command_parses(line: str) -> None:
         argv = shlex.split(fill(line, subs, _Any(qmp="/q.sock")).split(" > ")[0])[1:]
         args = parser.parse_args(argv)
         if args.command in ("demo", "token", "serve") or (args.command == "honeypot" and args.action):
+            continue
+        if args.command == "decrypt-ssh":  # a capture file, no VM
+            assert (args.capture, args.keys) == ("/var/tmp/vm1.pcap", ["keys.json"])
             continue
         if "--server" in argv:
             assert (args.server, args.token, args.vm) == ("https://hv1:8765", "$T", "web1")

@@ -13,6 +13,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from aradia.errors import AradiaError
@@ -299,6 +300,70 @@ def cmd_files_ls(args: argparse.Namespace) -> int:
         print("\n".join(listing_lines(entries)))
         for w in warnings:
             print(f"aradia: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_ssh(args: argparse.Namespace) -> int:
+    """Session keys of the guest's live SSH connections, from the daemon's memory."""
+    from aradia.apps.ssh.keys import find_keys
+    from aradia.apps.ssh.report import key_lines
+
+    _local_only(args, "keys ssh")
+    with _open(args) as vm:
+        kernel = _kernel(vm, args)
+        with vm.paused() if args.pause else contextlib.nullcontext():
+            pids = None
+            if args.pid is not None:
+                procs = {p.pid: p.comm for p in kernel.processes()}
+                if args.pid not in procs:
+                    raise AradiaError(f"no process {args.pid} in the guest")
+                pids = [(args.pid, procs[args.pid])]
+            result = find_keys(vm, pids)
+    doc = {"keys": [dataclasses.asdict(k) for k in result.keys], "pids": result.pids,
+           "scanned": result.scanned, "seconds": result.seconds, "taken": time.time(), "vm": args.vm}
+    if args.output:
+        Path(args.output).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print("\n".join(key_lines(result)))
+    return 0 if result.keys else 1
+
+
+def cmd_decrypt_ssh(args: argparse.Namespace) -> int:
+    """Decrypt the SSH connections of a capture with keys from ``aradia keys ssh``."""
+    from aradia.apps.ssh.decrypt import decrypt_capture, load_keys
+    from aradia.apps.ssh.report import decrypt_lines
+
+    keys = [k for f in args.keys for k in load_keys(Path(f))]
+    result = decrypt_capture(Path(args.capture), keys)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("\n".join(decrypt_lines(result)))
+    conns = result["connections"]
+    return 0 if conns and all(c["complete"] for c in conns) else 1
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """Start, stop or list QEMU's own network captures (filter-dump) of a VM."""
+    from aradia.machine.capture import captures, start_capture, stop_capture
+
+    _local_only(args, "capture")
+    with _open(args) as vm:
+        if not vm.live:
+            raise AradiaError("a capture needs a live VM (qmp:PATH), not a dump")
+        if args.action == "start":
+            if not args.output:
+                raise AradiaError("capture start needs -o FILE.pcap")
+            cap = start_capture(vm.machine, args.output, netdev=args.netdev)
+            print(f"capturing netdev {cap.netdev} into {cap.file} ({cap.id}); end it with: "
+                  f"aradia capture stop --vm {args.vm}")
+        elif args.action == "stop":
+            ended = stop_capture(vm.machine, args.id)
+            print(f"ended {', '.join(ended)}" if ended else "no capture was running")
+        else:
+            print("\n".join(captures(vm.machine)) or "no capture running")
     return 0
 
 
@@ -806,7 +871,7 @@ def _view_options() -> argparse.ArgumentParser:
     return p
 
 
-TWO_WORD = {("files", "get"), ("files", "ls"), ("keys", "aes")}
+TWO_WORD = {("files", "get"), ("files", "ls"), ("keys", "aes"), ("keys", "ssh"), ("decrypt", "ssh")}
 """Commands of two words (registered as ``files-get``...): ``files get|ls`` sit beside ``files PID``."""
 
 
@@ -886,6 +951,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bits of a schedule that may differ from the true one (default 10, as aeskeyfind)")
     sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile")
     sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp = vm_parser("keys-ssh", cmd_keys_ssh, "session keys of live SSH connections (OpenSSH, dropbear) from "
+                   "the daemon's memory, without debug symbols")
+    sp.prog = "aradia keys ssh"
+    sp.add_argument("--pid", type=int, metavar="PID", help="only this process (default: every sshd/dropbear)")
+    sp.add_argument("-o", "--output", metavar="KEYS.json", help="also write the keys there (for decrypt ssh)")
+    sp.add_argument("--pause", action="store_true", help="hold the guest stopped meanwhile")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp = sub.add_parser("decrypt-ssh", help="decrypt captured SSH connections with keys from keys ssh",
+                        description="decrypt the SSH connections of a pcap capture (aradia capture) with "
+                        "keys from aradia keys ssh: messages, exec commands, passwords, each channel's data")
+    sp.prog = "aradia decrypt ssh"
+    sp.set_defaults(func=cmd_decrypt_ssh)
+    sp.add_argument("capture", metavar="CAPTURE.pcap")
+    sp.add_argument("--keys", action="append", required=True, metavar="KEYS.json",
+                    help="keys file written by aradia keys ssh (repeatable)")
+    sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp = vm_parser("capture", cmd_capture, "QEMU's own capture of a VM's network traffic into a pcap file "
+                   "(filter-dump): start, stop, ls")
+    sp.add_argument("action", choices=["start", "stop", "ls"])
+    sp.add_argument("-o", "--output", metavar="FILE.pcap", help="the pcap file (start; written by QEMU)")
+    sp.add_argument("--netdev", metavar="ID", help="which netdev (default: the VM's only one)")
+    sp.add_argument("--id", metavar="ID", help="the capture to stop (default: every one aradia started)")
     vm_parser("shell", cmd_shell, "interactive Python shell with vm and prog (drgn) ready")
 
     sp = vm_parser("trace", cmd_trace, "live probes through the GDB stub (the guest is never left broken)",

@@ -60,7 +60,7 @@ def scan_ram(vm: LinuxVM, *, max_errors: int = DEFAULT_MAX_ERRORS) -> AesScan:
                    "guest RAM (physical addresses)")
 
 
-def _process_runs(vm: LinuxVM, prog: drgn.Program, pid: int) -> Iterator[tuple[int, bytearray]]:
+def process_runs(vm: LinuxVM, prog: drgn.Program, pid: int) -> Iterator[tuple[int, bytearray]]:
     """(virtual address, bytes) of each run of present pages of process ``pid`` (one page-table walk
     per VMA; virtually contiguous pages joined, wherever they lie physically)."""
     root = user_root(prog, pid)
@@ -92,7 +92,7 @@ def scan_process(vm: LinuxVM, pid: int, *, max_errors: int = DEFAULT_MAX_ERRORS)
     started = time.perf_counter()
     keys: dict[tuple[int, int], AesKey] = {}
     scanned = 0
-    for base, data in _process_runs(vm, prog, pid):
+    for base, data in process_runs(vm, prog, pid):
         scanned += len(data)
         for k in scan(data, base, max_errors=max_errors):
             keys[(k.address, k.bits)] = k  # a run's overlap with the next may find one twice
@@ -100,4 +100,4 @@ def scan_process(vm: LinuxVM, pid: int, *, max_errors: int = DEFAULT_MAX_ERRORS)
                    f"process {pid} (virtual addresses)")
 
 
-__all__ = ["AesScan", "scan_process", "scan_ram"]
+__all__ = ["AesScan", "process_runs", "scan_process", "scan_ram"]
