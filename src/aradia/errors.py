@@ -27,6 +27,11 @@ class Migrated(AradiaError):
     """
 
 
+class ProbeClash(AradiaError):
+    """What was asked is armed already: the address is probed or watched, or another trace holds the
+    same app spec (the service answers 409 Conflict)."""
+
+
 class NotRAM(AradiaError):
     """A guest-physical address is not backed by RAM (or by the dump)."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aradia.errors import AradiaError, NotAttached, NotRAM, PageFault
+from aradia.errors import AradiaError, NotAttached, NotRAM, PageFault, ProbeClash
 from aradia.linux.kernel import VIEWS
 from aradia.service.apps import Apps
 from aradia.service.config import ServiceConfig
@@ -421,15 +421,11 @@ class Service:
 
 @contextlib.contextmanager
 def _clash_is_conflict() -> Iterator[None]:
-    """A probe or app another trace holds already (the owner says "already"): 409, not 422."""
+    """A probe or app another trace holds already (:class:`ProbeClash`): 409, not 422."""
     try:
         yield
-    except SpecError:
-        raise
-    except AradiaError as e:
-        if "already" in str(e):
-            raise Conflict(str(e)) from e
-        raise
+    except ProbeClash as e:
+        raise Conflict(str(e)) from e
 
 
 class AccessErrorReadOnly(AccessError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aradia.errors import AradiaError, NotAttached
+from aradia.errors import AradiaError, NotAttached, ProbeClash
 from aradia.service.apps import AppSink
 from aradia.service.config import VMConfig
 from aradia.service.schema import Records
@@ -326,11 +326,11 @@ class VMOwner:
             if old_keys == new_keys:
                 return sub
             if new_keys[0] in self._probes:
-                raise AradiaError(f"another trace on {self.name} already has that spec armed")
+                raise ProbeClash(f"another trace on {self.name} already has that spec armed")
             have = self._probes.get(old_keys[0])
             if have is not None and have[1] > 1:
-                raise AradiaError(f"trace {trace_id} shares its armed {sub.spec.kind} with another "
-                                  "trace: already changed by both")
+                raise ProbeClash(f"trace {trace_id} shares its armed {sub.spec.kind} with another "
+                                 "trace: already changed by both")
             if have is not None and self._tracer is not None:
                 spec.app.update(self._tracer, have[0], spec.spec)
                 del self._probes[old_keys[0]]

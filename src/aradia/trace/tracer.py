@@ -23,7 +23,7 @@ from typing import Any
 
 import drgn
 
-from aradia.errors import AradiaError, NotAttached
+from aradia.errors import AradiaError, NotAttached, ProbeClash
 from aradia.linux.bounds import GUEST_ERRORS
 from aradia.linux.kernel import LinuxVM
 from aradia.linux.net import socket_info
@@ -241,7 +241,7 @@ class Tracer:
         if not 0 < length <= 1 << 20 or not 0 <= address < 1 << 64:
             raise AradiaError(f"watch range {address:#x}+{length} is out of range")
         if address in self.watches:
-            raise AradiaError(f"{address:#x} is already watched")
+            raise ProbeClash(f"{address:#x} is already watched")
         w = Watch(address, length, access, pid)
         with self._lock:
             self.stub.set_breakpoint(address, kind=w.gdb_kind, length=length)
@@ -254,7 +254,7 @@ class Tracer:
 
     def _arm_locked(self, probe: Probe) -> Probe:
         if probe.address in self.probes:
-            raise AradiaError(f"{probe.name} is already probed")
+            raise ProbeClash(f"{probe.name} is already probed")
         # Single-stepping makes TCG flush all translated code (slow); when the function starts
         # with the 5-byte NOP ftrace leaves there (after ENDBR64 with IBT), break on the NOP and
         # move RIP past it instead: skipping a NOP is exactly executing it.
@@ -282,7 +282,7 @@ class Tracer:
         if have is None:
             self._arm(Probe("uprobe", target.spec, address, target.ret, target=target))
         elif have.target is not target:
-            raise AradiaError(f"{target.spec} is at {address:#x}, which {have.name} already probes")
+            raise ProbeClash(f"{target.spec} is at {address:#x}, which {have.name} already probes")
 
     def remove(self, probe: Probe) -> None:
         """Disarm one probe (returns already pending still report)."""
