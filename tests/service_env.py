@@ -12,8 +12,9 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,25 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(operator: Principal, tenants: Sequence[Principal], vms: Callable[[Path], Sequence[VMEntry]],
+            prefix: str) -> Iterator[ServiceProcess]:
+    """``aradia serve`` as host ``hv1`` in a fresh directory (its store there too) for ``tenants`` and
+    the VMs ``vms(directory)`` lists; started with the operator's token, stopped and its directory
+    removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    cfg = tmp / "serve.toml"
+    cfg.write_text(config_text(host="hv1", store=tmp / "events.db", operator=operator, tenants=tenants,
+                               vms=vms(tmp)))
+    svc = ServiceProcess(cfg, tmp)
+    svc.start(operator.token)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def api(url: str, token: str | None, method: str, path: str, *, verify: bool | str = True,

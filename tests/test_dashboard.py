@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from aradia.lab.launcher import Guest
 from dashboard_env import launch_chromium, local_input, screenshot, sign_in
-from service_env import ServiceProcess, VMEntry, api, config_text, principal
+from service_env import ServiceProcess, VMEntry, api, config_text, principal, serving
 from waiting import wait_until
 
 OPERATOR = principal("operator")
@@ -44,23 +44,14 @@ class Dash:
 @pytest.fixture(scope="module")
 def dash(launch_guest: Callable[..., Guest]) -> Iterator[Dash]:
     guest = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
-    tmp = Path(tempfile.mkdtemp(prefix="aradia-dash-"))
-    cfg = tmp / "serve.toml"
-    cfg.write_text(config_text(host="hv1", store=tmp / "events.db", operator=OPERATOR, tenants=[ALICE, CAROL],
-                               vms=[VMEntry("web1", str(guest.qmp_path), "alice"),
-                                    VMEntry("web2", str(tmp / "no-such-qmp.sock"), "carol")]))
-    svc = ServiceProcess(cfg, tmp)
-    svc.start(OPERATOR.token)
-    try:
-        with sync_playwright() as pw:
-            browser = launch_chromium(pw)
-            try:
-                yield Dash(guest, svc, browser)
-            finally:
-                browser.close()
-    finally:
-        svc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    vms = lambda tmp: [VMEntry("web1", str(guest.qmp_path), "alice"),  # noqa: E731
+                       VMEntry("web2", str(tmp / "no-such-qmp.sock"), "carol")]
+    with serving(OPERATOR, [ALICE, CAROL], vms, "aradia-dash-") as svc, sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            yield Dash(guest, svc, browser)
+        finally:
+            browser.close()
 
 
 class _Markup(HTMLParser):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from aradia.lab.launcher import Guest
 from cli_runner import cli_argv, run_cli
 from dashboard_env import launch_chromium, screenshot, sign_in
 from guard_setup import TRUTH, attempt, set_scene, write_policy
-from service_env import ServiceProcess, VMEntry, api, config_text, principal
+from service_env import ServiceProcess, VMEntry, api, principal, serving
 from test_guard import DENIED, UPDATE, check_alert
 from waiting import wait_until
 
@@ -55,17 +54,9 @@ class Scene:
 @pytest.fixture(scope="module")
 def scene(launch_guest: Callable[..., Guest]) -> Iterator[Scene]:
     guest = launch_guest("6.1", smp=2, gdb=True, shared_memory=True)
-    tmp = Path(tempfile.mkdtemp(prefix="aradia-guard-svc-"))
-    cfg = tmp / "serve.toml"
-    cfg.write_text(config_text(host="hv1", store=tmp / "events.db", operator=OPERATOR, tenants=[ALICE],
-                               vms=[VMEntry("web1", str(guest.qmp_path), "alice")]))
-    svc = ServiceProcess(cfg, tmp)
-    svc.start(OPERATOR.token)
-    try:
-        with Client(svc.url, ALICE.token) as client:
-            yield Scene(guest, svc, client, write_policy(tmp / "policy.toml", "block"))
-    finally:
-        svc.stop()
+    with (serving(OPERATOR, [ALICE], lambda _: [VMEntry("web1", str(guest.qmp_path), "alice")],
+                  "aradia-guard-svc-") as svc, Client(svc.url, ALICE.token) as client):
+        yield Scene(guest, svc, client, write_policy(svc.workdir / "policy.toml", "block"))
 
 
 def _keep_guard(sc: Scene, *extra: str) -> str:

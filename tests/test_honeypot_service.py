@@ -6,7 +6,6 @@ what the guest says inside the session."""
 from __future__ import annotations
 
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from aradia.apps.honeypot.cast import read_cast
 from aradia.client import Client, LiveStream
 from aradia.lab.launcher import Guest
 from honeypot_setup import interactive, login, run
-from service_env import ServiceProcess, VMEntry, api, config_text, principal
+from service_env import ServiceProcess, VMEntry, api, principal, serving
 from waiting import wait_until
 
 OPERATOR = principal("operator")
@@ -40,18 +39,10 @@ class Scene:
 @pytest.fixture(scope="module")
 def scene(launch_guest: Callable[..., Guest]) -> Iterator[Scene]:
     guest = launch_guest("6.1", gdb=True, shared_memory=True)
-    tmp = Path(tempfile.mkdtemp(prefix="aradia-hp-svc-"))
-    cfg = tmp / "serve.toml"
-    cfg.write_text(config_text(host="hv1", store=tmp / "events.db", operator=OPERATOR, tenants=[ALICE, BOB],
-                               vms=[VMEntry("web1", str(guest.qmp_path), "alice"),
-                                    VMEntry("web2", str(tmp / "absent.sock"), "bob")]))
-    svc = ServiceProcess(cfg, tmp)
-    svc.start(OPERATOR.token)
-    try:
-        with Client(svc.url, ALICE.token) as client:
-            yield Scene(guest, svc, tmp, client)
-    finally:
-        svc.stop()
+    vms = lambda tmp: [VMEntry("web1", str(guest.qmp_path), "alice"),  # noqa: E731
+                       VMEntry("web2", str(tmp / "absent.sock"), "bob")]
+    with serving(OPERATOR, [ALICE, BOB], vms, "aradia-hp-svc-") as svc, Client(svc.url, ALICE.token) as client:
+        yield Scene(guest, svc, svc.workdir, client)
 
 
 def _records(stream: LiveStream, until: Callable[[list[dict[str, Any]]], bool],
