@@ -31,10 +31,10 @@ from pathlib import Path
 
 import paramiko
 
-from aradia.apps.guard.alerts import records
 from aradia.apps.honeypot.monitor import Honeypot
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
+from aradia.service.schema import local_records as records
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
 

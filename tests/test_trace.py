@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from aradia.lab.launcher import Guest
+from aradia.service.schema import check_record
 from aradia.trace.events import Event
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
@@ -185,6 +186,10 @@ def test_cli_trace_json_comm_filter(guest: Guest) -> None:
     order and ``--comm true`` (the name only after the exec) yields none."""
     events = _cli_trace_work(guest, "--json", "--comm", "bash", "--duration", "60", "syscalls", "-e", "execve")
     assert events and all((e["name"], e["comm"]) == ("execve", "bash") for e in events), events[:3]
+    # each line is the one event record the service stores (schema checked, ids unique, wall time)
+    assert all(check_record(e) is e for e in events)
+    assert len({e["id"] for e in events}) == len(events)
+    assert {e["vm"] for e in events} == {"qmp"} and abs(events[-1]["time"] - time.time()) < 120
     got = [e["args"]["argv"] for e in events if any("aradia-t" in a for a in e["args"]["argv"] or [])]
     assert got == [["/bin/true", f"aradia-t{i}", f"arg-{i * 7}"] for i in range(N_EXEC)]
     cats = [e["args"]["argv"] for e in events if e["args"]["path"] == "/bin/cat"]

@@ -600,9 +600,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vm_label(spec: str) -> str:
+    """A VM's name for its records when the command runs where the VM is: its socket's or dump's name."""
+    return os.path.basename(spec.removeprefix("qmp:")).removesuffix(".sock") or "vm"
+
+
 def _print_event(ev: Any, args: argparse.Namespace) -> None:
-    if args.json:
-        print(json.dumps(dataclasses.asdict(ev), default=_jsonable), flush=True)
+    if args.json:  # the one event record (DESIGN: the CLI, the store and the bus show the same)
+        from aradia.service.schema import local_records
+
+        if getattr(args, "records", None) is None:
+            args.records = local_records(_vm_label(args.vm))
+        print(json.dumps(args.records.record(ev)), flush=True)
     else:
         print(ev.line(), flush=True)
 
@@ -633,21 +642,16 @@ def _syscalls_in_qemu(vm: Any, names: list[str], flt: Any, args: argparse.Namesp
     return 0
 
 
-def _jsonable(v: object) -> object:
-    if isinstance(v, bytes):
-        return v.decode("latin-1")
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
 def cmd_guard(args: argparse.Namespace) -> int:
     """The insider guard: block or report changes to protected files and runs of forbidden programs."""
     import signal
     import threading
 
-    from aradia.apps.guard.alerts import alert_line, records
+    from aradia.apps.guard.alerts import alert_line
     from aradia.apps.guard.guard import Guard
     from aradia.apps.guard.policy import load_policy
     from aradia.apps.guard.reload import PolicyWatcher
+    from aradia.service.schema import local_records as records
     from aradia.trace.tracer import Tracer
 
     policy = load_policy(args.policy)
@@ -662,7 +666,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
         if not vm.live:
             raise AradiaError("the guard needs a live VM (qmp:PATH), not a dump")
         _kernel(vm, args)
-        maker = records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
+        maker = records(_vm_label(args.vm))
         shown: set[int] = set()
 
         def show(ev: Any) -> None:
@@ -708,9 +712,9 @@ def cmd_honeypot(args: argparse.Namespace) -> int:
     """The SSH honeypot monitor (or, ``report DIR``, the report of what it recorded)."""
     from pathlib import Path
 
-    from aradia.apps.guard.alerts import records
     from aradia.apps.honeypot.monitor import Honeypot
     from aradia.apps.honeypot.report import event_line, report
+    from aradia.service.schema import local_records as records
     from aradia.trace.tracer import Tracer
 
     if args.action:
@@ -726,7 +730,7 @@ def cmd_honeypot(args: argparse.Namespace) -> int:
         if not vm.live:
             raise AradiaError("the honeypot monitor needs a live VM (qmp:PATH), not a dump")
         _kernel(vm, args)
-        maker = records(os.path.basename(args.vm.removeprefix("qmp:")).removesuffix(".sock") or "vm")
+        maker = records(_vm_label(args.vm))
 
         def show(rec: dict[str, Any]) -> None:
             print(json.dumps(rec) if args.json else event_line(rec), flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import socket
 import time
 import uuid
 from importlib import resources
@@ -70,6 +71,18 @@ class Records:
         """The record of ``ev``, with the next id."""
         return record_from_event(ev, host=self.host, vm=self.vm,
                                  event_id=f"{self.host}-{self.vm}-{self._run}-{next(self._seq)}")
+
+
+def local_records(vm: str, host: str | None = None) -> Records:
+    """A record maker for a command run where the VM is (``aradia trace --json``, the guard's and the
+    honeypot's records): VM ``vm`` (any text, e.g. its socket's name: made a schema name) on ``host``
+    (default: this machine's name)."""
+    return Records(_name(host or socket.gethostname()), _name(vm))
+
+
+def _name(text: str) -> str:
+    """A host or VM name as the schema accepts it (``[A-Za-z0-9_-]{1,64}``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", text)[-64:] or "vm"
 
 
 def check_record(record: Any) -> dict[str, Any]:

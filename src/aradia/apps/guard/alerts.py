@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import re
-import socket
 import time
 from typing import Any
-
-from aradia.service.schema import Records
 
 
 def alert_line(record: dict[str, Any]) -> str:
@@ -26,14 +22,3 @@ def alert_line(record: dict[str, Any]) -> str:
             f"(dev {obj.get('dev')} ino {obj.get('ino')}) by {proc['comm']}[{proc['pid']}] uid={proc['uid']} "
             f"exe={proc.get('exe')}; "
             f"{session}; ancestry {chain or '-'}; rule {a.get('rule')}")
-
-
-def records(vm: str, host: str | None = None) -> Records:
-    """A record maker for the alerts of VM ``vm`` (any text: made a schema name) on ``host`` (default:
-    this machine's name)."""
-    return Records(_name(host or socket.gethostname()), _name(vm))
-
-
-def _name(text: str) -> str:
-    """A host or VM name as the schema accepts it (``[A-Za-z0-9_-]{1,64}``)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", text)[-64:] or "vm"
