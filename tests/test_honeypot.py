@@ -120,6 +120,50 @@ def test_passwords_commands_and_transcript(guest: Guest, tmp_path: Path) -> None
     assert all(r["kind"] == "honeypot" and r["schema"] == 1 for r in m.records)
 
 
+SHELL_PID_RE = re.compile(r"shell=(\d+)\r\n")
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(900)
+def test_lines_typed_after_ssh_host_cmd(guest: Guest, tmp_path: Path) -> None:
+    """``ssh host cmd`` first (the daemon runs ``bash -c cmd``, which exits), then interactive shells
+    on the same connection: every line each shell reads is recorded once, in that session, from that
+    shell. The first bash the monitor saw has exited by then (its VMAs freed and reused), so the
+    readline probe of each later bash is resolved without it."""
+    pw = guest.image.root_password
+    typed = [[f"/bin/busybox echo typed-{n}-$((40+{n}))", "echo shell=$$", f"cd /tmp && ls -d /usr/bin{n}"]
+             for n in (1, 2)]
+    with monitoring(guest, tmp_path / "out") as m:
+        first = login(guest, [pw])
+        rc0, out0 = run(first, "cd /usr && ls -d bin && echo done-0")
+        first.transport.close()
+        lg = login(guest, [pw])
+        rc1, out1 = run(lg, "cd /usr && ls -d bin && echo done-1")
+        got1 = interactive(lg, typed[0])
+        rc2, out2 = run(lg, "cd /usr && ls -d bin && echo done-2")
+        got2 = interactive(lg, typed[1])
+        lg.transport.close()
+        m.wait_ended(2)
+    assert [(rc0, out0), (rc1, out1), (rc2, out2)] == [(0, f"bin\ndone-{n}\n") for n in range(3)]
+    # the guest's own word: which bash read each session's lines
+    shells = [int(SHELL_PID_RE.findall(got.decode())[-1]) for got in (got1, got2)]
+    assert "typed-1-41" in got1.decode() and "typed-2-42" in got2.decode(), (got1, got2)
+    s0, s = session_of(m, first), session_of(m, lg)
+    assert s0["lines"] == [] and s0["cast"] is None, s0
+    assert [(x["line"], x["pid"]) for x in s["lines"]] == [
+        *((line, shells[0]) for line in [*typed[0], "exit"]), *((line, shells[1]) for line in [*typed[1], "exit"])
+    ], (shells, s["lines"])
+    # each interactive bash is one the session executed, after a bash -c of the same session
+    execs = [(c["pid"], c["argv"]) for c in s["commands"]]
+    logins = [pid for pid, argv in execs if argv == ["-bash"]]
+    assert logins == shells, execs
+    dashc = [i for i, (_pid, argv) in enumerate(execs) if argv[-2:-1] == ["-c"]]
+    assert len(dashc) == 2 and dashc[0] < execs.index((shells[0], ["-bash"])) < dashc[1], execs
+    # the event log: each line once, in this session
+    lines = [(r["args"]["session"], r["args"]["line"]) for r in m.records if r["name"] == "line"]
+    assert lines == [(s["session"], line) for line in [*typed[0], "exit", *typed[1], "exit"]], lines
+
+
 FILES_SCRIPT = """cat > /root/heredoc.txt <<'END'
 first line of the heredoc
 second line: {marker}
