@@ -5,6 +5,7 @@ the session ($SSH_CLIENT, $PPID, sha256sum) or on its console (file, process and
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from aradia.apps.honeypot.cast import read_cast
 from aradia.lab import GuestError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
-from honeypot_setup import Login, Monitor, http_payload, interactive, login, monitoring, run
+from honeypot_setup import Login, Monitor, http_payload, interactive, login, login_keys, monitoring, run
 
 #: each ssh daemon on its own guest: dropbear on 1 vCPU, Debian's OpenSSH sshd on 2
 VARIANTS = {"dropbear-1cpu": ("dropbear", 1), "openssh-2cpu": ("openssh", 2)}
@@ -162,6 +164,45 @@ def test_lines_typed_after_ssh_host_cmd(guest: Guest, tmp_path: Path) -> None:
     # the event log: each line once, in this session
     lines = [(r["args"]["session"], r["args"]["line"]) for r in m.records if r["name"] == "line"]
     assert lines == [(s["session"], line) for line in [*typed[0], "exit", *typed[1], "exit"]], lines
+
+
+#: the fingerprint of each key in root's authorized_keys, computed by the guest (hex of its sha256)
+KEY_SUMS = "while read -r t b c; do echo \"$t $(echo \"$b\" | base64 -d | sha256sum | cut -c1-64)\"; done " \
+    "< /root/.ssh/authorized_keys"
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(900)
+def test_public_key_logins(guest: Guest, tmp_path: Path) -> None:
+    """A key the daemon accepts is recorded with its fingerprint (the daemon logs it); a key it does
+    not know is offered first on the same connection and is not recorded (the daemon does not say)."""
+    known, stranger = paramiko.ECDSAKey.generate(), paramiko.ECDSAKey.generate()
+    had_dir = guest.run("test -d /root/.ssh && echo yes || echo no").strip() == "yes"
+    guest.run(f"mkdir -p /root/.ssh && chmod 700 /root/.ssh && echo '{known.get_name()} {known.get_base64()} "
+              "hp-test' > /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys")
+    try:
+        truth = guest.run(KEY_SUMS).split()
+        with monitoring(guest, tmp_path / "out") as m:
+            t, port, offered = login_keys(guest, [stranger, known])
+            ch = t.open_session()
+            ch.exec_command("echo key-login")
+            out = ch.makefile().read()
+            t.close()
+            m.wait_ended(1)
+    finally:
+        guest.run("rm -f /root/.ssh/authorized_keys" if had_dir else "rm -rf /root/.ssh")
+    assert offered == 2 and out == b"key-login\n", (offered, out)
+    # the guest's own sha256 of the key it holds, as ssh-keygen -l prints it
+    assert truth[0] == known.get_name(), truth
+    fingerprint = "SHA256:" + base64.b64encode(bytes.fromhex(truth[1])).decode().rstrip("=")
+    assert fingerprint == "SHA256:" + base64.b64encode(hashlib.sha256(known.asbytes()).digest()).decode().rstrip("=")
+    s = [s for s in m.sessions().values() if s["client_port"] == port]
+    assert len(s) == 1, m.sessions()
+    keys = [(a["method"], a["user"], a["fingerprint"], a["accepted"], a["forced"]) for a in s[0]["auth"]]
+    assert keys == [("publickey", "root", fingerprint, True, False)], s[0]["auth"]
+    assert s[0]["auth"][0]["key_type"] == {"dropbear": "ecdsa-sha2-nistp256", "sshd": "ECDSA"}[s[0]["daemon"]]
+    log = [(r["args"]["session"], r["args"]["fingerprint"]) for r in m.records if r["name"] == "auth"]
+    assert log == [(s[0]["session"], fingerprint)], log
 
 
 FILES_SCRIPT = """cat > /root/heredoc.txt <<'END'
