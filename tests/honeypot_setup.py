@@ -105,6 +105,23 @@ def login(guest: Guest, passwords: list[str], user: str = "root") -> Login:
     return Login(t, sock.getsockname()[1], passwords, ok, started)
 
 
+def login_keys(guest: Guest, keys: list[paramiko.PKey], user: str = "root") -> tuple[paramiko.Transport, int, int]:
+    """Connect and offer ``keys`` in order on the one connection, until one works: the transport,
+    its socket's local port and how many keys were offered (the last one worked; all did not if it
+    is ``len(keys) + 1``)."""
+    sock = socket.create_connection(("127.0.0.1", guest.ssh_port), timeout=120)
+    t = paramiko.Transport(sock)
+    t.banner_timeout = t.auth_timeout = 120
+    t.start_client(timeout=120)
+    for n, key in enumerate(keys, 1):
+        try:
+            t.auth_publickey(user, key)
+            return t, sock.getsockname()[1], n
+        except paramiko.AuthenticationException:
+            continue
+    return t, sock.getsockname()[1], len(keys) + 1
+
+
 def interactive(lg: Login, lines: list[str], timeout: float = 180) -> bytes:
     """Type ``lines`` (and ``exit``) into a login shell on a pty (80x24); every byte the client received."""
     ch = lg.transport.open_session()

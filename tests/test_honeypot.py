@@ -5,6 +5,7 @@ the session ($SSH_CLIENT, $PPID, sha256sum) or on its console (file, process and
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from aradia.apps.honeypot.cast import read_cast
 from aradia.lab import GuestError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
-from honeypot_setup import Login, Monitor, http_payload, interactive, login, monitoring, run
+from honeypot_setup import Login, Monitor, http_payload, interactive, login, login_keys, monitoring, run
 
 #: each ssh daemon on its own guest: dropbear on 1 vCPU, Debian's OpenSSH sshd on 2
 VARIANTS = {"dropbear-1cpu": ("dropbear", 1), "openssh-2cpu": ("openssh", 2)}
@@ -118,6 +120,89 @@ def test_passwords_commands_and_transcript(guest: Guest, tmp_path: Path) -> None
     log = [r for r in m.records if r["args"]["session"] == s["session"]]
     assert [r["args"]["password"] for r in log if r["name"] == "auth"] == ["wrong-1", "wrong-2", "wrong-3", pw]
     assert all(r["kind"] == "honeypot" and r["schema"] == 1 for r in m.records)
+
+
+SHELL_PID_RE = re.compile(r"shell=(\d+)\r\n")
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(900)
+def test_lines_typed_after_ssh_host_cmd(guest: Guest, tmp_path: Path) -> None:
+    """``ssh host cmd`` first (the daemon runs ``bash -c cmd``, which exits), then interactive shells
+    on the same connection: every line each shell reads is recorded once, in that session, from that
+    shell. The first bash the monitor saw has exited by then (its VMAs freed and reused), so the
+    readline probe of each later bash is resolved without it."""
+    pw = guest.image.root_password
+    typed = [[f"/bin/busybox echo typed-{n}-$((40+{n}))", "echo shell=$$", f"cd /tmp && ls -d /usr/bin{n}"]
+             for n in (1, 2)]
+    with monitoring(guest, tmp_path / "out") as m:
+        first = login(guest, [pw])
+        rc0, out0 = run(first, "cd /usr && ls -d bin && echo done-0")
+        first.transport.close()
+        lg = login(guest, [pw])
+        rc1, out1 = run(lg, "cd /usr && ls -d bin && echo done-1")
+        got1 = interactive(lg, typed[0])
+        rc2, out2 = run(lg, "cd /usr && ls -d bin && echo done-2")
+        got2 = interactive(lg, typed[1])
+        lg.transport.close()
+        m.wait_ended(2)
+    assert [(rc0, out0), (rc1, out1), (rc2, out2)] == [(0, f"bin\ndone-{n}\n") for n in range(3)]
+    # the guest's own word: which bash read each session's lines
+    shells = [int(SHELL_PID_RE.findall(got.decode())[-1]) for got in (got1, got2)]
+    assert "typed-1-41" in got1.decode() and "typed-2-42" in got2.decode(), (got1, got2)
+    s0, s = session_of(m, first), session_of(m, lg)
+    assert s0["lines"] == [] and s0["cast"] is None, s0
+    assert [(x["line"], x["pid"]) for x in s["lines"]] == [
+        *((line, shells[0]) for line in [*typed[0], "exit"]), *((line, shells[1]) for line in [*typed[1], "exit"])
+    ], (shells, s["lines"])
+    # each interactive bash is one the session executed, after a bash -c of the same session
+    execs = [(c["pid"], c["argv"]) for c in s["commands"]]
+    logins = [pid for pid, argv in execs if argv == ["-bash"]]
+    assert logins == shells, execs
+    dashc = [i for i, (_pid, argv) in enumerate(execs) if argv[-2:-1] == ["-c"]]
+    assert len(dashc) == 2 and dashc[0] < execs.index((shells[0], ["-bash"])) < dashc[1], execs
+    # the event log: each line once, in this session
+    lines = [(r["args"]["session"], r["args"]["line"]) for r in m.records if r["name"] == "line"]
+    assert lines == [(s["session"], line) for line in [*typed[0], "exit", *typed[1], "exit"]], lines
+
+
+#: the fingerprint of each key in root's authorized_keys, computed by the guest (hex of its sha256)
+KEY_SUMS = "while read -r t b c; do echo \"$t $(echo \"$b\" | base64 -d | sha256sum | cut -c1-64)\"; done " \
+    "< /root/.ssh/authorized_keys"
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(900)
+def test_public_key_logins(guest: Guest, tmp_path: Path) -> None:
+    """A key the daemon accepts is recorded with its fingerprint (the daemon logs it); a key it does
+    not know is offered first on the same connection and is not recorded (the daemon does not say)."""
+    known, stranger = paramiko.ECDSAKey.generate(), paramiko.ECDSAKey.generate()
+    had_dir = guest.run("test -d /root/.ssh && echo yes || echo no").strip() == "yes"
+    guest.run(f"mkdir -p /root/.ssh && chmod 700 /root/.ssh && echo '{known.get_name()} {known.get_base64()} "
+              "hp-test' > /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys")
+    try:
+        truth = guest.run(KEY_SUMS).split()
+        with monitoring(guest, tmp_path / "out") as m:
+            t, port, offered = login_keys(guest, [stranger, known])
+            ch = t.open_session()
+            ch.exec_command("echo key-login")
+            out = ch.makefile().read()
+            t.close()
+            m.wait_ended(1)
+    finally:
+        guest.run("rm -f /root/.ssh/authorized_keys" if had_dir else "rm -rf /root/.ssh")
+    assert offered == 2 and out == b"key-login\n", (offered, out)
+    # the guest's own sha256 of the key it holds, as ssh-keygen -l prints it
+    assert truth[0] == known.get_name(), truth
+    fingerprint = "SHA256:" + base64.b64encode(bytes.fromhex(truth[1])).decode().rstrip("=")
+    assert fingerprint == "SHA256:" + base64.b64encode(hashlib.sha256(known.asbytes()).digest()).decode().rstrip("=")
+    s = [s for s in m.sessions().values() if s["client_port"] == port]
+    assert len(s) == 1, m.sessions()
+    keys = [(a["method"], a["user"], a["fingerprint"], a["accepted"], a["forced"]) for a in s[0]["auth"]]
+    assert keys == [("publickey", "root", fingerprint, True, False)], s[0]["auth"]
+    assert s[0]["auth"][0]["key_type"] == {"dropbear": "ecdsa-sha2-nistp256", "sshd": "ECDSA"}[s[0]["daemon"]]
+    log = [(r["args"]["session"], r["args"]["fingerprint"]) for r in m.records if r["name"] == "auth"]
+    assert log == [(s[0]["session"], fingerprint)], log
 
 
 FILES_SCRIPT = """cat > /root/heredoc.txt <<'END'

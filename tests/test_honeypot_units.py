@@ -1,5 +1,5 @@
 """The honeypot's pieces that need no guest: session attribution, the asciicast writer, the report,
-and the command line's errors (one line, exit status 2)."""
+the daemons' public-key log lines, and the command line's errors (one line, exit status 2)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,36 @@ from pathlib import Path
 import pytest
 
 from aradia.apps.honeypot.cast import Cast, read_cast
-from aradia.apps.honeypot.report import report
+from aradia.apps.honeypot.pubkey import pubkey_attempt
+from aradia.apps.honeypot.report import auth_text, report
 from aradia.apps.honeypot.sessions import SessionTable
 from aradia.errors import AradiaError
 from aradia.trace.hooks import return_now
 from cli_runner import run_cli
+
+FP = "SHA256:" + "Ab+/" * 10 + "xyz"
+
+
+@pytest.mark.timeout(30)
+def test_public_key_log_lines() -> None:
+    """The lines as the daemons' own format strings make them (``strings`` of Debian 12's dropbear and
+    sshd), and lines that only look alike."""
+    dropbear_ok = f"Pubkey auth succeeded for 'root' with ssh-ed25519 key {FP} from 10.0.2.2:40000"
+    assert pubkey_attempt("%s", dropbear_ok) == {"user": "root", "key_type": "ssh-ed25519", "fingerprint": FP,
+                                                 "accepted": True}
+    bad = pubkey_attempt("%s", f"Pubkey auth bad signature for 'ad min' with key {FP} from 10.0.2.2:40000")
+    assert bad == {"user": "ad min", "key_type": None, "fingerprint": FP, "accepted": False}
+    sshd_ok = f"Accepted publickey for root from 10.0.2.2 port 40000 ssh2: ECDSA {FP}"
+    assert pubkey_attempt("%.500s", sshd_ok) == {"user": "root", "key_type": "ECDSA", "fingerprint": FP,
+                                                 "accepted": True}
+    failed = pubkey_attempt("%.500s", f"Failed publickey for invalid user eve from 10.0.2.2 port 1 ssh2: "
+                                      f"RSA {FP}")
+    assert failed == {"user": "eve", "key_type": "RSA", "fingerprint": FP, "accepted": False}
+    assert auth_text({"method": "publickey", **failed}) == f"RSA key {FP} for eve: rejected"
+    for fmt, line in (("%d", dropbear_ok), ("%s", "Accepted password for root from 10.0.2.2 port 1 ssh2"),
+                      ("%s", "user typed: " + dropbear_ok), ("%s", sshd_ok + " trailing"), ("%s", None),
+                      ("%.500s", "Pubkey auth succeeded for 'root' with ssh-ed25519 key SHA256 from x")):
+        assert pubkey_attempt(fmt, line) is None, (fmt, line)
 
 
 @pytest.mark.timeout(30)

@@ -60,13 +60,51 @@ def name_matches(path: str, lib: str, soname: str | None = None) -> bool:
     return base == lib or base.startswith(lib + ".") or (soname is not None and soname == lib)
 
 
+class FileReader:
+    """Reads the bytes of one mapped file: from its page cache, else through the mapping of the
+    process being resolved now (:meth:`bind`).
+
+    It holds values (addresses), never drgn reference objects into a VMA: a parsed file outlives the
+    process whose mapping first found it, and :class:`~aradia.linux.elfsyms.DynamicSymbols` reads
+    lazily (a lookup reads hash chains and symbols), so a reference would re-read that process's VMA
+    and ``struct file`` after they were freed and reused (a bash that exited, e.g. ``ssh host cmd``,
+    made the next bash's symbols unreadable).
+    """
+
+    def __init__(self, inode: drgn.Object) -> None:
+        self.inode = inode.read_()  # the pointer's value, not a reference to where it was stored
+        self.mm: drgn.Object | None = None
+        self.start = self.end = 0
+
+    def bind(self, vma: drgn.Object) -> None:
+        """Fall back to ``vma``'s mapping (a live process's, the one being resolved) for pages the
+        page cache does not hold."""
+        self.mm = vma.vm_mm.read_()
+        self.start, self.end = int(vma.vm_start), int(vma.vm_end)
+
+    def __call__(self, offset: int, size: int) -> bytes:
+        try:
+            return read_cached(self.inode, offset, size)
+        except NotCached:
+            if self.mm is None or offset + size > self.end - self.start:
+                raise
+            return access_remote_vm(self.mm, self.start + offset, size)
+
+
+def file_key(inode: drgn.Object) -> tuple[int, int, int, int]:
+    """What identifies a file's contents across lookups: the inode's address, number, generation and
+    size (an inode freed and reused for another file, or a file rewritten, is parsed anew)."""
+    return inode.value_(), int(inode.i_ino), int(inode.i_generation), int(inode.i_size)
+
+
 @dataclass
 class UserSymbols:
-    """Resolves ``LIB:SYMBOL`` in guest processes; parsed files are cached by inode."""
+    """Resolves ``LIB:SYMBOL`` in guest processes; parsed files are cached by :func:`file_key`."""
 
     prog: drgn.Program
     warnings: Warnings = field(default_factory=Warnings)
-    _files: dict[int, DynamicSymbols | None] = field(default_factory=dict)
+    _files: dict[tuple[int, int, int, int], tuple[FileReader, DynamicSymbols | None]] = field(
+        default_factory=dict)
 
     def mapped_files(self, mm: drgn.Object) -> list[tuple[drgn.Object, LoadedFile]]:
         """The ``(vma, file)`` of every mapping of a file from offset 0 in ``mm``."""
@@ -85,28 +123,24 @@ class UserSymbols:
         return out
 
     def elf(self, vma: drgn.Object) -> DynamicSymbols | None:
-        """The dynamic symbols of the file ``vma`` maps (None: not an ELF file we can read)."""
-        inode = vma.vm_file.f_inode
-        key = inode.value_()
-        if key not in self._files:
-            mm, start = vma.vm_mm, int(vma.vm_start)
-            end = int(vma.vm_end)
-
-            def read(offset: int, size: int) -> bytes:
-                try:
-                    return read_cached(inode, offset, size)
-                except NotCached:
-                    if offset + size > end - start:
-                        raise
-                    return access_remote_vm(mm, start + offset, size)
-
-            try:
-                self._files[key] = DynamicSymbols(read)
-            except GUEST_ERRORS as e:
-                name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
-                self.warnings.add(f"{name}: no dynamic symbols ({e})")
-                self._files[key] = None
-        return self._files[key]
+        """The dynamic symbols of the file ``vma`` maps (None: not an ELF file we can read); later
+        reads of a file parsed before go through ``vma``'s process."""
+        inode = vma.vm_file.f_inode.read_()
+        key = file_key(inode)
+        if key in self._files:
+            reader, syms = self._files[key]
+            reader.bind(vma)
+            return syms
+        reader = FileReader(inode)
+        reader.bind(vma)
+        try:
+            syms = DynamicSymbols(reader)
+        except GUEST_ERRORS as e:
+            name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
+            self.warnings.add(f"{name}: no dynamic symbols ({e})")
+            syms = None
+        self._files[key] = (reader, syms)
+        return syms
 
     def file_matches(self, vma: drgn.Object, path: str, lib: str) -> bool:
         """Whether the file ``vma`` maps (at ``path``) is ``lib``: by name, or by its ``DT_SONAME``."""

@@ -42,7 +42,8 @@ class PasswordCheck:
             setting = user_cstring(ctx.read, ctx.arg(1))
             if not setting or setting[:1] in ("*", "!"):
                 return None  # a locked or password-less account stays so
-            ctx.emit("honeypot", "auth", {"user": user, "password": user_cstring(ctx.read, ctx.arg(0)),
+            ctx.emit("honeypot", "auth", {"method": "password", "user": user,
+                                          "password": user_cstring(ctx.read, ctx.arg(0)),
                                           "accepted": True, "forced": True})
             ctx.return_value(ctx.arg(1))
         return None

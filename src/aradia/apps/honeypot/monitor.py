@@ -1,6 +1,6 @@
 """The SSH honeypot monitor on one live VM's tracer: sessions of the guest's ssh daemon (dropbear or
-OpenSSH's sshd), each with its connection, password attempts, commands, typed lines, terminal,
-files and network activity, recorded from outside the guest.
+OpenSSH's sshd), each with its connection, authentication attempts (passwords, public keys), commands,
+typed lines, terminal, files and network activity, recorded from outside the guest.
 
 What is armed (:meth:`Honeypot.start`), all through the guarded GDB stub:
 
@@ -11,7 +11,8 @@ What is armed (:meth:`Honeypot.start`), all through the guarded GDB stub:
 * ``filp_close``, ``security_path_unlink``, ``security_path_rename``: files, their contents read from
   the page cache when the last descriptor closes (or when unlinked);
 * ``libcrypt.so.1:crypt`` (entry and return, and the ``--accept-any-password`` decision),
-  ``libc.so.6:getpwnam`` (the user being checked), ``bash:readline`` (typed lines), each armed only in
+  ``libc.so.6:getpwnam`` (the user being checked), ``libc.so.6:__syslog_chk`` (the daemon's log lines
+  that name a public key's fingerprint), ``bash:readline`` (typed lines), each armed only in
   the processes that need it (a session's daemon, its bash) rather than following every mmap;
 * the ``connect``, ``bind``, ``accept``, ``accept4`` syscalls.
 
@@ -33,6 +34,7 @@ from aradia.apps.honeypot.adopt import open_sessions
 from aradia.apps.honeypot.auth import CRYPT, GETPWNAM, PasswordCheck
 from aradia.apps.honeypot.hits import KERNEL_HOOKS, SSH_DAEMONS, Hits
 from aradia.apps.honeypot.output import OutputDir
+from aradia.apps.honeypot.pubkey import SYSLOG, SYSLOG_ARGS, pubkey_attempt
 from aradia.apps.honeypot.sessions import Session, SessionTable
 from aradia.linux.bounds import GUEST_ERRORS
 from aradia.service.schema import Records, wall_time
@@ -68,7 +70,8 @@ class Honeypot:
         add = self.tracer.add_uprobe
         self.user_targets = {
             "daemon": [add(GETPWNAM, follow=False),
-                       add(CRYPT, ret=True, keep_args=True, decide=check.decide, follow=False)],
+                       add(CRYPT, ret=True, keep_args=True, decide=check.decide, follow=False),
+                       add(SYSLOG, args=SYSLOG_ARGS, follow=False)],
             "shell": [add(READLINE, ret=True, follow=False)],
         }
         hits = Hits(lambda tgid: tgid in self.table.by_tgid, self._arm)
@@ -131,6 +134,8 @@ class Honeypot:
                 s.user = ev.args["name"]
         elif ev.kind == "uretprobe" and ev.name == CRYPT:
             self._on_crypt(ev)
+        elif ev.kind == "uprobe" and ev.name == SYSLOG:
+            self._on_log(ev)
         elif ev.kind == "uretprobe" and ev.name == READLINE:
             s = self.table.of(ev.tgid)
             if s is not None and ev.args.get("ret") is not None:
@@ -209,10 +214,20 @@ class Honeypot:
         if s is None:
             return
         ret, setting = ev.args.get("ret"), entry.get("setting")
-        attempt = {"time": wall_time(ev.time), "user": s.user, "password": entry.get("phrase"),
+        attempt = {"time": wall_time(ev.time), "method": "password", "user": s.user,
+                   "password": entry.get("phrase"),
                    "accepted": ret is not None and setting is not None and ret == setting, "forced": False}
         s.auth.append(attempt)
         self._log(ev, s, "auth", attempt)
+
+    def _on_log(self, ev: Event) -> None:
+        """A line the session's daemon logged: a public-key attempt when it names one."""
+        s = self.table.of(ev.tgid)
+        key = pubkey_attempt(ev.args.get("format"), ev.args.get("message"))
+        if s is not None and key is not None:
+            attempt = {"time": wall_time(ev.time), "method": "publickey", **key, "forced": False}
+            s.auth.append(attempt)
+            self._log(ev, s, "auth", attempt)
 
     def close(self) -> list[Session]:
         """Write the summaries of sessions still open (their end unknown); the sessions seen."""

@@ -21,6 +21,14 @@ def _argv(argv: list[str] | None) -> str:
     return " ".join(shlex.quote(a) for a in argv or [])
 
 
+def auth_text(a: dict[str, Any]) -> str:
+    """One authentication attempt in words: the password or the key's fingerprint, and the verdict."""
+    verdict = "accepted (forced)" if a.get("forced") else "accepted" if a["accepted"] else "rejected"
+    if a.get("method") == "publickey":
+        return f"{a.get('key_type') or 'public'} key {a['fingerprint']} for {a['user']}: {verdict}"
+    return f"password {a['password']!r} for {a['user']}: {verdict}"
+
+
 def event_line(rec: dict[str, Any]) -> str:
     """One live event record as a line: time, session, what happened."""
     a = rec["args"]
@@ -29,10 +37,9 @@ def event_line(rec: dict[str, Any]) -> str:
     if name == "session.start":
         what = f"connection from {a['client']}:{a['client_port']} to port {a['server_port']} ({a['daemon']})"
     elif name == "session.end":
-        what = f"ended ({a['attempts']} password attempts, {a['commands']} programs run)"
+        what = f"ended ({a['attempts']} authentication attempts, {a['commands']} programs run)"
     elif name == "auth":
-        verdict = "accepted (forced)" if a.get("forced") else "accepted" if a["accepted"] else "rejected"
-        what = f"password {a['password']!r} for {a['user']}: {verdict}"
+        what = auth_text(a)
     elif name == "exec":
         what = f"exec in {a.get('cwd')}: {_argv(a.get('argv'))}"
     elif name == "line":
@@ -55,8 +62,7 @@ def session_report(s: dict[str, Any]) -> str:
            f"to port {s.get('server_port')} ({s['daemon']} pid {s['daemon_pid']}), "
            f"{_when(s['start'])}, {dur}"]
     for a in s["auth"]:
-        verdict = "accepted (forced)" if a.get("forced") else "accepted" if a["accepted"] else "rejected"
-        out.append(f"  password {a['password']!r} for {a['user']}: {verdict}")
+        out.append(f"  {auth_text(a)}")
     for c in s["commands"]:
         out.append(f"  exec [{c.get('cwd')}] {_argv(c.get('argv'))}")
     for line in s["lines"]:
