@@ -135,6 +135,12 @@ class UserSymbols:
         reader.bind(vma)
         try:
             syms = DynamicSymbols(reader)
+        except (NotCached, drgn.FaultError) as e:
+            # Pages neither cached nor mapped in yet (a disk-backed binary just started): not kept,
+            # so a later process (or this one, once it ran there) gets the file parsed again.
+            name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
+            self.warnings.add(f"{name}: dynamic symbols not in memory yet ({e})")
+            return None
         except GUEST_ERRORS as e:
             name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
             self.warnings.add(f"{name}: no dynamic symbols ({e})")
