@@ -1,12 +1,12 @@
 """Launch a QEMU guest from a :class:`~aradia.lab.images.GuestImage`.
 
 ``launch(image)`` starts the QEMU of the image's architecture (``qemu-system-x86_64 -M pc``, or
-``qemu-system-aarch64 -M virt -cpu max``; TCG by default) with QMP on a unix socket, the console
-(ttyS0; ttyAMA0 on arm64) on a unix-socket chardev, the ground-truth channel (ttyS1; a virtio console
-on arm64) written to a file, user-mode networking with ssh forwarded to a free local port, and
-optionally a GDB stub and guest RAM in a shared ``/dev/shm`` file; it waits until the guest's init
-reports ready and returns the :class:`~aradia.lab.guest.Guest` (re-exported here, since ``launch``
-returns it) that talks to it and always tears QEMU down.
+``qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on``; TCG by default) with QMP on a unix socket,
+the console (ttyS0; ttyAMA0 on arm64) on a unix-socket chardev, the ground-truth channel (ttyS1; a
+virtio console on arm64) written to a file, user-mode networking with ssh forwarded to a free local
+port, and optionally a GDB stub and guest RAM in a shared ``/dev/shm`` file; it waits until the
+guest's init reports ready and returns the :class:`~aradia.lab.guest.Guest` (re-exported here, since
+``launch`` returns it) that talks to it and always tears QEMU down.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
     ``accel`` is QEMU's accelerator (``"tcg"``; ``"kvm"`` where available), ``append`` adds to the
     kernel command line, ``plugins`` are ``-plugin`` values (``"lib.so,arg=v"``). ``machine`` and
     ``cpu`` default to the image architecture's (x86-64: ``pc`` and QEMU's default CPU; arm64:
-    ``virt`` and ``max``; KASLR stays on: virt passes a seed in the device tree). Ports for ssh and
-    the GDB stub are picked free at random; a start that loses a port race, or whose ttyS1 stays
-    silent though the console says ready, is retried.
+    ``virt`` and ``max,pauth-impdef=on``; KASLR stays on: virt passes a seed in the device tree).
+    Ports for ssh and the GDB stub are picked free at random; a start that loses a port race, or
+    whose ttyS1 stays silent though the console says ready, is retried.
 
     ``incoming`` (``"unix:/path"``, ``"tcp:127.0.0.1:PORT"``, ``"defer"``) starts a live-migration
     *destination* instead (QEMU's ``-incoming``; the other options must match the source's): nothing
