@@ -2,7 +2,8 @@
 
 Each reader runs a shell command in the guest (over its console; :func:`sample_stat` over ssh) and
 parses what it printed: ``/proc/PID/maps``, ``/proc/PID/fd`` with ``fdinfo``, ``/proc/net/tcp``,
-``/proc/mounts``, ``/proc/modules``, each process's ``stat``, ``status``, ``cmdline`` and ``exe``.
+``/proc/mounts``, ``/proc/modules``, ``/proc/kallsyms``, each process's ``stat``, ``status``,
+``cmdline`` and ``exe``.
 
 Some of what ``/proc`` shows changes all the time (a workqueue worker's name carries the work it ran
 last, processes come and go). :func:`sample_stat` has the guest read every ``/proc/PID/stat`` again
@@ -14,6 +15,7 @@ in aradia's view.
 from __future__ import annotations
 
 import base64
+import gzip
 import ipaddress
 import re
 import secrets
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
     from aradia.lab.launcher import Guest
 
 T = TypeVar("T")
+
+
+# --- kallsyms -----------------------------------------------------------------------------------------
+def guest_kallsyms(guest: Guest) -> list[str]:
+    """The guest's /proc/kallsyms without module symbols (gzip + base64 over the serial line)."""
+    out = guest.run("grep -v '\\[' /proc/kallsyms | gzip -1 | base64", timeout=240)
+    return gzip.decompress(base64.b64decode("".join(out.split()))).decode().splitlines()
 
 
 # --- maps --------------------------------------------------------------------------------------------

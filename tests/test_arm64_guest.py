@@ -2,6 +2,7 @@
 
 Ground truth comes from inside the guest: its /proc/version, /proc/iomem and /proc/kallsyms, and the
 memhold program's own report (its pattern, and the frames /proc/self/pagemap gives for its pages).
+The kernel's placement and kallsyms come from the VMCOREINFO text the kernel leaves in RAM.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import pytest
 from aradia.errors import PageFault
 from aradia.lab.launcher import Guest
 from aradia.lab.memhold import MemHold
+from aradia.linux.arm64_layout import find_layout, kallsyms
 from aradia.linux.identify import find_banner
 from aradia.machine.arch import ARM64
 from aradia.machine.arch.arm64 import VIRT_RAM_BASE
 from aradia.vm import VM, attach
-from guest_truth import proc_maps
+from guest_truth import guest_kallsyms, proc_maps
 
 GUEST_SERIES = "6.1"
 GUEST_ARCH = "arm64"
@@ -114,3 +116,13 @@ def test_kernel_text_through_ttbr1_matches_the_kernels_own_map(guest: Guest, vm:
     t = vm.translate(stext)
     assert t.paddr == code_start and not t.user and not t.nx and not t.writable
     assert vm.read_virt(stext, 64) == vm.read(code_start, 64)
+
+
+def test_layout_and_kallsyms_from_ram(guest: Guest, vm: VM) -> None:
+    layout = find_layout(vm)
+    assert layout.phys_offset == VIRT_RAM_BASE and layout.va_bits == 48
+    assert layout.kaslr_offset != 0  # KASLR is on (virt passes a seed)
+    root, _ = vm.kernel_root()  # the vCPUs' TTBR1_EL1 (GDB stub) and swapper_pg_dir agree
+    assert layout.kernel_root == ARM64.root_table(root)
+    table = kallsyms(vm, layout)
+    assert table.proc_kallsyms().splitlines() == guest_kallsyms(guest)
