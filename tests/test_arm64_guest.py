@@ -1,4 +1,5 @@
-"""A Debian 6.1 arm64 guest under qemu-system-aarch64 -M virt -cpu max (KASLR on): attach, RAM, paging.
+"""Debian 6.1 and 6.12 arm64 guests under qemu-system-aarch64 -M virt -cpu max (KASLR on): attach, RAM,
+paging, kallsyms.
 
 Ground truth comes from inside the guest: its /proc/version, /proc/iomem and /proc/kallsyms, and the
 memhold program's own report (its pattern, and the frames /proc/self/pagemap gives for its pages).
@@ -7,9 +8,10 @@ The kernel's placement and kallsyms come from the VMCOREINFO text the kernel lea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,16 +20,24 @@ from aradia.lab.launcher import Guest
 from aradia.lab.memhold import MemHold
 from aradia.linux.arm64_layout import find_layout, kallsyms
 from aradia.linux.identify import find_banner
-from aradia.machine.arch import ARM64
+from aradia.machine.arch import ARM64, Arm64
 from aradia.machine.arch.arm64 import VIRT_RAM_BASE
 from aradia.vm import VM, attach
-from guest_truth import guest_kallsyms, proc_maps
+from guest_truth import guest_kallsyms, kcore_read, proc_maps
 
-GUEST_SERIES = "6.1"
-GUEST_ARCH = "arm64"
+BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
+
+SERIES = ("6.1", "6.12")
 GUEST_OPTIONS = {"shared_memory": True, "gdb": True, "memory": "256M", "boot_timeout": 180}
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", params=SERIES)
+def guest(request: pytest.FixtureRequest, boot_guest: BootGuest) -> Iterator[Guest]:
+    """One arm64 guest per kernel series, stopped before the next boots."""
+    with boot_guest(request.param, arch="arm64", **GUEST_OPTIONS) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,7 @@ def hold(guest: Guest) -> Iterator[MemHold]:
 
 def test_guest_is_arm64_and_attach_detects_it(guest: Guest, vm: VM) -> None:
     assert guest.run("uname -m").strip() == "aarch64"
-    assert vm.arch is ARM64
+    assert isinstance(vm.arch, Arm64) and vm.arch.name == "arm64"
     assert vm.memory.kind == "shared-file"
     # virt's RAM starts at 1 GiB; the shared file holds it from offset 0
     assert [(r.start, r.size) for r in vm.ranges()] == [(VIRT_RAM_BASE, 256 << 20)]
@@ -112,15 +122,20 @@ def test_kernel_text_through_ttbr1_matches_the_kernels_own_map(guest: Guest, vm:
     stext = int(guest.run("grep ' _stext$' /proc/kallsyms").split()[0], 16)
     assert stext >= 0xFFFF_0000_0000_0000
     code = next(line for line in guest.run("cat /proc/iomem").splitlines() if "Kernel code" in line)
-    code_start = int(code.split("-")[0], 16)  # __pa_symbol(_stext)
+    code_start, code_end = (int(x, 16) for x in code.split()[0].split("-"))  # from _text or _stext on
     t = vm.translate(stext)
-    assert t.paddr == code_start and not t.user and not t.nx and not t.writable
-    assert vm.read_virt(stext, 64) == vm.read(code_start, 64)
+    assert code_start <= t.paddr < code_end and t.paddr & 0xFFF == stext & 0xFFF
+    assert not t.user and not t.nx and not t.writable
+    assert vm.read_virt(stext, 256) == kcore_read(guest, stext, 256)  # the guest kernel's own view
 
 
 def test_layout_and_kallsyms_from_ram(guest: Guest, vm: VM) -> None:
     layout = find_layout(vm)
-    assert layout.phys_offset == VIRT_RAM_BASE and layout.va_bits == 48
+    # the kernel's build config: 6.1 has 48-bit VA, 6.12 52-bit (with LPA2, which -cpu max offers)
+    config = guest.image.config_path.read_text()
+    va_bits = int(next(ln for ln in config.splitlines() if ln.startswith("CONFIG_ARM64_VA_BITS=")).split("=")[1])
+    assert layout.phys_offset == VIRT_RAM_BASE and layout.va_bits == va_bits
+    assert isinstance(vm.arch, Arm64) and vm.arch.va_bits == va_bits  # set up from TCR_EL1
     assert layout.kaslr_offset != 0  # KASLR is on (virt passes a seed)
     root, _ = vm.kernel_root()  # the vCPUs' TTBR1_EL1 (GDB stub) and swapper_pg_dir agree
     assert layout.kernel_root == ARM64.root_table(root)

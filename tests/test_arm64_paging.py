@@ -226,3 +226,37 @@ def test_tcr_check() -> None:
         Arm64(39).check_tcr(tcr)
     with pytest.raises(UnsupportedKernel, match="granule"):
         ARM64.check_tcr(tcr & ~(3 << 30) | (1 << 30))
+
+
+def test_52_bit_va_with_lpa2_walks_five_levels() -> None:
+    mem = BytesMemory({RAM: bytearray(4 << 20)})
+    arch = Arm64(52, lpa2=True)
+    lm1, l0, l1, l2, l3 = (RAM + 0x1000 * i for i in range(1, 6))
+    va = 0xFFF0_0000_0000_0000 + (3 << 48) + (5 << 39) + (6 << 30) + (7 << 21) + (8 << 12) + 0x10
+    put(mem, lm1, 3, l0 | TABLE)  # L-1 has 16 entries: VA bits 48-51
+    put(mem, l0, 5, l1 | TABLE)
+    put(mem, l1, 6, l2 | TABLE)
+    put(mem, l2, 7, l3 | TABLE)
+    put(mem, l3, 8, 0x4030_0000 | PAGE_DESC | AF)
+    assert translate(mem, lm1, va, arch=arch).paddr == 0x4030_0010
+    put(mem, l3, 9, 0x4030_0000 | (0b01 << 8) | PAGE_DESC | AF)  # descriptor bits 8-9: address bits 50-51
+    assert translate(mem, lm1, va + 0x1000, arch=arch).paddr == (1 << 50) | 0x4030_0010
+    put(mem, l0, 6, (1 << 39) | VALID | AF)  # a 512 GiB block at L0 exists with LPA2
+    t = translate(mem, lm1, va + (1 << 39), arch=arch)
+    assert (t.paddr, t.page_size) == ((1 << 39) + (6 << 30) + (7 << 21) + (8 << 12) + 0x10, 1 << 39)
+    put(mem, lm1, 4, (1 << 48) | VALID | AF)  # no block at L-1
+    with pytest.raises(PageFault, match=r"L-1 entry 4 .*reserved"):
+        translate(mem, lm1, va + (1 << 48), arch=arch)
+    # a TTBR carries address bits 48-51 in its bits 2-5
+    assert arch.root_table((0x12 << 48) | 0x4000_1000 | (0b1010 << 2) | 1) == (0b1010 << 48) | 0x4000_1000
+    assert list(mappings(mem, lm1, start=va & ~0xFFF, end=(va & ~0xFFF) + 0x2000, arch=arch)) == [
+        PageMapping(va & ~0xFFF, 0x4030_0000, 0x1000, True, False, False)]  # (1 << 50) is not RAM
+
+
+def test_arch_from_tcr() -> None:
+    assert Arm64.from_tcr(0x15001F5B5503510) == Arm64(48)  # Debian 6.1 on -cpu max
+    lpa2 = Arm64.from_tcr((0x15001F5B5503510 & ~(0x3F << 16)) | (12 << 16) | (1 << 59))
+    assert (lpa2.va_bits, lpa2.lpa2, lpa2.levels) == (52, True, 5)
+    assert ARM64.for_registers({}) is ARM64 and ARM64.for_registers({"tcr_el1": 0}) is ARM64
+    with pytest.raises(UnsupportedKernel):
+        Arm64(52)  # 52 bits need the LPA2 format with a 4 KiB granule

@@ -81,9 +81,17 @@ class Qemu:
 
     @property
     def arch(self) -> Architecture:
-        """The guest's architecture, from QMP ``query-target`` (asked once)."""
+        """The guest's architecture, from QMP ``query-target``, set up for the running kernel where
+        that matters (arm64: VA size and descriptor format from vCPU 0's TCR_EL1, read through the
+        GDB stub; if the stub cannot be asked, the default 48-bit walk, which :meth:`aradia.vm.VM.
+        kernel_root` checks against TCR_EL1 later). Asked once: a guest rebooting into another kernel
+        needs a new attach."""
         if self._arch is None:
-            self._arch = from_qemu_target(str(self.qmp.execute("query-target").get("arch", "")))
+            arch = from_qemu_target(str(self.qmp.execute("query-target").get("arch", "")))
+            if arch.system_registers:
+                with contextlib.suppress(AradiaError):
+                    arch = arch.for_registers(self.gdb_registers(arch.system_registers).get(0, {}))
+            self._arch = arch
         return self._arch
 
     @property

@@ -1,20 +1,24 @@
 """arm64 (AArch64): registers, numbers, and the VMSAv8-64 stage-1 page walk with a 4 KiB granule.
 
 The VA size is the kernel's (``CONFIG_ARM64_VA_BITS``, ``64 - TCR_EL1.T1SZ``): 39 bits walk three
-levels (L1-L3), 48 bits four (L0-L3). An address with its top bits all ones belongs to the TTBR1 half
+levels (L1-L3), 48 bits four (L0-L3), 52 bits five (L-1 to L3, which needs FEAT_LPA2: ``TCR_EL1.DS``;
+Debian's 6.12 kernels use it on ``-cpu max``, 6.1 uses 48 bits). :meth:`Arm64.from_tcr` sets a walk
+up from the vCPU's TCR_EL1. An address with its top bits all ones belongs to the TTBR1 half
 (the kernel), all zeros to the TTBR0 half (user space); anything else is non-canonical. The walk uses
 the root it is given: pass TTBR1 (``swapper_pg_dir``) for kernel addresses, a task's TTBR0
 (``mm->pgd``) for its user addresses. A root is a TTBR value: the ASID (bits 48-63) and CnP (bit 0)
 are masked off.
 
-Descriptors: bit 0 valid; at L0-L2 bit 1 set is a table, clear a block (1 GiB at L1, 2 MiB at L2; a
-block at L0 is invalid with a 4 KiB granule); at L3 bit 1 must be set (a page). Output addresses are
-bits 12-47 (48-bit PA). The contiguous hint (bit 52) only says a TLB may cache neighbours together:
-it is ignored, each entry is translated on its own. Effective permissions: writable unless AP[2] (bit
-7) or a table's APTable[1] (bit 62) says read-only; user when AP[1] (bit 6) grants EL0 and no table's
-APTable[0] (bit 61) withdraws it; ``nx`` is UXN (bit 54, or a table's UXNTable, bit 60) for user
-pages and PXN (bit 53, PXNTable bit 59) for kernel pages. Invalid entries, reserved encodings and
-tables outside RAM raise :class:`~aradia.errors.PageFault` naming the level.
+Descriptors: bit 0 valid; at L-1 to L2 bit 1 set is a table, clear a block (1 GiB at L1, 2 MiB at L2,
+512 GiB at L0 with LPA2 only; never at L-1); at L3 bit 1 must be set (a page). Output addresses are
+bits 12-47 (48-bit PA), or with LPA2 bits 12-49 plus bits 8-9 as address bits 50-51 (a TTBR then
+carries address bits 48-51 in its bits 2-5). The contiguous hint (bit 52) only says a TLB may cache
+neighbours together: it is ignored, each entry is translated on its own. Effective permissions:
+writable unless AP[2] (bit 7) or a table's APTable[1] (bit 62) says read-only; user when AP[1] (bit
+6) grants EL0 and no table's APTable[0] (bit 61) withdraws it; ``nx`` is UXN (bit 54, or a table's
+UXNTable, bit 60) for user pages and PXN (bit 53, PXNTable bit 59) for kernel pages. Invalid
+entries, reserved encodings and tables outside RAM raise :class:`~aradia.errors.PageFault` naming the
+level.
 
 Guest-physical RAM of QEMU's ``virt`` machine starts at 0x40000000 (:data:`VIRT_RAM_BASE`); that is
 the RAM map's business (QEMU's memory tree), not the walk's.
@@ -41,7 +45,9 @@ from aradia.sources.base import PhysicalMemory
 
 VIRT_RAM_BASE = 0x4000_0000
 OA_MASK = 0x0000_FFFF_FFFF_F000  # output address bits 12..47 of a descriptor
+OA_MASK_LPA2 = 0x0003_FFFF_FFFF_F000  # with LPA2: bits 12..49 (50..51 are in descriptor bits 8..9)
 TTBR_BADDR = 0x0000_FFFF_FFFF_FFFE  # table base bits 1..47 of a TTBR (ASID and CnP masked off)
+TTBR_BADDR_LPA2 = 0x0000_FFFF_FFFF_FFC0  # with LPA2: bits 6..47 (48..51 are in TTBR bits 2..5)
 VALID, TABLE = 0x1, 0x2
 AP_EL0, AP_RO = 1 << 6, 1 << 7
 PXN, UXN = 1 << 53, 1 << 54
@@ -56,7 +62,7 @@ _PAIR = re.compile(r"\b(PC|SP|PSTATE|X\d\d)=([0-9a-fA-F]+)\b")
 
 
 def levels_for(va_bits: int) -> int:
-    """How many levels a 4 KiB-granule walk of ``va_bits`` takes (48: 4, 39: 3)."""
+    """How many levels a 4 KiB-granule walk of ``va_bits`` takes (52: 5, 48: 4, 39: 3)."""
     return -(-(va_bits - 12) // 9)
 
 
@@ -72,21 +78,43 @@ class Arm64(Architecture):
     args = ("x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7")
     ret = "x0"
 
-    def __init__(self, va_bits: int = 48) -> None:
-        """``va_bits``: the kernel's VA size, 39 to 48 (52-bit VA is not supported yet)."""
-        if not 25 <= va_bits <= 48:
-            raise UnsupportedKernel(f"arm64 with a {va_bits}-bit VA is not supported (39 to 48 bits are)")
+    def __init__(self, va_bits: int = 48, lpa2: bool = False) -> None:
+        """``va_bits``: the kernel's VA size, 25 to 52; ``lpa2``: descriptors in the FEAT_LPA2 format
+        (``TCR_EL1.DS``), which a VA over 48 bits needs."""
+        if not 25 <= va_bits <= 52 or (va_bits > 48 and not lpa2):
+            raise UnsupportedKernel(f"arm64 with a {va_bits}-bit VA{' and LPA2' if lpa2 else ''} is not "
+                                    "supported (25 to 48 bits, or up to 52 with LPA2, are)")
         self.va_bits = va_bits
+        self.lpa2 = lpa2
         self.levels = levels_for(va_bits)
 
+    @classmethod
+    def from_tcr(cls, tcr: int) -> Arm64:
+        """The walk a vCPU with this TCR_EL1 does for the kernel half (T1SZ, TG1, DS)."""
+        if (tcr >> 30) & 3 != 0b10:
+            raise UnsupportedKernel(f"arm64 kernel uses TCR_EL1.TG1={(tcr >> 30) & 3:#b}: "
+                                    "only the 4 KiB granule is supported")
+        return cls(64 - ((tcr >> 16) & 0x3F), bool((tcr >> 59) & 1))
+
+    def for_registers(self, regs: dict[str, int]) -> Arm64:
+        """The walk the vCPU with these registers does: from its ``tcr_el1`` when known (and set)."""
+        tcr = regs.get("tcr_el1", 0)
+        return Arm64.from_tcr(tcr) if tcr else self
+
     def __repr__(self) -> str:
-        return f"<Architecture arm64 va_bits={self.va_bits}>"
+        return f"<Architecture arm64 va_bits={self.va_bits}{' lpa2' if self.lpa2 else ''}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Arm64) and other.va_bits == self.va_bits
+        return isinstance(other, Arm64) and (other.va_bits, other.lpa2) == (self.va_bits, self.lpa2)
 
     def __hash__(self) -> int:
-        return hash(("arm64", self.va_bits))
+        return hash(("arm64", self.va_bits, self.lpa2))
+
+    def _oa(self, entry: int) -> int:
+        """A descriptor's output address (next table, block or page)."""
+        if self.lpa2:
+            return (entry & OA_MASK_LPA2) | ((entry & 0x300) << 42)
+        return entry & OA_MASK
 
     def _no_la57(self, la57: bool) -> None:
         if la57:
@@ -106,7 +134,9 @@ class Arm64(Architecture):
         return vaddr
 
     def root_table(self, root: int) -> int:
-        """A TTBR value without its ASID and CnP bits."""
+        """A TTBR value without its ASID and CnP bits (with LPA2: address bits 48-51 from bits 2-5)."""
+        if self.lpa2:
+            return (root & TTBR_BADDR_LPA2) | ((root >> 2) & 0xF) << 48
         return root & TTBR_BADDR
 
     def _top_index(self, vaddr: int) -> int:
@@ -116,8 +146,8 @@ class Arm64(Architecture):
     def walk(self, read_entry: EntryReader, root: int, vaddr: int, la57: bool = False) -> Translation:
         """Walk the tables at TTBR value ``root`` for canonical ``vaddr``."""
         self._no_la57(la57)
-        table = root & TTBR_BADDR
-        level = 4 - self.levels  # the first level: 0 for 48 bits, 1 for 39
+        table = self.root_table(root)
+        level = 4 - self.levels  # the first level: -1 for 52 bits, 0 for 48, 1 for 39
         shift = 12 + 9 * (3 - level)
         index = self._top_index(vaddr)
         ro = no_el0 = uxn = pxn = False
@@ -134,17 +164,17 @@ class Arm64(Architecture):
                 no_el0 = no_el0 or bool(entry & AP_TABLE_NO_EL0)
                 uxn = uxn or bool(entry & UXN_TABLE)
                 pxn = pxn or bool(entry & PXN_TABLE)
-                table = entry & OA_MASK
+                table = self._oa(entry)
                 level += 1
                 shift -= 9
                 index = (vaddr >> shift) & 511
                 continue
-            if level == 0 or (level == 3 and not entry & TABLE):
+            if level < 0 or (level == 0 and not self.lpa2) or (level == 3 and not entry & TABLE):
                 raise PageFault(vaddr, root, f"L{level} entry {index} of table {table:#x}: reserved encoding")
             size = 1 << shift
             user = not no_el0 and bool(entry & AP_EL0)
             nx = (uxn or bool(entry & UXN)) if user else (pxn or bool(entry & PXN))
-            base = entry & OA_MASK & ~(size - 1)
+            base = self._oa(entry) & ~(size - 1)
             return Translation(base | (vaddr & (size - 1)), size, not ro and not entry & AP_RO, user, nx)
 
     def mappings(self, mem: PhysicalMemory, root: int, la57: bool = False, start: int = 0,
@@ -191,22 +221,22 @@ class Arm64(Architecture):
                 if v >= end or v + size <= start:
                     continue
                 if level < 3 and e & TABLE:
-                    sub = e & OA_MASK
+                    sub = self._oa(e)
                     if sub in path:
                         continue
                     f = flags | (1 if e & AP_TABLE_RO else 0) | (2 if e & AP_TABLE_NO_EL0 else 0)
                     f |= (4 if e & UXN_TABLE else 0) | (8 if e & PXN_TABLE else 0)
                     yield from visit(sub, level + 1, v, f, (*path, sub))
                     continue
-                if level == 0 or (level == 3 and not e & TABLE):
+                if level < 0 or (level == 0 and not self.lpa2) or (level == 3 and not e & TABLE):
                     continue  # reserved encodings map nothing
                 user = not flags & 2 and bool(e & AP_EL0)
                 nx = (bool(flags & 4) or bool(e & UXN)) if user else (bool(flags & 8) or bool(e & PXN))
                 writable = not flags & 1 and not e & AP_RO
                 flags_out = int(writable) | (2 if user else 0) | (4 if nx else 0)
-                yield v, size, e & OA_MASK & ~(size - 1), flags_out
+                yield v, size, self._oa(e) & ~(size - 1), flags_out
 
-        table = root & TTBR_BADDR
+        table = self.root_table(root)
         # The same root serves either half: walk it as the half [start, end) asks for.
         bases = [b for b in (0, high) if b < end and start < b + (1 << self.va_bits)]
         for vbase in bases:
@@ -245,14 +275,12 @@ class Arm64(Architecture):
 
     def check_tcr(self, tcr: int) -> None:
         """Raise :class:`UnsupportedKernel` unless TCR_EL1 says what this walk assumes: a 4 KiB
-        granule (TG1 = 0b10) and ``64 - T1SZ == va_bits`` for the kernel half."""
-        t1sz, tg1 = (tcr >> 16) & 0x3F, (tcr >> 30) & 3
-        if tg1 != 0b10:
-            raise UnsupportedKernel(f"arm64 kernel uses TCR_EL1.TG1={tg1:#b}: "
-                                    "only the 4 KiB granule is supported")
-        if 64 - t1sz != self.va_bits:
-            raise UnsupportedKernel(f"arm64 kernel uses a {64 - t1sz}-bit kernel VA (TCR_EL1.T1SZ={t1sz}); "
-                                    f"this walk was set up for {self.va_bits} bits")
+        granule (TG1 = 0b10), ``64 - T1SZ == va_bits`` for the kernel half and the LPA2 format (DS)."""
+        other = Arm64.from_tcr(tcr)
+        if other != self:
+            raise UnsupportedKernel(f"arm64 kernel uses a {other.va_bits}-bit kernel VA"
+                                    f"{' with LPA2' if other.lpa2 else ''} (TCR_EL1 {tcr:#x}); this walk "
+                                    f"was set up for {self.va_bits} bits{' with LPA2' if self.lpa2 else ''}")
 
 
 ARM64 = Arm64()

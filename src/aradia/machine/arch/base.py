@@ -101,6 +101,10 @@ class Architecture:
         """The vCPU's privilege level: x86 CPL (0 kernel, 3 user), arm64 EL (1 kernel, 0 user)."""
         raise NotImplementedError
 
+    def for_registers(self, regs: dict[str, int]) -> Architecture:
+        """The walk a vCPU with these registers does (arm64: VA size and format from TCR_EL1)."""
+        return self
+
     system_registers: tuple[str, ...] = ()
     """Registers the HMP dump lacks but translation needs, read through the GDB stub (arm64: TTBRs)."""
 
