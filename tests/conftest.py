@@ -2,13 +2,16 @@
 
 Fixtures for test modules:
 
-* ``guest_image`` (session): ``guest_image("6.1")`` -> :class:`GuestImage`, built once and cached.
+* ``guest_image`` (session): ``guest_image("6.1")`` -> :class:`GuestImage`, built once and cached
+  (``guest_image("6.1", "arm64")``: the arm64 guest).
 * ``boot_guest`` (session): ``with boot_guest("6.1", **launch_kwargs) as g:`` boots a guest and
-  always stops it; boot times are collected and printed in the terminal summary.
+  always stops it (``arch="arm64"`` boots the arm64 image); boot times are collected and printed in
+  the terminal summary.
 * ``launch_guest`` (module): ``launch_guest("6.1", **launch_kwargs)`` -> a booted :class:`Guest`
   that is stopped when the module's tests are done.
 * ``guest`` (module): one booted guest per module; a module picks its kernel and options with
-  module-level ``GUEST_SERIES = "6.1"`` and ``GUEST_OPTIONS = {"shared_memory": True, ...}``.
+  module-level ``GUEST_SERIES = "6.1"``, ``GUEST_ARCH = "arm64"`` (default x86_64) and
+  ``GUEST_OPTIONS = {"shared_memory": True, ...}``.
 
 QEMU missing is a failure with a clear message, never a skip: ``scripts/dev.sh`` installs it.
 """
@@ -51,32 +54,33 @@ def _require_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> Callable[[str], GuestImage]:
-    """Factory ``guest_image(series="6.1") -> GuestImage``; each series is built at most once."""
+def guest_image() -> Callable[..., GuestImage]:
+    """Factory ``guest_image(series="6.1", arch="x86_64") -> GuestImage``; each is built at most once."""
     _require_tools()
-    built: dict[str, GuestImage] = {}
+    built: dict[tuple[str, str], GuestImage] = {}
 
-    def get(series: str = "6.1") -> GuestImage:
-        if series not in built:
+    def get(series: str = "6.1", arch: str = "x86_64") -> GuestImage:
+        if (series, arch) not in built:
             started = time.monotonic()
             try:
-                built[series] = build_guest(series)
+                built[series, arch] = build_guest(series, arch=arch)
             except GuestError as exc:
-                pytest.fail(f"building the {series} guest failed: {exc}", pytrace=False)
-            BUILD_TIMES.append((series, time.monotonic() - started))
-        return built[series]
+                pytest.fail(f"building the {series} {arch} guest failed: {exc}", pytrace=False)
+            BUILD_TIMES.append((_label(series, arch), time.monotonic() - started))
+        return built[series, arch]
 
     return get
 
 
 @pytest.fixture(scope="session")
-def boot_guest(guest_image: Callable[[str], GuestImage]) -> BootGuest:
-    """``with boot_guest(series="6.1", **launch_kwargs) as guest:`` — always stopped afterwards."""
+def boot_guest(guest_image: Callable[..., GuestImage]) -> BootGuest:
+    """``with boot_guest(series="6.1", arch="x86_64", **launch_kwargs) as guest:`` — always stopped
+    afterwards."""
 
     @contextlib.contextmanager
-    def boot(series: str = "6.1", **kwargs: Any) -> Iterator[Guest]:
-        guest = launch(guest_image(series), **kwargs)
-        BOOT_TIMES.append((series, guest.boot_seconds))
+    def boot(series: str = "6.1", arch: str = "x86_64", **kwargs: Any) -> Iterator[Guest]:
+        guest = launch(guest_image(series, arch), **kwargs)
+        BOOT_TIMES.append((_label(series, arch), guest.boot_seconds))
         try:
             yield guest
         finally:
@@ -97,7 +101,12 @@ def guest(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest]) ->
     """The module's guest: kernel from ``GUEST_SERIES`` and launch options from ``GUEST_OPTIONS``."""
     series = getattr(request.module, "GUEST_SERIES", "6.1")
     options = dict(getattr(request.module, "GUEST_OPTIONS", {}))
-    return launch_guest(series, **options)
+    return launch_guest(series, arch=getattr(request.module, "GUEST_ARCH", "x86_64"), **options)
+
+
+def _label(series: str, arch: str) -> str:
+    """How the terminal summary names a guest: the series, with the architecture unless x86-64."""
+    return series if arch == "x86_64" else f"{series}-{arch}"
 
 
 GUEST_FIXTURES = frozenset({"guest_image", "boot_guest", "launch_guest", "guest"})

@@ -2,7 +2,8 @@
 
 Each reader runs a shell command in the guest (over its console; :func:`sample_stat` over ssh) and
 parses what it printed: ``/proc/PID/maps``, ``/proc/PID/fd`` with ``fdinfo``, ``/proc/net/tcp``,
-``/proc/mounts``, ``/proc/modules``, each process's ``stat``, ``status``, ``cmdline`` and ``exe``.
+``/proc/mounts``, ``/proc/modules``, ``/proc/kallsyms``, ``/proc/kcore``, each process's ``stat``,
+``status``, ``cmdline`` and ``exe``.
 
 Some of what ``/proc`` shows changes all the time (a workqueue worker's name carries the work it ran
 last, processes come and go). :func:`sample_stat` has the guest read every ``/proc/PID/stat`` again
@@ -14,9 +15,11 @@ in aradia's view.
 from __future__ import annotations
 
 import base64
+import gzip
 import ipaddress
 import re
 import secrets
+import struct
 import subprocess
 import threading
 import time
@@ -28,6 +31,30 @@ if TYPE_CHECKING:
     from aradia.lab.launcher import Guest
 
 T = TypeVar("T")
+
+
+# --- kallsyms -----------------------------------------------------------------------------------------
+def guest_kallsyms(guest: Guest) -> list[str]:
+    """The guest's /proc/kallsyms without module symbols (gzip + base64 over the serial line)."""
+    out = guest.run("grep -v '\\[' /proc/kallsyms | gzip -1 | base64", timeout=240)
+    return gzip.decompress(base64.b64decode("".join(out.split()))).decode().splitlines()
+
+
+# --- kernel memory as the guest kernel reads it ------------------------------------------------------
+def kcore_read(guest: Guest, vaddr: int, size: int) -> bytes:
+    """``size`` bytes at kernel virtual ``vaddr`` as the guest kernel itself reads them, through its
+    ``/proc/kcore`` (the ELF program headers say where in the file ``vaddr`` is)."""
+    head = base64.b64decode("".join(guest.run("head -c 65536 /proc/kcore | base64").split()))
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for i in range(phnum):
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, _memsz, _align = struct.unpack_from(
+            "<IIQQQQQQ", head, phoff + i * phentsize)
+        if p_type == 1 and p_vaddr <= vaddr and vaddr + size <= p_vaddr + p_filesz:
+            off = p_offset + vaddr - p_vaddr
+            out = guest.run(f"dd if=/proc/kcore bs=1 skip={off} count={size} 2>/dev/null | base64")
+            return base64.b64decode("".join(out.split()))
+    raise AssertionError(f"/proc/kcore maps no {size} bytes at {vaddr:#x}")
 
 
 # --- maps --------------------------------------------------------------------------------------------

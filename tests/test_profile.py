@@ -7,9 +7,7 @@ themselves (``/proc/kallsyms``, ``/proc/*/comm``, ``/proc/modules``, ``/proc/PID
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import gzip
 import random
 import struct
 import time
@@ -51,7 +49,7 @@ from aradia.linux.profile import KernelNotFound, ProfileCache, find_profile
 from aradia.linux.program import make_program, platform_x86_64
 from aradia.vm import VM, attach, open_dump
 from bytes_memory import BytesMemory
-from guest_truth import proc_modules
+from guest_truth import guest_kallsyms, proc_modules
 
 # --- crafted memory ---------------------------------------------------------------------------------
 
@@ -407,12 +405,6 @@ def test_no_kernel_in_memory() -> None:
 # --- real guests --------------------------------------------------------------------------------------
 
 BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
-
-
-def guest_kallsyms(guest: Guest) -> list[str]:
-    """The guest's /proc/kallsyms without module symbols (gzip + base64 over the serial line)."""
-    out = guest.run("grep -v '\\[' /proc/kallsyms | gzip -1 | base64", timeout=240)
-    return gzip.decompress(base64.b64decode("".join(out.split()))).decode().splitlines()
 
 
 def start_sleeper(guest: Guest, name: str = "sleeper-aradia") -> int:

@@ -2,6 +2,8 @@
 
 ``attach("qmp:/run/vm1/qmp.sock")`` or ``open_dump("mem.elf")`` give a :class:`VM` with physical and
 virtual memory access, pause/resume (live), vCPU registers and the freshness stamp every cache uses.
+The guest's architecture (:attr:`VM.arch`) comes from QEMU or the dump's ELF header and decides the
+page walk and the register names.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aradia.errors import AradiaError, NotAttached
+from aradia.machine.arch import X86, Architecture, from_elf_machine
 from aradia.machine.handle import CpuState, cpu_state
 from aradia.machine.paging import Translation, Translator
 from aradia.machine.qemu import Qemu
@@ -27,13 +30,21 @@ class VM:
     """Guest memory, vCPUs and run control of one VM (a live QEMU or a dump)."""
 
     def __init__(self, memory: PhysicalMemory, *, machine: Qemu | None = None, spec: str = "",
-                 dump_cpus: list[dict[str, int]] | None = None) -> None:
+                 dump_cpus: list[dict[str, int]] | None = None, arch: Architecture | None = None) -> None:
+        """``arch`` defaults to QEMU's target (live), the dump's ELF machine, or x86-64 (raw, LiME)."""
         self.memory = memory
         self.machine = machine
         self.spec = spec
         self._dump_cpus = dump_cpus or []
         self._static = (id(self), 0)
-        self.translator = Translator(memory, self.stamp)
+        if arch is None:
+            machine_number = getattr(memory, "machine", None)
+            arch = (machine.arch if machine is not None
+                    else from_elf_machine(machine_number) if isinstance(machine_number, int)
+                    and machine_number not in (0, 3)  # EM_386: QEMU's x86 dump before long mode
+                    else X86)
+        self.arch = arch
+        self.translator = Translator(memory, self.stamp, arch=arch)
         self._kernel: Kernel | None = None
 
     # --- the Linux layer (loaded on first use) ---------------------------------------------------
@@ -109,10 +120,18 @@ class VM:
 
     # --- vCPUs -------------------------------------------------------------------------------------
     def cpus(self) -> list[CpuState]:
-        """Register state of every vCPU (live: now; dump: as saved in the dump)."""
+        """Register state of every vCPU (live: now; dump: as saved in the dump).
+
+        Live arm64 guests also get the system registers translation needs (TTBR0/1_EL1, TCR_EL1)
+        through QEMU's GDB stub (see :meth:`aradia.machine.qemu.Qemu.gdb_registers`).
+        """
         if self.machine is not None:
-            return [cpu_state(i, r) for i, r in sorted(self.machine.registers().items())]
-        return [cpu_state(i, r) for i, r in enumerate(self._dump_cpus)]
+            regs = self.machine.registers()
+            if self.arch.system_registers:
+                for i, extra in self.machine.gdb_registers(self.arch.system_registers).items():
+                    regs.setdefault(i, {}).update(extra)
+            return [cpu_state(i, r, self.arch) for i, r in sorted(regs.items())]
+        return [cpu_state(i, r, self.arch) for i, r in enumerate(self._dump_cpus)]
 
     def cpu(self, index: int = 0) -> CpuState:
         """One vCPU's state."""
@@ -122,11 +141,16 @@ class VM:
         raise AradiaError(f"no vCPU {index}")
 
     def kernel_root(self) -> tuple[int, bool]:
-        """A page-table root that maps the kernel (CR3 of vCPU 0) and whether it is 5-level."""
+        """A page-table root that maps the kernel (CR3 of vCPU 0; arm64: TTBR1_EL1) and whether it is
+        5-level (always False on arm64, whose VA size :attr:`arch` carries, checked against TCR_EL1)."""
         for c in self.cpus():
             if c.cr3:
+                check_tcr = getattr(self.arch, "check_tcr", None)
+                if check_tcr is not None and "tcr_el1" in c.regs:
+                    check_tcr(c.regs["tcr_el1"])
                 return c.cr3, c.la57
-        raise AradiaError("no vCPU has paging enabled (CR3 is 0): the guest has not booted a 64-bit kernel")
+        raise AradiaError("no vCPU has paging enabled (its page-table root is 0): the guest has not "
+                          "booted a 64-bit kernel")
 
     # --- virtual memory ----------------------------------------------------------------------------
     def _root(self, cr3: int | None, la57: bool | None) -> tuple[int, bool]:
@@ -137,7 +161,9 @@ class VM:
         return cr3, la57
 
     def translate(self, vaddr: int, cr3: int | None = None, la57: bool | None = None) -> Translation:
-        """Translate a guest-virtual address (default root: vCPU 0's CR3)."""
+        """Translate a guest-virtual address; ``cr3`` is the page-table root (a CR3 value; on arm64 a
+        TTBR value: TTBR1 for kernel addresses, a task's TTBR0 for its user addresses). Default root:
+        :meth:`kernel_root`."""
         root, l5 = self._root(cr3, la57)
         return self.translator.translate(root, vaddr, la57=l5)
 

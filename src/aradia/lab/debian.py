@@ -39,10 +39,14 @@ def run_tool(cmd: list[str], *, timeout: float = 600, cwd: Path | None = None, w
 class PrivateApt:
     """apt-get/apt-cache against one Debian suite with lists, caches and status in a private dir."""
 
-    def __init__(self, root: Path, suite: str, *, kind: str = "deb", backports: bool = False) -> None:
-        """``kind`` is ``deb`` (binary packages) or ``deb-src`` (source packages, for ``source``)."""
+    def __init__(self, root: Path, suite: str, *, kind: str = "deb", backports: bool = False,
+                 arch: str = "amd64") -> None:
+        """``kind`` is ``deb`` (binary packages) or ``deb-src`` (source packages, for ``source``);
+        ``arch`` is the Debian architecture of the binary packages (``amd64``, ``arm64``). Give each
+        architecture its own ``root``: the lists differ."""
         self.root = root
         self.suite = suite
+        self.arch = arch
         for sub in ("lists/partial", "cache/archives/partial"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         # The archive keyring, plus the suite's own keyrings should a later keyring package have
@@ -70,8 +74,8 @@ class PrivateApt:
             f"-oDir::Cache::archives={root / 'cache' / 'archives'}",
             "-oDebug::NoLocking=1",
             "-oAcquire::Languages=none",
-            "-oAPT::Architecture=amd64",
-            "-oAPT::Architectures::=amd64",
+            f"-oAPT::Architecture={arch}",
+            f"-oAPT::Architectures::={arch}",
             "-oAPT::Sandbox::User=root",
         ]
 
@@ -123,7 +127,9 @@ class PrivateApt:
              what=f"apt-get download {' '.join(packages)}")
         debs = []
         for pkg in packages:
-            matches = sorted(dest.glob(f"{pkg}_*.deb"), key=lambda p: p.stat().st_mtime)
+            # one directory may hold several architectures' .debs of a package: take this one's
+            matches = sorted((p for suffix in (self.arch, "all") for p in dest.glob(f"{pkg}_*_{suffix}.deb")),
+                             key=lambda p: p.stat().st_mtime)
             if not matches:
                 raise GuestError(f"apt-get download {pkg} left no .deb in {dest}")
             debs.append(matches[-1])

@@ -3,7 +3,8 @@
 :func:`aradia.lab.launcher.launch` starts QEMU and hands back a :class:`Guest`: the console (ttyS0)
 is a unix-socket chardev the launcher keeps one connection open to (everything it prints goes to
 ``console.log``), ttyS1 is written to a file as a clean ground-truth channel (:meth:`Guest.run`
-sends a command on the console and reads its output and exit status from ttyS1), and ssh is
+sends a command on the console and reads its output and exit status from ttyS1; on arm64 the channel
+is the virtio console ``hvc0``, written to the same file), and ssh is
 forwarded to a local port. A :class:`Guest` always tears QEMU down: on :meth:`Guest.stop`, on
 leaving a ``with`` block, on garbage collection and at interpreter exit.
 """
@@ -215,6 +216,7 @@ class Guest:
         script = f"/tmp/.aradia-run-{nonce}"
         encoded = base64.b64encode(cmd.encode()).decode()
         end = re.compile(rb"@@ARADIA-END " + nonce.encode() + rb" (\d+)@@\n?")
+        tty = self.image.guest_arch.truth_tty
         with self._run_lock:
             deadline = time.monotonic() + timeout
             chunks = [encoded[i:i + _RUN_CHUNK] for i in range(0, len(encoded), _RUN_CHUNK)] or [""]
@@ -222,7 +224,7 @@ class Guest:
                 ack = re.compile(rb"@@ARADIA-ACK " + nonce.encode() + b" %d@@\n" % i)
                 start = self._ttys1_size()
                 self.send_console(f"\x15printf %s {chunk} >> {script}.b64; echo '@@ARADIA-ACK {nonce} {i}@@'"
-                                  f" >/dev/ttyS1\n")
+                                  f" >{tty}\n")
                 try:
                     self.wait_ttys1(start, ack, max(1.0, deadline - time.monotonic()))
                 except TimeoutError as exc:
@@ -230,7 +232,7 @@ class Guest:
             start = self._ttys1_size()
             self.send_console(
                 f"\x15printf %s {chunks[-1]} >> {script}.b64; base64 -d {script}.b64 > {script};"
-                f" bash {script} </dev/null >/dev/ttyS1 2>&1; echo \"@@ARADIA-END {nonce} $?@@\" >/dev/ttyS1;"
+                f" bash {script} </dev/null >{tty} 2>&1; echo \"@@ARADIA-END {nonce} $?@@\" >{tty};"
                 f" rm -f {script} {script}.b64\n"
             )
             try:

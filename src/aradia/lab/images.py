@@ -29,6 +29,7 @@ import aradia.cache
 from aradia.cache import cache_lock
 from aradia.lab import GuestError
 from aradia.lab.debian import PrivateApt, deb_field, run_tool
+from aradia.lab.guest_arch import X86_64, GuestArch, guest_arch
 from aradia.lab.initramfs import (
     GUEST_IP,
     READY_MARKER,
@@ -103,32 +104,43 @@ class GuestImage:
     host_key_line: str
     ready_marker: str = READY_MARKER
     ssh_daemon: str = "dropbear"  # the ssh server /init starts: "dropbear" or "openssh" (sshd)
+    arch: str = "x86_64"  # the guest's architecture (a key of aradia.lab.guest_arch.GUEST_ARCHES)
 
     @property
     def vmlinuz(self) -> Path:
         """The compressed kernel image as Debian ships it (the same file QEMU boots)."""
         return self.kernel_path
 
+    @property
+    def guest_arch(self) -> GuestArch:
+        """The lab's facts about the image's architecture (QEMU binary, machine, console, truth tty)."""
+        return guest_arch(self.arch)
+
 
 def build_guest(
     kernel: str = "6.1", cache_dir: Path | None = None, progress: Progress | None = None,
-    variant: str = "dropbear",
+    variant: str = "dropbear", arch: str = "x86_64",
 ) -> GuestImage:
     """Build (or reuse from the cache) a guest image for kernel series ``kernel``.
 
     ``variant`` (a key of :data:`VARIANTS`) picks the ssh server (``dropbear``; ``openssh``: Debian's
     sshd) and extra kernel modules (``disk``: virtio-blk); each variant is cached apart (the default
-    image's key is what it always was). ``progress``, if given, is called with one short line per
-    slow step. Raises :class:`GuestError` when a tool or a download fails.
+    image's key is what it always was). ``arch`` (``x86_64`` or ``arm64``) picks Debian's
+    ``cloud-amd64`` or ``cloud-arm64`` kernel and that architecture's userland and compiler.
+    ``progress``, if given, is called with one short line per slow step. Raises :class:`GuestError`
+    when a tool or a download fails.
     """
     if kernel not in SERIES:
         raise GuestError(f"unknown kernel series {kernel!r}; known: {', '.join(SERIES)}")
     if variant not in VARIANTS:
         raise GuestError(f"unknown guest variant {variant!r}; known: {', '.join(VARIANTS)}")
+    garch = guest_arch(arch)
     cache = Path(cache_dir) if cache_dir is not None else aradia.cache.cache_dir()
     say = progress or (lambda _msg: None)
     name = kernel if variant == "dropbear" else f"{kernel}-{variant}"
-    image_dir = cache / "images" / f"{name}-{_image_key(kernel, variant)}"
+    if garch is not X86_64:
+        name += f"-{garch.name}"
+    image_dir = cache / "images" / f"{name}-{_image_key(kernel, variant, garch)}"
     cached = _load_image(cache, image_dir)
     if cached is not None:
         return cached
@@ -138,9 +150,9 @@ def build_guest(
         if cached is not None:
             return cached
         builder = _Builder(cache, say)
-        kernel_dir = builder.kernel(SERIES[kernel])
-        userland_dir = builder.userland(VARIANTS[variant].packages)
-        builder.image(kernel, kernel_dir, userland_dir, image_dir, VARIANTS[variant])
+        kernel_dir = builder.kernel(SERIES[kernel], garch)
+        userland_dir = builder.userland(VARIANTS[variant].packages, garch)
+        builder.image(kernel, kernel_dir, userland_dir, image_dir, VARIANTS[variant], garch)
     image = _load_image(cache, image_dir)
     if image is None:
         raise GuestError(f"guest image in {image_dir} is incomplete right after building it")
@@ -151,14 +163,16 @@ def build_guest(
 # cache plumbing
 
 
-def _image_key(series: str, variant: str = "dropbear") -> str:
+def _image_key(series: str, variant: str = "dropbear", arch: GuestArch = X86_64) -> str:
     v = VARIANTS[variant]
     h = hashlib.sha256(f"{_IMAGE_FORMAT}\0{series}\0{_USERLAND_SUITE}\0".encode())
+    if arch is not X86_64:  # (x86 keys stay what they were)
+        h.update(f"arch\0{arch.name}\0".encode())
     if v.packages:  # (the default image adds nothing: its key stays what it was)
         h.update(f"{variant}\0{' '.join(v.packages)}\0".encode())
     if v.modules:
         h.update(f"variant\0{variant}\0{' '.join(v.modules)}\0".encode())
-    h.update(init_script(v.ssh).encode())
+    h.update(init_script(v.ssh, arch).encode())
     for src in guest_sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:12]
@@ -198,6 +212,7 @@ def _load_image(cache: Path, image_dir: Path) -> GuestImage | None:
             ssh_key=image_dir / "ssh_key" if m["ssh_key"] else None,
             host_key_line=m["host_key_line"],
             ssh_daemon=m.get("ssh_daemon", "dropbear"),
+            arch=m.get("arch", "x86_64"),
         )
     except (KeyError, TypeError):
         return None
@@ -216,10 +231,11 @@ def _publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _choose_kernel_package(names: list[str], spec: KernelSeries) -> str:
+def _choose_kernel_package(names: list[str], spec: KernelSeries, arch: GuestArch = X86_64) -> str:
     best: tuple[int, int, str] | None = None
+    package_re = arch.kernel_package_re(spec.package_re)
     for name in names:
-        m = re.fullmatch(spec.package_re, name)
+        m = re.fullmatch(package_re, name)
         if not m:
             continue
         # Prefer the signed package over -unsigned for the same ABI: both carry vmlinuz + modules.
@@ -227,7 +243,8 @@ def _choose_kernel_package(names: list[str], spec: KernelSeries) -> str:
         if best is None or key > best:
             best = key
     if best is None:
-        raise GuestError(f"no cloud-amd64 kernel package of series {spec.series} in Debian {spec.suite}")
+        raise GuestError(f"no cloud-{arch.debian} kernel package of series {spec.series} "
+                         f"in Debian {spec.suite}")
     return best[2]
 
 
@@ -241,15 +258,17 @@ class _Builder:
     def __init__(self, cache: Path, say: Progress) -> None:
         self.cache = cache
         self.say = say
-        self._apts: dict[str, PrivateApt] = {}
+        self._apts: dict[tuple[str, str], PrivateApt] = {}
 
-    def apt(self, suite: str) -> PrivateApt:
-        if suite not in self._apts:
-            apt = PrivateApt(self.cache / "apt" / suite, suite)
-            self.say(f"apt-get update (Debian {suite}, private lists)")
+    def apt(self, suite: str, arch: GuestArch = X86_64) -> PrivateApt:
+        if (suite, arch.debian) not in self._apts:
+            # each architecture has its own lists (amd64 keeps the directory it always had)
+            root = self.cache / "apt" / (suite if arch is X86_64 else f"{suite}-{arch.debian}")
+            apt = PrivateApt(root, suite, arch=arch.debian)
+            self.say(f"apt-get update (Debian {suite} {arch.debian}, private lists)")
             apt.update()
-            self._apts[suite] = apt
-        return self._apts[suite]
+            self._apts[suite, arch.debian] = apt
+        return self._apts[suite, arch.debian]
 
     @contextlib.contextmanager
     def _staged(self, name: str, final: Path) -> Iterator[Path]:
@@ -264,12 +283,12 @@ class _Builder:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def kernel(self, spec: KernelSeries) -> Path:
-        final = self.cache / "kernels" / spec.series
+    def kernel(self, spec: KernelSeries, arch: GuestArch = X86_64) -> Path:
+        final = self.cache / "kernels" / (spec.series if arch is X86_64 else f"{spec.series}-{arch.name}")
         if _read_manifest(final) is not None:
             return final
-        apt = self.apt(spec.suite)
-        package = _choose_kernel_package(apt.pkgnames("linux-image-"), spec)
+        apt = self.apt(spec.suite, arch)
+        package = _choose_kernel_package(apt.pkgnames("linux-image-"), spec, arch)
         self.say(f"downloading {package} (Debian {spec.suite})")
         (deb,) = apt.download([package], self.cache / "debs")
         with self._staged("kernel", final) as tmp:
@@ -292,16 +311,19 @@ class _Builder:
                 "vmlinuz": str(vmlinuz.relative_to(tmp)),
                 "config": str(config.relative_to(tmp)),
                 "modules": str(module_dirs[0].relative_to(tmp)),
+                "arch": arch.name,
             })
         return final
 
-    def userland(self, extra: tuple[str, ...] = ()) -> Path:
+    def userland(self, extra: tuple[str, ...] = (), arch: GuestArch = X86_64) -> Path:
         wanted = (*_USERLAND_PACKAGES, *extra)
-        key = hashlib.sha256(f"{_USERLAND_FORMAT}\0{' '.join(wanted)}".encode()).hexdigest()[:8]
-        final = self.cache / "userland" / f"{_USERLAND_SUITE}-{key}"
+        key_text = f"{_USERLAND_FORMAT}\0{' '.join(wanted)}" + ("" if arch is X86_64 else f"\0{arch.debian}")
+        key = hashlib.sha256(key_text.encode()).hexdigest()[:8]
+        name = _USERLAND_SUITE if arch is X86_64 else f"{_USERLAND_SUITE}-{arch.debian}"
+        final = self.cache / "userland" / f"{name}-{key}"
         if _read_manifest(final) is not None:
             return final
-        apt = self.apt(_USERLAND_SUITE)
+        apt = self.apt(_USERLAND_SUITE, arch)
         packages = apt.library_closure(wanted)
         self.say(f"downloading {', '.join(packages)} (Debian {_USERLAND_SUITE})")
         debs = apt.download(packages, self.cache / "debs")
@@ -311,20 +333,22 @@ class _Builder:
                 run_tool(["dpkg-deb", "-x", str(deb), str(tmp / "root")], timeout=300,
                          what=f"dpkg-deb -x {deb.name}")
                 versions[pkg] = deb_field(deb, "Version")
-            _write_manifest(tmp, {"suite": _USERLAND_SUITE, "versions": versions})
+            _write_manifest(tmp, {"suite": _USERLAND_SUITE, "arch": arch.debian, "versions": versions})
         return final
 
     def image(self, series: str, kernel_dir: Path, userland_dir: Path, final: Path,
-              variant: Variant = Variant()) -> None:
+              variant: Variant = Variant(), arch: GuestArch = X86_64) -> None:
         kman = _read_manifest(kernel_dir)
         uman = _read_manifest(userland_dir)
         assert kman is not None and uman is not None
         self.say(f"packing initramfs for {kman['release']}")
         with self._staged("image", final) as tmp:
             ssh_key = _make_client_key(tmp / "ssh_key")
-            rootfs = Rootfs(userland_dir / "root")
+            rootfs = Rootfs(userland_dir / "root", arch.multiarch)
+            # the host runs the x86-64 userland's dropbearkey for a guest of another architecture
+            host = None if arch is X86_64 else Rootfs(self.userland() / "root")
             host_key_line = populate(rootfs, kernel_dir / kman["modules"], tmp, ssh_key, variant.ssh,
-                                     variant.modules)
+                                     variant.modules, arch, host)
             (tmp / "initrd.gz").write_bytes(gzip.compress(rootfs.cpio(), compresslevel=6, mtime=0))
             _write_manifest(tmp, {
                 "series": series,
@@ -339,6 +363,7 @@ class _Builder:
                 "ssh_key": ssh_key is not None,
                 "host_key_line": host_key_line,
                 "ssh_daemon": variant.ssh,
+                "arch": arch.name,
             })
 
 
@@ -352,15 +377,19 @@ def _make_client_key(path: Path) -> Path | None:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aradia.lab.images [SERIES[:VARIANT]...]``: build (or find cached) guest images."""
+    """``python -m aradia.lab.images [--arch ARCH] [SERIES[:VARIANT]...]``: build (or find cached) guest
+    images (``--arch arm64``: Debian's arm64 kernels and userland; default x86_64)."""
     import sys
     import time
 
+    arch = "x86_64"
+    if argv[:1] == ["--arch"] and len(argv) > 1:
+        arch, argv = argv[1], argv[2:]
     for name in argv or ["6.1"]:
         series, _, variant = name.partition(":")
         started = time.monotonic()
         try:
-            image = build_guest(series, variant=variant or "dropbear",
+            image = build_guest(series, variant=variant or "dropbear", arch=arch,
                                 progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         except GuestError as exc:
             print(f"aradia: building the {series} guest failed: {exc}", file=sys.stderr)

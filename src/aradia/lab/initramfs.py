@@ -25,6 +25,7 @@ from elftools.elf.elffile import ELFFile
 
 from aradia.lab import GuestError
 from aradia.lab.debian import run_tool
+from aradia.lab.guest_arch import X86_64, GuestArch
 
 ROOT_PASSWORD = "aradia-root"
 """The guest's root password (ssh password logins and the console use it)."""
@@ -44,8 +45,6 @@ GUEST_IP = "10.0.2.15"
 GUEST_PROGRAMS_DIR = Path(__file__).resolve().parent.parent / "guest"
 """The C sources of the helper programs every guest gets in ``/usr/bin``."""
 
-_MULTIARCH = "x86_64-linux-gnu"
-
 # Modules wanted in the guest, in load order; names resolve to files through each .ko's modinfo
 # `depends=`. Optional ones are skipped when the kernel has neither the module nor a built-in.
 _WANTED_MODULES: tuple[tuple[str, bool], ...] = (
@@ -64,8 +63,10 @@ def guest_sources() -> list[Path]:
 class Rootfs:
     """The initramfs being assembled: paths -> (mode, data or symlink target or device number)."""
 
-    def __init__(self, userland: Path) -> None:
+    def __init__(self, userland: Path, multiarch: str = X86_64.multiarch) -> None:
+        """``userland`` is the unpacked packages' tree; ``multiarch`` the triplet of its library dirs."""
         self.userland = userland
+        self.multiarch = multiarch
         self.entries: dict[str, tuple[int, bytes, int]] = {}  # path -> (mode, data, rdev)
 
     def dir(self, path: str, perm: int = 0o755) -> None:
@@ -126,10 +127,10 @@ class Rootfs:
                 if lib in done:
                     continue
                 done.add(lib)
-                for libdir in (f"lib/{_MULTIARCH}", f"usr/lib/{_MULTIARCH}", "lib", "usr/lib"):
+                for libdir in (f"lib/{self.multiarch}", f"usr/lib/{self.multiarch}", "lib", "usr/lib"):
                     path = self.resolve(f"{libdir}/{lib}")
                     if path.is_file():
-                        self.file(f"lib/{_MULTIARCH}/{lib}", path.read_bytes(), 0o755)
+                        self.file(f"lib/{self.multiarch}/{lib}", path.read_bytes(), 0o755)
                         todo.append(path)
                         break
                 else:
@@ -241,24 +242,27 @@ def _module_load_order(modules_dir: Path, extra: tuple[str, ...] = ()) -> list[t
     return order
 
 
-def _compile_guest_programs(out_dir: Path) -> dict[str, bytes]:
-    gcc = shutil.which("gcc") or shutil.which("cc")
+def _compile_guest_programs(out_dir: Path, arch: GuestArch = X86_64) -> dict[str, bytes]:
+    gcc = shutil.which(arch.gcc) or (shutil.which("cc") if arch is X86_64 else None)
     if gcc is None:
-        raise GuestError("gcc is not installed (needed to build the guest helper programs)")
+        raise GuestError(f"{arch.gcc} is not installed (needed to build the guest helper programs; "
+                         f"Debian: {arch.gcc_package})")
     programs = {}
     for src in guest_sources():
         exe = out_dir / src.stem
         run_tool([gcc, "-static", "-O2", "-s", "-Wall", "-o", str(exe), str(src)], timeout=300,
-             what=f"gcc -static {src.name} (needs libc6-dev)")
+             what=f"{arch.gcc} -static {src.name} (needs {arch.gcc_package})")
         programs[src.stem] = exe.read_bytes()
     return programs
 
 
 def _dropbear_host_key(rootfs: Rootfs, out: Path) -> str:
-    """Generate an ed25519 host key with the guest's own dropbearkey, run through the guest's ld.so."""
-    ld = rootfs.resolve("lib64/ld-linux-x86-64.so.2")
+    """Generate an ed25519 host key with ``rootfs``'s dropbearkey, run through its ld.so (so ``rootfs``
+    must be of the host's architecture; the key file's format is the same on every architecture)."""
+    ld = rootfs.resolve(X86_64.ld_so)
     keygen = rootfs.resolve("usr/bin/dropbearkey")
-    libpath = ":".join(str(rootfs.userland / d) for d in (f"lib/{_MULTIARCH}", f"usr/lib/{_MULTIARCH}"))
+    libdirs = (f"lib/{rootfs.multiarch}", f"usr/lib/{rootfs.multiarch}")
+    libpath = ":".join(str(rootfs.userland / d) for d in libdirs)
     base = [str(ld), "--library-path", libpath, str(keygen)]
     run_tool([*base, "-t", "ed25519", "-f", str(out)], timeout=120, what="dropbearkey")
     pub = run_tool([*base, "-y", "-f", str(out)], timeout=60, what="dropbearkey -y")
@@ -271,19 +275,35 @@ def _dropbear_host_key(rootfs: Rootfs, out: Path) -> str:
 DROPBEAR_START = "dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -P /run/dropbear.pid"
 
 
-def init_script(daemon: str = "dropbear") -> str:
-    """``/init`` starting ``daemon`` (``dropbear``, or ``openssh``'s sshd) as the guest's ssh server."""
-    if daemon == "dropbear":
-        return INIT_SCRIPT
-    from aradia.lab.openssh import START
+def init_script(daemon: str = "dropbear", arch: GuestArch = X86_64) -> str:
+    """``/init`` starting ``daemon`` (``dropbear``, or ``openssh``'s sshd) as the guest's ssh server and
+    writing ground truth to ``arch``'s truth device (x86: ``/dev/ttyS1``, the script as it always was)."""
+    script = INIT_SCRIPT
+    if daemon != "dropbear":
+        from aradia.lab.openssh import START
 
-    return INIT_SCRIPT.replace(DROPBEAR_START, START)
+        script = script.replace(DROPBEAR_START, START)
+    if arch.truth_tty != "/dev/ttyS1":
+        # a virtio console appears a moment after its module is loaded: wait for it as for eth0
+        tty = arch.truth_tty
+        wait = f"n=0\nwhile [ ! -e {tty} ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done\n"
+        script = script.replace("if [ -e /dev/ttyS1 ]; then", f"{wait}if [ -e {tty} ]; then")
+        # A virtio console has no line speed (stty would refuse the whole request, raw included), and
+        # hvc resets its settings when the last file closes: open it first, then make it raw.
+        script = script.replace("    stty -F /dev/ttyS1 115200 raw -echo\n", "")
+        script = script.replace("    exec 9>/dev/ttyS1\n", f"    exec 9>{tty}\n    stty -F {tty} raw -echo\n")
+        script = script.replace("/dev/ttyS1", tty)
+    return script
 
 
 def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None,
-             daemon: str = "dropbear", extra_modules: tuple[str, ...] = ()) -> str:
+             daemon: str = "dropbear", extra_modules: tuple[str, ...] = (), arch: GuestArch = X86_64,
+             host_userland: Rootfs | None = None) -> str:
     """Fill the initramfs (the ssh server ``daemon``: ``dropbear`` or ``openssh``; ``extra_modules``
-    loaded after the usual ones); returns the ssh host public key line."""
+    loaded after the usual ones; programs for ``arch``); returns the ssh host public key line.
+
+    ``host_userland`` (the x86-64 userland) runs dropbearkey when ``rootfs`` is of another
+    architecture than the host's."""
     for d in ("proc", "sys", "dev", "run", "var/log", "usr/bin", "usr/sbin", "sbin", "etc/dropbear"):
         rootfs.dir(d)
     rootfs.dir("root", 0o700)
@@ -295,7 +315,7 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
     rootfs.add_program("bin/bash", ["bin/bash", "usr/bin/bash"])
     rootfs.add_program("usr/sbin/dropbear", ["usr/sbin/dropbear", "sbin/dropbear"])
     rootfs.add_program("usr/bin/dropbearkey", ["usr/bin/dropbearkey"])
-    rootfs.file("init", init_script(daemon).encode(), 0o755)
+    rootfs.file("init", init_script(daemon, arch).encode(), 0o755)
     rootfs.file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n")
     rootfs.file("etc/group", b"root:x:0:\ntty:x:5:\n")
     rootfs.file("etc/shadow", f"root:{_ROOT_HASH}:19000:0:99999:7:::\n".encode(), 0o600)
@@ -304,7 +324,7 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
     rootfs.file("etc/profile", b"export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n")
     rootfs.file("root/.bashrc", b"export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n")
     key_file = work / "dropbear_ed25519_host_key"
-    host_key_line = _dropbear_host_key(rootfs, key_file)
+    host_key_line = _dropbear_host_key(host_userland or rootfs, key_file)
     rootfs.file("etc/dropbear/dropbear_ed25519_host_key", key_file.read_bytes(), 0o600)
     key_file.unlink()
     if daemon == "openssh":
@@ -315,13 +335,13 @@ def populate(rootfs: Rootfs, modules_dir: Path, work: Path, ssh_key: Path | None
         rootfs.dir("root/.ssh", 0o700)
         rootfs.file("root/.ssh/authorized_keys", ssh_key.with_suffix(".pub").read_bytes(), 0o600)
     names = []
-    for name, ko in _module_load_order(modules_dir, extra_modules):
+    for name, ko in _module_load_order(modules_dir, (*arch.extra_modules, *extra_modules)):
         rootfs.file(f"lib/modules/aradia/{name}.ko", ko)
         names.append(name)
     rootfs.file("etc/aradia-modules", ("\n".join(names) + "\n").encode())
     build = work / "programs"
     build.mkdir()
-    for name, data in _compile_guest_programs(build).items():
+    for name, data in _compile_guest_programs(build, arch).items():
         rootfs.file(f"usr/bin/{name}", data, 0o755)
     shutil.rmtree(build)
     return host_key_line

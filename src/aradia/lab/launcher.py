@@ -1,10 +1,12 @@
 """Launch a QEMU guest from a :class:`~aradia.lab.images.GuestImage`.
 
-``launch(image)`` starts ``qemu-system-x86_64`` (TCG by default) with QMP on a unix socket, the
-console (ttyS0) on a unix-socket chardev, ttyS1 written to a file, user-mode networking with ssh
-forwarded to a free local port, and optionally a GDB stub and guest RAM in a shared ``/dev/shm``
-file; it waits until the guest's init reports ready and returns the :class:`~aradia.lab.guest.Guest`
-(re-exported here, since ``launch`` returns it) that talks to it and always tears QEMU down.
+``launch(image)`` starts the QEMU of the image's architecture (``qemu-system-x86_64 -M pc``, or
+``qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on``; TCG by default) with QMP on a unix socket,
+the console (ttyS0; ttyAMA0 on arm64) on a unix-socket chardev, the ground-truth channel (ttyS1; a
+virtio console on arm64) written to a file, user-mode networking with ssh forwarded to a free local
+port, and optionally a GDB stub and guest RAM in a shared ``/dev/shm`` file; it waits until the
+guest's init reports ready and returns the :class:`~aradia.lab.guest.Guest` (re-exported here, since
+``launch`` returns it) that talks to it and always tears QEMU down.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from pathlib import Path
 from aradia.lab import GuestError
 from aradia.lab.guest import Guest, Resources, pump_console
 from aradia.lab.images import GuestImage
-from aradia.machine.qemu import QEMU_BINARY
 from aradia.machine.stubaddress import free_port
 
 _SUN_PATH_MAX = 107
@@ -47,12 +48,13 @@ def _qemu_args(image: GuestImage, guest: Guest, *, accel: str, smp: int, memory:
                machine: str, append: str, plugins: Iterable[str], vmcoreinfo: bool,
                extra_args: Sequence[str], incoming: str | None = None) -> list[str]:
     machine_opt = machine
-    args = [QEMU_BINARY, "-name", f"aradia-{image.series}", "-accel", accel, "-m", memory, "-smp", str(smp),
+    arch = image.guest_arch
+    args = [arch.qemu, "-name", f"aradia-{image.series}", "-accel", accel, "-m", memory, "-smp", str(smp),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel_path), "-initrd", str(image.initrd_path),
-            "-append", f"console=ttyS0 quiet panic=-1 {append}".strip(),
+            "-append", f"console={arch.console} quiet panic=-1 {append}".strip(),
             "-chardev", f"socket,id=con0,path={guest.console_path},server=on,wait=on",
-            "-serial", "chardev:con0", "-serial", f"file:{guest.ttys1_path}",
+            "-serial", "chardev:con0", *arch.truth_args(str(guest.ttys1_path)),
             "-qmp", f"unix:{guest.qmp_path},server=on,wait=off"]
     if cpu:
         args += ["-cpu", cpu]
@@ -88,16 +90,18 @@ def _dies_with_us() -> list[str]:
 
 
 def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str = "256M",
-           cpu: str | None = None, machine: str = "pc", gdb: bool = False, shared_memory: bool = False,
+           cpu: str | None = None, machine: str | None = None, gdb: bool = False, shared_memory: bool = False,
            ssh: bool = True, plugins: Iterable[str] = (), extra_args: Sequence[str] = (),
            workdir: Path | str | None = None, boot_timeout: float = 60, append: str = "",
            vmcoreinfo: bool = False, incoming: str | None = None) -> Guest:
     """Boot ``image`` in a new QEMU and wait until its init reports ready; returns the :class:`Guest`.
 
     ``accel`` is QEMU's accelerator (``"tcg"``; ``"kvm"`` where available), ``append`` adds to the
-    kernel command line, ``plugins`` are ``-plugin`` values (``"lib.so,arg=v"``). Ports for ssh and
-    the GDB stub are picked free at random; a start that loses a port race, or whose ttyS1 stays
-    silent though the console says ready, is retried.
+    kernel command line, ``plugins`` are ``-plugin`` values (``"lib.so,arg=v"``). ``machine`` and
+    ``cpu`` default to the image architecture's (x86-64: ``pc`` and QEMU's default CPU; arm64:
+    ``virt`` and ``max,pauth-impdef=on``; KASLR stays on: virt passes a seed in the device tree).
+    Ports for ssh and the GDB stub are picked free at random; a start that loses a port race, or
+    whose ttyS1 stays silent though the console says ready, is retried.
 
     ``incoming`` (``"unix:/path"``, ``"tcp:127.0.0.1:PORT"``, ``"defer"``) starts a live-migration
     *destination* instead (QEMU's ``-incoming``; the other options must match the source's): nothing
@@ -105,6 +109,8 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
     ``inmigrate``. Once a source migrated into it the guest runs on, and :meth:`Guest.run` works.
     """
     plugins = tuple(plugins)
+    machine = machine or image.guest_arch.machine
+    cpu = cpu or image.guest_arch.cpu
     last_error: GuestError | None = None
     for _attempt in range(3):
         try:
@@ -132,8 +138,9 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
                  gdb: bool, shared_memory: bool, ssh: bool, plugins: tuple[str, ...],
                  extra_args: Sequence[str], workdir: Path | str | None, boot_timeout: float, append: str,
                  vmcoreinfo: bool, incoming: str | None = None) -> Guest:
-    if shutil.which(QEMU_BINARY) is None:
-        raise GuestError(f"{QEMU_BINARY} is not installed (Debian package qemu-system-x86)")
+    arch = image.guest_arch
+    if shutil.which(arch.qemu) is None:
+        raise GuestError(f"{arch.qemu} is not installed (Debian package {arch.qemu_package})")
     res = Resources()
     if workdir is None:
         wd = Path(tempfile.mkdtemp(prefix="aradia-vm-"))

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from aradia.machine.arch import X86, Architecture
 from aradia.machine.paging import Translation, Translator
 from aradia.machine.qemu import Qemu
 from aradia.sources.base import PhysicalMemory
@@ -20,7 +21,13 @@ CR4_LA57 = 1 << 12
 
 @dataclass(frozen=True)
 class CpuState:
-    """The registers of one vCPU that address translation and a first look need."""
+    """The registers of one vCPU that address translation and a first look need.
+
+    The x86 names stand for their role on every architecture: ``rip`` is the program counter,
+    ``rsp`` the stack pointer, ``cr3`` the root kernel addresses translate through (arm64:
+    TTBR1_EL1, 0 when the source did not give it) and ``cpl`` the privilege level (arm64: the
+    exception level, 1 in the kernel). ``cr4`` is 0 on arm64.
+    """
 
     index: int
     rip: int
@@ -29,6 +36,17 @@ class CpuState:
     cr4: int
     cpl: int
     regs: dict[str, int]
+    arch: str = "x86_64"
+
+    @property
+    def pc(self) -> int:
+        """The program counter (``rip`` on x86-64, ``pc`` on arm64)."""
+        return self.rip
+
+    @property
+    def sp(self) -> int:
+        """The stack pointer."""
+        return self.rsp
 
     @property
     def la57(self) -> bool:
@@ -36,11 +54,11 @@ class CpuState:
         return bool(self.cr4 & CR4_LA57)
 
 
-def cpu_state(index: int, regs: dict[str, int]) -> CpuState:
-    """A :class:`CpuState` from a register dictionary (QMP ``info registers`` or a dump's notes)."""
-    cpl = regs.get("cpl", regs.get("cs", 0) & 3)
-    return CpuState(index, regs.get("rip", 0), regs.get("rsp", 0), regs.get("cr3", 0), regs.get("cr4", 0),
-                    cpl, regs)
+def cpu_state(index: int, regs: dict[str, int], arch: Architecture = X86) -> CpuState:
+    """A :class:`CpuState` from a register dictionary (QMP ``info registers``, the GDB stub or a dump's
+    notes) of a vCPU of ``arch``."""
+    return CpuState(index, regs.get(arch.pc, 0), regs.get(arch.sp, 0), arch.kernel_root(regs),
+                    regs.get("cr4", 0), arch.privilege(regs), regs, arch.name)
 
 
 class VMHandle(Protocol):
@@ -49,6 +67,7 @@ class VMHandle(Protocol):
     memory: PhysicalMemory
     machine: Qemu | None
     translator: Translator
+    arch: Architecture
 
     def stamp(self) -> object | None:
         """Freshness token: equal only while the guest stays paused in one epoch (a dump: always)."""

@@ -13,11 +13,11 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from aradia.errors import AradiaError, NotAttached, ProtocolError
-from aradia.machine.registers import parse_info_registers
+from aradia.machine.arch import Architecture, from_qemu_target
 from aradia.machine.stubaddress import free_port, gdb_address_from_chardevs, gdb_address_from_cmdline
 from aradia.proto.gdbrsp import GdbClient
 from aradia.proto.mtree import FlatRange, ram_ranges
@@ -75,8 +75,24 @@ class Qemu:
         self.epoch = 0
         self._running = True
         self.shutdown_seen = False
+        self._arch: Architecture | None = None
         self.qmp.on_event(self._on_event)
         self._refresh_state()
+
+    @property
+    def arch(self) -> Architecture:
+        """The guest's architecture, from QMP ``query-target``, set up for the running kernel where
+        that matters (arm64: VA size and descriptor format from vCPU 0's TCR_EL1, read through the
+        GDB stub; if the stub cannot be asked, the default 48-bit walk, which :meth:`aradia.vm.VM.
+        kernel_root` checks against TCR_EL1 later). Asked once: a guest rebooting into another kernel
+        needs a new attach."""
+        if self._arch is None:
+            arch = from_qemu_target(str(self.qmp.execute("query-target").get("arch", "")))
+            if arch.system_registers:
+                with contextlib.suppress(AradiaError):
+                    arch = arch.for_registers(self.gdb_registers(arch.system_registers).get(0, {}))
+            self._arch = arch
+        return self._arch
 
     @property
     def version(self) -> tuple[int, int, int]:
@@ -158,12 +174,30 @@ class Qemu:
         return out
 
     def registers(self) -> dict[int, dict[str, int]]:
-        """Registers of every vCPU (general purpose, rip, rflags, cr0-cr4, efer, segment bases)."""
+        """Registers of every vCPU as HMP ``info registers`` shows them (x86-64: general purpose, rip,
+        rflags, cr0-cr4, efer, segment bases; arm64: x0-x30, sp, pc, cpsr)."""
         text = self.qmp.hmp("info registers -a")
-        regs = parse_info_registers(text)
+        regs = self.arch.parse_info_registers(text)
         if not regs:
             raise ProtocolError(f"cannot parse QEMU's 'info registers' output: {text[:120]!r}")
         return regs
+
+    def gdb_registers(self, names: Sequence[str]) -> dict[int, dict[str, int]]:
+        """Registers ``names`` (GDB stub names, e.g. arm64 ``ttbr1_el1``) of every vCPU, by vCPU index.
+
+        For registers HMP does not show (arm64 system registers). Opens a short-lived GDB stub client
+        (starting a stub if QEMU has none): QEMU pauses the VM while it is connected, and closing it
+        leaves the VM in the run state it had. The stub serves one client: while another holds it,
+        this raises :class:`~aradia.errors.Busy`.
+        """
+        client = GdbClient(self.gdb_address(), was_running=self.status() == "running")
+        try:
+            out: dict[int, dict[str, int]] = {}
+            for index, thread in enumerate(client.threads()):
+                out[index] = {n: client.read_register(n, thread) for n in names}
+            return out
+        finally:
+            client.close()
 
     # --- RAM map -------------------------------------------------------------------------------
     def ram_backends(self) -> list[RamBackend]:
