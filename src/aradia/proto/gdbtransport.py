@@ -270,6 +270,17 @@ class GdbTransport:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def fileno(self) -> int:
+        """The connection's socket descriptor: for a second holder of the same connection that cleans
+        up if this process cannot (see :mod:`aradia.trace.watchdog`)."""
+        return self._alive().fileno()
+
+    def abandon(self) -> None:
+        """Close this process's descriptor of the connection without a word to the stub (no cleanup,
+        no detach): for when another holder of the connection takes over."""
+        with self._lock:
+            self._drop("abandoned")
+
     def _alive(self) -> socket.socket:
         if self._sock is None:
             raise NotAttached(self._broken or f"not connected to {self._where()}")
