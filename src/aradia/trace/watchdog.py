@@ -8,7 +8,7 @@ tracer notes each breakpoint before it arms it and says ``done`` once it left th
 (breakpoints removed, detached or closed); the watchdog then closes its descriptor (QEMU sees the
 client leave once both are closed) and exits. If the socketpair reaches end-of-file without
 ``done`` — the tracer was killed with SIGKILL, crashed, or a Ctrl-C cut an exchange short — the
-connection is in an unknown state, so the watchdog :func:`rescue` s it: resynchronises (any byte
+connection is in an unknown state, so the watchdog :func:`rescue` s it: resynchronises (``\\x03``
 stops a running VM, then a ``qC`` probe whose ``QC`` reply marks where the stream is), removes every
 noted breakpoint, leaves physical-memory mode, and asks the run state (HMP ``info status`` through
 ``qRcmd``): a VM at a breakpoint or stopped by this resynchronisation gets ``D;1`` (QEMU resumes
@@ -87,8 +87,9 @@ def rescue(sock: socket.socket, breakpoints: list[tuple[int, int, int]],
            timeout: float = RESCUE_TIMEOUT) -> str:
     """Leave the stub behind ``sock`` clean (see the module docstring); what was done, in words."""
     wire = _Wire(sock, time.monotonic() + timeout)
-    # the first byte stops a running VM (and is dropped); \x03 to a stopped VM is ignored
-    sock.sendall(b"+\x03")
+    # \x03 stops a running VM, which says so with a stop reply (QEMU 7.2 and 10 alike; other bytes
+    # stop it silently on QEMU >= 8.1); a stopped VM ignores it
+    sock.sendall(b"\x03")
     synced = False
     for _ in range(3):
         wire.send(b"qC")
