@@ -136,6 +136,31 @@ def test_kill_9_of_the_tracer_leaves_the_guest_running(rig: Rig, tmp_path: Path)
     assert _loop_finishes(rig.guest, 1000, timeout=30)
 
 
+@pytest.mark.timeout(120)
+def test_kill_9_while_the_guest_runs_leaves_nothing_armed(rig: Rig, tmp_path: Path) -> None:
+    """The tracer dies with its breakpoint armed and the guest running (not held at a hit): the
+    watchdog stops the guest to resynchronise, disarms, and lets it run on."""
+    script = tmp_path / "tracer.py"
+    script.write_text(TRACER)
+    tracer = subprocess.Popen([sys.executable, str(script), rig.address, str(rig.quiet)],
+                              stdout=subprocess.PIPE, text=True)
+    assert tracer.stdout is not None
+    guardian_pid = int(tracer.stdout.readline())
+    qemu = Qemu(rig.guest.qmp_path)
+    try:
+        assert qemu.status() == "running"  # armed, nothing calls the quiet syscall: no hit yet
+        os.kill(tracer.pid, signal.SIGKILL)
+        tracer.wait()
+        assert _gone(guardian_pid, 5), "the guardian outlived its cleanup"
+        assert qemu.status() == "running"
+    finally:
+        qemu.close()
+    # the armed syscall, called 1000 times: a breakpoint left behind would freeze the guest at the first
+    out = rig.guest.run(f"/tmp/loop 1000 {QUIET_NR}", timeout=30)
+    assert "calls 1000 " in out, out
+    _arm_again(rig)
+
+
 def _arm_again(rig: Rig) -> None:
     """A new client can arm (and disarm) the probe's address: the stub is free, nothing is left armed."""
     client = GdbClient(rig.address, was_running=True)

@@ -23,7 +23,7 @@ import binascii
 import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aradia.errors import AradiaError, NotRAM, PageFault, ProtocolError
 from aradia.proto.gdbconn import parse_address
@@ -45,6 +45,7 @@ from aradia.proto.gdbwire import (
     decode_rle,
     escape,
     frame,
+    g_decoder,
     is_error,
     is_stop_reply,
     parse_stop_reply,
@@ -88,6 +89,7 @@ class GdbClient(GdbRunControl):
         self._regs: list[RegisterInfo] = []
         self._reg_by_name: dict[str, RegisterInfo] = {}
         self._g_size = 0
+        self._g_cache: tuple[list[RegisterInfo], Callable[[bytes], dict[str, int] | None]] | None = None
         self._phys: bool | None = None
         self._sstep_at_connect: int | None = None
         self._sstep_changed = False
@@ -250,13 +252,7 @@ class GdbClient(GdbRunControl):
             self._check_hex(g, "g")
             if any(r == b"" or (r != b"OK" and is_error(r)) for r in replies[len(sel) + 1:]):
                 text = None
-            out: dict[str, int] = {}
-            for r in self._regs:
-                if r.offset is None or 2 * (r.offset + r.size) > len(g):
-                    continue
-                value = self._decode(r, g[2 * r.offset: 2 * (r.offset + r.size)])
-                if value is not None:
-                    out[r.name] = value
+            out = self._decode_g(g)
             extra = [r for r in self._regs if r.offset is None][:256]
             if extra:
                 for r, reply in zip(extra, self._exchange([b"p%x" % r.regnum for r in extra]), strict=True):
@@ -265,6 +261,24 @@ class GdbClient(GdbRunControl):
                         if value is not None:
                             out[r.name] = value
             return out, text
+
+    def _decode_g(self, g: bytes) -> dict[str, int]:
+        """The registers a ``g`` reply carries, by name (one unpack; register by register where some
+        are unavailable or the reply is short)."""
+        cached = getattr(self, "_g_cache", None)
+        if cached is None or cached[0] is not self._regs:
+            cached = self._g_cache = (self._regs, g_decoder(self._regs, self.byteorder))
+        out = cached[1](g)
+        if out is not None:
+            return out
+        out = {}
+        for r in self._regs:
+            if r.offset is None or 2 * (r.offset + r.size) > len(g):
+                continue
+            value = self._decode(r, g[2 * r.offset: 2 * (r.offset + r.size)])
+            if value is not None:
+                out[r.name] = value
+        return out
 
     def _reg(self, name: str) -> RegisterInfo:
         try:

@@ -54,6 +54,8 @@ STALL_PROBE = 0.25
 QUEUED_SOCKET_LIFETIME = 3600.0
 #: The signal of a stop that ``\\x03`` (or QEMU pausing the VM) caused.
 SIGINT = 2
+#: The signal of a stop at a breakpoint, watchpoint or single step.
+SIGTRAP = 5
 #: The resynchronisation probe: its ``QC...`` reply cannot be confused with any other reply we wait for.
 PROBE = b"qC"
 _MAX_CONSOLE = 1 << 20
@@ -100,7 +102,7 @@ class GdbTransport:
         self._events: deque[StopEvent] = deque(maxlen=4096)
         self._console: deque[bytes] = deque()
         self._console_size = 0
-        self._g_thread: str | None = None  # the vCPU ``Hg`` selected; forgotten at every stop and resume
+        self._g_thread: str | None = None  # the vCPU ``Hg`` selected (QEMU moves it at a breakpoint stop)
         self._resume_on_exit = False
         #: Whether the VM is believed running (we continued it and saw no stop since).
         self.running = False
@@ -268,6 +270,17 @@ class GdbTransport:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def fileno(self) -> int:
+        """The connection's socket descriptor: for a second holder of the same connection that cleans
+        up if this process cannot (see :mod:`aradia.trace.watchdog`)."""
+        return self._alive().fileno()
+
+    def abandon(self) -> None:
+        """Close this process's descriptor of the connection without a word to the stub (no cleanup,
+        no detach): for when another holder of the connection takes over."""
+        with self._lock:
+            self._drop("abandoned")
+
     def _alive(self) -> socket.socket:
         if self._sock is None:
             raise NotAttached(self._broken or f"not connected to {self._where()}")
@@ -355,7 +368,9 @@ class GdbTransport:
     def _on_stop(self, ev: StopEvent, provoked: bool) -> None:
         """Record a stop: ours (a SIGINT we provoked) or an event for :meth:`wait_stop`."""
         self.running = False
-        self._g_thread = None
+        # QEMU points the stub's register vCPU (Hg) at the vCPU that hit a breakpoint, watchpoint or
+        # step (gdb_set_stop_cpu sets g_cpu with c_cpu): no Hg needed to read its registers
+        self._g_thread = ev.thread if ev.signal == SIGTRAP and ev.kind == "signal" else None
         self.stop_thread = ev.thread or self.stop_thread
         if ev.ended:
             self._events.append(ev)

@@ -6,7 +6,9 @@ Pure functions over bytes, shared by the GDB client's layers (:mod:`aradia.proto
 
 from __future__ import annotations
 
+import binascii
 import re
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -283,6 +285,42 @@ def with_g_offsets(regs: list[RegisterInfo], g_size: int) -> list[RegisterInfo]:
             expect = -1
             out.append(r)
     return out
+
+
+def g_decoder(regs: list[RegisterInfo], byteorder: str) -> Callable[[bytes], dict[str, int] | None]:
+    """A decoder of ``g`` replies for the registers that have a ``g`` offset (:func:`with_g_offsets`).
+
+    It unpacks the whole reply with one :class:`struct.Struct` (about 4x faster than one
+    ``int.from_bytes`` per register, which a breakpoint hit pays for all 66 x86-64 registers); it
+    returns None where it cannot serve (a reply with unavailable ``xx`` bytes, or shorter than the
+    layout), and the caller decodes register by register instead.
+    """
+    placed = sorted((r for r in regs if r.offset is not None), key=lambda r: r.offset or 0)
+    fmt, names, wide, at = ["<" if byteorder == "little" else ">"], [], [], 0
+    for r in placed:
+        assert r.offset is not None
+        if r.offset < at:  # overlapping registers: no single layout
+            return lambda _g: None
+        fmt.append("x" * (r.offset - at) + {1: "B", 2: "H", 4: "I", 8: "Q"}.get(r.size, f"{r.size}s"))
+        names.append(r.name)
+        if r.size not in (1, 2, 4, 8):
+            wide.append(r.name)
+        at = r.offset + r.size
+    layout = struct.Struct("".join(fmt))
+
+    def decode(hexdata: bytes) -> dict[str, int] | None:
+        try:
+            raw = binascii.unhexlify(hexdata)
+        except binascii.Error:  # "xx": a register the stub cannot read
+            return None
+        if len(raw) < layout.size:
+            return None
+        out = dict(zip(names, layout.unpack_from(raw), strict=True))
+        for name in wide:
+            out[name] = int.from_bytes(out[name], byteorder)  # type: ignore[arg-type]
+        return out
+
+    return decode
 
 
 def parse_version(text: str) -> tuple[int, ...]:

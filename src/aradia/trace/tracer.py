@@ -33,6 +33,7 @@ from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.hooks import Decide, HookContext, return_now
 from aradia.trace.probes import Filter, Pending, Probe, Watch
+from aradia.trace.taskread import TaskIdentity
 from aradia.trace.uprobes import CALL_ARG_REGS, UserSpace, UserTarget
 
 NOP5 = bytes.fromhex("0f1f440000")
@@ -126,6 +127,7 @@ class Tracer:
     _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
     _return_now: dict[str, int] | None = None  # registers that make the hooked function return at once
     _queued: list[Event] = field(default_factory=list)  # a hit's events beyond the first
+    _identity: TaskIdentity | bool | None = None  # where an event's task fields are (False: unknown)
 
     @classmethod
     def open(cls, vm: LinuxVM) -> Tracer:
@@ -363,27 +365,38 @@ class Tracer:
             self._current_off = int(off)
         return self._current_off
 
-    def _current(self, regs: dict[str, int]) -> drgn.Object | None:
-        prog = self.vm.linux.prog
+    def _current_pointer(self, regs: dict[str, int]) -> int | None:
+        """Address of the task running on the stopped vCPU (its per-CPU current task pointer)."""
         # in user mode the kernel's per-CPU base is the one swapgs put aside
         gs = regs.get("k_gs_base", 0) if regs.get("cs", 0) & CPL_MASK else regs.get("gs_base", 0)
         off = self._current_offset()
         if not gs or off is None:
             return None
-        ptr = int.from_bytes(prog.read(gs + off, 8, False), "little")
-        return drgn.Object(prog, "struct task_struct *", value=ptr)
+        return int.from_bytes(self.vm.linux.prog.read(gs + off, 8, False), "little")
+
+    def _current(self, regs: dict[str, int]) -> drgn.Object | None:
+        ptr = self._current_pointer(regs)
+        return None if ptr is None else drgn.Object(self.vm.linux.prog, "struct task_struct *", value=ptr)
 
     def _task_address(self, regs: dict[str, int]) -> int:
         try:
-            task = self._current(regs)
+            return self._current_pointer(regs) or 0
         except GUEST_ERRORS:
             return 0
-        return 0 if task is None else task.value_()
 
     def _event(self, kind: str, name: str, thread: str | None, regs: dict[str, int],
                args: dict[str, Any]) -> Event:
         ev = Event(time.monotonic(), _vcpu(thread), kind, name, args=args)
+        if self._identity is None:
+            self._identity = TaskIdentity.of(self.vm.linux.prog) or False
+        ident = self._identity
         try:
+            if isinstance(ident, TaskIdentity):  # the fields in two reads (through drgn: one a field)
+                ptr = self._current_pointer(regs)
+                if ptr:
+                    prog = self.vm.linux.prog
+                    ev.pid, ev.tgid, ev.comm, ev.uid = ident.read(lambda a, n: prog.read(a, n, False), ptr)
+                return ev
             task = self._current(regs)
             if task is not None:
                 ev.pid, ev.tgid = int(task.pid), int(task.tgid)
