@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aradia.errors import AradiaError, UnsupportedKernel
 from aradia.linux import kallsyms as ks
-from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
+from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo, vmcoreinfo_symbol
 from aradia.machine.arch import Arm64
 from aradia.machine.arch.base import MASK64
 from aradia.machine.handle import VMHandle
@@ -43,11 +43,7 @@ class Arm64Layout:
 
     def sym(self, name: str) -> int | None:
         """The address VMCOREINFO gives for ``SYMBOL(name)``, or None."""
-        v = self.info.get(f"SYMBOL({name})")
-        try:
-            return int(v, 16) if v else None
-        except ValueError:
-            return None
+        return vmcoreinfo_symbol(self.info, name)
 
     @property
     def kernel_root(self) -> int:

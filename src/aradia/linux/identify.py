@@ -92,6 +92,15 @@ def find_vmcoreinfo(mem: PhysicalMemory) -> str | None:
     return best
 
 
+def vmcoreinfo_symbol(info: dict[str, str], name: str) -> int | None:
+    """The address a parsed VMCOREINFO gives for ``SYMBOL(name)``, or None (absent or not hex)."""
+    v = info.get(f"SYMBOL({name})")
+    try:
+        return int(v, 16) if v else None
+    except ValueError:
+        return None
+
+
 def parse_vmcoreinfo(text: str) -> dict[str, str]:
     """VMCOREINFO text as a dict (``SYMBOL(init_top_pgt)`` keys kept as written)."""
     out: dict[str, str] = {}

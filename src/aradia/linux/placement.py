@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from aradia.errors import AradiaError, GuestDataCorrupt, NotRAM, PageFault, UnsupportedKernel
 from aradia.linux import kallsyms as ks
-from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo
+from aradia.linux.identify import KernelNotFound, find_vmcoreinfo_texts, parse_vmcoreinfo, vmcoreinfo_symbol
 from aradia.machine.handle import CpuState, VMHandle
 from aradia.machine.paging import MASK64, translate
 from aradia.sources.base import PhysicalMemory
@@ -62,11 +62,7 @@ class Anchor:
 
     def sym(self, name: str) -> int | None:
         """The address VMCOREINFO gives for ``SYMBOL(name)``, or None."""
-        v = self.info.get(f"SYMBOL({name})")
-        try:
-            return int(v, 16) if v else None
-        except ValueError:
-            return None
+        return vmcoreinfo_symbol(self.info, name)
 
 
 def anchor_from_vmcoreinfo(text: str) -> Anchor | None:

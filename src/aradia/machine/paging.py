@@ -111,17 +111,9 @@ def mappings(
     max_entries: int = DEFAULT_MAX_ENTRIES,
     arch: Architecture = X86,
 ) -> Iterator[PageMapping]:
-    """Mapped runs of ``[start, end)`` (unsigned addresses), in address order.
-
-    Adjacent pages are merged while both virtual and physical addresses continue and the
-    permissions agree. Page-table pages outside RAM are skipped, and data pages are clipped to
-    RAM (a corrupt or MMIO entry is reported as nothing rather than as something bogus; a 1 GiB
-    page over the legacy VGA hole yields the RAM on both sides). An entry pointing back to a table
-    on its own path (a recursive self-map) is not followed. Visiting more than
-    ``max_tables`` tables or ``max_entries`` present entries raises :class:`GuestDataCorrupt`
-    (tables shared many times over); the defaults allow ~4 GiB of 4 KiB mappings and bound the
-    time to a few seconds.
-    """
+    """Mapped runs of ``[start, end)`` under page-table ``root``, in address order, merged while
+    both addresses continue and the permissions agree: ``arch``'s walk (see
+    :func:`aradia.machine.arch.x86_64.x86_mappings` for what is skipped, clipped and bounded)."""
     return arch.mappings(mem, root, la57, start, end, max_tables=max_tables, max_entries=max_entries)
 
 

@@ -17,13 +17,17 @@ _ALIAS32 = {"EAX": "rax", "EBX": "rbx", "ECX": "rcx", "EDX": "rdx", "ESI": "rsi"
             "EBP": "rbp", "ESP": "rsp", "EIP": "rip", "EFL": "rflags", "RFL": "rflags"}
 
 
+def cpu_sections(text: str) -> list[tuple[int, str]]:
+    """HMP ``info registers`` text split per vCPU: (index, its lines); one section 0 without marks."""
+    marks = list(_CPU.finditer(text))
+    return [(int(m[1]), text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)])
+            for i, m in enumerate(marks)] or [(0, text)]
+
+
 def parse_info_registers(text: str) -> dict[int, dict[str, int]]:
     """Map CPU index to its registers (lower-case names: rip, rsp, cr3, efer, fs_base, gdt_base...)."""
     out: dict[int, dict[str, int]] = {}
-    marks = list(_CPU.finditer(text))
-    chunks = [(int(m[1]), text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)])
-              for i, m in enumerate(marks)] or [(0, text)]
-    for idx, chunk in chunks:
+    for idx, chunk in cpu_sections(text):
         regs: dict[str, int] = {}
         for line in chunk.splitlines():
             line = line.strip()

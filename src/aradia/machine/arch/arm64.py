@@ -41,6 +41,7 @@ from aradia.machine.arch.base import (
     Translation,
     merge_leaves,
 )
+from aradia.machine.registers import cpu_sections
 from aradia.sources.base import PhysicalMemory
 
 VIRT_RAM_BASE = 0x4000_0000
@@ -57,7 +58,6 @@ CONTIGUOUS = 1 << 52
 DEFAULT_MAX_TABLES = 1 << 16
 DEFAULT_MAX_ENTRIES = 1 << 20
 _TABLE_STRUCT = struct.Struct("<512Q")
-_CPU = re.compile(r"^CPU#(\d+)", re.M)
 _PAIR = re.compile(r"\b(PC|SP|PSTATE|X\d\d)=([0-9a-fA-F]+)\b")
 
 
@@ -251,10 +251,7 @@ class Arm64(Architecture):
         skipped; names follow QEMU's GDB stub (``x0``, ``cpsr``), so both sources agree.
         """
         out: dict[int, dict[str, int]] = {}
-        marks = list(_CPU.finditer(text))
-        chunks = [(int(m[1]), text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)])
-                  for i, m in enumerate(marks)] or [(0, text)]
-        for idx, chunk in chunks:
+        for idx, chunk in cpu_sections(text):
             regs: dict[str, int] = {}
             for name, val in _PAIR.findall(chunk):
                 key = {"PSTATE": "cpsr"}.get(name, name.lower())
