@@ -342,7 +342,8 @@ def cmd_decrypt_ssh(args: argparse.Namespace) -> int:
     else:
         print("\n".join(decrypt_lines(result)))
     conns = result["connections"]
-    return 0 if conns and all(c["complete"] for c in conns) else 1
+    # a capture with problems (cut short, segments missing) may hide packets: never "all decrypted"
+    return 0 if conns and all(c["complete"] for c in conns) and not result["warnings"] else 1
 
 
 def cmd_capture(args: argparse.Namespace) -> int:

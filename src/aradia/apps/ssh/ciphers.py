@@ -164,40 +164,76 @@ class ChachaCipher:
 
 
 _KNOWN_TYPES = np.array(sorted(MESSAGE_NAMES), dtype=np.uint8)
+_BE32 = np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.int64)
+KEXINIT_TYPE, NEWKEYS_TYPE = 20, 21
+CTR_DEPTH = 12  # packets a walked-back CTR counter is checked against
+CTR_KEEP = 64  # best candidates handed on to be tried in full
 
 
-def _counters(top: int, n: int) -> bytes:
-    """The 128-bit big-endian counter blocks ``top, top - 1, ... top - n + 1`` (wrapping)."""
-    steps = np.arange(n, dtype=np.uint64)
-    lo = np.uint64(top & (2**64 - 1)) - steps  # numpy wraps unsigned arithmetic: a borrow shows as lo > top's
-    hi = (np.uint64(top >> 64 & (2**64 - 1)) - (steps > np.uint64(top & (2**64 - 1))).astype(np.uint64))
-    return np.stack([hi, lo], axis=1).astype(">u8").tobytes()
+def _add(first: int, minus: np.ndarray, plus: np.ndarray) -> bytes:
+    """The 128-bit big-endian counter blocks ``first - minus[k] + plus[k]`` (wrapping)."""
+    lo0, hi0 = np.uint64(first & (2**64 - 1)), np.uint64(first >> 64 & (2**64 - 1))
+    lo = lo0 - minus  # numpy wraps unsigned arithmetic: a borrow shows as minus > lo0
+    hi = hi0 - (minus > lo0).astype(np.uint64)
+    lo2 = lo + plus
+    hi = hi + (lo2 < lo).astype(np.uint64)  # the carry
+    return np.stack([hi, lo2], axis=1).astype(">u8").tobytes()
 
 
-def ctr_starts(key: bytes, counter: int, stream: bytes, pos: int, etm: bool, back: int) -> Iterator[int]:
-    """Counters, from ``counter + 1`` down to ``counter - back``, whose first block at ``pos``
-    decrypts to a plausible packet start: how a counter read from a live cipher state (advanced by
-    the blocks already processed) is taken back to the start of the key epoch. One ECB pass and a
-    few vectorised tests over all of them (a million counters in well under a second)."""
-    block = stream[pos + 4:pos + 20] if etm else stream[pos:pos + 16]
-    if len(block) < 16:
-        return
+def ctr_starts(key: bytes, counter: int, stream: bytes, pos: int, etm: bool, back: int, mac_len: int = 0,
+               depth: int = CTR_DEPTH) -> Iterator[int]:
+    """Counters, from ``counter + 1`` down to ``counter - back``, that decrypt the packets from
+    ``pos`` on, best first: how a counter read from a live cipher state (advanced by the blocks
+    already processed) is taken back to the start of the key epoch.
+
+    A candidate scores the packets in a row whose first block is well-formed (length, padding, known
+    message type), up to ``depth``, the stream's end or a NEWKEYS after a KEXINIT (a rekey). One
+    packet passes by chance about once in six, so over a million candidates the true counter, which
+    passes every packet, comes first. Vectorised: one ECB pass per packet over the candidates still
+    standing; at most :data:`CTR_KEEP` are yielded, by score then nearness to ``counter``."""
     first, n = (counter + 1) % (1 << 128), back + 2
+    data = np.frombuffer(stream, dtype=np.uint8)
+    cand = np.arange(n, dtype=np.uint64)  # candidate k starts at first - k
+    off = np.zeros(n, dtype=np.uint64)  # blocks from the start to the packet being checked
+    at = np.full(n, pos, dtype=np.int64)  # the stream offset of that packet
+    kex = np.zeros(n, dtype=bool)  # a KEXINIT among its packets so far
+    scored: list[tuple[np.ndarray, int]] = []  # (candidates, packets they passed)
+    lane = np.arange(16, dtype=np.int64)
     with np.errstate(over="ignore"):
-        counters = _counters(first, n)
-    keystream = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
-    plain = np.frombuffer(keystream, dtype=np.uint8).reshape(n, 16) ^ np.frombuffer(block, dtype=np.uint8)
-    if etm:
-        length = np.full(n, struct.unpack_from(">I", stream, pos)[0], dtype=np.int64)
-        pad, kind = plain[:, 0].astype(np.int64), plain[:, 1]
-        ok = np.ones(n, dtype=bool)
-    else:
-        length = plain[:, :4].astype(np.int64) @ np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.int64)
-        pad, kind = plain[:, 4].astype(np.int64), plain[:, 5]
-        ok = ((length + 4) % 16 == 0) & (length >= 12) & (length <= MAX_PACKET)
-    ok &= (pad >= 4) & (pad < length) & np.isin(kind, _KNOWN_TYPES)
-    for i in np.nonzero(ok)[0]:
-        yield (first - int(i)) % (1 << 128)
+        for passed in range(depth):
+            head = at + (4 if etm else 0)
+            more = head + 16 <= len(stream)
+            if passed:
+                scored.append((cand[~more], passed))
+            cand, off, at, head, kex = cand[more], off[more], at[more], head[more], kex[more]
+            if not len(cand):
+                break
+            keystream = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(_add(first, cand, off))
+            plain = np.frombuffer(keystream, dtype=np.uint8).reshape(-1, 16) ^ data[head[:, None] + lane]
+            if etm:
+                length = data[at[:, None] + lane[:4]].astype(np.int64) @ _BE32
+                pad, kind = plain[:, 0].astype(np.int64), plain[:, 1]
+                ok = (length % 16 == 0) & (length >= 16) & (length <= MAX_PACKET)
+                blocks = length // 16
+            else:
+                length = plain[:, :4].astype(np.int64) @ _BE32
+                pad, kind = plain[:, 4].astype(np.int64), plain[:, 5]
+                ok = ((length + 4) % 16 == 0) & (length >= 12) & (length <= MAX_PACKET)
+                blocks = (length + 4) // 16
+            ok &= (pad >= 4) & (pad < length) & np.isin(kind, _KNOWN_TYPES)
+            ends = at + 4 + length + mac_len
+            # the last packet to check: a rekey's NEWKEYS (what follows has other keys), or one the
+            # capture holds only in part
+            last = ok & (((kind == NEWKEYS_TYPE) & kex) | (ends > len(stream)))
+            scored.append((cand[last], passed + 1))
+            scored.append((cand[~ok], passed))
+            keep = ok & ~last
+            kex = kex[keep] | (kind[keep] == KEXINIT_TYPE)
+            cand, off, at = cand[keep], off[keep] + blocks[keep].astype(np.uint64), ends[keep]
+        scored.append((cand, depth))
+    best = sorted(((-score, int(k)) for ks, score in scored if score for k in ks[:CTR_KEEP]))[:CTR_KEEP]
+    for _, k in best:
+        yield (first - k) % (1 << 128)
 
 
 __all__ = ["AES_CTR", "AES_GCM", "CHACHA", "SUPPORTED", "BadPacket", "ChachaCipher", "CtrCipher", "GcmCipher",

@@ -11,6 +11,7 @@ channel's data in both directions, byte for byte.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,7 @@ from aradia.apps.ssh.keys import SshKey
 from aradia.apps.ssh.pcap import Connection, Stream, connections, read_segments
 from aradia.apps.ssh.wire import (
     KEXINIT,
+    MESSAGE_NAMES,
     NEWKEYS,
     KexInit,
     channel_data,
@@ -46,10 +48,15 @@ from aradia.apps.ssh.wire import (
 )
 from aradia.errors import AradiaError
 
-PROBE_PACKETS = 3  # CTR candidates must decrypt this many packets (or all there are) to be kept
+PROBE_PACKETS = 64  # CTR candidates are scored by how many packets in a row they decrypt, up to this
+# and the best must decrypt this many: a wrong key or counter gives a well-formed packet about once in
+# six, and a few million are tried (keys x counters walked back), so ten in a row is not chance
+CTR_MIN_PACKETS = 10
+CTR_SHORT_PACKETS = 6  # a stream with fewer packets than that cannot prove a CTR key
+FIRST_MESSAGES = {"c2s": (5, 7), "s2c": (6, 7)}  # SERVICE_REQUEST / SERVICE_ACCEPT, or EXT_INFO first
 # How far a counter taken mid-session is walked back, at least (more if the capture holds more): the
 # traffic up to the moment of ``keys ssh`` may exceed what was captured (a capture cut short).
-CTR_BACK = 1 << 20  # blocks: 16 MiB of one direction's traffic
+CTR_BACK = 1 << 16  # blocks: 1 MiB of one direction's traffic beyond what was captured
 GCM_BACK = 1 << 16  # packets
 
 
@@ -90,19 +97,24 @@ def _next_epoch(d: _Direction, errors: list[str]) -> bool:
     return False
 
 
-def _probe(cipher: PacketCipher, data: bytes, pos: int, seqnr: int, want: int) -> bool:
-    """Whether ``cipher`` decrypts ``want`` packets from ``pos`` (fewer if the stream ends first, at
-    least one)."""
-    got = 0
+def _score(cipher: PacketCipher, data: bytes, pos: int, seqnr: int, cap: int) -> tuple[int, bool, int]:
+    """How many packets in a row ``cipher`` decrypts from ``pos`` (at most ``cap``); whether the run
+    ended cleanly (exactly at the stream's end, or at a rekey's NEWKEYS: what follows has other keys);
+    the first packet's message type (-1: none)."""
+    got, first, kexinit = 0, -1, False
     try:
-        while got < want:
+        while got < cap:
             r = cipher.packet(data, pos, seqnr + got)
             if r is None:
-                break
-            pos, got = r[1], got + 1
+                return got, pos == len(data), first
+            kind = r[0][0]
+            pos, got, first = r[1], got + 1, kind if first < 0 else first
+            kexinit |= kind == KEXINIT
+            if kind == NEWKEYS:
+                return got, kexinit, first
     except BadPacket:
-        return False
-    return got > 0
+        return got, False, first
+    return got, False, first
 
 
 def _candidates(d: _Direction, enc: str, mac: str, key: SshKey) -> Iterator[tuple[PacketCipher, int, str]]:
@@ -114,7 +126,7 @@ def _candidates(d: _Direction, enc: str, mac: str, key: SshKey) -> Iterator[tupl
             starts: Iterator[int] | list[int] = [int(key.iv, 16)]
         else:
             back = max(CTR_BACK, (len(data) - d.pos) // 16)
-            starts = ctr_starts(raw, int(key.iv, 16), data, d.pos, etm, back)
+            starts = ctr_starts(raw, int(key.iv, 16), data, d.pos, etm, back, maclen)
         for start in starts:
             yield CtrCipher(raw, start, maclen, etm), d.seqnr, f"{start % (1 << 128):032x}"
     elif enc in AES_GCM and len(key.iv) == 24:
@@ -140,25 +152,43 @@ def _fresh(c: PacketCipher) -> PacketCipher:
 Chosen = tuple[PacketCipher, int, dict[str, Any]]
 
 
-def _choose_key(d: _Direction, enc: str, mac: str, keys: list[SshKey]) -> Chosen | str:
+def _choose_key(d: _Direction, enc: str, mac: str, keys: list[SshKey], first: bool) -> Chosen | str:
     """The cipher state for ``d``'s next key epoch, or why there is none."""
     if enc not in SUPPORTED:
         return f"cipher {enc} is not supported (only {', '.join(SUPPORTED)})"
     data = bytes(d.stream.data)
     if d.pos >= len(data):
         return "no encrypted packets were captured"
-    tried = 0
+    tried, best, best_score = 0, None, 0
     for key in keys:
         if key.cipher != enc:
             continue
         tried += 1
         for cipher, seqnr, iv in _candidates(d, enc, mac, key):
-            want = PROBE_PACKETS if isinstance(cipher, CtrCipher) else 1
-            if _probe(_fresh(cipher), data, d.pos, seqnr, want):
-                used = {"cipher": enc, "mac": mac if enc in AES_CTR else "(implicit)", "source": key.source,
-                        "pid": key.pid, "comm": key.comm, "key": key.key, "iv": iv}
-                return cipher, seqnr, used
+            if not isinstance(cipher, CtrCipher):  # an AEAD tag that verifies is proof enough
+                if _score(_fresh(cipher), data, d.pos, seqnr, 1)[0]:
+                    return cipher, seqnr, _used(enc, mac, key, iv)
+                continue
+            # CTR has no tag here: of every key and counter, the one that decrypts the longest run,
+            # if that is long enough not to be chance, or ends exactly where the stream or epoch does
+            got, clean, kind = _score(_fresh(cipher), data, d.pos, seqnr, PROBE_PACKETS)
+            # a short stream is believed only if it decrypts whole, and, after the first key
+            # exchange, starts as every SSH session does (the service request, or extension info)
+            opening = kind in (FIRST_MESSAGES[d.name] if first else MESSAGE_NAMES)
+            believed = got >= CTR_MIN_PACKETS or (clean and opening and got >= CTR_SHORT_PACKETS)
+            if believed and got > best_score:
+                best, best_score = (cipher, seqnr, _used(enc, mac, key, iv)), got
+    if best is not None:
+        return best
     return f"none of {tried} {enc} key candidate(s) decrypts it"
+
+
+def _used(enc: str, mac: str, key: SshKey, iv: str) -> dict[str, Any]:
+    return {"cipher": enc, "mac": mac if enc in AES_CTR else "(implicit)", "source": key.source,
+            "pid": key.pid, "comm": key.comm, "key": key.key, "iv": iv}
+
+
+
 
 
 Ordered = list[tuple[float, str, int, bytes]]
@@ -175,10 +205,14 @@ def _messages(ordered: Ordered) -> list[dict[str, Any]]:
     for when, name, seqnr, payload in ordered:
         m = {"time": when, "dir": name, "seq": seqnr, **describe(payload)}
         if payload[0] in (94, 95):
-            _, code, data = channel_data(payload)
-            m["data"] = data.decode("utf-8", "backslashreplace")
-            if code:
-                m["data_type"] = code
+            try:
+                _, code, data = channel_data(payload)
+            except AradiaError as e:
+                m["error"] = str(e)
+            else:
+                m["data"] = data.decode("utf-8", "backslashreplace")
+                if code:
+                    m["data_type"] = code
         out.append(m)
     return out
 
@@ -221,8 +255,9 @@ def _channels(ordered: Ordered) -> list[dict[str, Any]]:
                     for i in [i for i, c in side.items() if c is ch]:
                         del side[i]
         else:
-            _, code, data = channel_data(p)
-            ch["sent" if d == "c2s" else "stderr" if code else "received"] += data
+            with contextlib.suppress(AradiaError):  # a malformed one is shown in messages, with its error
+                _, code, data = channel_data(p)
+                ch["sent" if d == "c2s" else "stderr" if code else "received"] += data
     for ch in chans:
         ch["closed"] = len(ch["closed"]) == 2
         for k in ("sent", "received", "stderr"):
@@ -263,7 +298,7 @@ def decrypt_connection(conn: Connection, keys: list[SshKey]) -> dict[str, Any]:
                 errors.append(f"{d.name}: compression {comp} is negotiated; its payloads are not inflated")
             if neg.strict:
                 d.seqnr = 0
-            chosen = _choose_key(d, enc, mac, keys)
+            chosen = _choose_key(d, enc, mac, keys, epoch == 0)
             if isinstance(chosen, str):
                 errors.append(f"{d.name} after NEWKEYS ({enc}): {chosen}")
                 used[d.name] = {"cipher": enc, "key": None}
