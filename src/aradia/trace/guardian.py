@@ -107,6 +107,8 @@ class _Guard:
         self.migrated_state: str | None = None
         self.migration_checked = 0.0
         self.left = False
+        #: aradia itself drives a migration of this VM (:mod:`aradia.trace.migration`): do not step aside
+        self.driven = False
 
     def run_state(self) -> str | None:
         """QEMU's run state, asked through the stub's monitor; None if QEMU cannot say.
@@ -160,7 +162,7 @@ class _Guard:
         Checks at most every :data:`MIGRATION_CHECK_INTERVAL`.
         """
         now = time.monotonic()
-        if now - self.migration_checked < MIGRATION_CHECK_INTERVAL:
+        if self.driven or now - self.migration_checked < MIGRATION_CHECK_INTERVAL:
             return
         self.migration_checked = now
         status = self.migration_status()
@@ -295,6 +297,9 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         return bool(client.running)
     if op == "status":
         return guard.run_state()
+    if op == "driven":
+        guard.driven = bool(req["on"])
+        return None
     if op == "monitor":
         timeout = req.get("timeout")
         return client.monitor(str(req["command"]), None if timeout is None else float(timeout))
@@ -451,6 +456,12 @@ class GuardedStub:
         None if QEMU cannot say."""
         state = self.call("status")
         return None if state is None else str(state)
+
+    def drive_migration(self, on: bool) -> None:
+        """Tell the guardian that aradia itself drives a migration of this VM (``on``) or no longer
+        does: while on, it does not step aside when ``info migrate`` shows one under way (the driver,
+        :mod:`aradia.trace.migration`, stops the source at a safe point instead)."""
+        self.call("driven", on=on)
 
     def close(self) -> None:
         """Disarm everything and let the guest run (unless it migrated away); waits for the guardian.

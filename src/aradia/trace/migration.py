@@ -1,0 +1,427 @@
+"""Live migration of a traced VM, driven by aradia, with no guest instruction run unmonitored.
+
+:class:`Migration` moves a VM that a :class:`~aradia.trace.tracer.Tracer` traces from its QEMU (the
+source) to a QEMU the operator started with ``-incoming URI`` (or ``-incoming defer``; ``-S`` is
+advised) and goes on tracing it there. Measured on QEMU 7.2, and why each step is as it is:
+
+1. **Pre-copy with the probes armed.** The migration runs while the tracer keeps serving hits on the
+   source (the driver holds the tracer's lock and runs the hit loop itself; the events it sees are
+   queued and yielded, in order, by :meth:`Tracer.events` afterwards). The guardian is told not to step
+   aside (:meth:`GuardedStub.drive_migration`).
+2. **aradia chooses the switch-over.** QEMU stores the source's run state when the migration thread
+   decides to complete, and a source held at a breakpoint then (``debug``) makes the destination abort
+   (``invalid runstate transition: 'inmigrate' -> 'debug'``). So the driver keeps QEMU from completing
+   by itself (``downtime-limit`` of 1 ms and a bounded ``max-bandwidth`` while the guest runs: the
+   guest dirties more than that between two dirty-bitmap syncs) and, once the first pass is done (or
+   little is left), stops the source by QMP ``stop`` *between* hits: if a hit was already pending the
+   stub reports it instead of the ``stop`` (the VM is in ``debug``), so the driver handles that hit
+   (reports it, steps off, resumes) and stops again, until QEMU says ``paused``. A vCPU that raced
+   to a breakpoint meanwhile has not run the instruction: it hits again on the destination, once.
+   The ``pause-before-switchover`` capability holds the source in ``pre-switchover`` until the driver
+   sends ``migrate-continue``. The stored run state is then ``paused``, so the destination stays
+   paused after the migration whether or not it was started with ``-S``.
+3. **Every probe on the destination before its first instruction.** Same kernel, same KASLR: the
+   tracer's addresses hold there. A second guardian holds the destination's stub from before the
+   switch-over; once the stop is final the driver arms every probe, every pending return (keyed by
+   task and stack pointer: they fire on the destination) and every watchpoint there, waits for the
+   migration to complete, swaps the tracer over to the destination (stub, QMP, memory; the kernel
+   profile moves with it: nothing is searched again) and only then lets the destination run. The
+   source is never resumed; its guardian closes without ``D`` (run state ``postmigrate``), and its QMP
+   connection is released.
+4. A ``migrated`` marker event (``args``: from, to, paused seconds, QEMU's downtime) goes into the
+   event stream between the last event of the source and the first of the destination.
+
+Failure: a migration that fails, is cancelled (:meth:`Migration.cancel`), times out, or whose
+destination never comes up raises :class:`~aradia.errors.MigrationFailed` with the source resumed
+(if the driver stopped it) and traced as before; events seen meanwhile are still yielded.
+
+What stays open: QEMU may still decide to complete by itself while the guest runs (a guest that
+dirties almost nothing): then it stops the source itself and the switch-over is just as clean, unless
+that instant falls while a hit is being handled (``debug``), which aradia cannot prevent without a
+change to QEMU; the destination then aborts, and the driver resumes the source and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aradia.errors import AradiaError, Migrated, MigrationFailed
+from aradia.linux.usersyms import UserSymbols
+from aradia.machine.qemu import Qemu
+from aradia.proto.qmp import QMPCommandError
+from aradia.trace.events import Event
+from aradia.trace.guardian import GuardedStub
+from aradia.trace.tracer import Tracer
+from aradia.vm import VM
+
+#: Bytes/s while the guest runs (QEMU's completion threshold is bandwidth x downtime-limit).
+PRECOPY_BANDWIDTH = 256 << 20
+#: Bytes/s once the source is stopped: as fast as the channel goes.
+FINAL_BANDWIDTH = 64 << 30
+#: Stop the source once at most this much RAM is left in the first pass (or the first pass is done).
+STOP_REMAINING = 16 << 20
+#: Seconds a hit-loop slice lasts while the driver watches the migration.
+POLL = 0.01
+#: Seconds to wait for the destination's QMP socket to appear and answer.
+DESTINATION_TIMEOUT = 30.0
+#: SIGINT: the stop reply QEMU's stub sends when QMP ``stop`` paused a running VM.
+SIGINT = 2
+_DONE = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class MigrationResult:
+    """What a migration did: where to, how long, and how long the guest did not run."""
+
+    source: str
+    destination: str
+    uri: str
+    status: str
+    total: float  # seconds from ``migrate`` to the destination running
+    paused: float  # seconds from the source's stop to the destination's resume (host clock)
+    qemu_downtime_ms: int | None  # QEMU's own figure (``query-migrate`` ``downtime``)
+    events_during: int  # events the source reported while the migration ran
+    source_registers: dict[int, dict[str, int]] = field(default_factory=dict)  # right after the stop
+    stopped_by: str = "aradia"  # "aradia" (QMP stop between hits) or "qemu" (it converged by itself)
+
+    def as_dict(self) -> dict[str, Any]:
+        """As JSON-able data (the CLI's and the service's answer)."""
+        out = dataclasses.asdict(self)
+        del out["source_registers"]
+        return out
+
+
+def qmp_path(spec: str) -> str:
+    """The QMP socket path of ``qmp:PATH`` (or a bare path)."""
+    return spec[4:] if spec.startswith("qmp:") else spec
+
+
+def open_destination(spec: str, timeout: float = DESTINATION_TIMEOUT) -> Qemu:
+    """Connect to the destination QEMU's QMP socket, waiting up to ``timeout`` for it to come up; it
+    must be waiting for an incoming migration (run state ``inmigrate``)."""
+    path = qmp_path(spec)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        try:
+            dst = Qemu(path)
+            break
+        except (AradiaError, OSError) as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise MigrationFailed(f"the destination {spec} did not come up within {timeout:.0f} s ({last}); "
+                                  "the source was not touched")
+        time.sleep(0.1)
+    state = dst.status()
+    if state != "inmigrate":
+        dst.close()
+        raise MigrationFailed(f"the destination {spec} is not waiting for an incoming migration (run state "
+                              f"{state}); start it with the source's options plus -incoming URI (and -S)")
+    return dst
+
+
+def _deferred(dst: Qemu) -> bool:
+    """Whether the destination was started with ``-incoming defer`` (it waits for ``migrate-incoming``)."""
+    args = dst.cmdline()
+    return any(a == "-incoming" and b == "defer" for a, b in itertools.pairwise(args))
+
+
+class Migration:
+    """One live migration of the VM ``tracer`` traces to the QEMU at ``destination`` (``qmp:PATH``),
+    over ``uri`` (``unix:PATH``, ``tcp:HOST:PORT``). :meth:`run` drives it (see the module docstring).
+
+    ``timeout`` bounds the whole migration; :meth:`cancel` (from any thread) cancels it mid-way.
+    """
+
+    def __init__(self, tracer: Tracer, destination: str, uri: str, *, timeout: float = 120.0,
+                 bandwidth: int = PRECOPY_BANDWIDTH,
+                 destination_timeout: float = DESTINATION_TIMEOUT) -> None:
+        if tracer.vm.machine is None:
+            raise AradiaError("only a live VM can be migrated")
+        self.tracer = tracer
+        self.destination = destination
+        self.uri = uri
+        self.timeout = timeout
+        self.bandwidth = bandwidth
+        self.destination_timeout = destination_timeout
+        self._cancel = threading.Event()
+        self._events: list[Event] = []
+        self._stopped_at: float | None = None
+        self._stopped_by = "aradia"
+        self._regs: dict[int, dict[str, int]] = {}
+        self.status = "none"  # QEMU's migration status, as last seen
+
+    def cancel(self) -> None:
+        """Cancel the migration (QMP ``migrate_cancel``) if it has not switched over yet."""
+        self._cancel.set()
+
+    # --- the hit loop, run by the driver -----------------------------------------------------------
+    def _serve(self, timeout: float) -> None:
+        """Serve probe hits on the source for up to ``timeout``; their events are kept in order."""
+        tr = self.tracer
+        ev = tr._next(timeout)
+        if ev is not None:
+            self._events.append(ev)
+        self._events.extend(tr._queued)
+        tr._queued = []
+
+    def _handle_stop(self, stop: Any) -> None:
+        """A stop reply that is a probe hit: handled as the tracer's loop would (reported, stepped off,
+        resumed)."""
+        tr = self.tracer
+        thread = stop.thread
+        tr._stopped = True
+        regs = tr.stub.registers(thread)
+        try:
+            ev = (tr._watch_event(stop, thread, regs) if stop.watch_address is not None
+                  else tr._handle(thread, regs))
+        finally:
+            tr._resume(thread, regs)
+        if ev is not None:
+            self._events.append(ev)
+        self._events.extend(tr._queued)
+        tr._queued = []
+
+    def _stop_source(self, src: Qemu) -> None:
+        """QMP ``stop`` between hits: until QEMU's stub says the ``stop`` (not a hit) stopped the VM."""
+        tr = self.tracer
+        for _attempt in range(1000):
+            src.pause()
+            stop = tr.stub.wait_stop(5.0)
+            if stop is None:
+                raise MigrationFailed("the source's GDB stub reported no stop after QMP stop")
+            if stop.kind == "signal" and stop.signal == SIGINT and stop.watch_address is None:
+                regs = tr.stub.registers(stop.thread)
+                if tr.probes.get(regs.get("rip", -1)) is None and regs.get("rip") not in tr._returns:
+                    tr._stopped = True
+                    return
+            self._handle_stop(stop)  # a hit came first: report it, step off, resume; stop again
+        raise MigrationFailed("could not stop the source between two probe hits")
+
+    # --- driving ------------------------------------------------------------------------------------
+    def run(self) -> MigrationResult:
+        """Drive the migration to its end: the tracer then traces the destination. Raises
+        :class:`MigrationFailed` (the source running and traced as before) when it does not complete."""
+        tr = self.tracer
+        src = tr.vm.machine
+        assert src is not None
+        dst = open_destination(self.destination, self.destination_timeout)
+        try:
+            new_vm = self._destination_vm(dst)
+        except BaseException:
+            dst.close()
+            raise
+        try:
+            dst_stub = GuardedStub(dst.gdb_address(), was_running=False)
+        except BaseException:
+            new_vm.close()
+            raise
+        started = time.monotonic()
+        try:
+            with tr._lock:
+                result = self._drive(src, new_vm, dst_stub, started)
+        except BaseException:
+            dst_stub.close()
+            new_vm.close()
+            tr._queued = [*self._events, *tr._queued]
+            raise
+        tr._queued = [*self._events, *tr._queued]
+        return result
+
+    def _destination_vm(self, dst: Qemu) -> VM:
+        """The destination as a VM handle with the source's kernel profile (same kernel, same KASLR),
+        made before the switch-over so none of it counts as downtime."""
+        try:
+            memory = dst.memory()
+        except AradiaError as e:
+            raise MigrationFailed(f"cannot read the destination's RAM: {e}") from e
+        vm = VM(memory, machine=dst, spec=f"qmp:{dst.path}")
+        vm.load_kernel(profile=self.tracer.vm.linux.profile)
+        return vm
+
+    def _drive(self, src: Qemu, new_vm: VM, dst_stub: GuardedStub, started: float) -> MigrationResult:
+        tr = self.tracer
+        dst = new_vm.machine
+        assert dst is not None
+        qmp = src.qmp
+        qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": True},
+            {"capability": "events", "state": True}]})
+        qmp.execute("migrate-set-parameters", {"downtime-limit": 1, "max-bandwidth": self.bandwidth})
+        if _deferred(dst):
+            dst.qmp.execute("migrate-incoming", {"uri": self.uri})
+        tr.stub.drive_migration(True)
+        try:
+            try:
+                qmp.execute("migrate", {"uri": self.uri})
+            except QMPCommandError as e:
+                raise MigrationFailed(f"QEMU refused the migration to {self.uri}: {e}") from e
+            self._precopy(src, started)
+            self._arm(dst_stub)
+            info = self._switch_over(src, started)
+            state = self._destination_loaded(dst)
+            if state not in ("paused", "prelaunch"):
+                raise MigrationFailed(f"the destination is in run state {state} after the migration, "
+                                      "not paused: it was not started with -S and QEMU completed on its own")
+        except MigrationFailed:
+            self._restore(src)
+            raise
+        except BaseException:
+            with contextlib.suppress(AradiaError, OSError):
+                self._restore(src)
+            raise
+        return self._swap(src, new_vm, dst_stub, started, info)
+
+    def _destination_loaded(self, dst: Qemu) -> str:
+        """The destination's run state once it loaded the guest (the source says ``completed`` a little
+        earlier); MigrationFailed if it exits or stays ``inmigrate``."""
+        end = time.monotonic() + self.destination_timeout
+        while True:
+            try:
+                state = dst.status()
+            except AradiaError as e:
+                raise MigrationFailed(f"the destination QEMU was lost at the switch-over ({e})") from e
+            if state != "inmigrate":
+                return state
+            if time.monotonic() > end:
+                raise MigrationFailed(f"the destination did not load the guest within "
+                                      f"{self.destination_timeout:.0f} s")
+            time.sleep(0.0005)
+
+    def _query(self, src: Qemu) -> dict[str, Any]:
+        info = dict(src.qmp.execute("query-migrate"))
+        self.status = str(info.get("status", "none"))
+        return info
+
+    def _precopy(self, src: Qemu, started: float) -> None:
+        """Serve hits while QEMU copies RAM; stop the source at a safe point once little is left."""
+        while True:
+            try:
+                self._serve(POLL)
+            except Migrated:
+                self._stopped_by = "qemu"  # it converged by itself with the guest running (T18)
+                self._stopped_at = time.monotonic()
+                return
+            info = self._query(src)
+            self._check(src, info, started)
+            if self.status == "pre-switchover":
+                self._stopped_by = "qemu"
+                self._stopped_at = time.monotonic()
+                return
+            ram = info.get("ram") or {}
+            if self.status == "active" and (int(ram.get("dirty-sync-count", 0)) >= 2
+                                            or int(ram.get("remaining", 1 << 62)) <= STOP_REMAINING):
+                self._stop_source(src)
+                self._stopped_at = time.monotonic()
+                self._regs = src.registers()
+                src.qmp.execute("migrate-set-parameters", {"max-bandwidth": FINAL_BANDWIDTH,
+                                                           "downtime-limit": 60000})
+                return
+
+    def _check(self, src: Qemu, info: dict[str, Any], started: float) -> None:
+        """Raise MigrationFailed for a failed, cancelled (by QEMU or :meth:`cancel`) or overdue migration."""
+        if self.status in ("failed", "cancelled"):
+            why = info.get("error-desc", "no reason given")
+            raise MigrationFailed(f"the migration {self.status}: {why}; the source runs on, traced")
+        why = ("cancelled" if self._cancel.is_set() else
+               f"timed out after {self.timeout:.0f} s" if time.monotonic() - started > self.timeout else None)
+        if why is not None:
+            with contextlib.suppress(QMPCommandError):
+                src.qmp.execute("migrate_cancel")
+            end = time.monotonic() + 30
+            while self._query(src)["status"] not in _DONE and time.monotonic() < end:
+                with contextlib.suppress(Migrated):
+                    if self._stopped_at is None:
+                        self._serve(POLL)
+                    else:
+                        time.sleep(POLL)
+            raise MigrationFailed(f"the migration was {why} (status {self.status}); "
+                                  "the source runs on, traced")
+
+    def _arm(self, dst_stub: GuardedStub) -> None:
+        """Arm every probe, pending return and watchpoint of the tracer on the destination's stub."""
+        tr = self.tracer
+        for address in {*tr.probes, *tr._returns}:
+            dst_stub.set_breakpoint(address)
+        for w in tr.watches.values():
+            dst_stub.set_breakpoint(w.address, kind=w.gdb_kind, length=w.length)
+
+    def _switch_over(self, src: Qemu, started: float) -> dict[str, Any]:
+        """Wait for ``pre-switchover``, send ``migrate-continue``, wait for ``completed``."""
+        continued = False
+        while True:
+            info = self._query(src)
+            if self.status == "pre-switchover" and not continued:
+                src.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                continued = True
+            elif self.status == "completed":
+                return info
+            elif self._stopped_at is None or self.status in ("failed", "cancelled") or self._cancel.is_set():
+                self._check(src, info, started)
+            time.sleep(0.001)
+
+    def _restore(self, src: Qemu) -> None:
+        """After a failed migration: the guardian guards as before, and a source the driver stopped runs."""
+        tr = self.tracer
+        with contextlib.suppress(AradiaError):
+            tr.stub.drive_migration(False)
+        if self._stopped_at is not None and tr._stopped:
+            state = src.status()
+            if state in ("paused", "postmigrate", "finish-migrate"):
+                if state != "paused":
+                    src.resume()  # QMP cont: the destination never got (or lost) the guest
+                    tr.stub.wait_stop(0.0)
+                else:
+                    tr.stub.cont()
+            tr._stopped = False
+
+    def _swap(self, src: Qemu, new_vm: VM, dst_stub: GuardedStub, started: float,
+              info: dict[str, Any]) -> MigrationResult:
+        """The tracer moves to the destination (stub, QMP, memory, same kernel profile); it runs."""
+        tr = self.tracer
+        dst = new_vm.machine
+        assert dst is not None
+        old_vm, old_stub = tr.vm, tr.stub
+        with contextlib.suppress(AttributeError):
+            old_vm.machine.qmp.off_event(tr._on_qmp_event)
+        tr.vm, tr.stub = new_vm, dst_stub
+        if tr._userspace is not None:
+            tr._userspace.prog = new_vm.linux.prog
+            tr._userspace.syms = UserSymbols(new_vm.linux.prog)
+        dst.qmp.on_event(tr._on_qmp_event)
+        tr._closers.append(new_vm.close)
+        now = time.monotonic()
+        paused = now - (self._stopped_at or now)
+        marker = Event(now, -1, "migrated", "migrated", args={
+            "from": f"{socket.gethostname()}:{src.path}", "to": f"{socket.gethostname()}:{dst.path}",
+            "paused": round(paused, 6), "qemu_downtime_ms": info.get("downtime")})
+        self._events.append(marker)
+        dst_stub.cont()  # the destination's first instruction, with every probe armed
+        tr._stopped = False
+        resumed = time.monotonic()
+        old_stub.close()  # postmigrate: the guardian disarms and closes without D
+        with contextlib.suppress(Exception):
+            old_vm.close()  # releases the source's QMP socket
+        return MigrationResult(f"qmp:{src.path}", f"qmp:{dst.path}", self.uri, "completed", resumed - started,
+                               resumed - (self._stopped_at or resumed), _int(info.get("downtime")),
+                               len(self._events) - 1, self._regs, self._stopped_by)
+
+
+def _int(v: object) -> int | None:
+    return int(v) if isinstance(v, int | float) else None
+
+
+def migrate(tracer: Tracer, destination: str, uri: str, **kw: Any) -> MigrationResult:
+    """Migrate the VM ``tracer`` traces to ``destination`` (``qmp:PATH``) over ``uri`` and go on tracing
+    it there (see :class:`Migration`); :class:`MigrationFailed` leaves it traced on the source."""
+    return Migration(tracer, destination, uri, **kw).run()
+
+
+__all__ = ["Migration", "MigrationResult", "migrate", "open_destination", "qmp_path"]

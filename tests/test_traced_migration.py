@@ -1,0 +1,173 @@
+"""Tracing that survives a live migration driven by aradia (library): no event lost, none twice.
+
+Two real QEMUs on this machine, a unix-socket migration. Ground truth from the guest: the numbers its
+command loop wrote, its pipe reader's output and ``/proc/PID/wchan``, QEMU's run states and registers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aradia.errors import MigrationFailed
+from aradia.machine.registers import parse_info_registers
+from aradia.proto.qmp import QMPClient
+from aradia.trace.events import Event
+from aradia.trace.migration import Migration, migrate
+from aradia.trace.tracer import Tracer
+from aradia.vm import attach
+from migration_env import MARK, BootGuest, guest_pair, marks_in_guest, qmp_status, start_command_loop
+
+
+class Collector:
+    """Iterates ``tracer.events()`` in a thread, as a consumer would; ``events`` in the order yielded."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.events: list[Event] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tracer,), daemon=True)
+        self._thread.start()
+
+    def _run(self, tracer: Tracer) -> None:
+        try:
+            for ev in tracer.events(until=self._stop.is_set):
+                self.events.append(ev)
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def wait_for(self, what: Callable[[Event], bool], timeout: float, label: str) -> Event:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for ev in list(self.events):
+                if what(ev):
+                    return ev
+            assert self.error is None, f"the trace ended: {self.error!r}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {label} event within {timeout} s")
+
+    def stop(self) -> list[Event]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the event loop did not stop"
+        assert self.error is None, f"the trace ended: {self.error!r}"
+        return self.events
+
+
+def mark_numbers(events: list[Event], tag: str) -> list[int]:
+    """The loop's numbers in the order the trace saw their ``execve``."""
+    prefix = f"{MARK}{tag}-"
+    out = []
+    for ev in events:
+        argv = ev.args.get("argv") or []
+        if ev.kind == "syscall" and ev.name == "execve" and len(argv) > 1 and str(argv[1]).startswith(prefix):
+            out.append(int(str(argv[1])[len(prefix):]))
+    return out
+
+
+def registers(qmp_path: object) -> dict[int, dict[str, int]]:
+    with QMPClient(str(qmp_path)) as qmp:
+        return parse_info_registers(qmp.hmp("info registers -a"))
+
+
+def _is_mark(tag: str, n: int) -> Callable[[Event], bool]:
+    return lambda ev: ev.kind == "syscall" and ev.args.get("argv", [None, None])[1:2] == [f"{MARK}{tag}-{n}"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("smp", [1, 2])
+def test_commands_traced_once_in_order_across_the_switch(boot_guest: BootGuest, smp: int) -> None:
+    """200 numbered commands, one every ~20 ms, across the migration: each in the trace exactly once,
+    in order, with the ``migrated`` marker among them; a ``pipe_read`` entered on the source returns
+    on the destination; the source ends ``postmigrate`` with the vCPU state it had at the stop."""
+    tag = f"s{smp}"
+    with guest_pair(boot_guest, smp) as pair:
+        src, dst = pair.source, pair.destination
+        src.run("rm -f /tmp/f /tmp/got; mkfifo /tmp/f")
+        with attach(f"qmp:{src.qmp_path}") as vm, Tracer.open(vm) as tracer:
+            tracer.add_syscall("execve")
+            tracer.add_kprobe("pipe_read", ret=True)
+            collector = Collector(tracer)
+            # a reader blocked in read() on a FIFO it holds open for writing too (so open() does not block)
+            reader = int(src.run("cat 0<>/tmp/f > /tmp/got 2>&1 & echo $!").split()[-1])
+            wchan = src.run(f"for i in $(seq 100); do w=$(cat /proc/{reader}/wchan); [ \"$w\" = pipe_read ] "
+                            f"&& break; sleep 0.1; done; echo $w")
+            assert wchan.split()[-1] == "pipe_read", wchan
+            out = start_command_loop(src, tag)
+            collector.wait_for(_is_mark(tag, 20), 240, "mark 20")
+            result = migrate(tracer, f"qmp:{dst.qmp_path}", pair.uri)
+            assert result.status == "completed"
+            assert tracer.vm.machine is not None and str(tracer.vm.machine.path) == str(dst.qmp_path)
+            # the source: migrated, never resumed, its vCPUs as they were at the stop
+            assert qmp_status(src.qmp_path) == "postmigrate"
+            after = registers(src.qmp_path)
+            assert sorted(after) == list(range(smp))
+            for cpu, regs in result.source_registers.items():
+                assert {k: after[cpu][k] for k in ("rip", "rsp", "rax", "rflags", "cr3")} == \
+                       {k: regs[k] for k in ("rip", "rsp", "rax", "rflags", "cr3")}, f"vCPU {cpu} moved"
+            assert marks_in_guest(dst, out) == list(range(200))  # the guest ran every command
+            dst.run("echo hello > /tmp/f")
+            ret = collector.wait_for(lambda ev: ev.kind == "kretprobe" and ev.pid == reader, 120,
+                                     "pipe_read return of the reader")
+            assert dst.run("cat /tmp/got").strip() == "hello"
+            collector.wait_for(_is_mark(tag, 199), 60, "mark 199")
+            events = collector.stop()
+        assert qmp_status(dst.qmp_path) == "running"
+    numbers = mark_numbers(events, tag)
+    assert numbers == list(range(200)), f"missing {sorted(set(range(200)) - set(numbers))}, " \
+                                        f"twice {sorted(n for n in set(numbers) if numbers.count(n) > 1)}"
+    markers = [i for i, ev in enumerate(events) if ev.kind == "migrated"]
+    assert len(markers) == 1
+    marker = events[markers[0]]
+    assert marker.args["to"].endswith(str(dst.qmp_path)) and marker.args["from"].endswith(str(src.qmp_path))
+    assert 0 < marker.args["paused"] < 30
+    before = mark_numbers(events[:markers[0]], tag)
+    assert before and before[-1] < 199, "the migration happened during the loop"
+    assert ret.args["ret"] == 6 and events.index(ret) > markers[0]  # "hello\n", returned on the destination
+    assert ret.args["latency"] > result.paused  # entered on the source, before the stop
+
+
+@pytest.mark.timeout(600)
+def test_cancelled_migration_keeps_tracing_the_source(boot_guest: BootGuest) -> None:
+    """``migrate_cancel`` mid-way: MigrationFailed, the source runs on traced, no command missed."""
+    tag = "cancel"
+    with guest_pair(boot_guest, 1) as pair:
+        src = pair.source
+        with attach(f"qmp:{src.qmp_path}") as vm, Tracer.open(vm) as tracer:
+            tracer.add_syscall("execve")
+            collector = Collector(tracer)
+            out = start_command_loop(src, tag)
+            collector.wait_for(_is_mark(tag, 10), 240, "mark 10")
+            mig = Migration(tracer, f"qmp:{pair.destination.qmp_path}", pair.uri, bandwidth=8 << 20)
+            threading.Timer(0.5, mig.cancel).start()
+            with pytest.raises(MigrationFailed, match="cancelled") as err:
+                mig.run()
+            assert "source runs on" in str(err.value)
+            assert mig.status == "cancelled"
+            collector.wait_for(_is_mark(tag, 199), 300, "mark 199")
+            events = collector.stop()
+            assert tracer.vm.machine is not None and tracer.vm.machine.status() == "running"
+        assert marks_in_guest(src, out) == list(range(200))
+    assert mark_numbers(events, tag) == list(range(200))
+    assert not [ev for ev in events if ev.kind == "migrated"]
+
+
+@pytest.mark.timeout(300)
+def test_destination_that_never_comes_up(boot_guest: BootGuest, tmp_path: Any) -> None:
+    """No QEMU behind the destination socket: a clear error after the timeout, the source untouched."""
+    with boot_guest("6.1", gdb=True, shared_memory=True) as src, \
+            attach(f"qmp:{src.qmp_path}") as vm, Tracer.open(vm) as tracer:
+        tracer.add_syscall("execve")
+        start = time.monotonic()
+        with pytest.raises(MigrationFailed, match="did not come up within 3 s"):
+            migrate(tracer, f"qmp:{tmp_path}/nobody.sock", f"unix:{tmp_path}/m.sock", destination_timeout=3)
+        assert 3 <= time.monotonic() - start < 30
+        assert tracer.vm.machine is not None and tracer.vm.machine.status() == "running"
+        collector = Collector(tracer)
+        src.run("/bin/true still-traced")
+        collector.wait_for(lambda ev: ev.args.get("argv", [None])[1:2] == ["still-traced"], 60, "exec")
+        collector.stop()
