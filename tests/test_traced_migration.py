@@ -100,6 +100,7 @@ def test_commands_traced_once_in_order_across_the_switch(boot_guest: BootGuest, 
             out = start_command_loop(src, tag)
             collector.wait_for(_is_mark(tag, 20), 240, "mark 20")
             result = migrate(tracer, f"qmp:{dst.qmp_path}", pair.uri)
+            print("migration:", result.as_dict())
             assert result.status == "completed"
             assert tracer.vm.machine is not None and str(tracer.vm.machine.path) == str(dst.qmp_path)
             # the source: migrated, never resumed, its vCPUs as they were at the stop

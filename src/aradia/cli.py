@@ -405,7 +405,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         _kernel(vm, args)
         if args.what == "count":
             return _count(vm, args)
-        with Tracer.open(vm) as tracer:
+        from aradia.trace.migrate_control import MigrationControl
+
+        with Tracer.open(vm) as tracer, MigrationControl(tracer):  # `aradia migrate --vm` asks this owner
             tracer.filter = Filter(pids=set(args.pid) if args.pid else None,
                                    comms=set(args.comm) if args.comm else None,
                                    uids=set(args.uid) if args.uid else None)
@@ -420,6 +422,30 @@ def cmd_trace(args: argparse.Namespace) -> int:
                         print(ev.line(), flush=True)
             except KeyboardInterrupt:
                 pass  # closing the tracer disarms everything and lets the guest run
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Live-migrate a VM to a QEMU started with ``-incoming``; a running ``aradia trace`` of it goes on."""
+    from aradia.trace.migrate_control import request_migration
+    from aradia.trace.migration import migrate
+    from aradia.trace.tracer import Tracer
+
+    if not args.vm.startswith("qmp:") or not args.to.startswith("qmp:"):
+        raise AradiaError("migrate needs live VMs: --vm qmp:PATH --to qmp:PATH")
+    result = request_migration(args.vm, args.to, args.uri, args.timeout)  # the owner, if one traces it
+    if result is None:
+        with _open(args) as vm:
+            _kernel(vm, args)
+            with Tracer.open(vm) as tracer:
+                result = migrate(tracer, args.to, args.uri, timeout=args.timeout,
+                                 destination_timeout=min(args.timeout, 30.0)).as_dict()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"migrated {args.vm} -> {args.to} over {args.uri}: {result['total']:.3f} s, guest paused "
+              f"{result['paused'] * 1000:.1f} ms (QEMU downtime {result['qemu_downtime_ms']} ms), "
+              f"{result['events_during']} events while copying, stopped by {result['stopped_by']}")
     return 0
 
 
@@ -643,6 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="alerts as event records, one JSON object per line")
     sp.add_argument("--pause", action="store_true", help="hold the VM stopped at each alert until SIGUSR1")
     sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+
+    sp = vm_parser("migrate", cmd_migrate, "live-migrate a VM to a QEMU started with -incoming (and -S); "
+                   "a running `aradia trace` of it traces on across the switch")
+    sp.add_argument("--to", required=True, metavar="qmp:PATH", help="the destination QEMU's QMP socket")
+    sp.add_argument("--uri", required=True, metavar="URI", help="the migration channel (unix:PATH, tcp:H:P)")
+    sp.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="give up after S seconds (the source runs on)")
+    sp.add_argument("--json", action="store_true", help="the result as one JSON document")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")
