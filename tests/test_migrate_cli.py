@@ -58,9 +58,11 @@ def test_cli_trace_goes_on_across_aradia_migrate(boot_guest: BootGuest, tmp_path
         assert qmp_status(src.qmp_path) == "running"  # untouched
         trace = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{src.qmp_path}", "--json", "syscalls", "-e",
                                           "execve"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert trace.stdout is not None
+        assert trace.stdout is not None and trace.stderr is not None
         try:
             lines = Lines(trace.stdout)
+            armed = trace.stderr.readline()  # "tracing syscalls on …" once every probe is armed
+            assert armed.startswith("tracing syscalls on"), armed
             out = start_command_loop(src, tag)
             lines.wait_for(f"{MARK}{tag}-20", 240)
             mig = run_cli("migrate", "--vm", f"qmp:{src.qmp_path}", "--to", f"qmp:{dst.qmp_path}",
@@ -72,8 +74,9 @@ def test_cli_trace_goes_on_across_aradia_migrate(boot_guest: BootGuest, tmp_path
             lines.wait_for(f"{MARK}{tag}-199", 120)
             assert qmp_status(src.qmp_path) == "postmigrate"
             trace.send_signal(signal.SIGINT)
-            _, err = trace.communicate(timeout=60)
-            assert trace.returncode == 0, err
+            trace.wait(timeout=60)
+            err = trace.stderr.read()
+            assert trace.returncode == 0 and "Traceback" not in err, err
         finally:
             if trace.poll() is None:
                 trace.kill()

@@ -31,6 +31,10 @@ QMP, and after the tracer's death):
   alone); any other VM gets ``D;1`` as above. If QEMU cannot say (no answer to ``info status``), the
   guardian keeps the old behaviour, ``D;1``.
 
+A migration aradia drives itself (:mod:`aradia.trace.migration`) tells the guardian first
+(``{"op": "driven", "on": true}``, :meth:`GuardedStub.drive_migration`): it then does not step aside
+at ``info migrate`` (the driver stops the source between hits instead); the run-state checks stay.
+
 What stays open: the instant between a check and the ``c``/``D`` after it (a migration completing
 exactly then is not caught; only QEMU's stub could close that), and a migration that starts and
 completes between two ``info migrate`` checks while the VM sits at a breakpoint.
