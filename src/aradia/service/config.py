@@ -56,7 +56,7 @@ from aradia.errors import AradiaError
 from aradia.service.schema import NAME_RE
 
 #: what a tenant may be allowed to do (``list``, its own VMs, every principal may)
-OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump")
+OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump", "migrate")
 #: how the service reaches a VM's RAM (see :func:`aradia.vm.attach`)
 MEMORY_PATHS: tuple[str, ...] = ("auto", "shared-file", "proc-mem", "gdb")
 #: the name the operator goes by (in audit rows and rate buckets); no tenant may take it

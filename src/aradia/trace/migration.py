@@ -10,16 +10,20 @@ advised) and goes on tracing it there. Measured on QEMU 7.2, and why each step i
    aside (:meth:`GuardedStub.drive_migration`).
 2. **aradia chooses the switch-over.** QEMU stores the source's run state when the migration thread
    decides to complete, and a source held at a breakpoint then (``debug``) makes the destination abort
-   (``invalid runstate transition: 'inmigrate' -> 'debug'``). So the driver keeps QEMU from completing
-   by itself (``downtime-limit`` of 1 ms and a bounded ``max-bandwidth`` while the guest runs: the
-   guest dirties more than that between two dirty-bitmap syncs) and, once the first pass is done (or
-   little is left), stops the source by QMP ``stop`` *between* hits: if a hit was already pending the
-   stub reports it instead of the ``stop`` (the VM is in ``debug``), so the driver handles that hit
-   (reports it, steps off, resumes) and stops again, until QEMU says ``paused``. A vCPU that raced
-   to a breakpoint meanwhile has not run the instruction: it hits again on the destination, once.
-   The ``pause-before-switchover`` capability holds the source in ``pre-switchover`` until the driver
-   sends ``migrate-continue``. The stored run state is then ``paused``, so the destination stays
-   paused after the migration whether or not it was started with ``-S``.
+   (``invalid runstate transition: 'inmigrate' -> 'debug'``). QEMU may complete once what is left to
+   send fits its ``downtime-limit`` at the measured bandwidth, which can happen at the end of any pass
+   over RAM, the first included. So while the guest runs the driver keeps that threshold tiny
+   (``downtime-limit`` 1 ms at :data:`PRECOPY_BANDWIDTH`: 64 KiB, fewer pages than a guest dirties
+   during a pass) and stops the source itself before the first pass ends, once at most
+   :data:`STOP_REMAINING` is left (the rest is then sent at full speed while the guest is paused:
+   safety bought with a little downtime). The stop is a QMP ``stop`` *between* hits: if a hit was
+   already pending, the stub reports it instead of the ``stop`` (the VM is in ``debug``), so the
+   driver handles that hit (reports it, steps off, resumes) and stops again, until the stub reports
+   the ``stop`` itself. A vCPU that raced to a breakpoint meanwhile has not run the instruction: it
+   hits again on the destination, once. The ``pause-before-switchover`` capability holds the source
+   in ``pre-switchover`` until the driver sends ``migrate-continue``. The stored run state is then
+   ``paused``, so the destination stays paused after the migration whether or not it was started
+   with ``-S``.
 3. **Every probe on the destination before its first instruction.** Same kernel, same KASLR: the
    tracer's addresses hold there. A second guardian holds the destination's stub from before the
    switch-over; once the stop is final the driver arms every probe, every pending return (keyed by
@@ -49,6 +53,7 @@ import itertools
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +67,12 @@ from aradia.trace.tracer import Tracer
 from aradia.vm import VM
 
 #: Bytes/s while the guest runs (QEMU's completion threshold is bandwidth x downtime-limit).
-PRECOPY_BANDWIDTH = 256 << 20
+PRECOPY_BANDWIDTH = 64 << 20
 #: Bytes/s once the source is stopped: as fast as the channel goes.
 FINAL_BANDWIDTH = 64 << 30
-#: Stop the source once at most this much RAM is left in the first pass (or the first pass is done).
-STOP_REMAINING = 16 << 20
+#: Stop the source once at most this much RAM is left in the first pass (or the first pass is done):
+#: at :data:`PRECOPY_BANDWIDTH` that is a second of margin for a pass of data, less for zero pages.
+STOP_REMAINING = 64 << 20
 #: Seconds a hit-loop slice lasts while the driver watches the migration.
 POLL = 0.01
 #: Seconds to wait for the destination's QMP socket to appear and answer.
@@ -127,6 +133,16 @@ def open_destination(spec: str, timeout: float = DESTINATION_TIMEOUT) -> Qemu:
     return dst
 
 
+def incoming_uri(dst: Qemu) -> str:
+    """The URI a destination QEMU listens on (its ``-incoming`` argument, unless ``defer``)."""
+    args = dst.cmdline()
+    uri = next((b for a, b in itertools.pairwise(args) if a == "-incoming"), None)
+    if uri is None or uri == "defer":
+        raise MigrationFailed("give the migration URI: the destination's command line does not say "
+                              "where it listens" + (" (-incoming defer)" if uri == "defer" else ""))
+    return uri
+
+
 def _deferred(dst: Qemu) -> bool:
     """Whether the destination was started with ``-incoming defer`` (it waits for ``migrate-incoming``)."""
     args = dst.cmdline()
@@ -138,11 +154,13 @@ class Migration:
     over ``uri`` (``unix:PATH``, ``tcp:HOST:PORT``). :meth:`run` drives it (see the module docstring).
 
     ``timeout`` bounds the whole migration; :meth:`cancel` (from any thread) cancels it mid-way.
+    ``uri`` None takes the destination's own ``-incoming`` argument.
     """
 
-    def __init__(self, tracer: Tracer, destination: str, uri: str, *, timeout: float = 120.0,
-                 bandwidth: int = PRECOPY_BANDWIDTH,
-                 destination_timeout: float = DESTINATION_TIMEOUT) -> None:
+    def __init__(self, tracer: Tracer, destination: str, uri: str | None, *, timeout: float = 120.0,
+                 bandwidth: int = PRECOPY_BANDWIDTH, destination_timeout: float = DESTINATION_TIMEOUT,
+                 keep_vm: bool = False, labels: tuple[str, str] | None = None,
+                 before_resume: Callable[[VM], object] | None = None) -> None:
         if tracer.vm.machine is None:
             raise AradiaError("only a live VM can be migrated")
         self.tracer = tracer
@@ -151,12 +169,20 @@ class Migration:
         self.timeout = timeout
         self.bandwidth = bandwidth
         self.destination_timeout = destination_timeout
+        #: the caller takes over the destination's VM handle (else the tracer closes it when it closes)
+        self.keep_vm = keep_vm
+        #: what the ``migrated`` marker calls source and destination (default: host:QMP path)
+        self.labels = labels
+        #: called with the destination's VM after the switch-over, before its first instruction
+        self.before_resume = before_resume
         self._cancel = threading.Event()
         self._events: list[Event] = []
         self._stopped_at: float | None = None
         self._stopped_by = "aradia"
+        self._destination_gone = False
         self._regs: dict[int, dict[str, int]] = {}
         self.status = "none"  # QEMU's migration status, as last seen
+        self.info: dict[str, Any] = {}  # QEMU's last query-migrate answer
 
     def cancel(self) -> None:
         """Cancel the migration (QMP ``migrate_cancel``) if it has not switched over yet."""
@@ -214,6 +240,8 @@ class Migration:
         assert src is not None
         dst = open_destination(self.destination, self.destination_timeout)
         try:
+            if self.uri is None:
+                self.uri = incoming_uri(dst)
             new_vm = self._destination_vm(dst)
         except BaseException:
             dst.close()
@@ -248,6 +276,7 @@ class Migration:
 
     def _drive(self, src: Qemu, new_vm: VM, dst_stub: GuardedStub, started: float) -> MigrationResult:
         tr = self.tracer
+        uri = str(self.uri)
         dst = new_vm.machine
         assert dst is not None
         qmp = src.qmp
@@ -256,13 +285,13 @@ class Migration:
             {"capability": "events", "state": True}]})
         qmp.execute("migrate-set-parameters", {"downtime-limit": 1, "max-bandwidth": self.bandwidth})
         if _deferred(dst):
-            dst.qmp.execute("migrate-incoming", {"uri": self.uri})
+            dst.qmp.execute("migrate-incoming", {"uri": uri})
         tr.stub.drive_migration(True)
         try:
             try:
-                qmp.execute("migrate", {"uri": self.uri})
+                qmp.execute("migrate", {"uri": uri})
             except QMPCommandError as e:
-                raise MigrationFailed(f"QEMU refused the migration to {self.uri}: {e}") from e
+                raise MigrationFailed(f"QEMU refused the migration to {uri}: {e}") from e
             self._precopy(src, started)
             self._arm(dst_stub)
             info = self._switch_over(src, started)
@@ -287,7 +316,9 @@ class Migration:
             try:
                 state = dst.status()
             except AradiaError as e:
-                raise MigrationFailed(f"the destination QEMU was lost at the switch-over ({e})") from e
+                self._destination_gone = True
+                raise MigrationFailed(f"the destination QEMU was lost at the switch-over ({e}); "
+                                      "the source runs on, traced") from e
             if state != "inmigrate":
                 return state
             if time.monotonic() > end:
@@ -298,6 +329,7 @@ class Migration:
     def _query(self, src: Qemu) -> dict[str, Any]:
         info = dict(src.qmp.execute("query-migrate"))
         self.status = str(info.get("status", "none"))
+        self.info = info
         return info
 
     def _precopy(self, src: Qemu, started: float) -> None:
@@ -368,19 +400,32 @@ class Migration:
             time.sleep(0.001)
 
     def _restore(self, src: Qemu) -> None:
-        """After a failed migration: the guardian guards as before, and a source the driver stopped runs."""
+        """After a failed migration: the guardian guards as before, and a source the driver (or QEMU)
+        stopped runs again, traced. A source QEMU already marked migrated (``postmigrate``) is resumed
+        only when the destination is gone (it never ran the guest: the source is the only copy)."""
         tr = self.tracer
         with contextlib.suppress(AradiaError):
             tr.stub.drive_migration(False)
-        if self._stopped_at is not None and tr._stopped:
-            state = src.status()
-            if state in ("paused", "postmigrate", "finish-migrate"):
-                if state != "paused":
-                    src.resume()  # QMP cont: the destination never got (or lost) the guest
-                    tr.stub.wait_stop(0.0)
-                else:
-                    tr.stub.cont()
+        if self._stopped_at is None:
+            return  # never stopped: it runs, traced
+        state = src.status()
+        if state == "paused":
+            tr.stub.cont()
             tr._stopped = False
+        elif state in ("postmigrate", "finish-migrate") and self._destination_gone:
+            self._rehome(src)
+
+    def _rehome(self, src: Qemu) -> None:
+        """Resume a ``postmigrate`` source whose destination died, under a fresh guardian (the old one
+        refuses, rightly, to resume a migrated VM) with every probe armed again."""
+        tr = self.tracer
+        with contextlib.suppress(AradiaError):
+            tr.stub.close()  # postmigrate: disarms and closes without D
+        src.resume()  # QMP cont: postmigrate -> running
+        stub = GuardedStub(src.gdb_address(), was_running=True)
+        tr.stub = stub
+        self._arm(stub)
+        tr._stopped = False
 
     def _swap(self, src: Qemu, new_vm: VM, dst_stub: GuardedStub, started: float,
               info: dict[str, Any]) -> MigrationResult:
@@ -396,20 +441,26 @@ class Migration:
             tr._userspace.prog = new_vm.linux.prog
             tr._userspace.syms = UserSymbols(new_vm.linux.prog)
         dst.qmp.on_event(tr._on_qmp_event)
-        tr._closers.append(new_vm.close)
+        if not self.keep_vm:
+            tr._closers.append(new_vm.close)
         now = time.monotonic()
         paused = now - (self._stopped_at or now)
+        host = socket.gethostname()
+        frm, to = self.labels or (f"{host}:{src.path}", f"{host}:{dst.path}")
         marker = Event(now, -1, "migrated", "migrated", args={
-            "from": f"{socket.gethostname()}:{src.path}", "to": f"{socket.gethostname()}:{dst.path}",
+            "from": frm, "to": to, "from_host": host, "to_host": host,
             "paused": round(paused, 6), "qemu_downtime_ms": info.get("downtime")})
         self._events.append(marker)
+        if self.before_resume is not None:
+            self.before_resume(new_vm)  # (its errors propagate: the destination stays paused, the source too)
         dst_stub.cont()  # the destination's first instruction, with every probe armed
         tr._stopped = False
         resumed = time.monotonic()
         old_stub.close()  # postmigrate: the guardian disarms and closes without D
         with contextlib.suppress(Exception):
             old_vm.close()  # releases the source's QMP socket
-        return MigrationResult(f"qmp:{src.path}", f"qmp:{dst.path}", self.uri, "completed", resumed - started,
+        return MigrationResult(f"qmp:{src.path}", f"qmp:{dst.path}", str(self.uri), "completed",
+                               resumed - started,
                                resumed - (self._stopped_at or resumed), _int(info.get("downtime")),
                                len(self._events) - 1, self._regs, self._stopped_by)
 
@@ -418,10 +469,10 @@ def _int(v: object) -> int | None:
     return int(v) if isinstance(v, int | float) else None
 
 
-def migrate(tracer: Tracer, destination: str, uri: str, **kw: Any) -> MigrationResult:
+def migrate(tracer: Tracer, destination: str, uri: str | None, **kw: Any) -> MigrationResult:
     """Migrate the VM ``tracer`` traces to ``destination`` (``qmp:PATH``) over ``uri`` and go on tracing
     it there (see :class:`Migration`); :class:`MigrationFailed` leaves it traced on the source."""
     return Migration(tracer, destination, uri, **kw).run()
 
 
-__all__ = ["Migration", "MigrationResult", "migrate", "open_destination", "qmp_path"]
+__all__ = ["Migration", "MigrationResult", "incoming_uri", "migrate", "open_destination", "qmp_path"]
