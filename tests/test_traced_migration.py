@@ -14,12 +14,16 @@ from typing import Any
 import pytest
 
 from aradia.errors import MigrationFailed
+from aradia.lab.plugin_build import build_plugin
 from aradia.machine.registers import parse_info_registers
 from aradia.proto.qmp import QMPClient
+from aradia.trace.counting import CallCounter
 from aradia.trace.events import Event
 from aradia.trace.migration import Migration, migrate
+from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
+from guest_programs import QUIET_NR, QUIET_SYMBOL, build_loop, install_program
 from migration_env import MARK, BootGuest, guest_pair, marks_in_guest, qmp_status, start_command_loop
 
 
@@ -144,16 +148,27 @@ def test_cancelled_migration_keeps_tracing_the_source(boot_guest: BootGuest) -> 
             out = start_command_loop(src, tag)
             collector.wait_for(_is_mark(tag, 10), 240, "mark 10")
             mig = Migration(tracer, f"qmp:{pair.destination.qmp_path}", pair.uri, bandwidth=8 << 20)
-            threading.Timer(0.5, mig.cancel).start()
+            sent: list[int] = []
+
+            def cancel_mid_way() -> None:  # once QEMU copies RAM (8 MiB/s: it takes many seconds)
+                end = time.monotonic() + 120
+                while time.monotonic() < end and int((mig.info.get("ram") or {}).get("transferred", 0)) < 1 << 20:
+                    time.sleep(0.01)
+                sent.append(int((mig.info.get("ram") or {}).get("transferred", 0)))
+                mig.cancel()
+
+            threading.Thread(target=cancel_mid_way, daemon=True).start()
             with pytest.raises(MigrationFailed, match="cancelled") as err:
                 mig.run()
             assert "source runs on" in str(err.value)
             assert mig.status == "cancelled"
+            assert sent and sent[0] >= 1 << 20, "cancelled while RAM was being copied"
             collector.wait_for(_is_mark(tag, 199), 300, "mark 199")
             events = collector.stop()
             assert tracer.vm.machine is not None and tracer.vm.machine.status() == "running"
         assert marks_in_guest(src, out) == list(range(200))
-    assert mark_numbers(events, tag) == list(range(200))
+    numbers = mark_numbers(events, tag)
+    assert numbers == list(range(200)), f"trace: {numbers}"
     assert not [ev for ev in events if ev.kind == "migrated"]
 
 
@@ -172,3 +187,36 @@ def test_destination_that_never_comes_up(boot_guest: BootGuest, tmp_path: Any) -
         src.run("/bin/true still-traced")
         collector.wait_for(lambda ev: ev.args.get("argv", [None])[1:2] == ["still-traced"], 60, "exec")
         collector.stop()
+
+
+@pytest.mark.timeout(600)
+def test_plugin_count_carries_over(boot_guest: BootGuest, tmp_path: Any) -> None:
+    """A function called in a loop on both sides (``loop N`` making N ``getsid`` calls, a syscall
+    nothing else in the guest makes) counted by the TCG plugin across the migration: source count +
+    destination count = the program's own N."""
+    so = build_plugin()
+    calls = 20_000_000
+    sock = tmp_path / "m.sock"
+    with PluginShm(max_vcpus=1, ring_entries=1 << 10) as shm_src, \
+            PluginShm(max_vcpus=1, ring_entries=1 << 10) as shm_dst, \
+            boot_guest("6.1", gdb=True, shared_memory=True, plugins=[shm_src.plugin_arg(so)]) as src, \
+            boot_guest("6.1", gdb=True, shared_memory=True, plugins=[shm_dst.plugin_arg(so)],
+                       incoming=f"unix:{sock}", start_paused=True) as dst:
+        install_program(src, "loop", build_loop(tmp_path))
+        with attach(f"qmp:{src.qmp_path}") as vm, CallCounter.open(vm, [QUIET_SYMBOL], fast=True) as counter:
+            assert counter.path == "plugin"
+            src.run(f"/tmp/loop {calls} {QUIET_NR} > /tmp/loop.out 2>&1 &")
+            end = time.monotonic() + 120
+            while counter.counts()[0].count == 0 and time.monotonic() < end:
+                time.sleep(0.05)
+            result = counter.migrate(f"qmp:{dst.qmp_path}", f"unix:{sock}")
+            on_source = counter.carried[QUIET_SYMBOL]
+            assert 0 < on_source < calls, "the loop ran on both sides"
+            out = dst.run("for i in $(seq 1200); do grep -q calls /tmp/loop.out && break; sleep 0.1; done;"
+                          " cat /tmp/loop.out", timeout=180)
+            assert out.split()[:2] == ["calls", str(calls)], out
+            total = counter.counts()[0].count
+            print("plugin count:", on_source, "on the source,", total - on_source, "on the destination;",
+                  result.as_dict())
+        assert qmp_status(src.qmp_path) == "postmigrate"
+    assert total == calls

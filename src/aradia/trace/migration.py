@@ -254,14 +254,16 @@ class Migration:
         started = time.monotonic()
         try:
             with tr._lock:
-                result = self._drive(src, new_vm, dst_stub, started)
+                try:
+                    return self._drive(src, new_vm, dst_stub, started)
+                finally:
+                    # still under the lock: the event loop yields these before anything it sees next
+                    tr._queued = [*self._events, *tr._queued]
+                    self._events = []
         except BaseException:
             dst_stub.close()
             new_vm.close()
-            tr._queued = [*self._events, *tr._queued]
             raise
-        tr._queued = [*self._events, *tr._queued]
-        return result
 
     def _destination_vm(self, dst: Qemu) -> VM:
         """The destination as a VM handle with the source's kernel profile (same kernel, same KASLR),
