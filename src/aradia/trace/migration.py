@@ -10,13 +10,15 @@ advised) and goes on tracing it there. Measured on QEMU 7.2, and why each step i
    aside (:meth:`GuardedStub.drive_migration`).
 2. **aradia chooses the switch-over.** QEMU stores the source's run state when the migration thread
    decides to complete, and a source held at a breakpoint then (``debug``) makes the destination abort
-   (``invalid runstate transition: 'inmigrate' -> 'debug'``). QEMU may complete once what is left to
-   send fits its ``downtime-limit`` at the measured bandwidth, which can happen at the end of any pass
-   over RAM, the first included. So while the guest runs the driver keeps that threshold tiny
-   (``downtime-limit`` 1 ms at :data:`PRECOPY_BANDWIDTH`: 64 KiB, fewer pages than a guest dirties
-   during a pass) and stops the source itself before the first pass ends, once at most
-   :data:`STOP_REMAINING` is left (the rest is then sent at full speed while the guest is paused:
-   safety bought with a little downtime). The stop is a QMP ``stop`` *between* hits: if a hit was
+   (``invalid runstate transition: 'inmigrate' -> 'debug'``). QEMU completes once what is left to send
+   fits its ``downtime-limit`` at the measured bandwidth, which it checks at the end of each pass over
+   RAM, the first included. So while the guest runs the driver keeps that threshold tiny:
+   ``downtime-limit`` 1 ms, at :data:`PRECOPY_BANDWIDTH` for the bulk of the first pass (64 KiB:
+   fewer pages than a running guest dirties in a pass), then, once at most :data:`SLOW_REMAINING` is
+   left in it or it is over, at :data:`SLOW_BANDWIDTH` (4 KiB: QEMU would have to find nothing dirty
+   at all, and the second pass crawls, leaving the driver all the time it needs). As soon as the
+   first pass is over it stops the source itself; the rest, what the guest dirtied meanwhile, is then
+   sent at full speed with the guest paused. The stop is a QMP ``stop`` *between* hits: if a hit was
    already pending, the stub reports it instead of the ``stop`` (the VM is in ``debug``), so the
    driver handles that hit (reports it, steps off, resumes) and stops again, until the stub reports
    the ``stop`` itself. A vCPU that raced to a breakpoint meanwhile has not run the instruction: it
@@ -70,9 +72,10 @@ from aradia.vm import VM
 PRECOPY_BANDWIDTH = 64 << 20
 #: Bytes/s once the source is stopped: as fast as the channel goes.
 FINAL_BANDWIDTH = 64 << 30
-#: Stop the source once at most this much RAM is left in the first pass (or the first pass is done):
-#: at :data:`PRECOPY_BANDWIDTH` that is a second of margin for a pass of data, less for zero pages.
-STOP_REMAINING = 64 << 20
+#: Slow down once at most this much RAM is left in the first pass (or it is over).
+SLOW_REMAINING = 16 << 20
+#: Bytes/s from then until the driver's stop (QEMU's threshold: 4 KiB, one page).
+SLOW_BANDWIDTH = 4 << 20
 #: Seconds a hit-loop slice lasts while the driver watches the migration.
 POLL = 0.01
 #: Seconds to wait for the destination's QMP socket to appear and answer.
@@ -335,7 +338,8 @@ class Migration:
         return info
 
     def _precopy(self, src: Qemu, started: float) -> None:
-        """Serve hits while QEMU copies RAM; stop the source at a safe point once little is left."""
+        """Serve hits while QEMU copies RAM; stop the source at a safe point once the first pass is over."""
+        slowed = False
         while True:
             try:
                 self._serve(POLL)
@@ -350,8 +354,12 @@ class Migration:
                 self._stopped_at = time.monotonic()
                 return
             ram = info.get("ram") or {}
-            if self.status == "active" and (int(ram.get("dirty-sync-count", 0)) >= 2
-                                            or int(ram.get("remaining", 1 << 62)) <= STOP_REMAINING):
+            passes_over = int(ram.get("dirty-sync-count", 0)) >= 2  # the first sync is at the start
+            if self.status == "active" and not slowed and (
+                    passes_over or int(ram.get("remaining", 1 << 62)) <= SLOW_REMAINING):
+                src.qmp.execute("migrate-set-parameters", {"max-bandwidth": SLOW_BANDWIDTH})
+                slowed = True
+            if self.status == "active" and slowed and passes_over:
                 self._stop_source(src)
                 self._stopped_at = time.monotonic()
                 self._regs = src.registers()
