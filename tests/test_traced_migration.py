@@ -6,6 +6,8 @@ command loop wrote, its pipe reader's output and ``/proc/PID/wchan``, QEMU's run
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -137,9 +139,11 @@ def test_commands_traced_once_in_order_across_the_switch(boot_guest: BootGuest, 
 
 
 @pytest.mark.timeout(600)
-def test_cancelled_migration_keeps_tracing_the_source(boot_guest: BootGuest) -> None:
-    """``migrate_cancel`` mid-way: MigrationFailed, the source runs on traced, no command missed."""
-    tag = "cancel"
+@pytest.mark.parametrize("how", ["cancel", "kill-destination"])
+def test_failed_migration_keeps_tracing_the_source(boot_guest: BootGuest, how: str) -> None:
+    """``migrate_cancel`` mid-way, or the destination QEMU killed mid-way: MigrationFailed, the source
+    runs on traced, no command missed, none twice."""
+    tag = "cancel" if how == "cancel" else "kill"
     with guest_pair(boot_guest, 1) as pair:
         src = pair.source
         with attach(f"qmp:{src.qmp_path}") as vm, Tracer.open(vm) as tracer:
@@ -150,19 +154,22 @@ def test_cancelled_migration_keeps_tracing_the_source(boot_guest: BootGuest) -> 
             mig = Migration(tracer, f"qmp:{pair.destination.qmp_path}", pair.uri, bandwidth=8 << 20)
             sent: list[int] = []
 
-            def cancel_mid_way() -> None:  # once QEMU copies RAM (8 MiB/s: it takes many seconds)
+            def mid_way() -> None:  # once QEMU copies RAM (8 MiB/s: it takes many seconds)
                 end = time.monotonic() + 120
                 while time.monotonic() < end and int((mig.info.get("ram") or {}).get("transferred", 0)) < 1 << 20:
                     time.sleep(0.01)
                 sent.append(int((mig.info.get("ram") or {}).get("transferred", 0)))
-                mig.cancel()
+                if how == "cancel":
+                    mig.cancel()
+                else:
+                    os.kill(pair.destination.pid, signal.SIGKILL)
 
-            threading.Thread(target=cancel_mid_way, daemon=True).start()
-            with pytest.raises(MigrationFailed, match="cancelled") as err:
+            threading.Thread(target=mid_way, daemon=True).start()
+            with pytest.raises(MigrationFailed, match="cancelled" if how == "cancel" else "failed") as err:
                 mig.run()
             assert "source runs on" in str(err.value)
-            assert mig.status == "cancelled"
-            assert sent and sent[0] >= 1 << 20, "cancelled while RAM was being copied"
+            assert mig.status == ("cancelled" if how == "cancel" else "failed")
+            assert sent and sent[0] >= 1 << 20, "stopped while RAM was being copied"
             collector.wait_for(_is_mark(tag, 199), 300, "mark 199")
             events = collector.stop()
             assert tracer.vm.machine is not None and tracer.vm.machine.status() == "running"
