@@ -147,7 +147,7 @@ def traced(src: Guest, dst: Guest, uri: str, runs: Runs, tag: str, commands: int
               f"paused {result.paused * 1000:.0f} ms", flush=True)
         try:
             truth = wait_loop(dst, out)
-        except GuestError as e:  # see README, "Live migration": the open problem
+        except GuestError as e:  # (a destination guest that crashed: it must not)
             raise SystemExit(f"the destination guest did not finish its command loop after the migration "
                              f"(crashed?): {str(e)[:200]}") from None
         last = f"{prefix}{commands - 1}"

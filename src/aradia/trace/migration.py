@@ -11,14 +11,18 @@ advised) and goes on tracing it there. Measured on QEMU 7.2, and why each step i
 2. **aradia chooses the switch-over.** QEMU stores the source's run state when the migration thread
    decides to complete, and a source held at a breakpoint then (``debug``) makes the destination abort
    (``invalid runstate transition: 'inmigrate' -> 'debug'``). QEMU completes once what is left to send
-   fits its ``downtime-limit`` at the measured bandwidth, which it checks at the end of each pass over
-   RAM, the first included. So while the guest runs the driver keeps that threshold tiny:
-   ``downtime-limit`` 1 ms, at :data:`PRECOPY_BANDWIDTH` for the bulk of the first pass (64 KiB:
-   fewer pages than a running guest dirties in a pass), then, once at most :data:`SLOW_REMAINING` is
-   left in it or it is over, at :data:`SLOW_BANDWIDTH` (4 KiB: QEMU would have to find nothing dirty
-   at all, and the second pass crawls, leaving the driver all the time it needs). As soon as the
-   first pass is over it stops the source itself; the rest, what the guest dirtied meanwhile, is then
-   sent at full speed with the guest paused. The stop is a QMP ``stop`` *between* hits: if a hit was
+   is under its threshold (``downtime-limit`` times the measured bandwidth), which it checks after a
+   dirty sync it makes whenever what is left of a pass is under that threshold. While the guest runs
+   the driver sets ``downtime-limit`` 0: QEMU then makes no sync at all during the first pass and
+   could complete on its own only once the pass has sent everything (it then stops the guest first,
+   sends nothing in between, and syncs with the guest stopped). The driver stops the source itself
+   *before the first pass ends*, once at most :data:`SLOW_REMAINING` is left in it (slowed down to
+   :data:`SLOW_BANDWIDTH` meanwhile, so the stop can get through between hits). No dirty sync with
+   the guest running after the one at the setup is what keeps the destination's RAM exact under TCG
+   (see :data:`SLOW_REMAINING`); should QEMU have made one all the same, the driver cancels the
+   migration rather than risk a stale page. The rest of the first pass and what the guest dirtied
+   meanwhile are then sent at full speed with the guest paused. The stop is a QMP ``stop``
+   *between* hits: if a hit was
    already pending, the stub reports it instead of the ``stop`` (the VM is in ``debug``), so the
    driver handles that hit (reports it, steps off, resumes) and stops again, until the stub reports
    the ``stop`` itself. A vCPU that raced to a breakpoint meanwhile has not run the instruction: it
@@ -43,15 +47,18 @@ and traced as before (resumed if the driver had stopped it; a source QEMU alread
 ``postmigrate`` is resumed, under a fresh guardian, only when its destination cannot have the guest:
 it died, or never got past ``pre-switchover``); events seen meanwhile are still yielded, in order.
 
-What stays open: QEMU could still complete on its own while a hit is being handled (``debug``) if
-the guest dirtied no page at all during a whole pass of the slowed-down copy; the destination then
-aborts and the driver resumes the source. Only a change to QEMU (a pause *before* it stores the run
-state) would close that.
+What stays open: should the first pass end before the driver's stop (its tail all zero pages, say),
+QEMU completes on its own; if a hit is being handled just then (``debug``), the destination aborts
+and the driver resumes the source. Only a change to QEMU (a pause *before* it stores the run state)
+would close that. And QEMU's sync at the setup races with the TLB flush that follows it (a vCPU may
+refill an entry between the flush and the sync, and write through it after its page was sent): a
+window of microseconds, which plain QEMU migrations have too.
 
-Open problem (measured, not understood): when probes were hit on the source during the pre-copy, the
-destination guest crashed later in some runs (slab freelist corruption in ``kmem_cache_alloc``, a few
-seconds into a longer workload after the switch), also with nothing armed on the destination; never
-without hits during the pre-copy, nor after a plain QEMU migration. The traces were exact in every run.
+Solved (2026-12-05): the destination guests that crashed after a traced migration (slab corruption)
+had received a few stale pages: the driver used to stop the source only after QEMU's first pass, so
+QEMU had resynchronised its dirty bitmap with the guest running and sent pages that the guest then
+wrote again unmarked (TCG; see :data:`SLOW_REMAINING`). The GDB stub, the probe hits and the
+single steps were not involved: a QMP-only migration with the same late stop lost pages too.
 """
 
 from __future__ import annotations
@@ -79,9 +86,18 @@ from aradia.vm import VM
 PRECOPY_BANDWIDTH = 64 << 20
 #: Bytes/s once the source is stopped: as fast as the channel goes.
 FINAL_BANDWIDTH = 64 << 30
-#: Slow down once at most this much RAM is left in the first pass (or it is over).
+#: Stop the source once at most this much RAM is left in the first pass, before it ends. QEMU 7.2's
+#: TCG marks a page dirty only on the first write through a TLB entry made while the page was clean;
+#: a dirty sync clears the bitmap but not the vCPUs' TLB entries, so after a sync with the guest
+#: running, a page sent and then written again through such an entry stays clean: the destination
+#: gets it stale (measured: a cred's label word, slab freelist pointers; the guest crashed there).
+#: The sync at the setup is followed by a TLB flush; with ``downtime-limit`` 0 QEMU makes no other
+#: sync until it completes, and it completes with the guest stopped (by the driver here, or by
+#: itself at the end of the first pass). So every page written after it was sent is still marked
+#: when QEMU syncs with the guest stopped. (The tail of the first pass may be all zero pages, which
+#: QEMU sends in a few ms whatever the bandwidth: the driver may be too late, but then QEMU stops.)
 SLOW_REMAINING = 16 << 20
-#: Bytes/s from then until the driver's stop (QEMU's threshold: 4 KiB, one page).
+#: Bytes/s from then until the driver's stop is through (4 s for the rest of the first pass).
 SLOW_BANDWIDTH = 4 << 20
 #: Seconds a hit-loop slice lasts while the driver watches the migration.
 POLL = 0.01
@@ -191,6 +207,7 @@ class Migration:
         self._stopped_by = "aradia"
         self._destination_gone = False
         self._continued = False  # migrate-continue sent: the destination may have the whole guest
+        self._unsafe_sync = False  # QEMU resynchronised its dirty bitmap while the source ran
         self._regs: dict[int, dict[str, int]] = {}
         self.status = "none"  # QEMU's migration status, as last seen
         self.info: dict[str, Any] = {}  # QEMU's last query-migrate answer
@@ -296,7 +313,8 @@ class Migration:
         qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "pause-before-switchover", "state": True},
             {"capability": "events", "state": True}]})
-        qmp.execute("migrate-set-parameters", {"downtime-limit": 1, "max-bandwidth": self.bandwidth})
+        # downtime-limit 0: no dirty sync while the guest runs (see SLOW_REMAINING)
+        qmp.execute("migrate-set-parameters", {"downtime-limit": 0, "max-bandwidth": self.bandwidth})
         if _deferred(dst):
             dst.qmp.execute("migrate-incoming", {"uri": uri})
         tr.stub.drive_migration(True)
@@ -346,41 +364,65 @@ class Migration:
         return info
 
     def _precopy(self, src: Qemu, started: float) -> None:
-        """Serve hits while QEMU copies RAM; stop the source at a safe point once the first pass is over."""
-        slowed = False
+        """Serve hits while QEMU copies RAM; stop the source at a safe point before the first pass ends
+        (see :data:`SLOW_REMAINING`: QEMU must not resynchronise its dirty bitmap while the guest runs)."""
         while True:
             try:
                 self._serve(POLL)
             except Migrated:
                 self._stopped_by = "qemu"  # it converged by itself with the guest running (T18)
                 self._stopped_at = time.monotonic()
+                self._converged(src, started)
                 return
             info = self._query(src)
             self._check(src, info, started)
             if self.status == "pre-switchover":
                 self._stopped_by = "qemu"
                 self._stopped_at = time.monotonic()
+                self._converged(src, started)
                 return
+            if self.status != "active":
+                continue
             ram = info.get("ram") or {}
-            passes_over = int(ram.get("dirty-sync-count", 0)) >= 2  # the first sync is at the start
-            if self.status == "active" and not slowed and (
-                    passes_over or int(ram.get("remaining", 1 << 62)) <= SLOW_REMAINING):
+            if _syncs(info) >= 2:
+                self._unsafe(src, started)
+            if int(ram.get("remaining", 1 << 62)) <= SLOW_REMAINING:
                 src.qmp.execute("migrate-set-parameters", {"max-bandwidth": SLOW_BANDWIDTH})
-                slowed = True
-            if self.status == "active" and slowed and passes_over:
                 self._stop_source(src)
                 self._stopped_at = time.monotonic()
+                if _syncs(self._query(src)) >= 2 and self.status == "active":
+                    self._unsafe(src, started)  # the first pass ended while the driver was stopping it
                 self._regs = src.registers()
                 src.qmp.execute("migrate-set-parameters", {"max-bandwidth": FINAL_BANDWIDTH,
                                                            "downtime-limit": 60000})
                 return
+
+    def _converged(self, src: Qemu, started: float) -> None:
+        """QEMU stopped the guest itself (the first pass sent everything before the driver's stop).
+        It made no dirty sync with the guest running, or one at most right before it stopped it
+        (nothing sent in between): safe. After more, pages went out with the guest running after a
+        sync: cancel (see :meth:`_unsafe`)."""
+        if _syncs(self._query(src)) > 2:
+            self._unsafe(src, started)
+
+    def _unsafe(self, src: Qemu, started: float) -> None:
+        """QEMU resynchronised its dirty bitmap while the source ran (its first pass ended before the
+        driver could stop the guest): under TCG, pages it sends from then on may be written again
+        without being marked dirty (see :data:`SLOW_REMAINING`), so the destination could get stale
+        pages. Cancel: the source runs on, traced."""
+        self._cancel.set()
+        self._unsafe_sync = True
+        self._check(src, self.info, started)
 
     def _check(self, src: Qemu, info: dict[str, Any], started: float) -> None:
         """Raise MigrationFailed for a failed, cancelled (by QEMU or :meth:`cancel`) or overdue migration."""
         if self.status in ("failed", "cancelled"):
             why = info.get("error-desc", "no reason given")
             raise MigrationFailed(f"the migration {self.status}: {why}; the source runs on, traced")
-        why = ("cancelled" if self._cancel.is_set() else
+        why = ("cancelled: QEMU's first pass over RAM ended before the source could be stopped, and "
+               "pages sent after that with the guest running could reach the destination stale"
+               if self._unsafe_sync else
+               "cancelled" if self._cancel.is_set() else
                f"timed out after {self.timeout:.0f} s" if time.monotonic() - started > self.timeout else None)
         if why is not None:
             with contextlib.suppress(QMPCommandError):
@@ -484,6 +526,11 @@ class Migration:
                                resumed - started,
                                resumed - (self._stopped_at or resumed), _int(info.get("downtime")),
                                len(self._events) - 1, self._regs, self._stopped_by)
+
+
+def _syncs(info: dict[str, Any]) -> int:
+    """QEMU's dirty-bitmap synchronisations so far (``ram.dirty-sync-count``; the first is at setup)."""
+    return int((info.get("ram") or {}).get("dirty-sync-count", 0))
 
 
 def _int(v: object) -> int | None:
