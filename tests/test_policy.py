@@ -126,7 +126,7 @@ def test_token_config_line_for_a_tenant_pastes_into_a_valid_config() -> None:
     text = token_config_line(digest, "carol")
     assert text == ('[[tenant]]\nname = "carol"\n'
                     f'token_sha256 = "{digest}"\n'
-                    '# allow = ["views", "read", "write", "trace", "dump", "guard", "honeypot"]\n')
+                    '# allow = ["views", "read", "write", "trace", "dump", "guard", "honeypot", "migrate"]\n')
     cfg = parse_config(text + '[store]\npath = "/s.db"\n')
     assert cfg.tenants == (TenantConfig("carol", digest, frozenset()),)
 
@@ -200,27 +200,27 @@ def test_authenticate_without_an_operator() -> None:
 
 # --- authorize ---------------------------------------------------------------------------------------
 # Every tenant x VM x operation, written out: "ok", 403 (Forbidden) or 404 (NotFound).
-_OPS = ("views", "read", "write", "trace", "dump", "guard", "honeypot", "list", "audit", "admin")
+_OPS = ("views", "read", "write", "trace", "dump", "guard", "honeypot", "list", "audit", "admin", "migrate")
 MATRIX: dict[tuple[str, str | None], tuple[object, ...]] = {
-    #                    views  read   write  trace  dump   guard  hpot   list   audit  admin
-    ("alice", "web1"):  ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403),
-    ("alice", "api"):   ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403),
-    ("alice", "db1"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("alice", "spare"): (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("alice", "ghost"): (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("alice", None):    ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403),
-    ("bob", "web1"):    (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("bob", "api"):     (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("bob", "db1"):     (403, "ok", "ok", 403, "ok", 403, 403, "ok", 403, 403),
-    ("bob", "spare"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("bob", "ghost"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
-    ("bob", None):      (403, "ok", "ok", 403, "ok", 403, 403, "ok", 403, 403),
-    ("operator", "web1"):  ("ok",) * 10,
-    ("operator", "db1"):   ("ok",) * 10,
-    ("operator", "spare"): ("ok",) * 10,
-    ("operator", "api"):   ("ok",) * 10,
-    ("operator", "ghost"): (404,) * 10,
-    ("operator", None):    ("ok",) * 10,
+    #                    views  read   write  trace  dump   guard  hpot   list   audit  admin  migr
+    ("alice", "web1"):  ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403, 403),
+    ("alice", "api"):   ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403, 403),
+    ("alice", "db1"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("alice", "spare"): (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("alice", "ghost"): (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("alice", None):    ("ok", "ok", 403, "ok", 403, "ok", 403, "ok", 403, 403, 403),
+    ("bob", "web1"):    (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("bob", "api"):     (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("bob", "db1"):     (403, "ok", "ok", 403, "ok", 403, 403, "ok", 403, 403, 403),
+    ("bob", "spare"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("bob", "ghost"):   (403, 403, 403, 403, 403, 403, 403, 403, 403, 403, 403),
+    ("bob", None):      (403, "ok", "ok", 403, "ok", 403, 403, "ok", 403, 403, 403),
+    ("operator", "web1"):  ("ok",) * 11,
+    ("operator", "db1"):   ("ok",) * 11,
+    ("operator", "spare"): ("ok",) * 11,
+    ("operator", "api"):   ("ok",) * 11,
+    ("operator", "ghost"): (404,) * 11,
+    ("operator", None):    ("ok",) * 11,
 }
 PRINCIPALS = {"alice": ALICE, "bob": BOB, "operator": OPERATOR}
 MATRIX_CASES = [(who, vm, op, row[i]) for (who, vm), row in MATRIX.items() for i, op in enumerate(_OPS)]
@@ -228,7 +228,7 @@ MATRIX_CASES = [(who, vm, op, row[i]) for (who, vm), row in MATRIX.items() for i
 
 @pytest.mark.timeout(10)
 def test_the_matrix_covers_every_operation() -> None:
-    assert set(_OPS) == set(ALL_OPERATIONS) and len(MATRIX_CASES) == 18 * 10
+    assert set(_OPS) == set(ALL_OPERATIONS) and len(MATRIX_CASES) == 18 * 11
 
 
 @pytest.mark.timeout(10)

@@ -94,7 +94,7 @@ token_sha256 = "{H_OP.upper()}"
 [[tenant]]
 name = "alice"
 token_sha256 = "{H_ALICE}"
-allow = ["views", "read", "write", "trace", "dump", "guard", "honeypot"]
+allow = ["views", "read", "write", "trace", "dump", "guard", "honeypot", "migrate"]
 rate = 5
 burst = 7
 [[tenant]]
@@ -169,7 +169,7 @@ CASES = [
     ("unknown operator key", OP + STORE, OP + 'name = "root"\n' + STORE, "serve.toml: operator: unknown key 'name'"),
     ("unknown operation", OP + STORE + ALICE + BOB + 'allow = ["dump"]\n',
      OP + STORE + ALICE + BOB + 'allow = ["dump", "root"]\n',
-     "serve.toml: tenant[1].allow: unknown operation 'root' (known: views, read, write, trace, dump, guard, honeypot)"),
+     "serve.toml: tenant[1].allow: unknown operation 'root' (known: views, read, write, trace, dump, guard, honeypot, migrate)"),
     ("allow not a list", OP + STORE + BOB + 'allow = ["read"]\n', OP + STORE + BOB + 'allow = "read"\n',
      "serve.toml: tenant[0].allow: must be a list of operations"),
     ("tenant name", OP + STORE + BOB.replace('"bob"', '"bob-2"'), OP + STORE + BOB.replace('"bob"', '"bob 2"'),

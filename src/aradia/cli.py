@@ -588,7 +588,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
             if args.path == "plugin":
                 raise AradiaError(f"--path plugin: {problem}")
             why = f"; no plugin path: {problem}"
-        with Tracer.open(vm) as tracer:
+        from aradia.trace.migrate_control import MigrationControl
+
+        with Tracer.open(vm) as tracer, MigrationControl(tracer):  # `aradia migrate --vm` asks this owner
             tracer.filter = flt
             _arm(tracer, args)
             via = f" via gdb (every event stops the VM{why})" if args.what == "syscalls" else ""
@@ -640,6 +642,30 @@ def _syscalls_in_qemu(vm: Any, names: list[str], flt: Any, args: argparse.Namesp
         signal.signal(signal.SIGINT, previous)
     print(f"aradia: plugin path: {seen} events reported, {trace.lost} lost to ring overflow",
           file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Live-migrate a VM to a QEMU started with ``-incoming``; a running ``aradia trace`` of it goes on."""
+    from aradia.trace.migrate_control import request_migration
+    from aradia.trace.migration import migrate
+    from aradia.trace.tracer import Tracer
+
+    if not args.vm.startswith("qmp:") or not args.to.startswith("qmp:"):
+        raise AradiaError("migrate needs live VMs: --vm qmp:PATH --to qmp:PATH")
+    result = request_migration(args.vm, args.to, args.uri, args.timeout)  # the owner, if one traces it
+    if result is None:
+        with _open(args) as vm:
+            _kernel(vm, args)
+            with Tracer.open(vm) as tracer:
+                result = migrate(tracer, args.to, args.uri, timeout=args.timeout,
+                                 destination_timeout=min(args.timeout, 30.0)).as_dict()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"migrated {args.vm} -> {args.to} over {args.uri}: {result['total']:.3f} s, guest paused "
+              f"{result['paused'] * 1000:.1f} ms (QEMU downtime {result['qemu_downtime_ms']} ms), "
+              f"{result['events_during']} events while copying, stopped by {result['stopped_by']}")
     return 0
 
 
@@ -1035,6 +1061,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="events as records, one JSON object per line")
     sp.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     sp.set_defaults(needs_vm=lambda a: not a.action)
+
+    sp = vm_parser("migrate", cmd_migrate, "live-migrate a VM to a QEMU started with -incoming (and -S); "
+                   "a running `aradia trace` of it traces on across the switch")
+    sp.add_argument("--to", required=True, metavar="qmp:PATH", help="the destination QEMU's QMP socket")
+    sp.add_argument("--uri", required=True, metavar="URI", help="the migration channel (unix:PATH, tcp:H:P)")
+    sp.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="give up after S seconds (the source runs on)")
+    sp.add_argument("--json", action="store_true", help="the result as one JSON document")
 
     sp = vm_parser("dump", cmd_dump, "write guest RAM to a dump file")
     sp.add_argument("-o", "--output", required=True, metavar="FILE")

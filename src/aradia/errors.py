@@ -32,6 +32,11 @@ class ProbeClash(AradiaError):
     same app spec (the service answers 409 Conflict)."""
 
 
+class MigrationFailed(AradiaError):
+    """A live migration aradia drove did not complete (failed, cancelled, timed out, or the destination
+    never came up); the source VM is left running, traced as before."""
+
+
 class NotRAM(AradiaError):
     """A guest-physical address is not backed by RAM (or by the dump)."""
 

@@ -22,6 +22,7 @@ from aradia.sources.base import PhysicalMemory, Range
 
 if TYPE_CHECKING:
     from aradia.linux.kernel import Kernel
+    from aradia.linux.profile import KernelProfile
     from aradia.progress import Progress
 
 __all__ = ["VM", "CpuState", "attach", "open_dump"]
@@ -48,15 +49,17 @@ class VM:
         self._kernel: Kernel | None = None
 
     # --- the Linux layer (loaded on first use) ---------------------------------------------------
-    def load_kernel(self, progress: Progress | None = None, *, btf_source: str | None = None) -> Kernel:
+    def load_kernel(self, progress: Progress | None = None, *, btf_source: str | None = None,
+                    profile: KernelProfile | None = None) -> Kernel:
         """Find the kernel profile in RAM and build the drgn Program (cached per VM and build ID).
 
-        ``btf_source`` takes the BTF types from a vmlinuz/vmlinux file of the same build instead of RAM.
+        ``btf_source`` takes the BTF types from a vmlinuz/vmlinux file of the same build instead of RAM;
+        ``profile`` is a profile already known for this very kernel (a live migration's source).
         """
         if self._kernel is None:
             from aradia.linux.kernel import Kernel
 
-            self._kernel = Kernel(self, progress, btf_source=btf_source)
+            self._kernel = Kernel(self, progress, btf_source=btf_source, profile=profile)
         return self._kernel
 
     @property

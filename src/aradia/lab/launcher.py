@@ -46,7 +46,8 @@ def memory_bytes(memory: str | int) -> int:
 
 def _qemu_args(image: GuestImage, guest: Guest, *, accel: str, smp: int, memory: str, cpu: str | None,
                machine: str, append: str, plugins: Iterable[str], vmcoreinfo: bool,
-               extra_args: Sequence[str], incoming: str | None = None) -> list[str]:
+               extra_args: Sequence[str], incoming: str | None = None,
+               start_paused: bool = False) -> list[str]:
     machine_opt = machine
     arch = image.guest_arch
     args = [arch.qemu, "-name", f"aradia-{image.series}", "-accel", accel, "-m", memory, "-smp", str(smp),
@@ -74,6 +75,8 @@ def _qemu_args(image: GuestImage, guest: Guest, *, accel: str, smp: int, memory:
         args += ["-plugin", plugin]
     if incoming is not None:
         args += ["-incoming", incoming]
+    if start_paused:
+        args += ["-S"]
     return [*args, *extra_args]
 
 
@@ -93,7 +96,7 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
            cpu: str | None = None, machine: str | None = None, gdb: bool = False, shared_memory: bool = False,
            ssh: bool = True, plugins: Iterable[str] = (), extra_args: Sequence[str] = (),
            workdir: Path | str | None = None, boot_timeout: float = 60, append: str = "",
-           vmcoreinfo: bool = False, incoming: str | None = None) -> Guest:
+           vmcoreinfo: bool = False, incoming: str | None = None, start_paused: bool = False) -> Guest:
     """Boot ``image`` in a new QEMU and wait until its init reports ready; returns the :class:`Guest`.
 
     ``accel`` is QEMU's accelerator (``"tcg"``; ``"kvm"`` where available), ``append`` adds to the
@@ -107,6 +110,9 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
     *destination* instead (QEMU's ``-incoming``; the other options must match the source's): nothing
     boots, so this returns as soon as QEMU's QMP socket exists, with the VM in run state
     ``inmigrate``. Once a source migrated into it the guest runs on, and :meth:`Guest.run` works.
+    ``start_paused`` (QEMU's ``-S``) keeps such a destination paused after the migration, until a
+    ``cont`` (QMP or the GDB stub): aradia's traced migration arms its probes there first. With
+    ``shared_memory`` the destination gets its own RAM file, as the source has.
     """
     plugins = tuple(plugins)
     machine = machine or image.guest_arch.machine
@@ -117,7 +123,7 @@ def launch(image: GuestImage, *, accel: str = "tcg", smp: int = 1, memory: str =
             return _launch_once(image, accel=accel, smp=smp, memory=memory, cpu=cpu, machine=machine, gdb=gdb,
                                 shared_memory=shared_memory, ssh=ssh, plugins=plugins, extra_args=extra_args,
                                 workdir=workdir, boot_timeout=boot_timeout, append=append,
-                                vmcoreinfo=vmcoreinfo, incoming=incoming)
+                                vmcoreinfo=vmcoreinfo, incoming=incoming, start_paused=start_paused)
         except (_PortRace, _StuckSerial) as exc:
             last_error = GuestError(str(exc))
     assert last_error is not None
@@ -137,7 +143,7 @@ class _StuckSerial(GuestError):
 def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: str | None, machine: str,
                  gdb: bool, shared_memory: bool, ssh: bool, plugins: tuple[str, ...],
                  extra_args: Sequence[str], workdir: Path | str | None, boot_timeout: float, append: str,
-                 vmcoreinfo: bool, incoming: str | None = None) -> Guest:
+                 vmcoreinfo: bool, incoming: str | None = None, start_paused: bool = False) -> Guest:
     arch = image.guest_arch
     if shutil.which(arch.qemu) is None:
         raise GuestError(f"{arch.qemu} is not installed (Debian package {arch.qemu_package})")
@@ -163,7 +169,7 @@ def _launch_once(image: GuestImage, *, accel: str, smp: int, memory: str, cpu: s
         guest.gdb_port = free_port() if gdb else None
         guest.args = _qemu_args(image, guest, accel=accel, smp=smp, memory=memory, cpu=cpu, machine=machine,
                                 append=append, plugins=plugins, vmcoreinfo=vmcoreinfo, extra_args=extra_args,
-                                incoming=incoming)
+                                incoming=incoming, start_paused=start_paused)
         started = time.monotonic()
         res.stderr = open(guest.qemu_log, "wb")  # noqa: SIM115 (closed by _teardown)
         res.proc = subprocess.Popen([*_dies_with_us(), *guest.args], stdin=subprocess.DEVNULL,

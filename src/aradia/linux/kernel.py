@@ -35,9 +35,11 @@ class Kernel:
     """The guest kernel seen through guest memory alone: no debug package, no agent."""
 
     def __init__(self, vm: VMHandle, progress: Progress | None = None, *,
-                 btf_source: str | os.PathLike[str] | None = None) -> None:
+                 btf_source: str | os.PathLike[str] | None = None,
+                 profile: KernelProfile | None = None) -> None:
         self.vm = vm
-        self.profile: KernelProfile = find_profile(vm, progress, btf_source=btf_source)
+        #: ``profile`` given: the same kernel known from elsewhere (a live migration's source), not searched
+        self.profile: KernelProfile = profile or find_profile(vm, progress, btf_source=btf_source)
         self.prog: drgn.Program = make_program(vm, self.profile, progress=progress)
         #: What the last view skipped (corrupt or unreadable guest data).
         self.warnings = Warnings()

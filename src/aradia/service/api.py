@@ -126,6 +126,16 @@ async def dump(vm: str, c: CallerDep, format: str = "elf", pause: bool = True) -
                         background=BackgroundTask(os.unlink, path))
 
 
+@router.post("/vms/{vm}/migrate", name="migrate")
+async def migrate(vm: str, body: Annotated[Any, Body()], c: CallerDep) -> Any:
+    """Live-migrate the VM into the QEMU of VM slot ``to`` (``{"to": "slot", "uri": "unix:PATH",
+    "timeout": 120}``; ``uri`` defaults to the slot's ``-incoming``): traces go on across the switch,
+    their subscribers see a ``migrated`` marker. Needs ``migrate`` on both VMs; 422 when it fails (the
+    VM runs on, traced, where it was)."""
+    params = body if isinstance(body, dict) else {}  # (anything else: 400, "migrate needs to")
+    return await c.run("migrate", vm, **{k: params.get(k) for k in ("to", "uri", "timeout")})
+
+
 @router.get("/vms/{vm}/maps/{pid}", name="view")
 async def maps(vm: str, pid: int, c: CallerDep) -> Any:
     """Memory maps of one process."""

@@ -57,8 +57,9 @@ from aradia.service.schema import NAME_RE
 
 #: what a tenant may be allowed to do (``list``, its own VMs, every principal may)
 #: (``guard``: arm the insider guard, which makes guest operations fail; ``honeypot``: the SSH honeypot
-#: monitor, which records passwords and may let any password in; a tenant needs ``trace`` too)
-OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump", "guard", "honeypot")
+#: monitor, which records passwords and may let any password in; a tenant needs ``trace`` too;
+#: ``migrate``: live-migrate a VM into another VM slot)
+OPERATIONS: tuple[str, ...] = ("views", "read", "write", "trace", "dump", "guard", "honeypot", "migrate")
 #: how the service reaches a VM's RAM (see :func:`aradia.vm.attach`)
 MEMORY_PATHS: tuple[str, ...] = ("auto", "shared-file", "proc-mem", "gdb")
 #: the name the operator goes by (in audit rows and rate buckets); no tenant may take it

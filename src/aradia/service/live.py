@@ -33,7 +33,10 @@ class LiveFilter:
     text: str | None = None
 
     def keep(self, record: dict[str, Any], trace_ids: list[str]) -> bool:
-        """Whether ``record`` (belonging to ``trace_ids``) passes."""
+        """Whether ``record`` (belonging to ``trace_ids``) passes; a ``migrated`` marker passes every
+        filter but the traces one (a subscriber learns that its VM moved, whatever it asked for)."""
+        if record["kind"] == "migrated":
+            return self.traces is None or bool(self.traces.intersection(trace_ids))
         if self.kinds is not None and record["kind"] not in self.kinds:
             return False
         if self.names is not None and record["name"] not in self.names:

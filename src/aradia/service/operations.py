@@ -74,6 +74,7 @@ OPERATIONS: dict[str, Operation] = {
     "memory": Operation("read", True),
     "memory.write": Operation("write", True, write=True),
     "dump": Operation("dump", True),
+    "migrate": Operation("migrate", True, write=True),
     "trace.start": Operation("trace", True, write=True),
     "trace.get": Operation("trace", False),
     "trace.stop": Operation("trace", False, write=True),
@@ -296,6 +297,22 @@ class Service:
                                    pid=_int(params, "pid"))
         return {"written": len(data)}
 
+    def op_migrate(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Live-migrate the VM into the QEMU of VM slot ``to`` (its ``-incoming`` waiting; ``uri``
+        defaults to that argument; ``timeout`` seconds): its traces, live subscribers, store and bus
+        go on with one ``migrated`` marker. The caller needs ``migrate`` on both VMs."""
+        to = params.get("to")
+        if not isinstance(to, str) or not to:
+            raise ValueError("migrate needs to: the destination VM slot")
+        self.policy.authorize(principal, "migrate", to)
+        if to not in self.owners:
+            raise NotFound(f"no VM {to!r}")
+        uri = params.get("uri")
+        if uri is not None and not isinstance(uri, str):
+            raise ValueError("uri must be a string")
+        timeout = _float(params, "timeout") or 120.0
+        return self.owners[str(vm)].migrate_to(self.owners[to], uri, timeout)
+
     def op_dump(self, principal: Principal, vm: str | None, params: dict[str, Any]) -> str:
         """Write the VM's RAM (``format`` elf, raw or lime; ``pause``) to a file of the service's own,
         whose path only the transport sees (it streams the file back and removes it)."""
@@ -462,6 +479,8 @@ def _detail(operation: str, params: dict[str, Any]) -> str:
         return " ".join(f"{k}={v}" for k, v in where if v is not None)
     if operation == "dump":
         return f"format={params.get('format') or 'elf'}"
+    if operation == "migrate":
+        return f"to={params.get('to')}"
     if operation in ("trace.get", "trace.stop"):
         return f"id={params.get('id')}"
     if operation == "trace.update":

@@ -10,6 +10,7 @@ arms every trace again once the VM can be reached (a supervisor thread retries).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aradia.errors import AradiaError, NotAttached, ProbeClash
+from aradia.errors import AradiaError, Busy, NotAttached, ProbeClash
 from aradia.service.apps import AppSink
 from aradia.service.config import VMConfig
 from aradia.service.schema import Records
@@ -35,6 +36,7 @@ from aradia.service.tracespec import (
     spec_json,
 )
 from aradia.trace.events import Event
+from aradia.trace.migration import Migration
 from aradia.trace.probes import Filter
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
@@ -210,6 +212,48 @@ class VMOwner:
             except NotAttached as e:
                 self._drop_vm(str(e))
                 raise
+
+    # --- live migration ----------------------------------------------------------------------------
+    def migrate_to(self, slot: VMOwner, uri: str | None = None, timeout: float = 120.0) -> dict[str, Any]:
+        """Live-migrate this VM into the QEMU behind ``slot`` (a VM of this service whose QEMU waits with
+        ``-incoming``; ``uri`` defaults to that argument), its traces going on across the switch.
+
+        This owner keeps the VM's name and its traces: afterwards it holds the destination QEMU, and
+        ``slot`` the migrated-away source (run state ``postmigrate``). Every subscriber sees one event
+        sequence with a ``migrated`` marker. A failed migration leaves everything as it was.
+        """
+        if slot is self:
+            raise AradiaError(f"{self.name} cannot migrate into itself")
+        if slot.subscriptions():
+            raise Busy(f"{slot.name} has traces of its own: it is not a free destination slot")
+        slot._drop_vm("handed to a migration")  # QEMU serves one QMP client: the migration needs it
+        with self._trace_lock, self._vm_lock:
+            tracer = self._tracer
+            temporary = tracer is None
+            if tracer is None:
+                vm = self.vm()
+                vm.load_kernel(btf_source=self.config.btf)
+                tracer = Tracer.open(vm)  # nothing armed: the same safe stop and hand-over
+            try:
+                result = Migration(tracer, f"qmp:{slot.config.qmp}", uri, timeout=timeout, keep_vm=True,
+                                   labels=(f"{self.host}/{self.name}", f"{self.host}/{slot.name}")).run()
+            except BaseException as e:
+                if temporary:
+                    tracer.close()
+                if isinstance(e, AradiaError):  # clients are told VM names, never host paths
+                    raise type(e)(slot.redact(self.redact(str(e)))) from None
+                raise
+            source_qmp = self.config.qmp
+            self.config = dataclasses.replace(self.config, qmp=slot.config.qmp)
+            slot.config = dataclasses.replace(slot.config, qmp=source_qmp)
+            slot.error = None
+            self._vm = tracer.vm  # the destination, already attached (same kernel profile)
+            if temporary:
+                tracer.close()
+        self.log.info("migrated", extra={"vm": self.name, "slot": slot.name, "paused": result.paused})
+        out = result.as_dict()
+        out.update(source=slot.name, destination=self.name, uri=None)  # names, never host paths
+        return out
 
     # --- traces ------------------------------------------------------------------------------------
     def subscriptions(self) -> list[Subscription]:

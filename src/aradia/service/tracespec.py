@@ -192,8 +192,10 @@ def event_filter(spec: Any) -> Filter:
 
 
 def matches(spec: Any, keys: set[tuple[str, str]], flt: Filter, ev: Event) -> bool:
-    """Whether event ``ev`` belongs to ``spec`` (its ``event_keys`` and ``event_filter`` given)."""
-    return ((ev.kind, ev.name) in keys or (ev.kind, ANY_NAME) in keys) and flt.keep(ev)
+    """Whether event ``ev`` belongs to ``spec`` (its ``event_keys`` and ``event_filter`` given); a
+    ``migrated`` marker belongs to every trace of the VM (its sequence goes on on another QEMU)."""
+    named = (ev.kind, ev.name) in keys or (ev.kind, ANY_NAME) in keys
+    return ev.kind == "migrated" or (named and flt.keep(ev))
 
 
 def arm(tracer: Tracer, key: ProbeKey, sink: AppSink | None = None) -> Any:

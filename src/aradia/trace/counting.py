@@ -45,6 +45,9 @@ class CallCounter:
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
+    #: calls counted by the QEMUs this count has migrated away from (plugin path)
+    carried: dict[str, int] = field(default_factory=dict)
+    _owned_vm: Any = None  # the VM handle of a migration's destination, closed with the counter
 
     @classmethod
     def open(cls, vm: LinuxVM, symbols: list[str], *, fast: bool | None = None) -> CallCounter:
@@ -137,7 +140,8 @@ class CallCounter:
         if self._error is not None:
             raise AradiaError(f"counting stopped: {self._error}") from self._error
         if self._shm is not None:
-            return [Count(s, self.addresses[s], self._shm.count(self._slots[s])) for s in self.symbols]
+            return [Count(s, self.addresses[s], self.carried.get(s, 0) + self._shm.count(self._slots[s]))
+                    for s in self.symbols]
         return [Count(s, self.addresses[s], self._counts.get(s, 0)) for s in self.symbols]
 
     def run(self, duration: float | None) -> list[Count]:
@@ -164,6 +168,69 @@ class CallCounter:
             self._stop.set()
             self._thread.join(10)
 
+    # --- live migration ------------------------------------------------------------------------------
+    def migrate(self, destination: str, uri: str | None, **kw: Any) -> Any:
+        """Live-migrate the VM to ``destination`` (``qmp:PATH``; see
+        :class:`aradia.trace.migration.Migration`) and count on there: the counts go on from where the
+        source left them (source + destination = total). On the plugin path the destination must have
+        been started with aradia's plugin too: its targets are set before its first instruction (a
+        fresh QEMU has translated nothing yet, so no re-translation is needed). Returns the
+        :class:`~aradia.trace.migration.MigrationResult`."""
+        from aradia.trace.migration import Migration
+
+        if self._tracer is not None:  # breakpoints: the tracer's own migration carries them over
+            result = Migration(self._tracer, destination, uri, **kw).run()
+            self.vm = self._tracer.vm
+            return result
+        if self._shm is None:
+            raise AradiaError("the counter is closed")
+        from aradia.trace.migration import open_destination
+        from aradia.trace.pluginload import plugin_shm_path
+        from aradia.trace.pluginshm import PluginShm
+        from aradia.trace.tracer import Tracer
+
+        probe = open_destination(destination, kw.get("destination_timeout", 30.0))
+        try:
+            dst_shm = plugin_shm_path(probe.pid) if probe.pid else None
+        finally:
+            probe.close()
+        if dst_shm is None:
+            raise AradiaError("the destination QEMU has no aradia plugin: the count could not go on there "
+                              "(start it with the same -plugin as the source)")
+        new_shm = PluginShm.open(dst_shm)
+        hand_over: dict[str, int] = {}
+
+        def before_resume(_vm: Any) -> None:  # the source is stopped: its counts are final
+            for sym in self.symbols:
+                hand_over[sym] = self.carried.get(sym, 0) + self._shm.count(self._slots[sym])
+            free = [i for i, t in enumerate(new_shm.targets()) if t is None]
+            if len(free) < len(self.symbols):
+                raise AradiaError(f"the destination's plugin has {len(free)} free target slots, "
+                                  f"{len(self.symbols)} needed")
+            for sym, slot in zip(self.symbols, free, strict=False):
+                new_shm.set_target(slot, self.addresses[sym], log=False)
+                hand_over[f"slot:{sym}"] = slot
+
+        tracer = Tracer.open(self.vm)  # nothing armed: the safe stop and hand-over of any migration
+        try:
+            result = Migration(tracer, destination, uri, keep_vm=True, before_resume=before_resume,
+                               **kw).run()
+        except BaseException:
+            tracer.close()
+            new_shm.close()
+            raise
+        tracer.close()
+        old_shm, self._shm = self._shm, new_shm
+        with contextlib.suppress(AradiaError):
+            old_shm.close()
+        self.carried = {s: hand_over[s] for s in self.symbols}
+        self._slots = {s: hand_over[f"slot:{s}"] for s in self.symbols}
+        if self._owned_vm is not None:
+            with contextlib.suppress(Exception):
+                self._owned_vm.close()
+        self.vm = self._owned_vm = tracer.vm
+        return result
+
     def close(self) -> None:
         """Stop counting: free the plugin slots (and re-translate), or disarm the breakpoints."""
         if self._shm is not None:
@@ -179,6 +246,10 @@ class CallCounter:
             self._stop_gdb_loop()
             self._tracer.close()
             self._tracer = None
+        if self._owned_vm is not None:
+            with contextlib.suppress(Exception):
+                self._owned_vm.close()
+            self._owned_vm = None
 
     def __enter__(self) -> CallCounter:
         return self

@@ -42,6 +42,10 @@ QMP, and for the watchdog after the tracer's death):
   alone); any other VM gets ``D;1`` as above. If QEMU cannot say (no answer to ``info status``), the
   guardian keeps the old behaviour, ``D;1``.
 
+A migration aradia drives itself (:mod:`aradia.trace.migration`) tells the guardian first
+(``driven``, :meth:`GuardedStub.drive_migration`): it then does not step aside at ``info migrate``
+(the driver stops the source between hits instead); the run-state checks stay.
+
 What stays open: the time between a check and the ``c``/``D`` after it (a migration completing
 exactly then is not caught; only QEMU's stub could close that) — on the hot path that is the
 tracer's handling of the hit (0.08-0.25 ms measured for a syscall probe, milliseconds on a loaded
@@ -107,6 +111,8 @@ class _Guard:
         #: ``info status`` (and, when due, ``info migrate``) output read with the registers at the
         #: current breakpoint stop; the ``resume`` that ends the stop checks it. None: not read.
         self.said_at_stop: str | None = None
+        #: aradia itself drives a migration of this VM (:mod:`aradia.trace.migration`): do not step aside
+        self.driven = False
 
     def migration_due(self) -> bool:
         """Whether a stop should look at the migration status now (every :data:`MIGRATION_CHECK_INTERVAL`)."""
@@ -168,7 +174,7 @@ class _Guard:
         Checks at most every :data:`MIGRATION_CHECK_INTERVAL`; ``said`` is the output of an ``info
         migrate`` the caller sent along with the stop's other packets (then nothing is asked here).
         """
-        if said is None and not self.migration_due():
+        if self.driven or (said is None and not self.migration_due()):
             return
         self.migration_checked = time.monotonic()
         if said is None:
@@ -268,6 +274,9 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
         return bool(client.running)
     if op == "status":
         return guard.run_state()
+    if op == "driven":
+        guard.driven = bool(req["on"])
+        return None
     if op == "monitor":
         timeout = req.get("timeout")
         return client.monitor(str(req["command"]), None if timeout is None else float(timeout))
@@ -276,7 +285,7 @@ def _handle(client: Any, guard: _Guard, req: dict[str, Any]) -> Any:
 
 #: Requests that leave the VM stopped where it is: the run state read at the stop stays good for them.
 _KEEP_STOP = frozenset({"break", "unbreak", "regs", "reg", "set_reg", "read", "write", "threads", "running",
-                        "status"})
+                        "status", "driven"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +449,12 @@ class GuardedStub:
         None if QEMU cannot say."""
         state = self.call("status")
         return None if state is None else str(state)
+
+    def drive_migration(self, on: bool) -> None:
+        """Tell the guardian that aradia itself drives a migration of this VM (``on``) or no longer
+        does: while on, it does not step aside when ``info migrate`` shows one under way (the driver,
+        :mod:`aradia.trace.migration`, stops the source at a safe point instead)."""
+        self.call("driven", on=on)
 
     def close(self) -> None:
         """Disarm everything and let the guest run (unless it migrated away); waits for the watchdog.

@@ -49,10 +49,11 @@ class Filter:
     uids: set[int] | None = None
 
     def keep(self, ev: Event) -> bool:
-        """Whether ``ev`` passes."""
-        return ((self.pids is None or ev.tgid in self.pids or ev.pid in self.pids)
-                and (self.comms is None or ev.comm in self.comms)
-                and (self.uids is None or ev.uid in self.uids))
+        """Whether ``ev`` passes (a ``migrated`` marker always does: it concerns the whole VM)."""
+        return ev.kind == "migrated" or (
+            (self.pids is None or ev.tgid in self.pids or ev.pid in self.pids)
+            and (self.comms is None or ev.comm in self.comms)
+            and (self.uids is None or ev.uid in self.uids))
 
 
 @dataclass

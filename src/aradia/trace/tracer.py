@@ -128,6 +128,8 @@ class Tracer:
     _return_now: dict[str, int] | None = None  # registers that make the hooked function return at once
     _queued: list[Event] = field(default_factory=list)  # a hit's events beyond the first
     _identity: TaskIdentity | bool | None = None  # where an event's task fields are (False: unknown)
+    #: called by close() (a live migration's destination VM, :mod:`aradia.trace.migration`)
+    _closers: list[Callable[[], object]] = field(default_factory=list)
 
     @classmethod
     def open(cls, vm: LinuxVM) -> Tracer:
@@ -599,7 +601,9 @@ class Tracer:
             self.stub.cont()
         while (end is None or time.monotonic() < end) and not (until is not None and until()):
             with self._lock:
-                ev = self._next(0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
+                # events queued by another holder of the lock (a migration driver) come first
+                ev = None if self._queued else self._next(
+                    0.25 if end is None else max(0.0, min(0.25, end - time.monotonic())))
                 more, self._queued = self._queued, []
             self._lock.yield_to_waiters()
             for e in [ev, *more] if ev is not None else more:
@@ -711,6 +715,9 @@ class Tracer:
         with contextlib.suppress(AttributeError):
             self.vm.machine.qmp.off_event(self._on_qmp_event)
         self.stub.close()
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                closer()
 
     def __enter__(self) -> Tracer:
         return self
