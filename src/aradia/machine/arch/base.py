@@ -12,6 +12,7 @@ its VA size in the :class:`Architecture` instance instead).
 
 from __future__ import annotations
 
+import abc
 import bisect
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -59,8 +60,9 @@ class PageMapping(NamedTuple):
         return self.vaddr + self.size
 
 
-class Architecture:
-    """One CPU architecture: names, numbers and the page-table walk (subclasses fill them in)."""
+class Architecture(abc.ABC):
+    """One CPU architecture: names, numbers and the page-table walk (each architecture's module
+    implements the abstract methods)."""
 
     name: str = ""  # aradia's name: "x86_64", "arm64"
     qemu_target: str = ""  # QMP query-target's "arch"
@@ -72,34 +74,34 @@ class Architecture:
     ret: str = ""  # integer return-value register
     page_shifts: tuple[int, ...] = (12, 21, 30)  # page and block sizes a walk can end in, smallest first
 
+    @abc.abstractmethod
     def canonical(self, vaddr: int, la57: bool = False) -> int:
         """``vaddr`` as an unsigned 64-bit address; PageFault if it cannot be translated at all."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def root_table(self, root: int) -> int:
         """The physical address of the top-level table named by a root register value (CR3, TTBR)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def walk(self, read_entry: EntryReader, root: int, vaddr: int, la57: bool = False) -> Translation:
         """Translate canonical ``vaddr`` through the tables at ``root``; PageFault names the level."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def mappings(self, mem: PhysicalMemory, root: int, la57: bool = False, start: int = 0,
                  end: int = 1 << 64, *, max_tables: int, max_entries: int) -> Iterator[PageMapping]:
         """Mapped runs of ``[start, end)`` in address order (see :func:`aradia.machine.paging.mappings`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def parse_info_registers(self, text: str) -> dict[int, dict[str, int]]:
         """vCPU index -> registers (lower-case GDB names) from HMP ``info registers -a``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def kernel_root(self, regs: dict[str, int]) -> int:
         """The page-table root kernel addresses translate through, from a vCPU's registers (0: unknown)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def privilege(self, regs: dict[str, int]) -> int:
         """The vCPU's privilege level: x86 CPL (0 kernel, 3 user), arm64 EL (1 kernel, 0 user)."""
-        raise NotImplementedError
 
     def for_registers(self, regs: dict[str, int]) -> Architecture:
         """The walk a vCPU with these registers does (arm64: VA size and format from TCR_EL1)."""
