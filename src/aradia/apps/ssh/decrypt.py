@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -65,6 +66,7 @@ class _Direction:
     name: str
     stream: Stream
     pos: int
+    data: bytes = b""  # the stream's bytes, copied once (keys and counters are tried against it often)
     seqnr: int = 0
     cipher: PacketCipher | None = None
     kexinit: KexInit | None = None
@@ -74,7 +76,7 @@ class _Direction:
 
 def _next_epoch(d: _Direction, errors: list[str]) -> bool:
     """Read ``d``'s packets up to and including its next NEWKEYS; False when the stream ends first."""
-    data = bytes(d.stream.data)
+    data = d.data
     while not d.ended:
         try:
             got = plain_packet(data, d.pos) if d.cipher is None else d.cipher.packet(data, d.pos, d.seqnr)
@@ -119,7 +121,7 @@ def _score(cipher: PacketCipher, data: bytes, pos: int, seqnr: int, cap: int) ->
 
 def _candidates(d: _Direction, enc: str, mac: str, key: SshKey) -> Iterator[tuple[PacketCipher, int, str]]:
     """(fresh cipher, sequence number, initial IV in hex) to try for candidate ``key``."""
-    raw, data = bytes.fromhex(key.key), bytes(d.stream.data)
+    raw, data = bytes.fromhex(key.key), d.data
     if enc in AES_CTR:
         etm, maclen = is_etm(mac), mac_length(mac)
         if key.iv_is == "initial":
@@ -141,14 +143,6 @@ def _candidates(d: _Direction, enc: str, mac: str, key: SshKey) -> Iterator[tupl
             yield ChachaCipher(raw), seqnr, ""
 
 
-def _fresh(c: PacketCipher) -> PacketCipher:
-    if isinstance(c, CtrCipher):
-        return CtrCipher(c.key, c.counter, c.mac_len, c.etm)
-    if isinstance(c, GcmCipher):
-        return GcmCipher(c.key, c.fixed, c.invocation)
-    return c
-
-
 Chosen = tuple[PacketCipher, int, dict[str, Any]]
 
 
@@ -156,7 +150,7 @@ def _choose_key(d: _Direction, enc: str, mac: str, keys: list[SshKey], first: bo
     """The cipher state for ``d``'s next key epoch, or why there is none."""
     if enc not in SUPPORTED:
         return f"cipher {enc} is not supported (only {', '.join(SUPPORTED)})"
-    data = bytes(d.stream.data)
+    data = d.data
     if d.pos >= len(data):
         return "no encrypted packets were captured"
     tried, best, best_score = 0, None, 0
@@ -166,12 +160,12 @@ def _choose_key(d: _Direction, enc: str, mac: str, keys: list[SshKey], first: bo
         tried += 1
         for cipher, seqnr, iv in _candidates(d, enc, mac, key):
             if not isinstance(cipher, CtrCipher):  # an AEAD tag that verifies is proof enough
-                if _score(_fresh(cipher), data, d.pos, seqnr, 1)[0]:
+                if _score(copy.copy(cipher), data, d.pos, seqnr, 1)[0]:
                     return cipher, seqnr, _used(enc, mac, key, iv)
                 continue
             # CTR has no tag here: of every key and counter, the one that decrypts the longest run,
             # if that is long enough not to be chance, or ends exactly where the stream or epoch does
-            got, clean, kind = _score(_fresh(cipher), data, d.pos, seqnr, PROBE_PACKETS)
+            got, clean, kind = _score(copy.copy(cipher), data, d.pos, seqnr, PROBE_PACKETS)
             # a short stream is believed only if it decrypts whole, and, after the first key
             # exchange, starts as every SSH session does (the service request, or extension info)
             opening = kind in (FIRST_MESSAGES[d.name] if first else MESSAGE_NAMES)
@@ -280,7 +274,8 @@ def decrypt_connection(conn: Connection, keys: list[SshKey]) -> dict[str, Any]:
         errors.append(str(e))
         rec |= {"messages": [], "channels": [], "complete": False}
         return rec
-    c2s, s2c = _Direction("c2s", conn.to_server, c_pos), _Direction("s2c", conn.to_client, s_pos)
+    c2s = _Direction("c2s", conn.to_server, c_pos, bytes(conn.to_server.data))
+    s2c = _Direction("s2c", conn.to_client, s_pos, bytes(conn.to_client.data))
     epoch = 0
     while True:
         fresh = [d for d in (c2s, s2c) if _next_epoch(d, errors)]

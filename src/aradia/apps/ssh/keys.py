@@ -117,7 +117,7 @@ def _chacha_states(pid: int, comm: str, base: int, data: bytes) -> Iterator[SshK
 
 
 def _ctr_states(pid: int, comm: str, base: int, data: bytes) -> Iterator[SshKey]:
-    for found in scan(bytes(data), base):
+    for found in scan(data, base):
         key = bytes.fromhex(found.key)
         lo = max(0, (found.address - base - NEIGHBOURHOOD) & ~3)
         hi = min(len(data) - 16, found.address - base + 240 + NEIGHBOURHOOD)
