@@ -136,27 +136,42 @@ def retarget(shm: PluginShm, gdb_address: str, vaddr: int | None, *, log: bool =
         raise BenchError(f"could not force re-translation at {', '.join(hex(a) for a in missed)}")
 
 
+class BackgroundLoops:
+    """:func:`run_loops` in a worker thread while the main thread serves the probe that slows it."""
+
+    def __init__(self, guest: Guest, calls: int, reps: int = 1) -> None:
+        self._result: dict[str, Loops | BaseException] = {}
+        self.thread = threading.Thread(target=self._work, args=(guest, calls, reps), daemon=True)
+        self.thread.start()
+
+    def _work(self, guest: Guest, calls: int, reps: int) -> None:
+        try:
+            self._result["run"] = run_loops(guest, calls, reps)
+        except BaseException as e:  # reported by the main thread
+            self._result["error"] = e
+
+    def running(self) -> bool:
+        """Whether the loops still run."""
+        return self.thread.is_alive()
+
+    def finish(self, what: str) -> Loops | None:
+        """Wait (30 s at most) for the loops; their runs (None if not done), BenchError if they failed."""
+        self.thread.join(30)
+        if "error" in self._result:
+            raise BenchError(f"loop under {what} failed: {self._result['error']}")
+        run = self._result.get("run")
+        return run if isinstance(run, Loops) else None
+
+
 def traced_loops(vm: VM, guest: Guest, calls: int, reps: int,
                  arm: Callable[[Tracer], object]) -> tuple[Loops, list[Event]]:
     """Run the loops while a tracer with the probes ``arm`` sets drains events; the runs and the events."""
-    result: dict[str, Loops | BaseException] = {}
     with Tracer.open(vm) as tracer:
         arm(tracer)
-
-        def work() -> None:
-            try:
-                result["run"] = run_loops(guest, calls, reps)
-            except BaseException as e:  # reported by the main thread
-                result["error"] = e
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        events = list(tracer.events(until=lambda: not worker.is_alive()))
-        worker.join(30)
-    if "error" in result:
-        raise BenchError(f"loop under the tracer failed: {result['error']}")
-    run = result.get("run")
-    if not isinstance(run, Loops):
+        loops = BackgroundLoops(guest, calls, reps)
+        events = list(tracer.events(until=lambda: not loops.running()))
+    run = loops.finish("the tracer")
+    if run is None:
         raise BenchError("the traced loop did not finish")
     return run, events
 
@@ -188,26 +203,17 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
     """A bare stub breakpoint on the hot syscall: per hit, RIP past the entry NOP (or one step), continue."""
     gdb = GdbClient(gdb_address, was_running=True)
     hits: list[float] = []
-    result: dict[str, BaseException] = {}
     try:
         gdb.restore_run_state()
         head = gdb.read_memory(entry, 9)
         addr, skip = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
         skip_len = 5 if skip[:5] == NOP5 else 0
         gdb.set_breakpoint(addr, BP_SOFTWARE)
-
-        def work() -> None:
-            try:
-                run_loops(guest, calls)
-            except BaseException as e:  # reported by the main thread
-                result["error"] = e
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive() or gdb.running:
+        loops = BackgroundLoops(guest, calls)
+        while loops.running() or gdb.running:
             ev = gdb.wait_stop(0.25)
             if ev is None:
-                if not worker.is_alive():
+                if not loops.running():
                     break
                 continue
             hits.append(time.monotonic())
@@ -216,11 +222,9 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
             else:
                 gdb.step(ev.thread, until_pc_changes=True)
                 gdb.cont()
-        worker.join(30)
+        loops.finish("the raw stub breakpoint")
     finally:
         gdb.close()
-    if "error" in result:
-        raise BenchError(f"loop under the raw stub breakpoint failed: {result['error']}")
     rate = hot_rate(hits, calls)
     ph.rates.append(rate)
     ph.events.append(rate)
@@ -240,24 +244,13 @@ def hot_rate(hits: list[float], calls: int) -> float:
 
 def phase_bare(guest: Guest, addr: int, skip: int, calls: int, ph: Phase) -> None:
     """The independent client (``bare_rsp.py``): per hit the stop reply, ``P`` RIP past the NOP, ``c``."""
-    result: dict[str, BaseException] = {}
-
-    def work() -> None:
-        try:
-            run_loops(guest, calls)
-        except BaseException as e:  # reported by the main thread
-            result["error"] = e
-
     client = BareRsp("127.0.0.1", guest.gdb_port or 0)
     try:
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        hits = client.hits(addr, skip, lambda: not worker.is_alive())
-        worker.join(30)
+        loops = BackgroundLoops(guest, calls)
+        hits = client.hits(addr, skip, lambda: not loops.running())
+        loops.finish("the bare client's breakpoint")
     finally:
         client.close()
-    if "error" in result:
-        raise BenchError(f"loop under the bare client's breakpoint failed: {result['error']}")
     rate = hot_rate(hits, calls)
     ph.rates.append(rate)
     ph.events.append(rate)
