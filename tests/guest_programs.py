@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from aradia.lab.launcher import Guest
 
 
-def build_program(tmp: Path, name: str, source: str, flags: list[str]) -> bytes:
-    """Compile ``source`` as program ``name`` with ``gcc FLAGS`` on the host; its bytes."""
+def build_program(tmp: Path, name: str, source: str, flags: list[str], gcc: str = "gcc") -> bytes:
+    """Compile ``source`` as program ``name`` with ``GCC FLAGS`` on the host (``gcc`` or a cross
+    compiler such as ``aarch64-linux-gnu-gcc``); its bytes."""
     src, exe = tmp / f"{name}.c", tmp / name
     src.write_text(source)
-    subprocess.run(["gcc", *flags, "-o", str(exe), str(src)], check=True, capture_output=True, timeout=60)
+    subprocess.run([gcc, *flags, "-o", str(exe), str(src)], check=True, capture_output=True, timeout=60)
     return exe.read_bytes()
 
 
@@ -190,9 +191,9 @@ int main(int argc, char **argv) {
 """
 
 
-def build_unixpair(tmp: Path) -> bytes:
-    """Compile ``unixpair`` (static) on the host; its bytes."""
-    return build_program(tmp, "unixpair", UNIX_C, ["-static", "-Os", "-s"])
+def build_unixpair(tmp: Path, gcc: str = "gcc") -> bytes:
+    """Compile ``unixpair`` (static) on the host with ``gcc``; its bytes."""
+    return build_program(tmp, "unixpair", UNIX_C, ["-static", "-Os", "-s"], gcc)
 
 
 ACCEPT_C = r"""

@@ -42,11 +42,22 @@ def _special_name(vma: drgn.Object, mm: drgn.Object, special_ops: set[int]) -> s
     return ""
 
 
-def _special_ops(prog: drgn.Program) -> set[int]:
+def _special_ops(prog: drgn.Program, mm: drgn.Object, warnings: Warnings) -> set[int]:
+    """The ``vm_operations_struct`` addresses of special mappings (``[vdso]``, ``[vvar]``): from
+    kallsyms or, where it lists no data (arm64), learnt from the VMA at ``mm->context.vdso`` (the
+    vDSO the kernel installed with its special-mapping ops)."""
     out = set()
     for name in ("special_mapping_vmops", "legacy_special_mapping_vmops"):
         with contextlib.suppress(LookupError):
             out.add(prog.symbol(name).address)
+    if out:
+        return out
+    with contextlib.suppress(*GUEST_ERRORS, AttributeError):
+        vdso = int(mm.context.vdso)
+        for vma in vmas(mm, "vdso", warnings):
+            if int(vma.vm_start) == vdso and not vma.vm_file:
+                out.add(vma.vm_ops.value_())
+                break
     return out
 
 
@@ -70,7 +81,7 @@ def maps(prog: drgn.Program, pid: int, *, warnings: Warnings | None = None) -> l
     mm = task.mm
     if not mm:
         return []
-    special = _special_ops(prog)
+    special = _special_ops(prog, mm, warnings)
     out = []
     for vma in bounded(vmas(mm, f"maps of {pid}", warnings), f"maps of {pid}", warnings, limit=1 << 20,
                        key=lambda v: v.value_()):

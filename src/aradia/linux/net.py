@@ -18,6 +18,8 @@ AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
               12: "NEW_SYN_RECV"}
+S_IFMT, S_IFSOCK = 0o170000, 0o140000
+SOCKFS_MAGIC = 0x534F434B  # include/uapi/linux/magic.h
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 PROTOS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw"}
 
@@ -42,11 +44,22 @@ def _ip(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
+def _is_socket(file: drgn.Object) -> bool:
+    """Whether ``file`` is a socket: its ``f_op`` is ``socket_file_ops`` or, for a kernel whose
+    kallsyms lists no data (arm64), its inode is a socket on the sockfs superblock."""
+    prog = file.prog_
+    try:
+        return bool(file.f_op.value_() == prog.symbol("socket_file_ops").address)
+    except LookupError:
+        inode = file.f_inode
+        return (int(inode.i_mode) & S_IFMT) == S_IFSOCK and int(inode.i_sb.s_magic) == SOCKFS_MAGIC
+
+
 def socket_info(file: drgn.Object, pid: int, fd: int) -> Socket | None:
     """A :class:`Socket` for an open ``struct file *``, or None when the file is not a socket."""
-    prog = file.prog_
-    if file.f_op.value_() != prog.symbol("socket_file_ops").address:
+    if not _is_socket(file):
         return None
+    prog = file.prog_
     sock = drgn.cast("struct socket *", file.private_data)
     inode = int(drgn.container_of(sock, "struct socket_alloc", "socket").vfs_inode.i_ino)
     sk = sock.sk

@@ -90,6 +90,9 @@ class KernelProfile:
     source: str  # "vmcoreinfo" or "scan": how the kernel was located
     cached: dict[str, bool] = field(default_factory=dict)  # which parts came from the cache
     timings: dict[str, float] = field(default_factory=dict)
+    arch: str = "x86_64"  # aradia's architecture name (``x86_64``, ``arm64``)
+    kimage_voffset: int | None = None  # arm64: kernel-image virtual minus physical address
+    recovered: dict[str, int] = field(default_factory=dict)  # data symbols kallsyms lacks, found in RAM
 
     @property
     def kernel_base(self) -> int:
@@ -98,11 +101,20 @@ class KernelProfile:
 
     def kernel_phys(self, vaddr: int) -> int:
         """Physical address of a kernel-image virtual address (``__pa_symbol``)."""
+        if self.kimage_voffset is not None:
+            return (vaddr - self.kimage_voffset) & MASK64
         return (vaddr - START_KERNEL_MAP + self.phys_base) & MASK64
 
+    def direct_phys(self, vaddr: int) -> int:
+        """Physical address of a direct-map (linear-map) address: ``__pa``. ``phys_base`` is the first
+        RAM address the map starts at on arm64 (``PHYS_OFFSET``); x86's direct map starts at 0."""
+        return vaddr - self.page_offset_base + (self.phys_base if self.arch == "arm64" else 0)
+
     def symbol(self, name: str) -> int | None:
-        """Address of the kallsyms symbol ``name`` (the first of that name), or None."""
-        return self.symbols.address(name)
+        """Address of the kallsyms symbol ``name`` (the first of that name), or of a data symbol
+        recovered from RAM where kallsyms has no data symbols (arm64), or None."""
+        addr = self.symbols.address(name)
+        return self.recovered.get(name) if addr is None else addr
 
     def read_image(self, mem: PhysicalMemory, vaddr: int, size: int) -> bytes:
         """Read kernel-image memory (text, rodata, data, bss) by virtual address, physically."""
@@ -129,7 +141,7 @@ class KernelProfile:
         return {"release": self.release, "build_id": self.build_id, "kaslr_offset": self.kaslr_offset,
                 "phys_base": self.phys_base, "la57": self.la57, "page_offset_base": self.page_offset_base,
                 "kernel_root": self.kernel_root, "symbols": len(self.symbols),
-                "btf_types": len(self.btf) if self.btf else 0, "source": self.source,
+                "btf_types": len(self.btf) if self.btf else 0, "source": self.source, "arch": self.arch,
                 "cached": dict(self.cached), "timings": dict(self.timings)}
 
 
@@ -172,6 +184,11 @@ def find_profile(vm: VMHandle, progress: Progress | None = None, *, cache: Profi
     a raw blob: :mod:`aradia.linux.vmlinux`); a file of another kernel build is
     :class:`~aradia.errors.UnsupportedKernel`.
     """
+    if vm.arch.name == "arm64":
+        if btf_source is not None or not use_vmcoreinfo:
+            raise UnsupportedKernel("on arm64 the kernel is found through VMCOREINFO and its BTF in RAM")
+        from aradia.linux.arm64_profile import find_arm64_profile
+        return find_arm64_profile(vm, progress, cache=cache, with_btf=with_btf)
     mem: PhysicalMemory = vm.memory
     store = ProfileCache() if cache is True else (cache or None)
     tm = _Timer(progress)

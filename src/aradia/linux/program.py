@@ -1,6 +1,6 @@
 """A drgn ``Program`` over a VM's memory with no DWARF: kallsyms symbols, BTF types, typed globals.
 
-:func:`make_program` builds a ``drgn.Program`` for x86-64 and gives it
+:func:`make_program` builds a ``drgn.Program`` for x86-64 or arm64 and gives it
 
 * **memory**: every guest RAM range as a physical segment, and kernel virtual memory as three
   virtual segments -- the kernel image (``_text``..``_end``, physically contiguous: ``__pa_symbol``),
@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import drgn
 
 from aradia.errors import AradiaError, NotRAM, PageFault
+from aradia.linux.arm64_profile import platform_aarch64
 from aradia.linux.btf import DATASEC, FUNC, VAR, DrgnTypes
 from aradia.linux.placement import KERNEL_HALF
 from aradia.linux.profile import KernelProfile, find_profile
@@ -239,6 +240,9 @@ class KernelFinders:
             idx = t.all_named(name) if not one else [i for i in [t.index_of(name)] if i is not None]
             if address is not None:
                 idx = [i for i in idx if t.addresses[i] <= address < t.addresses[i] + max(1, t.size(i))]
+            elif not idx and name in self.profile.recovered:
+                return [drgn.Symbol(name, self.profile.recovered[name], 0, drgn.SymbolBinding.GLOBAL,
+                                    drgn.SymbolKind.OBJECT)]
         elif address is not None:
             # Lower-half values are user addresses, never the absolute per-CPU offsets kallsyms
             # lists at 0.. (which would otherwise "contain" every small number).
@@ -298,11 +302,11 @@ class KernelFinders:
     def _string_array(self, name: str, limit: int) -> drgn.Object | None:
         t = self.symtab
         i = t.index_of(name)
-        text, end = self.profile.symbol("_text"), self.profile.symbol("_end")
-        if i is None or text is None or end is None:
+        text, end = _image(self.profile)
+        addr = self.profile.symbol(name)
+        if addr is None or text is None or end is None:
             return None
-        addr = t.addresses[i]
-        n = min(limit, t.size(i) // 8)
+        n = min(limit, t.size(i) // 8) if i is not None else limit  # recovered: up to the strings
         count = 0
         with contextlib.suppress(drgn.FaultError):
             raw = self.prog.read(addr, 8 * n)
@@ -324,7 +328,7 @@ class KernelFinders:
         t = self.symtab
         i = t.index_of(name)
         if i is None:
-            return None
+            return self.profile.recovered.get(name) if letters is _DATA_LETTERS else None
         if t.types[i] in letters:
             return t.addresses[i]
         for j in t.all_named(name):
@@ -343,6 +347,7 @@ class _Reader:
         self.root = profile.kernel_root
         self.la57 = profile.la57
         self.translator = vm.translator
+        self.direct_base = profile.direct_phys(profile.page_offset_base)  # RAM the direct map starts at
         self.reads = 0
 
     def physical(self, address: int, count: int, offset: int, physical: bool) -> bytes:
@@ -362,7 +367,7 @@ class _Reader:
     def direct(self, address: int, count: int, offset: int, physical: bool) -> bytes:
         self.reads += 1
         try:
-            return self.mem.read(offset, count)
+            return self.mem.read(self.direct_base + offset, count)
         except NotRAM as e:
             raise drgn.FaultError(f"direct-map address {address:#x}: {e}", address) from None
 
@@ -385,7 +390,7 @@ def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
     """
     if profile is None:
         profile = find_profile(vm, progress)
-    prog = drgn.Program(platform_x86_64())
+    prog = drgn.Program(platform_aarch64() if profile.arch == "arm64" else platform_x86_64())
     reader = _Reader(vm, profile)
     for r in vm.memory.ranges():
         prog.add_memory_segment(r.start, r.size, reader.physical, True)
@@ -393,13 +398,15 @@ def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
         prog.set_linux_kernel_custom(profile.vmcoreinfo_text(), bool(getattr(vm, "live", False)))
     except ValueError as e:
         raise AradiaError(f"drgn rejected the kernel's VMCOREINFO: {e}") from e
-    half = KERNEL_HALF_5L if profile.la57 else KERNEL_HALF
+    # arm64's kernel half starts where its linear map does
+    half = profile.page_offset_base if profile.arch == "arm64" else KERNEL_HALF_5L if profile.la57 \
+        else KERNEL_HALF
     # Later segments take precedence: generic page walk first, then the two linear regions.
     prog.add_memory_segment(half, _TOP - half, reader.paged, False)
     top = max((r.end for r in vm.memory.ranges()), default=0)
-    if top:
-        prog.add_memory_segment(profile.page_offset_base, top, reader.direct, False)
-    text, end = profile.symbol("_text"), profile.symbol("_end")
+    if top > reader.direct_base:
+        prog.add_memory_segment(profile.page_offset_base, top - reader.direct_base, reader.direct, False)
+    text, end = _image(profile)
     if text is not None and end is not None and 0 < end - text < 1 << 30:
         prog.add_memory_segment(text, end - text, reader.image, False)
     types = DrgnTypes(prog, profile.btf) if profile.btf is not None else None
@@ -410,6 +417,11 @@ def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
     prog.register_object_finder("aradia", finders.find_object, enable_index=-1)
     prog.cache["aradia"] = {"profile": profile, "finders": finders, "reader": reader, "types": types}
     return prog
+
+
+def _image(profile: KernelProfile) -> tuple[int | None, int | None]:
+    """The kernel image's ``[_text, _end)`` (arm64 lists neither: ``_stext`` and the recovered end)."""
+    return profile.symbol("_text") or profile.symbol("_stext"), profile.symbol("_end")
 
 
 def percpu_variables(profile: KernelProfile) -> list[str]:
