@@ -40,7 +40,7 @@ from aradia.errors import AradiaError, GuestDataCorrupt, UnsupportedKernel
 from aradia.linux import kallsyms as ks
 from aradia.linux.arm64_layout import Arm64Layout, find_layout, kallsyms
 from aradia.linux.btf import Btf, BtfError, DrgnTypes
-from aradia.linux.profile import KernelProfile
+from aradia.linux.kernel_profile import KernelProfile
 from aradia.linux.profile_cache import PROFILE_FORMAT, ProfileCache, valid_build_id
 from aradia.machine.arch import Arm64
 from aradia.machine.arch.base import MASK64
