@@ -6,7 +6,10 @@ a connected TCP socket. Ground truth is what the guest's /proc says; aradia read
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,6 +210,25 @@ def test_dmesg(env: Env, which: str) -> None:
     assert n > 100 and got[:n] == truth[:n]
     # x86 logs the banner first; arm64 logs "Booting Linux on physical CPU ..." before it
     assert got[0 if env.guest.image.guest_arch.name == "x86_64" else 1].startswith("Linux version ")
+
+
+@pytest.mark.timeout(180)
+def test_drgn_lists_the_dumps_tasks(env: Env) -> None:
+    """``drgn -c`` on aradia's dump, with no debug info: aradia's drgn plugin gives it the dump's own
+    kallsyms and BTF, and it lists every process aradia lists, with the guest's names."""
+    code = ("for t in for_each_task(prog):\n"
+            "    if t.pid == t.tgid: print(int(t.pid), t.comm.string_().decode())")
+    drgn = Path(sys.executable).with_name("drgn")
+    r = subprocess.run([str(drgn), "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
+                       capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr
+    listed = {int(pid): comm for pid, comm in (line.split(" ", 1) for line in r.stdout.splitlines())}
+    assert listed == {p.pid: p.comm for p in env.dump.linux.processes()}
+    stable = [pid for pid, t in env.truth.items() if t.ppid in (0, 1, 2) or pid in env.workers.values()]
+    assert len(stable) > 30 and all(env.truth[pid].comm.startswith(listed[pid]) for pid in stable)
+    off = subprocess.run([str(drgn), "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
+                         capture_output=True, text=True, timeout=150, env={**os.environ, "ARADIA_DRGN_PLUGIN": "0"})
+    assert off.returncode != 0 and not off.stdout  # drgn alone has no types for this kernel
 
 
 @pytest.mark.timeout(120)

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable
 
 import drgn
-import numpy as np
 
 from aradia.errors import AradiaError, GuestDataCorrupt, UnsupportedKernel
 from aradia.linux import kallsyms as ks
@@ -207,11 +206,11 @@ def _init_mm(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> int | N
     pgd = mem.layout.sym("swapper_pg_dir")
     if pgd is None:
         return None
-    words = np.frombuffer(mem.read(data[0], (data[1] - data[0]) & ~7), dtype="<u8")
+    area = mem.read(data[0], data[1] - data[0])
     pgd_off = off("mm_struct", "pgd")
     users = off("mm_struct", "mm_users")
-    for i in np.flatnonzero(words == pgd)[:64]:
-        mm = data[0] + int(i) * 8 - pgd_off
+    for at in _aligned_hits(area, pgd, 64):
+        mm = data[0] + at - pgd_off
         with contextlib.suppress(AradiaError):
             if 0 < int.from_bytes(mem.read(mm + users, 4), "little") < 1 << 20:
                 return mm
@@ -242,15 +241,21 @@ def _modules_head(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> in
     except (KeyError, ValueError):
         return None
     list_off, name_off = off("module", "list"), off("module", "name")
-    words = np.frombuffer(mem.read(data[0], (data[1] - data[0]) & ~7), dtype="<u8")
+    words = memoryview(mem.read(data[0], (data[1] - data[0]) & ~7)).cast("Q")
     img_lo, img_hi = mem.image
-    inside = (words >= lo) & (words < hi) & ((words < img_lo) | (words >= img_hi))
-    pairs = np.flatnonzero(inside[:-1] & inside[1:])
-    for i in pairs[:MAX_MODULE_CANDIDATES]:
-        head = data[0] + int(i) * 8
-        with contextlib.suppress(AradiaError):
-            if _is_module(mem, int(words[i]) - list_off, name_off) and _links_back(mem, head):
-                return head
+    tried = 0
+    prev_inside = False
+    for i, w in enumerate(words):
+        inside = lo <= w < hi and not img_lo <= w < img_hi
+        if inside and prev_inside:
+            tried += 1
+            if tried > MAX_MODULE_CANDIDATES:
+                break
+            head = data[0] + (i - 1) * 8
+            with contextlib.suppress(AradiaError):
+                if _is_module(mem, words[i - 1] - list_off, name_off) and _links_back(mem, head):
+                    return head
+        prev_inside = inside
     return None
 
 
@@ -338,16 +343,26 @@ def _task_state_array(mem: KernelMemory, start: int, stop: int) -> int | None:
     """``task_state_array`` in ``.rodata``: the pointer array whose first entry is ``"R (running)"``
     and whose second is ``"S (sleeping)"``."""
     area = mem.read(start, stop - start)
-    words = np.frombuffer(area[:len(area) & ~7], dtype="<u8")
     at = area.find(b"R (running)\0")
     while at >= 0:
-        for i in np.flatnonzero(words == start + at)[:16]:
-            j = int(i) + 1
-            second = int(words[j]) - start if j < len(words) else -1
+        for ptr in _aligned_hits(area, start + at, 16):
+            second = int.from_bytes(area[ptr + 8:ptr + 16], "little") - start
             if 0 <= second < len(area) and area[second:second + 13] == b"S (sleeping)\0":
-                return start + int(i) * 8
+                return start + ptr
         at = area.find(b"R (running)\0", at + 1)
     return None
+
+
+def _aligned_hits(area: bytes, value: int, limit: int) -> list[int]:
+    """Offsets of up to ``limit`` 8-byte-aligned little-endian u64s equal to ``value`` in ``area``."""
+    needle = value.to_bytes(8, "little")
+    out: list[int] = []
+    at = area.find(needle)
+    while at >= 0 and len(out) < limit:
+        if at % 8 == 0:
+            out.append(at)
+        at = area.find(needle, at + 1)
+    return out
 
 
 def _banner(mem: KernelMemory, start: int, stop: int, release: str) -> str:

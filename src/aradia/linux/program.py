@@ -409,14 +409,21 @@ def make_program(vm: VMHandle, profile: KernelProfile | None = None, *,
     text, end = _image(profile)
     if text is not None and end is not None and 0 < end - text < 1 << 30:
         prog.add_memory_segment(text, end - text, reader.image, False)
+    types, finders = add_finders(prog, profile)
+    prog.cache["aradia"] = {"profile": profile, "finders": finders, "reader": reader, "types": types}
+    return prog
+
+
+def add_finders(prog: drgn.Program, profile: KernelProfile) -> tuple[DrgnTypes | None, KernelFinders]:
+    """Register ``profile``'s BTF types, kallsyms symbols and typed globals as ``prog``'s last finders
+    (any drgn finds itself, such as DWARF, are asked first)."""
     types = DrgnTypes(prog, profile.btf) if profile.btf is not None else None
     if types is not None:
         prog.register_type_finder("aradia-btf", types.finder, enable_index=-1)
     finders = KernelFinders(prog, profile, types)
     prog.register_symbol_finder("aradia-kallsyms", finders.find_symbols, enable_index=-1)
     prog.register_object_finder("aradia", finders.find_object, enable_index=-1)
-    prog.cache["aradia"] = {"profile": profile, "finders": finders, "reader": reader, "types": types}
-    return prog
+    return types, finders
 
 
 def _image(profile: KernelProfile) -> tuple[int | None, int | None]:
