@@ -110,7 +110,10 @@ def user_root(prog: drgn.Program, pid: int) -> int:
     if not task.mm:
         raise AradiaError(f"process {pid} is a kernel thread: it has no user memory")
     try:
-        return int(virt_to_phys(task.mm.pgd))
+        pgd = task.mm.pgd.value_()
+        profile = prog.cache.get("aradia", {}).get("profile")
+        # drgn 0.3 finds no direct-map offset for arm64 kernels without DWARF; the profile knows it
+        return int(profile.direct_phys(pgd)) if profile is not None else int(virt_to_phys(task.mm.pgd))
     except drgn.FaultError as e:
         raise AradiaError(f"process {pid}: its mm is unreadable ({e})") from e
 
