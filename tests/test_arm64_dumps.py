@@ -218,7 +218,8 @@ GUEST_OPTIONS = {"shared_memory": True, "gdb": True, "memory": "256M", "boot_tim
 
 @dataclass
 class Dumps:
-    """Dumps written while the guest was paused, and what the guest and its GDB stub said meanwhile."""
+    """Dumps written while the guest was paused (the ELF by ``aradia dump``, raw and LiME by
+    ``vm.dump``, QEMU's by ``dump-guest-memory``), and what the guest and its GDB stub said meanwhile."""
 
     elf: Path
     raw: Path
@@ -247,15 +248,20 @@ def dumps(guest: Guest, hold: MemHold, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("arm64dumps")
     release = guest.run("uname -r").strip()
     with attach(f"qmp:{guest.qmp_path}") as vm:
-        assert isinstance(vm.arch, Arm64)
-        with vm.paused():
-            assert vm.machine is not None
-            stub = vm.machine.gdb_registers(("pc", "sp", "cpsr", "ttbr0_el1", "ttbr1_el1", "tcr_el1"))
-            for fmt in ("elf", "raw", "lime"):
-                vm.dump(tmp / f"mem.{fmt}", format=fmt, pause=False)
-            vm.machine.qmp.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}/qemu.elf"},
-                                   timeout=120)
-        yield Dumps(tmp / "mem.elf", tmp / "mem.raw", tmp / "mem.lime", tmp / "qemu.elf", stub, release)
+        assert isinstance(vm.arch, Arm64) and vm.machine is not None
+        vm.pause()
+        stub = vm.machine.gdb_registers(("pc", "sp", "cpsr", "ttbr0_el1", "ttbr1_el1", "tcr_el1"))
+        for fmt in ("raw", "lime"):
+            vm.dump(tmp / f"mem.{fmt}", format=fmt, pause=False)
+        vm.machine.qmp.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{tmp}/qemu.elf"},
+                               timeout=120)
+    try:  # the ELF core as the command line writes it (QEMU's QMP socket takes one client at a time)
+        r = run_cli("dump", "--vm", f"qmp:{guest.qmp_path}", "-o", str(tmp / "mem.elf"))
+        assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    finally:
+        with attach(f"qmp:{guest.qmp_path}") as vm:
+            vm.resume()
+    yield Dumps(tmp / "mem.elf", tmp / "mem.raw", tmp / "mem.lime", tmp / "qemu.elf", stub, release)
 
 
 def assert_pattern(vm: VM, hold: MemHold) -> None:
