@@ -24,7 +24,7 @@ import pytest
 from aradia.errors import AradiaError, DumpFormatError
 from aradia.lab.launcher import Guest
 from aradia.lab.memhold import MemHold
-from aradia.machine.arch import X86, Arm64
+from aradia.machine.arch import ARM64, X86, Arm64
 from aradia.machine.arch.arm64 import VIRT_RAM_BASE
 from aradia.sources.dumpwrite import write_elf
 from aradia.sources.elfcore import ElfCore, parse_aradia_regs, parse_prstatus
@@ -349,6 +349,17 @@ def test_cli_info_labels_arm64_registers(dumps: Dumps) -> None:
     for i, ln in enumerate(lines):
         assert f"PC {stub[i]['pc']:#018x}" in ln and f"TTBR1 {stub[i]['ttbr1_el1']:#018x}" in ln
         assert f"EL{(stub[i]['cpsr'] >> 2) & 3} " in ln
+
+
+def test_cli_info_live_arm64(guest: Guest, dumps: Dumps) -> None:
+    r = run_cli("info", "--vm", f"qmp:{guest.qmp_path}", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["arch"] == "arm64" and info["state"] == "running"
+    assert [sorted(c) for c in info["vcpus"]] == [["el", "index", "pc", "pstate", "sp", "ttbr0", "ttbr1"]] * 2
+    # the kernel's tables (swapper_pg_dir) do not move: every vCPU's TTBR1, now and at dump time, names them
+    tables = {ARM64.root_table(c["ttbr1"]) for c in info["vcpus"]}
+    assert tables == {ARM64.root_table(dumps.stub[i]["ttbr1_el1"]) for i in (0, 1)} and 0 not in tables
 
 
 def test_cli_arch_option_for_raw_dumps(dumps: Dumps) -> None:
