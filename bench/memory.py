@@ -1,9 +1,11 @@
 """Random 4 KiB guest-physical reads per second on every memory path, against QMP ``xp`` as baseline.
 
 Boots the default guest (RAM in a shared file, GDB stub on), writes ELF/raw/LiME dumps of it, then
-times random page reads on each path within the same run and prints the ratios last. Usage:
+times random page reads on each path within the same run and prints the ratios last. ``--arch arm64``
+boots the lab's arm64 guest instead (``qemu-system-aarch64 -M virt``, RAM at 1 GiB; its ELF dump is
+an AArch64 core). Usage:
 
-    python bench/memory.py [--kernel 6.1] [--seconds 1.0]
+    python bench/memory.py [--kernel 6.1] [--arch x86_64|arm64] [--seconds 1.0]
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ def main() -> int:
     ap.add_argument("--kernel", default="6.1")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--memory", default="256M")
+    ap.add_argument("--arch", default="x86_64", choices=["x86_64", "arm64"], help="the guest's architecture")
     args = ap.parse_args()
 
-    image = build_guest(args.kernel)
+    image = build_guest(args.kernel, arch=args.arch)
     results: dict[str, float] = {}
-    with launch(image, shared_memory=True, gdb=True, memory=args.memory) as guest, \
+    with launch(image, shared_memory=True, gdb=True, memory=args.memory, boot_timeout=180) as guest, \
             tempfile.TemporaryDirectory() as tmp:
         qemu = Qemu(guest.qmp_path)
         ranges = qemu.ram_map()
+        ram = ", ".join(f"{r.start:#x}+{r.size >> 20} MiB" for r in ranges)
+        print(f"guest: {args.kernel} {qemu.arch.name}, RAM {ram}", flush=True)
         rng = random.Random(1)
         pages = []
         for _ in range(4096):
@@ -71,7 +76,10 @@ def main() -> int:
         with qemu.paused():
             for fmt in ("elf", "raw", "lime"):
                 out = os.path.join(tmp, f"mem.{fmt}")
-                getattr(dumpwrite, f"write_{fmt}")(paths["shared-file"], out)
+                if fmt == "elf":  # a core of the guest's ELF machine (EM_AARCH64 on arm64)
+                    dumpwrite.write_elf(paths["shared-file"], out, machine=qemu.arch.elf_machine)
+                else:
+                    getattr(dumpwrite, f"write_{fmt}")(paths["shared-file"], out)
                 paths[f"dump-{fmt}"] = open_dump_memory(out)
         for kind, mem in paths.items():
             rate, _ = measure(lambda a, m=mem: m.read(a, PAGE), pages, args.seconds)

@@ -31,7 +31,7 @@ def _int(text: str) -> int:
 def _open(args: argparse.Namespace) -> Any:
     from aradia.vm import attach
 
-    return attach(args.vm, memory=args.memory)
+    return attach(args.vm, memory=args.memory, arch=getattr(args, "arch", None))
 
 
 def hexdump(data: bytes, base: int = 0) -> str:
@@ -65,12 +65,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"memory     {info['memory_path']}, {info['ram_bytes'] / (1 << 20):.0f} MiB")
     for r in info["ram"]:
         print(f"  RAM      {r['start']:#014x}-{r['end'] - 1:#014x}  {r['size'] / (1 << 20):9.1f} MiB")
+    if "arch" in info:
+        print(f"arch       {info['arch']}")
     print(f"kernel     {info['kernel'] or info.get('kernel_error')}")
     for c in info["vcpus"]:
-        mode = "user" if c["cpl"] == 3 else "kernel"
-        paging = "5-level" if c["la57"] else "4-level"
-        print(f"vCPU {c['index']:<4}  RIP {c['rip']:#018x}  CR3 {c['cr3']:#014x}  {mode}, {paging}")
+        print(_vcpu_line(c))
     return 0
+
+
+def _vcpu_line(c: dict[str, Any]) -> str:
+    """One ``aradia info`` line for a vCPU, labelled as its architecture names its registers."""
+    if "pc" in c:  # arm64
+        mode = {0: "user", 1: "kernel", 2: "hypervisor", 3: "firmware"}.get(c["el"], "?")
+        return (f"vCPU {c['index']:<4}  PC {c['pc']:#018x}  SP {c['sp']:#018x}  EL{c['el']} ({mode})  "
+                f"PSTATE {c['pstate']:#010x}  TTBR0 {c['ttbr0']:#018x}  TTBR1 {c['ttbr1']:#018x}")
+    mode = "user" if c["cpl"] == 3 else "kernel"
+    paging = "5-level" if c["la57"] else "4-level"
+    return f"vCPU {c['index']:<4}  RIP {c['rip']:#018x}  CR3 {c['cr3']:#014x}  {mode}, {paging}"
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -173,6 +184,8 @@ def _client(args: argparse.Namespace) -> Any:
     """The remote service's client when ``--server`` is given, else None."""
     if not getattr(args, "server", None):
         return None
+    if getattr(args, "arch", None):
+        raise AradiaError("--arch is not offered over --server (the service knows its VMs)")
     from aradia.client import Client
 
     token = args.token or os.environ.get("ARADIA_TOKEN")
@@ -863,6 +876,11 @@ def _vm_options(*, after: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=["auto", "shared-file", "proc-mem", "gdb"],
                    default=argparse.SUPPRESS if after else "auto",
                    help="path to live guest RAM (default: fastest available)")
+    p.add_argument("--arch", choices=["x86_64", "arm64", "aarch64", "amd64"],
+                   default=argparse.SUPPRESS if after else None,
+                   help="the guest's architecture, for raw and LiME dumps, which do not record it "
+                        "(default: from the kernel's VMCOREINFO in the dump, else x86_64); checked "
+                        "against a live VM's or an ELF core's")
     p.add_argument("--btf", metavar="FILE", default=argparse.SUPPRESS if after else None,
                    help="take kernel types from this vmlinuz/vmlinux (same build) instead of RAM")
     p.add_argument("--server", metavar="URL", default=argparse.SUPPRESS if after else None,

@@ -21,15 +21,18 @@ from aradia.elf import EM_X86_64, ET_CORE, NT_PRSTATUS, PN_XNUM, PT_LOAD, PT_NOT
 from aradia.errors import AradiaError
 from aradia.sources.base import PhysicalMemory, Range
 from aradia.sources.elfcore import (
+    ARADIA_NOTE,
     GPR_NAMES,
+    NT_ARADIA_REGS,
     PRSTATUS64_PID_OFFSET,
     PRSTATUS64_REG_OFFSET,
-    PRSTATUS64_REGS,
-    PRSTATUS64_SIZE,
+    PRSTATUS_LAYOUTS,
     QEMU_CPUSTATE_FMT,
+    QEMU_CPUSTATE_MACHINES,
     QEMU_CPUSTATE_SIZE,
     QEMU_CPUSTATE_VERSION,
     SEGMENT_NAMES,
+    aradia_regs_note,
 )
 from aradia.sources.lime import LIME_HEADER, LIME_MAGIC, LIME_VERSION
 from aradia.sources.raw import PathLike
@@ -53,20 +56,32 @@ def write_elf(
     cpu_states: Sequence[Mapping[str, int]] | None = None,
     progress: ByteProgress | None = None,
     chunk: int = DEFAULT_CHUNK,
+    machine: int = EM_X86_64,
 ) -> None:
-    """Write ``mem`` as an x86-64 ELF64 core (``ET_CORE``, ``EM_X86_64``), the way QEMU does.
+    """Write ``mem`` as an ELF64 core (``ET_CORE``) of ELF machine ``machine`` (the guest
+    architecture's ``elf_machine``: ``EM_X86_64``, the default, or ``EM_AARCH64``), the way QEMU does.
 
-    One ``PT_LOAD`` per RAM range (``p_paddr`` = guest-physical address, ``p_vaddr`` 0). A
-    ``PT_NOTE`` carries, per entry of ``cpu_states`` (register dicts as
-    :attr:`ElfCore.cpu_states <aradia.sources.elfcore.ElfCore.cpu_states>` returns; missing
-    registers are 0), a ``CORE``/``NT_PRSTATUS`` note then a ``QEMU`` note, and finally a
-    ``VMCOREINFO`` note (type 0) when ``vmcoreinfo`` is given -- the note drgn, crash and
+    One ``PT_LOAD`` per RAM range (``p_paddr`` = guest-physical address, ``p_vaddr`` 0: QEMU's
+    ``virt`` RAM at 0x40000000 gives ``p_paddr`` 0x40000000). A ``PT_NOTE`` carries one
+    ``CORE``/``NT_PRSTATUS`` note per entry of ``cpu_states`` (register dicts named as
+    :attr:`ElfCore.vcpu_registers <aradia.sources.elfcore.ElfCore.vcpu_registers>` returns them;
+    missing registers are 0; ``pr_reg`` in the machine's layout), then per vCPU either a ``QEMU``
+    note (x86: ``QEMUCPUState`` with segments and control registers) or, on other machines, an
+    ``ARADIA`` note with the registers ``pr_reg`` has no slot for (arm64: TTBR0/TTBR1/TCR_EL1), and
+    finally a ``VMCOREINFO`` note (type 0) when ``vmcoreinfo`` is given -- the note drgn, crash and
     makedumpfile read to identify the kernel.
     """
     _check_chunk(chunk)
+    if machine not in PRSTATUS_LAYOUTS:
+        raise AradiaError(f"cannot write an ELF core for ELF machine {machine} "
+                          f"(known: {', '.join(map(str, PRSTATUS_LAYOUTS))})")
     ranges = mem.ranges()
-    notes = b"".join(_prstatus_note(i, r) for i, r in enumerate(cpu_states or ()))
-    notes += b"".join(_note(b"QEMU", 0, _qemu_cpustate(r)) for r in cpu_states or ())
+    notes = b"".join(_prstatus_note(i, r, machine) for i, r in enumerate(cpu_states or ()))
+    if machine in QEMU_CPUSTATE_MACHINES:
+        notes += b"".join(_note(b"QEMU", 0, _qemu_cpustate(r)) for r in cpu_states or ())
+    else:
+        notes += b"".join(_note(ARADIA_NOTE.encode(), NT_ARADIA_REGS, _aradia_regs(i, r, machine))
+                          for i, r in enumerate(cpu_states or ()))
     if vmcoreinfo is not None:
         notes += _note(b"VMCOREINFO", 0, vmcoreinfo.encode())
     nphdr = len(ranges) + (1 if notes else 0)
@@ -81,7 +96,7 @@ def write_elf(
 
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
     head = [
-        _EHDR.pack(ident, ET_CORE, EM_X86_64, 1, 0, phoff, shoff, 0, _EHDR.size, _PHDR.size,
+        _EHDR.pack(ident, ET_CORE, machine, 1, 0, phoff, shoff, 0, _EHDR.size, _PHDR.size,
                    PN_XNUM if extended else nphdr, _SHDR.size if extended else 0,
                    1 if extended else 0, 0)
     ]  # fmt: skip
@@ -260,12 +275,23 @@ def _qemu_cpustate(regs: Mapping[str, int]) -> bytes:
         raise AradiaError(f"bad register value in cpu state: {e}") from e
 
 
-def _prstatus_note(index: int, regs: Mapping[str, int]) -> bytes:
-    desc = bytearray(PRSTATUS64_SIZE)
+def _prstatus_note(index: int, regs: Mapping[str, int], machine: int = EM_X86_64) -> bytes:
+    names, size = PRSTATUS_LAYOUTS[machine]
+    desc = bytearray(size)
     struct.pack_into("<I", desc, PRSTATUS64_PID_OFFSET, regs.get("pid", index + 1))
-    names = PRSTATUS64_REGS
     try:
         struct.pack_into(f"<{len(names)}Q", desc, PRSTATUS64_REG_OFFSET, *(regs.get(n, 0) for n in names))
     except struct.error as e:
         raise AradiaError(f"bad register value in cpu state: {e}") from e
     return _note(b"CORE", NT_PRSTATUS, bytes(desc))
+
+
+def _aradia_regs(index: int, regs: Mapping[str, int], machine: int) -> bytes:
+    """The ``ARADIA`` note of one vCPU: its ``pid`` (as in its NT_PRSTATUS) and every register of
+    ``regs`` that the machine's ``pr_reg`` has no slot for."""
+    names = set(PRSTATUS_LAYOUTS[machine][0])
+    extra = {k: v for k, v in regs.items() if k not in names and k != "pid"}
+    try:
+        return aradia_regs_note({"pid": regs.get("pid", index + 1), **extra})
+    except AradiaError as e:
+        raise AradiaError(f"bad register value in cpu state: {e}") from e

@@ -12,17 +12,30 @@ vmcores carry the kernel text twice (a second copy whose bytes are equal). Any o
 Headers and notes are read by :mod:`aradia.elf`, which checks every count, size and offset; this
 module adds what is particular to a dump. ``PT_NOTE`` notes are kept as :class:`Note`; the
 ``VMCOREINFO`` note text, the per-CPU ``QEMU`` notes (``QEMUCPUState``: general registers,
-segments, cr0..cr4) and ``CORE``/``NT_PRSTATUS`` notes are decoded for x86.
+segments, cr0..cr4; QEMU writes them for x86 only) and ``CORE``/``NT_PRSTATUS`` notes are decoded.
+The ``pr_reg`` layout of ``NT_PRSTATUS`` is the ELF machine's (:data:`PRSTATUS_LAYOUTS`): x86-64's
+``struct user_regs_struct``, i386's, and arm64's ``struct user_pt_regs`` (x0..x30, sp, pc, pstate).
+
+The ELF header's ``e_machine`` says which architecture a core is; this module keys every layout by it
+(it sits below :mod:`aradia.machine.arch`, which maps machine numbers to architectures).
+
+aradia's own arm64 cores keep the vCPU registers ``pr_reg`` has no slot for (TTBR0_EL1, TTBR1_EL1,
+TCR_EL1: what address translation needs) in one ``ARADIA`` note per vCPU (type
+:data:`NT_ARADIA_REGS`): ASCII lines ``name=0xvalue``, the first ``pid=`` the vCPU's ``pr_pid``.
+Readers that do not know the note (drgn, crash, readelf) skip it.
 """
 
 from __future__ import annotations
 
+import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from aradia.elf import (
     EM_386,
+    EM_AARCH64,
     EM_X86_64,
     ET_CORE,
     NT_PRSTATUS,
@@ -60,6 +73,24 @@ PRSTATUS64_REGS = (
 PRSTATUS64_PID_OFFSET = 32
 PRSTATUS64_REG_OFFSET = 112
 PRSTATUS64_SIZE = 336
+#: arm64 ``struct user_pt_regs`` (``pr_reg`` of NT_PRSTATUS): x0..x30, sp, pc, pstate, named as
+#: QEMU's GDB stub names them (PSTATE is ``cpsr``).
+AARCH64_PRSTATUS_REGS = (*(f"x{i}" for i in range(31)), "sp", "pc", "cpsr")
+#: 112 bytes of ``struct elf_prstatus_common``, 34 * 8 of ``pr_reg``, ``int pr_fpvalid``, padding to 8.
+AARCH64_PRSTATUS_SIZE = 392
+#: ``e_machine`` -> (``pr_reg`` register names in order, ``sizeof(struct elf_prstatus)``) of the 64-bit
+#: layouts (``pr_pid`` at :data:`PRSTATUS64_PID_OFFSET`, ``pr_reg`` at :data:`PRSTATUS64_REG_OFFSET`).
+PRSTATUS_LAYOUTS: dict[int, tuple[tuple[str, ...], int]] = {
+    EM_X86_64: (PRSTATUS64_REGS, PRSTATUS64_SIZE),
+    EM_AARCH64: (AARCH64_PRSTATUS_REGS, AARCH64_PRSTATUS_SIZE),
+}
+#: Machines whose QEMU writes a ``QEMU`` note (``QEMUCPUState``) per vCPU: on the others the vCPU
+#: registers of a dump come from NT_PRSTATUS (and aradia's ``ARADIA`` notes).
+QEMU_CPUSTATE_MACHINES = frozenset({EM_X86_64, EM_386})
+ARADIA_NOTE = "ARADIA"
+NT_ARADIA_REGS = 1
+MAX_ARADIA_REGS_BYTES = 4096
+_ARADIA_LINE = re.compile(rb"([a-z][a-z0-9_]{0,31})=0x([0-9a-f]{1,16})")
 _PRSTATUS32_REGS = (
     ("ebx", "I"), ("ecx", "I"), ("edx", "I"), ("esi", "I"), ("edi", "I"), ("ebp", "I"), ("eax", "I"),
     ("ds", "H"), ("", "H"), ("es", "H"), ("", "H"), ("fs", "H"), ("", "H"), ("gs", "H"), ("", "H"),
@@ -103,7 +134,7 @@ class ElfCore(MappedMemory):
 
     Attributes: ``notes`` (every :class:`Note`, in file order), ``loads`` (the ``PT_LOAD``
     headers as found), ``machine`` (``e_machine``: 62 x86-64, 3 i386 -- QEMU writes EM_386 while
-    the guest is not in long mode), ``elf64`` and ``warnings``. QEMU notes of an unknown
+    the guest is not in long mode --, 183 arm64), ``elf64`` and ``warnings``. QEMU notes of an unknown
     ``QEMUCPUState`` version and short PRSTATUS notes are left out of :attr:`cpu_states` and
     :attr:`prstatus` (they stay in ``notes``).
     """
@@ -150,8 +181,24 @@ class ElfCore(MappedMemory):
         return out
 
     @property
+    def vcpu_registers(self) -> list[dict[str, int]]:
+        """The registers saved per vCPU, whatever the machine: :attr:`cpu_states` (QEMU's ``QEMU``
+        notes) on x86; elsewhere (arm64) :attr:`prstatus` with, for each vCPU, the registers of
+        aradia's ``ARADIA`` note of the same ``pid`` (``ttbr0_el1``, ``ttbr1_el1``, ``tcr_el1``). A core
+        with no usable notes gives ``[]``."""
+        if self.machine in QEMU_CPUSTATE_MACHINES:
+            return self.cpu_states
+        extra: dict[int, dict[str, int]] = {}
+        for n in self.notes:
+            if n.name == ARADIA_NOTE and n.type == NT_ARADIA_REGS:
+                regs = parse_aradia_regs(n.desc)
+                if regs is not None and "pid" in regs:
+                    extra.setdefault(regs["pid"], regs)
+        return [{**extra.get(p["pid"], {}), **p} for p in self.prstatus]
+
+    @property
     def prstatus(self) -> list[dict[str, int]]:
-        """Registers and ``pid`` from ``CORE``/``NT_PRSTATUS`` notes (x86-64 and i386 layouts)."""
+        """Registers and ``pid`` from ``CORE``/``NT_PRSTATUS`` notes (x86-64, i386 and arm64 layouts)."""
         out = []
         for n in self.notes:
             if n.name == "CORE" and n.type == NT_PRSTATUS:
@@ -313,15 +360,14 @@ def parse_qemu_cpustate(desc: bytes) -> dict[str, int] | None:
 
 
 def parse_prstatus(desc: bytes, machine: int) -> dict[str, int] | None:
-    """Decode an ``NT_PRSTATUS`` note for x86-64 or i386; None for other machines or short notes."""
-    if machine == EM_X86_64:
-        end = PRSTATUS64_REG_OFFSET + 8 * len(PRSTATUS64_REGS)
-        if len(desc) < end:
+    """Decode an ``NT_PRSTATUS`` note for x86-64, i386 or arm64 (``machine``: the core's
+    ``e_machine``); None for other machines or short notes."""
+    if machine in PRSTATUS_LAYOUTS:
+        names, _size = PRSTATUS_LAYOUTS[machine]
+        if len(desc) < PRSTATUS64_REG_OFFSET + 8 * len(names):
             return None
-        regs = dict(
-            zip(PRSTATUS64_REGS, struct.unpack_from(f"<{len(PRSTATUS64_REGS)}Q", desc,
-                                                    PRSTATUS64_REG_OFFSET), strict=True)
-        )  # fmt: skip
+        values = struct.unpack_from(f"<{len(names)}Q", desc, PRSTATUS64_REG_OFFSET)
+        regs = dict(zip(names, values, strict=True))
         (regs["pid"],) = struct.unpack_from("<I", desc, PRSTATUS64_PID_OFFSET)
         return regs
     if machine == EM_386:
@@ -334,4 +380,47 @@ def parse_prstatus(desc: bytes, machine: int) -> dict[str, int] | None:
     return None
 
 
-__all__ = ["ElfCore", "LoadSegment", "Note", "parse_prstatus", "parse_qemu_cpustate"]
+def parse_aradia_regs(desc: bytes) -> dict[str, int] | None:
+    """Decode an ``ARADIA`` register note (``name=0xvalue`` lines, see the module docstring); None when
+    it is too long or any line is malformed."""
+    if len(desc) > MAX_ARADIA_REGS_BYTES:
+        return None
+    regs: dict[str, int] = {}
+    for line in desc.rstrip(b"\0").splitlines():
+        m = _ARADIA_LINE.fullmatch(line)
+        if m is None:
+            return None
+        regs[m[1].decode()] = int(m[2], 16)
+    return regs
+
+
+def aradia_regs_note(regs: Mapping[str, int]) -> bytes:
+    """The description of an ``ARADIA`` register note for ``regs`` (``pid`` first, then by name);
+    :class:`DumpFormatError` for a name or value the note cannot carry."""
+    lines = []
+    for k in sorted(regs, key=lambda k: (k != "pid", k)):
+        v = regs[k]
+        line = f"{k}={v:#x}".encode()
+        if not 0 <= v < 1 << 64 or not _ARADIA_LINE.fullmatch(line):
+            raise DumpFormatError(f"register {k}={v:#x} cannot be written to an ARADIA note")
+        lines.append(line + b"\n")
+    desc = b"".join(lines)
+    if len(desc) > MAX_ARADIA_REGS_BYTES:
+        raise DumpFormatError(f"{len(regs)} registers do not fit an ARADIA note")
+    return desc
+
+
+__all__ = [
+    "AARCH64_PRSTATUS_REGS",
+    "AARCH64_PRSTATUS_SIZE",
+    "ARADIA_NOTE",
+    "NT_ARADIA_REGS",
+    "PRSTATUS_LAYOUTS",
+    "ElfCore",
+    "LoadSegment",
+    "Note",
+    "aradia_regs_note",
+    "parse_aradia_regs",
+    "parse_prstatus",
+    "parse_qemu_cpustate",
+]

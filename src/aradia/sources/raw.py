@@ -7,9 +7,11 @@ Every dump reader here maps its file with :mod:`mmap`, so reading a page is one 
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from aradia.errors import AradiaError, DumpFormatError
@@ -128,8 +130,49 @@ class MappedMemory(PhysicalMemory):
         self._file.close()
 
 
+MAX_DATA_RUNS = 1 << 16
+
+
+def data_runs(path: PathLike, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of file offsets ``[start, end)`` that hold data, skipping the holes of a sparse file
+    (``SEEK_DATA``/``SEEK_HOLE``); the whole range where the file system cannot tell, or when it
+    has more than :data:`MAX_DATA_RUNS` parts."""
+    whole = [(start, end)] if start < end else []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return whole
+    runs: list[tuple[int, int]] = []
+    try:
+        pos = start
+        while pos < end:
+            try:
+                lo = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                return whole
+            if lo >= end:
+                break
+            hi = min(os.lseek(fd, lo, os.SEEK_HOLE), end)
+            runs.append((lo, hi))
+            if len(runs) > MAX_DATA_RUNS:
+                return whole
+            pos = hi
+    except (OSError, AttributeError):
+        return whole
+    finally:
+        os.close(fd)
+    return runs
+
+
 class RawDump(MappedMemory):
-    """A flat raw image: one RAM segment ``[base, base + filesize)`` backed by the whole file."""
+    """A flat raw image: one RAM segment ``[base, base + filesize)`` backed by the whole file.
+
+    A search skips the holes of a sparse file (they read as zeros, so a pattern without a zero byte
+    cannot be there): ``aradia dump --format raw`` of an arm64 ``virt`` guest leaves the first GiB,
+    below its RAM, as a hole that would otherwise cost seconds of page faults to scan.
+    """
 
     kind = "raw"
     writable = False
@@ -140,3 +183,13 @@ class RawDump(MappedMemory):
         self.path = Path(path)
         self._file = MappedFile(path)
         super().__init__([Segment(base, self._file.size, 0)])
+
+    def _find_in_segment(self, seg: Segment, needle: bytes, chunk: int) -> Iterator[int]:
+        """Offsets of ``needle`` inside ``seg``, looking only at the file's data (see the class)."""
+        if 0 in needle:
+            yield from super()._find_in_segment(seg, needle, chunk)
+            return
+        for lo, hi in data_runs(self.path, seg.backing, seg.backing + seg.size):
+            part = Segment(seg.gpa + lo - seg.backing, hi - lo, lo)
+            for off in super()._find_in_segment(part, needle, chunk):
+                yield lo - seg.backing + off

@@ -4,7 +4,8 @@
 :class:`~aradia.machine.arch.base.Architecture`: register names (program counter, stack pointer,
 argument and return registers), the ELF machine number, QEMU's target name and the page-table walk.
 A live VM's architecture comes from QEMU (QMP ``query-target``), a dump's from its ELF header
-(``e_machine``); raw and LiME dumps say nothing, so x86-64 is assumed for them unless told otherwise.
+(``e_machine``); raw and LiME dumps say nothing: they are told (``--arch``) or their Linux kernel's
+VMCOREINFO text in RAM decides, else x86-64 is assumed (:func:`aradia.vm.dump_architecture`).
 """
 
 from __future__ import annotations

@@ -270,6 +270,14 @@ class Arm64(Architecture):
         """The exception level, PSTATE.EL (bits 2-3 of ``cpsr``): 1 in the kernel, 0 in user space."""
         return (regs.get("cpsr", 0) >> 2) & 3
 
+    def vcpu_summary(self, regs: dict[str, int]) -> dict[str, int | bool]:
+        """``pc``, ``sp``, ``el`` (PSTATE.EL), ``pstate`` and the translation roots ``ttbr0`` and
+        ``ttbr1`` (TTBR0_EL1, TTBR1_EL1 as the vCPU holds them, ASID included; 0 when the source did
+        not give them)."""
+        return {"pc": regs.get("pc", 0), "sp": regs.get("sp", 0), "el": self.privilege(regs),
+                "pstate": regs.get("cpsr", 0), "ttbr0": regs.get("ttbr0_el1", 0),
+                "ttbr1": regs.get("ttbr1_el1", 0)}
+
     def check_tcr(self, tcr: int) -> None:
         """Raise :class:`UnsupportedKernel` unless TCR_EL1 says what this walk assumes: a 4 KiB
         granule (TG1 = 0b10), ``64 - T1SZ == va_bits`` for the kernel half and the LPA2 format (DS)."""

@@ -103,6 +103,12 @@ class Architecture(abc.ABC):
     def privilege(self, regs: dict[str, int]) -> int:
         """The vCPU's privilege level: x86 CPL (0 kernel, 3 user), arm64 EL (1 kernel, 0 user)."""
 
+    @abc.abstractmethod
+    def vcpu_summary(self, regs: dict[str, int]) -> dict[str, int | bool]:
+        """A vCPU's registers as :meth:`aradia.vm.VM.info` reports them, under this architecture's names
+        (x86-64: ``rip``, ``cr3``, ``cpl``, ``la57``; arm64: ``pc``, ``sp``, ``el``, ``pstate``,
+        ``ttbr0``, ``ttbr1``)."""
+
     def for_registers(self, regs: dict[str, int]) -> Architecture:
         """The walk a vCPU with these registers does (arm64: VA size and format from TCR_EL1)."""
         return self

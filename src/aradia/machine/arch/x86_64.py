@@ -32,6 +32,7 @@ from aradia.sources.base import PhysicalMemory
 ADDR_MASK = 0x000F_FFFF_FFFF_F000  # physical address bits 12..51 of a CR3 or entry
 P, RW, US, PS = 0x1, 0x2, 0x4, 0x80
 NX = 1 << 63
+CR4_LA57 = 1 << 12
 LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 DEFAULT_MAX_TABLES = 1 << 16
 DEFAULT_MAX_ENTRIES = 1 << 20
@@ -231,6 +232,11 @@ class X86_64(Architecture):
     def privilege(self, regs: dict[str, int]) -> int:
         """CPL: QEMU's ``cpl`` where given, else CS's low bits."""
         return regs.get("cpl", regs.get("cs", 0) & 3)
+
+    def vcpu_summary(self, regs: dict[str, int]) -> dict[str, int | bool]:
+        """``rip``, ``cr3``, ``cpl`` and ``la57`` (CR4.LA57: 5-level paging)."""
+        return {"rip": regs.get("rip", 0), "cr3": self.kernel_root(regs), "cpl": self.privilege(regs),
+                "la57": bool(regs.get("cr4", 0) & CR4_LA57)}
 
 
 __all__ = ["ADDR_MASK", "DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_TABLES", "X86_64", "canonical", "x86_mappings"]
