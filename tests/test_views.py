@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from aradia.lab.launcher import Guest
-from aradia.linux.identify import find_vmcoreinfo
-from aradia.sources import dumpwrite
 from aradia.vm import VM, attach, open_dump
 from guest_programs import build_unixpair, install_program
 from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_processes, proc_tcp
@@ -48,9 +46,7 @@ class Env:
         self.live = attach(f"qmp:{guest.qmp_path}")
         self.live.load_kernel()
         dump = tmp / "views.elf"
-        with self.live.paused():
-            dumpwrite.write_elf(self.live.memory, dump, vmcoreinfo=find_vmcoreinfo(self.live.memory),
-                                cpu_states=[c.regs for c in self.live.cpus()])
+        self.live.dump(dump)  # an ELF core of the guest's architecture, the guest paused meanwhile
         self.dump_path = dump
         self._dump: VM | None = None
         self.truth = proc_processes(guest)  # the processes compared are stable
