@@ -860,7 +860,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the default guest and show what aradia sees."""
     from aradia.lab.demo import run_demo
 
-    return run_demo(kernel=args.kernel, accel=args.accel)
+    return run_demo(kernel=args.kernel, accel=args.accel, arch=args.arch)
 
 
 # --- parser ----------------------------------------------------------------------------------------
@@ -1114,6 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="boot a scratch guest and show what aradia sees")
     sp.add_argument("--kernel", default="6.1", choices=["5.10", "6.1", "6.12"])
     sp.add_argument("--accel", default=os.environ.get("ARADIA_ACCEL", "tcg"), help="tcg (default) or kvm")
+    sp.add_argument("--arch", default="x86_64", choices=["x86_64", "arm64"],
+                    help="the guest's architecture (arm64: qemu-system-aarch64 -M virt)")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -9,7 +9,6 @@ import time
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import launch
 from aradia.linux.identify import find_banner, find_vmcoreinfo, parse_vmcoreinfo
-from aradia.sources import dumpwrite
 from aradia.vm import attach, open_dump
 
 
@@ -17,16 +16,26 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
-    """Boot the ``kernel`` guest, attach by its QMP socket only, and show memory, vCPUs and a dump."""
-    _step(f"building the Debian {kernel} test guest (cached after the first run)")
+#: VMCOREINFO lines worth showing, per architecture: what places the kernel
+VMCOREINFO_KEYS = {
+    "x86_64": ("OSRELEASE", "KERNELOFFSET", "NUMBER(phys_base)", "SYMBOL(init_top_pgt)",
+               "NUMBER(pgtable_l5_enabled)"),
+    "arm64": ("OSRELEASE", "KERNELOFFSET", "NUMBER(kimage_voffset)", "NUMBER(PHYS_OFFSET)",
+              "NUMBER(VA_BITS)", "SYMBOL(swapper_pg_dir)"),
+}
+
+
+def run_demo(kernel: str = "6.1", accel: str = "tcg", arch: str = "x86_64") -> int:
+    """Boot the ``kernel`` guest of ``arch`` (``x86_64`` or ``arm64``), attach by its QMP socket only,
+    and show memory, vCPUs, Linux, a live trace, a user-space probe and a dump."""
+    _step(f"building the Debian {kernel} {arch} test guest (cached after the first run)")
     t0 = time.monotonic()
-    image = build_guest(kernel)
+    image = build_guest(kernel, arch=arch)
     print(f"kernel {image.release}  ({time.monotonic() - t0:.1f}s)")
 
-    _step(f"booting it under QEMU (-accel {accel}, RAM in a shared file)")
+    _step(f"booting it under {image.guest_arch.qemu} (-accel {accel}, RAM in a shared file)")
     t0 = time.monotonic()
-    with launch(image, accel=accel, smp=2, shared_memory=True) as guest:
+    with launch(image, accel=accel, smp=2, shared_memory=True, boot_timeout=180) as guest:
         print(f"QEMU pid {guest.pid}, QMP socket {guest.qmp_path}  (booted in {time.monotonic() - t0:.1f}s)")
         truth = guest.run("cat /proc/version").strip()
 
@@ -49,19 +58,21 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
 
             _step("VMCOREINFO found in guest RAM (no fw_cfg device needed)")
             vmci = parse_vmcoreinfo(find_vmcoreinfo(vm.memory) or "")
-            for key in ("OSRELEASE", "KERNELOFFSET", "NUMBER(phys_base)", "SYMBOL(init_top_pgt)",
-                        "NUMBER(pgtable_l5_enabled)"):
+            for key in VMCOREINFO_KEYS[vm.arch.name]:
                 if key in vmci:
                     print(f"  {key} = {vmci[key]}")
 
-            _step("vCPUs: registers, and the code at RIP through the guest's own page tables")
+            pc = vm.arch.pc.upper()
+            _step(f"vCPUs: registers, and the code at {pc} through the guest's own page tables")
             with vm.paused():
                 for c in vm.cpus():
-                    tr = vm.translate(c.rip, cr3=c.cr3, la57=c.la57)
-                    code = vm.read_virt(c.rip, 8, cr3=c.cr3, la57=c.la57)
-                    mode = "user" if c.cpl == 3 else "kernel"
-                    print(f"  vCPU {c.index}: RIP {c.rip:#x} ({mode}) -> phys {tr.paddr:#x} "
-                          f"[{tr.page_size >> 10} KiB page], bytes {code.hex(' ')}")
+                    user = c.cpl == (0 if vm.arch.name == "arm64" else 3)
+                    # arm64 splits the address space: user code through TTBR0, the kernel's through TTBR1
+                    root = c.regs.get("ttbr0_el1", c.cr3) if user and vm.arch.name == "arm64" else c.cr3
+                    tr = vm.translate(c.pc, cr3=root, la57=c.la57)
+                    code = vm.read_virt(c.pc, 8, cr3=root, la57=c.la57)
+                    print(f"  vCPU {c.index}: {pc} {c.pc:#x} ({'user' if user else 'kernel'}) -> phys "
+                          f"{tr.paddr:#x} [{tr.page_size >> 10} KiB page], bytes {code.hex(' ')}")
 
             _step("pause / resume")
             t0 = time.perf_counter()
@@ -75,8 +86,10 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
             t0 = time.monotonic()
             linux = vm.load_kernel()
             prof = linux.profile
+            paging = (f"{getattr(vm.arch, 'va_bits', 48)}-bit VA" if vm.arch.name == "arm64"
+                      else f"{'5' if prof.la57 else '4'}-level paging")
             print(f"  profile in {time.monotonic() - t0:.2f}s: {len(prof.symbols)} symbols, "
-                  f"KASLR slide {prof.kaslr_offset:#x}, {'5' if prof.la57 else '4'}-level paging")
+                  f"KASLR slide {prof.kaslr_offset:#x}, {paging}")
             procs = linux.processes()
             print(f"  {len(procs)} processes; a few of them:")
             for p in [p for p in procs if not p.kernel_thread][:5]:
@@ -120,9 +133,7 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg") -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "guest.elf")
                 t0 = time.monotonic()
-                with vm.paused():
-                    dumpwrite.write_elf(vm.memory, out, vmcoreinfo=find_vmcoreinfo(vm.memory),
-                                        cpu_states=[c.regs for c in vm.cpus()])
+                vm.dump(out)  # the guest paused meanwhile
                 print(f"  wrote {os.path.getsize(out) >> 20} MiB in {time.monotonic() - t0:.2f}s")
                 with open_dump(out) as dump:
                     same = "matches" if find_banner(dump.memory) == truth else "DIFFERS"
