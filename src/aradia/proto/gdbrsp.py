@@ -91,6 +91,9 @@ class GdbClient(GdbRunControl):
         self._g_size = 0
         self._g_cache: tuple[list[RegisterInfo], Callable[[bytes], dict[str, int] | None]] | None = None
         self._phys: bool | None = None
+        #: registers beyond the ``g`` packet that :meth:`registers` reads (with ``p``): None reads every
+        #: one the target has (an arm64 ``-cpu max`` has ~250: SVE and system registers, ~2 ms a stop)
+        self.extra_registers: frozenset[str] | None = None
         self._sstep_at_connect: int | None = None
         self._sstep_changed = False
         self._open(busy_timeout, check_busy, clear_stale)
@@ -253,7 +256,8 @@ class GdbClient(GdbRunControl):
             if any(r == b"" or (r != b"OK" and is_error(r)) for r in replies[len(sel) + 1:]):
                 text = None
             out = self._decode_g(g)
-            extra = [r for r in self._regs if r.offset is None][:256]
+            wanted = self.extra_registers
+            extra = [r for r in self._regs if r.offset is None and (wanted is None or r.name in wanted)][:256]
             if extra:
                 for r, reply in zip(extra, self._exchange([b"p%x" % r.regnum for r in extra]), strict=True):
                     if reply and not is_error(reply):

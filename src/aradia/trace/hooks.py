@@ -23,6 +23,7 @@ from typing import Any
 
 import drgn
 
+from aradia.trace.abi import KernelABI
 from aradia.trace.events import Event
 from aradia.trace.uprobes import CALL_ARG_REGS
 
@@ -43,10 +44,13 @@ class HookContext:
     #: set by :meth:`return_value`: the function is skipped and returns this (an errno wins over it)
     returns: int | None = None
     _make_event: Callable[[str, str, dict[str, Any]], Event] | None = None
+    #: the integer argument registers of a call on the guest's architecture (x86-64: System V)
+    arg_regs: tuple[str, ...] = CALL_ARG_REGS
 
     def arg(self, index: int) -> int:
-        """The ``index``-th integer or pointer argument of the function (System V x86-64 registers)."""
-        return self.regs.get(CALL_ARG_REGS[index], 0)
+        """The ``index``-th integer or pointer argument of the function (``rdi``... on x86-64,
+        ``x0``... on arm64)."""
+        return self.regs.get(self.arg_regs[index], 0)
 
     def obj(self, index: int, type_name: str) -> drgn.Object:
         """Argument ``index`` as a drgn object of type ``type_name`` (e.g. ``"struct file *"``)."""
@@ -68,10 +72,13 @@ Decide = Callable[[HookContext], "int | None"]
 """A decision: ``None`` lets the function run; an errno (1..4095) makes it return ``-errno``."""
 
 
-def return_now(regs: dict[str, int], ret_addr: int, errno: int | None, value: int = 0) -> dict[str, int]:
+def return_now(regs: dict[str, int], ret_addr: int, errno: int | None, value: int = 0,
+               abi: KernelABI | None = None) -> dict[str, int]:
     """The registers to write at a function's entry so it returns ``-errno`` (or, with ``errno``
-    None, ``value``) to ``ret_addr`` at once."""
+    None, ``value``) to ``ret_addr`` at once (``abi``: the guest's; x86-64 when None)."""
     if errno is not None and not 0 < errno <= MAX_ERRNO:
         raise ValueError(f"errno {errno} is out of range 1..{MAX_ERRNO}")
     rax = (-errno) & (1 << 64) - 1 if errno is not None else value & (1 << 64) - 1
+    if abi is not None:
+        return abi.return_now(regs, ret_addr, rax)
     return {"rax": rax, "rip": ret_addr, "rsp": regs["rsp"] + 8}

@@ -29,22 +29,18 @@ from aradia.linux.kernel import LinuxVM
 from aradia.linux.net import socket_info
 from aradia.proto.gdbwire import StopEvent
 from aradia.trace import syscalls
+from aradia.trace.abi import ENDBR64, KernelABI, kernel_abi
 from aradia.trace.events import Event
 from aradia.trace.guardian import GuardedStub
 from aradia.trace.hooks import Decide, HookContext, return_now
 from aradia.trace.probes import Filter, Pending, Probe, Watch
 from aradia.trace.taskread import TaskIdentity
-from aradia.trace.uprobes import CALL_ARG_REGS, UserSpace, UserTarget
-
-NOP5 = bytes.fromhex("0f1f440000")
-ENDBR64 = bytes.fromhex("f30f1efa")
-
+from aradia.trace.uprobes import UserSpace, UserTarget
 
 LIFECYCLE = {"fork": "proc_fork_connector", "exec": "proc_exec_connector", "exit": "proc_exit_connector"}
 """The kernel's process-event connector hooks: called with the task once a fork, exec or exit is done."""
 MMAP_HOOK = "perf_event_mmap"
 """Called with every new ``struct vm_area_struct`` (mmap and exec): finds libraries mapped later."""
-CPL_MASK = 3
 SYSCALL_EXITS = {"accept": "do_accept", "accept4": "do_accept", "read": "vfs_read", "pread64": "vfs_read"}
 """Syscalls whose results (the peer's address, the bytes read) exist only when they return, and the
 kernel function after whose return the results are in user memory. A return breakpoint there is hit
@@ -123,7 +119,7 @@ class Tracer:
     #: one thread at a time talks to the stub: the event loop between waits, or a thread adding probes
     _lock: HandOffLock = field(default_factory=HandOffLock)
     _entry_stubs: tuple[int, int] | None = None
-    _current_off: int | None = None
+    _abi: KernelABI | None = None
     _in_syscall: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # task -> (name, args)
     _return_now: dict[str, int] | None = None  # registers that make the hooked function return at once
     _queued: list[Event] = field(default_factory=list)  # a hit's events beyond the first
@@ -140,8 +136,16 @@ class Tracer:
         vm.load_kernel()
         stub = GuardedStub(vm.machine.gdb_address(), was_running=vm.machine.status() == "running")
         tracer = cls(vm, stub)
+        stub.limit_registers(tracer.abi.hit_registers)
         vm.machine.qmp.on_event(tracer._on_qmp_event)
         return tracer
+
+    @property
+    def abi(self) -> KernelABI:
+        """The traced kernel's ABI on its architecture (syscall entries, ``current``, returns)."""
+        if self._abi is None:
+            self._abi = kernel_abi(self.vm.arch, self.vm.linux.profile.symbol)
+        return self._abi
 
     def _on_qmp_event(self, ev: Any) -> None:
         self._gone = gone_reason(ev) or self._gone
@@ -173,7 +177,7 @@ class Tracer:
 
     def add_syscall(self, name: str) -> Probe:
         """Probe syscall ``name`` (``execve``, ``openat``, ``connect``...) with decoded arguments."""
-        for sym in (f"__x64_sys_{name}", f"__do_sys_{name}", f"sys_{name}"):
+        for sym in self.abi.syscall_symbols(name):
             addr = self.vm.linux.profile.symbol(sym)
             if addr is not None:
                 break
@@ -260,16 +264,14 @@ class Tracer:
         if probe.address in self.probes:
             raise ProbeClash(f"{probe.name} is already probed")
         # Single-stepping makes TCG flush all translated code (slow); when the function starts
-        # with the 5-byte NOP ftrace leaves there (after ENDBR64 with IBT), break on the NOP and
-        # move RIP past it instead: skipping a NOP is exactly executing it.
+        # with the NOP ftrace leaves there (x86: 5 bytes after ENDBR64 with IBT; arm64: after the
+        # ``mov x9, x30`` slot), break on the NOP and move the PC past it instead: skipping a NOP is
+        # exactly executing it. (Read before the breakpoint is armed: never a planted int3/brk.)
         if probe.kind != "uprobe":
             with contextlib.suppress(AradiaError):
-                head = self.vm.read_virt(probe.address, 9, *self._kernel_root())
-                if head[:4] == ENDBR64:
-                    probe.address += 4
-                    head = head[4:]
-                if head[:5] == NOP5:
-                    probe.skip = 5
+                head = self.vm.read_virt(probe.address, 12, *self._kernel_root())
+                at, probe.skip = self.abi.kernel_entry(head)
+                probe.address += at
         self.stub.set_breakpoint(probe.address)
         self.probes[probe.address] = probe
         return probe
@@ -340,7 +342,7 @@ class Tracer:
 
     def _on_mmap(self, regs: dict[str, int]) -> None:
         """A new mapping: arm the targets whose library it maps (at their address in that process)."""
-        for target, address, mm in self._user().new_mapping(regs["rdi"]):
+        for target, address, mm in self._user().new_mapping(regs[self.abi.call_args[0]]):
             self._arm_user(target, address, mm)
 
     def _user_hit_ok(self, probe: Probe, regs: dict[str, int]) -> bool:
@@ -353,28 +355,9 @@ class Tracer:
         return task is not None and self._user().hit_ok(probe.target, probe.address, task)
 
     # --- the task on a vCPU ------------------------------------------------------------------------
-    def _current_offset(self) -> int | None:
-        """Offset of the current task pointer in a CPU's per-CPU area (``current_task``, or in
-        ``pcpu_hot`` from 6.2); looked up once, not at every hit."""
-        if self._current_off is None:
-            prof = self.vm.linux.profile
-            off = prof.symbol("current_task")
-            if off is None:
-                base = prof.symbol("pcpu_hot")
-                if base is None:
-                    return None
-                off = base + drgn.offsetof(self.vm.linux.prog.type("struct pcpu_hot"), "current_task")
-            self._current_off = int(off)
-        return self._current_off
-
     def _current_pointer(self, regs: dict[str, int]) -> int | None:
-        """Address of the task running on the stopped vCPU (its per-CPU current task pointer)."""
-        # in user mode the kernel's per-CPU base is the one swapgs put aside
-        gs = regs.get("k_gs_base", 0) if regs.get("cs", 0) & CPL_MASK else regs.get("gs_base", 0)
-        off = self._current_offset()
-        if not gs or off is None:
-            return None
-        return int.from_bytes(self.vm.linux.prog.read(gs + off, 8, False), "little")
+        """Address of the task running on the stopped vCPU (see :meth:`KernelABI.current`)."""
+        return self.abi.current(self.vm.linux.prog, regs)
 
     def _current(self, regs: dict[str, int]) -> drgn.Object | None:
         ptr = self._current_pointer(regs)
@@ -409,7 +392,17 @@ class Tracer:
         return ev
 
     def _user_reader(self, regs: dict[str, int]) -> Callable[[int, int], bytes]:
-        cr3, la57 = regs.get("cr3", 0), bool(regs.get("cr4", 0) & (1 << 12))
+        cr3, la57 = self.abi.user_root(regs)
+        if self.abi.split_roots:  # kernel addresses go through the kernel's own root (arm64: TTBR1)
+            kroot, kla57 = self._kernel_root()
+            canon = self.vm.arch.canonical
+
+            def read_split(addr: int, size: int) -> bytes:
+                if canon(addr) >> 63:
+                    return self.vm.read_virt(addr, size, cr3=kroot, la57=kla57)
+                return self.vm.read_virt(addr, size, cr3=cr3, la57=la57)
+
+            return read_split
 
         def read(addr: int, size: int) -> bytes:
             return self.vm.read_virt(addr, size, cr3=cr3, la57=la57)
@@ -420,7 +413,7 @@ class Tracer:
         from aradia.linux.bounds import Warnings
         from aradia.linux.processes import task_info
 
-        task = drgn.Object(self.vm.linux.prog, "struct task_struct *", value=regs["rdi"])
+        task = drgn.Object(self.vm.linux.prog, "struct task_struct *", value=regs[self.abi.call_args[0]])
         info = task_info(task, Warnings())
         args: dict[str, Any] = {"pid": info.pid, "tgid": info.tgid, "comm": info.comm}
         if kind == "fork":
@@ -435,14 +428,14 @@ class Tracer:
 
     # --- the event loop ----------------------------------------------------------------------------
     def _handle(self, thread: str | None, regs: dict[str, int]) -> Event | None:
-        rip = regs.get("rip", 0)
+        rip = regs.get(self.abi.pc, 0)
         out: Event | None = None
         probe = self.probes.get(rip)
         if probe is not None and probe.kind == "uprobe" and not self._user_hit_ok(probe, regs):
             probe = None  # another process runs code at this address
         if self._refault and probe is not None:
             key = (self._task_address(regs), rip)
-            if self._refault.get(key) == regs.get("rsp"):
+            if self._refault.get(key) == regs.get(self.abi.sp):
                 del self._refault[key]
                 return None  # the faulted instruction running again: reported already
         if probe is not None and probe.kind == "mmap":
@@ -452,14 +445,12 @@ class Tracer:
         elif probe is not None and probe.target is not None and probe.target.decide is not None:
             out = self._decide(probe, thread, regs)
             if probe.ret and self._return_now is None:
-                kept = (probe.target.entry_args(regs, self._user_reader(regs)) if probe.target.keep_args
-                        else None)
+                kept = (probe.target.entry_args(regs, self._user_reader(regs), self.abi.call_args)
+                        if probe.target.keep_args else None)
                 self._await_return(probe, regs, entry=kept)
         elif probe is not None and not probe.ret:
             if probe.kind == "syscall":
-                # one read of the whole struct, not one per argument
-                ptregs = drgn.Object(self.vm.linux.prog, "struct pt_regs", address=regs["rdi"]).read_()
-                raw = [int(getattr(ptregs, r)) for r in syscalls.SYSCALL_ARG_REGS]
+                raw = self.abi.syscall_args(self.vm.linux.prog, regs)  # one read of the struct
                 if probe.name in SYSCALL_EXITS:
                     self._in_syscall[self._task_address(regs)] = (probe.name, raw)  # reported at its end
                 else:
@@ -475,23 +466,23 @@ class Tracer:
                 args = self._lifecycle_args(probe.name, regs)
                 out = self._event(probe.name, probe.name, thread, regs, args)
             elif probe.target is not None:
-                args = probe.target.entry_args(regs, self._user_reader(regs))
+                args = probe.target.entry_args(regs, self._user_reader(regs), self.abi.call_args)
                 out = self._event("uprobe", probe.name, thread, regs, args)
             else:
-                args = {r: regs.get(r, 0) for r in CALL_ARG_REGS}
+                args = {r: regs.get(r, 0) for r in self.abi.call_args}
                 out = self._event("kprobe", probe.name, thread, regs, args)
         elif probe is not None and probe.ret:
             kept = None
             if probe.target is not None and probe.target.keep_args:
-                kept = probe.target.entry_args(regs, self._user_reader(regs))
+                kept = probe.target.entry_args(regs, self._user_reader(regs), self.abi.call_args)
             self._await_return(probe, regs, entry=kept)
         if rip in self._returns:
             waiting = self._returns[rip]
             task = self._task_address(regs)
             for i, p in enumerate(waiting):
-                if p.task == task and p.rsp_after == regs["rsp"]:
+                if p.task == task and p.rsp_after == regs[self.abi.sp]:
                     del waiting[i]
-                    rax = regs.get("rax", 0)
+                    rax = regs.get(self.abi.ret, 0)
                     if p.syscall is not None:
                         self._in_syscall.pop(task, None)
                         name, raw = p.syscall
@@ -531,11 +522,12 @@ class Tracer:
         except GUEST_ERRORS:
             task = None
         ctx = HookContext(probe.name, regs, self.vm.linux.prog, task, self._user_reader(regs), _vcpu(thread),
-                          _make_event=lambda kind, name, args: self._event(kind, name, thread, regs, args))
+                          _make_event=lambda kind, name, args: self._event(kind, name, thread, regs, args),
+                          arg_regs=self.abi.call_args)
         errno = decide(ctx)
         if errno or ctx.returns is not None:
-            ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-            self._return_now = return_now(regs, ret_addr, errno or None, ctx.returns or 0)
+            ret_addr = self.abi.return_address(regs, self._user_reader(regs))
+            self._return_now = return_now(regs, ret_addr, errno or None, ctx.returns or 0, self.abi)
         self._queued.extend(ctx.events[1:])
         return ctx.events[0] if ctx.events else None
 
@@ -543,8 +535,9 @@ class Tracer:
                       syscall: tuple[str, list[int]] | None = None,
                       entry: dict[str, Any] | None = None) -> None:
         """Break at the return address on the stack (keyed by task and stack pointer)."""
-        ret_addr = int.from_bytes(self._user_reader(regs)(regs["rsp"], 8), "little")
-        pend = Pending(probe, self._task_address(regs), regs["rsp"] + 8, time.monotonic(), syscall, entry)
+        ret_addr = self.abi.return_address(regs, self._user_reader(regs))
+        pend = Pending(probe, self._task_address(regs), self.abi.sp_after_return(regs), time.monotonic(),
+                       syscall, entry)
         if ret_addr not in self._returns:
             self._returns[ret_addr] = []
             if ret_addr not in self.probes:
@@ -555,9 +548,9 @@ class Tracer:
         """After stepping off a breakpoint: if the vCPU entered an exception or interrupt handler
         instead (the probed instruction faulted — e.g. the first touch of a code page — and will run
         again), the next hit of this task at this address is that re-run, not a new call."""
-        pc = self.stub.registers(thread).get("rip", 0)
+        pc = self.stub.registers(thread).get(self.abi.pc, 0)
         if self._in_entry_stubs(pc):
-            self._refault[(self._task_address(before), before["rip"])] = before["rsp"]
+            self._refault[(self._task_address(before), before[self.abi.pc])] = before[self.abi.sp]
 
     def _in_entry_stubs(self, pc: int) -> bool:
         """Whether ``pc`` is in the kernel's exception and interrupt entry code (``.entry.text``)."""
@@ -580,7 +573,7 @@ class Tracer:
         # instruction (x86 reports after it ran) and value the range as it is now
         ev = self._event("watch", f"{w.address:#x}", thread, regs,
                          {"address": addr, "access": {"watch": "w", "rwatch": "r", "awatch": "rw"}.get(
-                             stop.watch_kind or "", w.access), "rip": regs.get("rip", 0)})
+                             stop.watch_kind or "", w.access), self.abi.pc: regs.get(self.abi.pc, 0)})
         if w.pid is not None and ev.tgid != w.pid:
             return None
         read = self._user_reader(regs)
@@ -637,18 +630,19 @@ class Tracer:
     def _resume(self, thread: str | None, regs: dict[str, int]) -> None:
         """Move the stopped vCPU off the breakpoint it stopped at (if any) and let the guest run: one
         request (register writes and continue together) unless a single step is needed."""
-        rip = regs.get("rip", 0)
+        pc = self.abi.pc
+        rip = regs.get(pc, 0)
         probe = self.probes.get(rip)
         now, self._return_now = self._return_now, None
         writes: dict[str, int] = {}
         if now is not None:  # a hook decided: the function returns at once, its body never runs
-            writes = {name: now[name] for name in ("rax", "rsp", "rip")}
+            writes = now
         elif probe is not None and probe.skip:
-            writes = {"rip": rip + probe.skip}
-        elif probe is not None and probe.kind == "uprobe" and self._endbr_at(regs):
+            writes = {pc: rip + probe.skip}
+        elif probe is not None and probe.kind == "uprobe" and (skip := self._user_skip(regs)):
             # a user function compiled with CET starts with ENDBR64 (a NOP here): skipping it is
             # running it, and spares the single-step (which makes TCG flush all translated code)
-            writes = {"rip": rip + len(ENDBR64)}
+            writes = {pc: rip + skip}
         elif probe is not None or rip in self._returns:
             # off the breakpoint, or the continue would re-hit it
             self.stub.step(thread, until_pc_changes=True)
@@ -656,13 +650,13 @@ class Tracer:
         self._stopped = False
         self.stub.resume(writes, thread)
 
-    def _endbr_at(self, regs: dict[str, int]) -> bool:
-        """Whether the stopped task's instruction at RIP is ENDBR64 (read in its own address space:
-        another process may run other code at a user probe's address)."""
+    def _user_skip(self, regs: dict[str, int]) -> int:
+        """Bytes at the stopped task's user PC that may be skipped (x86: ENDBR64; read in its own
+        address space: another process may run other code at a user probe's address)."""
         try:
-            return self._user_reader(regs)(regs.get("rip", 0), len(ENDBR64)) == ENDBR64
+            return self.abi.user_entry_skip(self._user_reader(regs)(regs.get(self.abi.pc, 0), len(ENDBR64)))
         except GUEST_ERRORS:
-            return False
+            return 0
 
     def run(self, callback: Callable[[Event], object], duration: float | None = None,
             until: Callable[[], bool] | None = None) -> int:

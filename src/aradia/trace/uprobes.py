@@ -137,12 +137,14 @@ class UserTarget:
         path = exe()
         return path is not None and path.rsplit("/", 1)[-1] == self.process
 
-    def entry_args(self, regs: dict[str, int], read: Callable[[int, int], bytes]) -> dict[str, Any]:
-        """The decoded arguments at function entry (raw argument registers without a signature)."""
+    def entry_args(self, regs: dict[str, int], read: Callable[[int, int], bytes],
+                   arg_regs: tuple[str, ...] = CALL_ARG_REGS) -> dict[str, Any]:
+        """The decoded arguments at function entry (raw argument registers without a signature);
+        ``arg_regs``: the call's argument registers on the guest's architecture."""
         if not self.signature.args:
-            return {r: regs.get(r, 0) for r in CALL_ARG_REGS}
+            return {r: regs.get(r, 0) for r in arg_regs}
         return {name: decode_value(typ, regs.get(reg, 0), read)
-                for (name, typ), reg in zip(self.signature.args, CALL_ARG_REGS, strict=False)}
+                for (name, typ), reg in zip(self.signature.args, arg_regs, strict=False)}
 
     def return_value(self, rax: int, read: Callable[[int, int], bytes]) -> Any:
         """The decoded return value."""

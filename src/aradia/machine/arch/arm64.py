@@ -77,6 +77,7 @@ class Arm64(Architecture):
     sp = "sp"
     args = ("x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7")
     ret = "x0"
+    link = "x30"
 
     def __init__(self, va_bits: int = 48, lpa2: bool = False) -> None:
         """``va_bits``: the kernel's VA size, 25 to 52; ``lpa2``: descriptors in the FEAT_LPA2 format

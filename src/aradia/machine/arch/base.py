@@ -72,6 +72,9 @@ class Architecture(abc.ABC):
     sp: str = ""  # stack pointer register
     args: tuple[str, ...] = ()  # integer argument registers of the C calling convention, in order
     ret: str = ""  # integer return-value register
+    #: the register a call leaves its return address in (arm64 ``x30``, the link register); None: the
+    #: call pushes it, so at a function's first instruction it is the word at the stack pointer (x86)
+    link: str | None = None
     page_shifts: tuple[int, ...] = (12, 21, 30)  # page and block sizes a walk can end in, smallest first
 
     @abc.abstractmethod
