@@ -654,3 +654,87 @@ int main(int argc, char **argv) {
 def build_aeskeys(tmp: Path) -> bytes:
     """The static ``aeskeys`` program: AES-128/192/256 schedules in its heap, keys on stdout."""
     return build_program(tmp, "aeskeys", AESKEYS_C, ["-static", "-O2", "-s"])
+
+
+# --- arm64 (AArch64), static, no libc -----------------------------------------------------------------
+A64_SYS_C = r"""
+typedef unsigned long u64;
+static long sys3(long nr, long a, long b, long c) {
+    register long x8 __asm__("x8") = nr;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    __asm__ volatile("svc #0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2) : "memory");
+    return x0;
+}
+static u64 num(const char *s) { u64 v = 0; while (*s >= '0' && *s <= '9') v = v * 10 + (u64)(*s++ - '0'); return v; }
+static char *fmt(char *p, long sv) {
+    char b[24]; int n = 0; u64 v = sv < 0 ? (u64)-sv : (u64)sv;
+    if (sv < 0) *p++ = '-';
+    do { b[n++] = '0' + v % 10; v /= 10; } while (v);
+    while (n) *p++ = b[--n];
+    return p;
+}
+static char *put(char *p, const char *s) { while (*s) *p++ = *s++; return p; }
+"""
+
+A64_LOOP_C = A64_SYS_C + r"""
+/* a64loop N [NR]: N syscalls number NR (default 173, getppid) with zero arguments, then "calls N". */
+void cmain(long *sp) {
+    long argc = sp[0]; char **argv = (char **)(sp + 1);
+    u64 n = argc > 1 ? num(argv[1]) : 0, nr = argc > 2 ? num(argv[2]) : 173;
+    for (u64 i = 0; i < n; i++) sys3((long)nr, 0, 0, 0);
+    char out[64], *p = put(out, "calls ");
+    p = fmt(p, (long)n);
+    *p++ = '\n';
+    sys3(64, 1, (long)out, p - out);
+    sys3(93, 0, 0, 0);
+}
+__asm__(".globl _start\n_start:\n mov x0, sp\n bl cmain\n b .\n");
+"""
+
+A64_CALLS_C = A64_SYS_C + r"""
+/* a64calls N: N getsid(0) calls, then N openat(AT_FDCWD, "/nonexistent/aradia-K", O_RDONLY) for
+ * K = 0..N-1; prints "pid P sid S enoent E calls N" (S: what getsid returned every time, -1 if it
+ * ever differed; E: how many openat calls failed with ENOENT). */
+void cmain(long *sp) {
+    long argc = sp[0]; char **argv = (char **)(sp + 1);
+    u64 n = argc > 1 ? num(argv[1]) : 0;
+    long sid = sys3(156, 0, 0, 0), enoent = 0;
+    for (u64 i = 1; i < n; i++) if (sys3(156, 0, 0, 0) != sid) sid = -1;
+    char path[40];
+    for (u64 i = 0; i < n; i++) {
+        char *q = put(path, "/nonexistent/aradia-");
+        q = fmt(q, (long)i);
+        *q = 0;
+        if (sys3(56, -100, (long)path, 0) == -2) enoent++;
+    }
+    char out[128], *p = put(out, "pid ");
+    p = fmt(p, sys3(172, 0, 0, 0));
+    p = put(p, " sid "); p = fmt(p, sid);
+    p = put(p, " enoent "); p = fmt(p, enoent);
+    p = put(p, " calls "); p = fmt(p, (long)n);
+    *p++ = '\n';
+    sys3(64, 1, (long)out, p - out);
+    sys3(93, 0, 0, 0);
+}
+__asm__(".globl _start\n_start:\n mov x0, sp\n bl cmain\n b .\n");
+"""
+
+#: arm64's generic syscall numbers the arm64 programs use: getsid (quiet: nothing else in the guest
+#: calls it), getppid (every bash calls it as it starts)
+A64_QUIET_NR, A64_QUIET_SYMBOL = 156, "__arm64_sys_getsid"
+A64_NOISY_SYMBOL = "__arm64_sys_getppid"
+
+A64_FLAGS = ["-static", "-nostdlib", "-Os", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
+             "-fno-pie", "-no-pie", "-s", "-Wl,--build-id=none"]
+
+
+def build_a64loop(tmp: Path, gcc: str) -> bytes:
+    """Compile ``a64loop`` (arm64, static, no libc) with cross compiler ``gcc``; its bytes."""
+    return build_program(tmp, "a64loop", A64_LOOP_C, A64_FLAGS, gcc=gcc)
+
+
+def build_a64calls(tmp: Path, gcc: str) -> bytes:
+    """Compile ``a64calls`` (arm64, static, no libc) with cross compiler ``gcc``; its bytes."""
+    return build_program(tmp, "a64calls", A64_CALLS_C, A64_FLAGS, gcc=gcc)
