@@ -36,6 +36,7 @@ from guest_programs import (
     build_a64loop,
     install_program,
 )
+from guest_workload import ssh_typed
 from test_guardian import TRACER, _gone
 from test_trace import N_EXEC, WORK, run_traced
 from tracing import trace_while
@@ -145,6 +146,43 @@ def test_entry_and_return_probes_exact(guest: Guest) -> None:
     order = [e.name for e in events if e.name != A64_QUIET_SYMBOL]
     assert order == ["do_sys_openat2", "__arm64_sys_openat"] * n
     assert max(e.time for e in sids) < min(e.time for e in entries)
+
+
+@pytest.mark.timeout(300)
+def test_crypt_sees_the_password_of_an_ssh_login(guest: Guest) -> None:
+    """``libcrypt.so.1:crypt`` in dropbear (an aarch64 ELF; a breakpoint hit at EL0, where the task
+    comes from SP_EL1): the password the client typed and the hash of the guest's /etc/shadow."""
+    shadow = guest.ssh("cat /etc/shadow")
+    root_hash = next(line.split(":")[1] for line in shadow.splitlines() if line.startswith("root:"))
+
+    def arm(tracer: Tracer) -> None:
+        tracer.add_uprobe("libcrypt.so.1:crypt", process="dropbear")
+
+    events, out = trace_while(guest, arm, lambda: guest.ssh("echo session=$PPID", password=True, timeout=120),
+                              limit=200)
+    session = int(str(out).split("session=")[1].split()[0])  # dropbear's process for this login
+    crypts = [e for e in events if e.name == "libcrypt.so.1:crypt"]
+    assert [(e.kind, e.comm, e.tgid) for e in crypts] == [("uprobe", "dropbear", session)], \
+        [e.line() for e in events]
+    assert crypts[0].args == {"phrase": guest.image.root_password, "setting": root_hash}
+
+
+@pytest.mark.timeout(300)
+def test_readline_return_is_each_typed_command_line(guest: Guest) -> None:
+    """``bash:readline`` returns (the link register's target at EL0): each line typed into an
+    interactive shell over ssh, in order, in the shell that reports its own pid."""
+    commands = ["echo typed-$((6*7))", "uname -m", "echo shell=$$"]
+
+    def arm(tracer: Tracer) -> None:
+        tracer.add_uprobe("bash:readline", ret=True)
+
+    events, out = trace_while(guest, arm, lambda: ssh_typed(guest, commands), limit=200)
+    text = str(out)
+    assert "typed-42" in text and "aarch64" in text, text
+    shell = int(text.split("shell=")[-1].split()[0])
+    lines = [e.args["ret"] for e in events if e.kind == "uretprobe" and e.tgid == shell]
+    assert lines == [*commands, "exit"], [e.line() for e in events]
+    assert all(e.comm == "bash" for e in events if e.tgid == shell)
 
 
 @pytest.mark.timeout(180)

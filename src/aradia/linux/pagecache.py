@@ -10,6 +10,7 @@ what extracting whole files (``aradia.apps.extract``) needs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import drgn
@@ -50,8 +51,36 @@ def page_phys(page: drgn.Object) -> int:
         return int(page_to_phys(page))
     except LookupError:  # drgn's ObjectNotFoundError is a KeyError
         base = int(prog["vmemmap_base"])
-        pfn = (page.value_() - base) // drgn.sizeof(prog.type("struct page"))
-        return pfn * PAGE_SIZE
+    except drgn.FaultError:
+        # drgn derives vmemmap from mem_section, which it cannot read here (arm64 from RAM alone):
+        # then it is what the kernel's VMCOREINFO says (arm64: VMEMMAP_START less PHYS_OFFSET's pages)
+        found = _vmcoreinfo_vmemmap(prog)
+        if found is None:
+            raise
+        base = found
+    pfn = (page.value_() - base) // drgn.sizeof(prog.type("struct page"))
+    return pfn * PAGE_SIZE
+
+
+def _vmcoreinfo_vmemmap(prog: drgn.Program) -> int | None:
+    """``vmemmap`` (the address of page frame 0's ``struct page``) from VMCOREINFO's
+    ``NUMBER(VMEMMAP_START)`` and ``NUMBER(PHYS_OFFSET)`` (arm64 exports both); None without them."""
+    if "aradia_vmemmap" not in prog.cache:
+        numbers: dict[str, int] = {}
+        try:
+            text = prog["VMCOREINFO"].string_().decode(errors="replace")
+        except (LookupError, *GUEST_ERRORS):
+            text = ""
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key in ("NUMBER(VMEMMAP_START)", "NUMBER(PHYS_OFFSET)"):
+                with contextlib.suppress(ValueError):
+                    numbers[key] = int(value, 16)
+        start, phys = numbers.get("NUMBER(VMEMMAP_START)"), numbers.get("NUMBER(PHYS_OFFSET)")
+        prog.cache["aradia_vmemmap"] = (None if start is None or phys is None else
+                                        start - (phys // PAGE_SIZE) * drgn.sizeof(prog.type("struct page")))
+    value = prog.cache["aradia_vmemmap"]
+    return None if value is None else int(value)
 
 
 def read_cached(inode: drgn.Object, offset: int, size: int) -> bytes:

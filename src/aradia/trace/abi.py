@@ -51,8 +51,11 @@ MASK64 = (1 << 64) - 1
 A64_NOP = 0xD503201F
 A64_MOV_X9_LR = 0xAA1E03E9  # mov x9, x30: the first ftrace patch slot once initialised
 A64_BTI = frozenset({0xD503241F, 0xD503245F, 0xD503249F, 0xD50324DF})  # bti, bti c, bti j, bti jc
-#: arm64 kernel stacks are 16 KiB (32 KiB with KASAN): a task's ``stack`` is at most this far below SP_EL1
-A64_MAX_THREAD_SIZE = 64 << 10
+#: arm64's THREAD_SIZE: 16 KiB, 32 KiB with KASAN, 64 KiB with 64 KiB pages. At EL0, SP_EL1 is exactly
+#: the top of the current task's kernel stack (``kernel_exit`` popped its ``struct pt_regs``, which
+#: sits at the top): ``task->stack + THREAD_SIZE``. (Vmapped stacks lie a guard page apart, so a looser
+#: test would take a neighbour's stack.)
+A64_THREAD_SIZES = (16 << 10, 32 << 10, 64 << 10)
 
 
 @dataclass
@@ -205,6 +208,7 @@ class Arm64ABI(KernelABI):
     """Linux on arm64 (AArch64)."""
 
     _stack_off: int | None = field(init=False, default=None)
+    _exit_state_off: int | None = field(init=False, default=None)
     #: SP_EL1 at EL0 -> the task whose kernel stack it is (checked again at every use)
     _by_stack: dict[int, int] = field(init=False, default_factory=dict)
     _regs_off: int | None = field(init=False, default=None)
@@ -232,8 +236,10 @@ class Arm64ABI(KernelABI):
         top = regs.get("sp_el1", 0)
         if not top:
             return None
-        if self._stack_off is None:
-            self._stack_off = drgn.offsetof(prog.type("struct task_struct"), "stack")
+        if self._stack_off is None or self._exit_state_off is None:
+            task_type = prog.type("struct task_struct")
+            self._stack_off = drgn.offsetof(task_type, "stack")
+            self._exit_state_off = drgn.offsetof(task_type, "exit_state")
         task = self._by_stack.get(top)
         if task is not None and self._owns(prog, task, top):
             return task
@@ -255,10 +261,13 @@ class Arm64ABI(KernelABI):
         return found
 
     def _owns(self, prog: drgn.Program, task: int, top: int) -> bool:
-        """Whether ``top`` (SP_EL1 at EL0) is in the kernel stack of the task at ``task``."""
-        assert self._stack_off is not None
+        """Whether ``top`` (SP_EL1 at EL0) is the top of the kernel stack of the live task at ``task``
+        (a task that exited keeps its old ``stack`` value in freed memory: ``exit_state`` says so)."""
+        assert self._stack_off is not None and self._exit_state_off is not None
         stack = int.from_bytes(prog.read(task + self._stack_off, 8, False), "little")
-        return stack < top <= stack + A64_MAX_THREAD_SIZE
+        if top - stack not in A64_THREAD_SIZES:
+            return False
+        return int.from_bytes(prog.read(task + self._exit_state_off, 4, False), "little") == 0
 
     def kernel_entry(self, head: bytes) -> tuple[int, int]:
         """On the NOP after a ``bti`` landing pad and the ``mov x9, x30`` ftrace slot (then skipped);
