@@ -47,6 +47,8 @@ GUESTS = [("6.1", 1), ("6.1", 2), ("6.12", 1), ("6.12", 2)]
 
 @dataclass
 class Rig:
+    """A booted arm64 guest and how it was booted."""
+
     guest: Guest
     series: str
     smp: int
@@ -68,6 +70,7 @@ def rig(request: pytest.FixtureRequest, launch_guest: Callable[..., Guest],
 
 @pytest.fixture
 def guest(rig: Rig) -> Guest:
+    """The rig's guest."""
     return rig.guest
 
 
