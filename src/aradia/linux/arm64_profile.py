@@ -61,8 +61,9 @@ RECOVERED = ("init_task", "init_pid_ns", "init_struct_pid", "init_nsproxy", "ini
 # mm the idle task borrowed last)
 """Data symbols an arm64 profile recovers from RAM (the others of VMCOREINFO are taken as it states)."""
 
-_VMCOREINFO_SYMBOLS = ("init_uts_ns", "prb", "printk_rb_static", "clear_seq", "mem_section",
-                       "vmap_area_list", "node_online_map", "swapper_pg_dir")
+# (not mem_section: VMCOREINFO prints that pointer's value, not its address)
+_VMCOREINFO_SYMBOLS = ("init_uts_ns", "prb", "printk_rb_static", "clear_seq", "vmap_area_list",
+                       "node_online_map", "swapper_pg_dir")
 
 
 def platform_aarch64() -> drgn.Platform:
