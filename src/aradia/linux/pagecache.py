@@ -49,15 +49,17 @@ def page_phys(page: drgn.Object) -> int:
     prog = page.prog_
     try:
         return int(page_to_phys(page))
-    except LookupError:  # drgn's ObjectNotFoundError is a KeyError
-        base = int(prog["vmemmap_base"])
-    except drgn.FaultError:
-        # drgn derives vmemmap from mem_section, which it cannot read here (arm64 from RAM alone):
-        # then it is what the kernel's VMCOREINFO says (arm64: VMEMMAP_START less PHYS_OFFSET's pages)
-        found = _vmcoreinfo_vmemmap(prog)
-        if found is None:
-            raise
-        base = found
+    except (LookupError, drgn.FaultError):  # drgn's ObjectNotFoundError is a KeyError
+        # drgn derives vmemmap from mem_section, which it cannot find or read here: then it is the
+        # kernel's own vmemmap_base (x86-64) or what its VMCOREINFO says (arm64: VMEMMAP_START less
+        # PHYS_OFFSET's pages)
+        try:
+            base = int(prog["vmemmap_base"])
+        except LookupError:
+            found = _vmcoreinfo_vmemmap(prog)
+            if found is None:
+                raise
+            base = found
     pfn = (page.value_() - base) // drgn.sizeof(prog.type("struct page"))
     return pfn * PAGE_SIZE
 
