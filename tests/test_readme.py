@@ -257,6 +257,9 @@ def dump_lime(env: Env, line: str, subs: dict[str, str]) -> None:
 def demo(env: Env, line: str, subs: dict[str, str]) -> None:
     out = env.cli.ok(env.fill(line, subs), timeout=900)
     text = out.splitlines()
+    arch = "arm64" if "--arch arm64" in line else "x86_64"
+    assert "test guest (cached after the first run)" in text[1] and f" {arch} " in text[1], out
+    assert any(x.startswith("  vCPU 0: " + ("PC" if arch == "arm64" else "RIP")) for x in text), out
     assert sum("matches the guest's /proc/version" in x for x in text) == 2, out
     assert "DIFFERS" not in out and "  banner in the dump matches" in text
     assert any("(nothing left armed)" in x for x in text) and text[-1] == "guest stopped; nothing was left running"
@@ -555,6 +558,7 @@ COMMANDS: dict[str, Case] = {
     DUMP_ELF: Case(dump_elf, (QMP,)),
     DUMP_LIME: Case(dump_lime, (QMP,)),
     "aradia demo": Case(demo),
+    "aradia demo --arch arm64": Case(demo),
     "aradia ps     --vm SPEC [--threads]": Case(ps, ({**SPEC, " [--threads]": ""}, {**SPEC, "[--threads]": "--threads"})),
     "aradia lsmod  --vm SPEC": Case(lsmod, (SPEC,)),
     "aradia maps   --vm SPEC PID": Case(maps, ({**SPEC, "PID": "{pid}"},)),
