@@ -16,7 +16,7 @@ rounds, the same loop runs:
 * **gdb-stub raw hot**: no tracer: a bare :class:`~aradia.proto.gdbrsp.GdbClient` breakpoint on the
   hot syscall's entry that only moves the PC past the entry's NOP and continues, the floor of a
   stub probe (what the tracer adds per event is the difference to **gdb-probe hot**);
-* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~60-line RSP client that imports
+* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~100-line RSP client that imports
   nothing from aradia: the stub's own limit, against which the tracer's rate is put last;
 * **plugin counter**: the plugin counting executions of ``__x64_sys_getppid`` (arm64:
   ``__arm64_sys_getppid``; callback, no log); its
