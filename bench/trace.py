@@ -1,8 +1,9 @@
 """The guest's syscall-loop rate untraced, under GDB-stub probes (hot, cold) and under the TCG plugin counter.
 
 Boots one guest (1 vCPU, TCG, GDB stub on, aradia's TCG plugin loaded) and copies in ``loop N``, a
-static no-libc program (``tests/guest_programs.py``) that makes exactly N ``getppid`` syscalls and
-prints how long they took by the guest's own clock. Then, in interleaved rounds, the same loop runs:
+static no-libc program (``tests/guest_programs.py``: ``loop``; ``a64loop`` on arm64) that makes exactly
+N ``getppid`` syscalls and prints how long they took by the guest's own clock. Then, in interleaved
+rounds, the same loop runs:
 
 * **untraced**: nothing armed (the plugin is loaded but has no target: it only looks at code as TCG
   translates it);
@@ -13,11 +14,12 @@ prints how long they took by the guest's own clock. Then, in interleaved rounds,
 * **tracer, no probe**: the tracer attached and running its event loop with nothing armed, which
   separates the cost of the tracer's processes from that of an armed breakpoint in QEMU;
 * **gdb-stub raw hot**: no tracer: a bare :class:`~aradia.proto.gdbrsp.GdbClient` breakpoint on the
-  hot syscall's entry that only moves RIP past the entry's 5-byte NOP and continues, the floor of a
+  hot syscall's entry that only moves the PC past the entry's NOP and continues, the floor of a
   stub probe (what the tracer adds per event is the difference to **gdb-probe hot**);
-* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~60-line RSP client that imports
+* **bare client hot**: the same per hit through ``bare_rsp.py``, a ~100-line RSP client that imports
   nothing from aradia: the stub's own limit, against which the tracer's rate is put last;
-* **plugin counter**: the plugin counting executions of ``__x64_sys_getppid`` (callback, no log); its
+* **plugin counter**: the plugin counting executions of ``__x64_sys_getppid`` (arm64:
+  ``__arm64_sys_getppid``; callback, no log); its
   count must match the loop's own count within 0.5 % (the shell's own ``getppid`` calls, measured with
   ``loop 0`` under the same target, are subtracted);
 * **plugin counter+log**: the same with every hit logged to the ring, drained by a host thread.
@@ -29,10 +31,16 @@ by the guest's clock, except under the hot GDB probes: the guest's clock partly 
 holds the VM, so there the rate is the host's, from the first to the last loop hit. Each phase keeps its best
 run (the host is shared: other work only ever slows a run down); the median follows in brackets.
 Cost per event is the wall time each event adds: 1/rate(phase) - 1/rate(untraced), best rates.
-Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare client hot) the very last. Usage:
+Ratios are printed last, "aradia tracer / bare client" (gdb-probe hot / bare client hot) the very last.
 
-    python bench/trace.py [--kernel 6.1] [--rounds 5] [--reps 5] [--calls 200000] [--hot-calls 400]
-                           [--hot-reps 3]
+``--arch arm64`` boots the lab's arm64 guest (``qemu-system-aarch64 -M virt``, the same plugin built for
+the host's QEMU). What differs comes from :mod:`aradia.trace.abi`, not from this file: the syscall's entry
+symbol, where a probe on a function breaks and how many bytes of NOP it skips there (x86-64: after
+``ENDBR64``, 5; arm64: after ``mov x9, x30``, 4), the PC's name; the PC's register number, size and byte
+order in the stub's ``g`` layout come from the stub's own target description. Usage:
+
+    python bench/trace.py [--kernel 6.1] [--arch x86_64|arm64] [--rounds 5] [--reps 5] [--calls 200000]
+                           [--hot-calls 400] [--hot-reps 3]
     python bench/trace.py --quick     # 3 rounds, 4 reps, 100,000 / 200 calls
 """
 
@@ -50,12 +58,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from aradia.errors import AradiaError
 from aradia.lab.images import build_guest
 from aradia.lab.launcher import Guest, launch
 from aradia.lab.plugin_build import build_plugin
 from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
+from aradia.trace.abi import KernelABI, kernel_abi
 from aradia.trace.events import Event
 from aradia.trace.pluginload import force_retranslation
 from aradia.trace.pluginshm import PluginShm
@@ -66,15 +76,22 @@ from guest_loop import BenchError, guest_programs
 
 REPO = Path(__file__).resolve().parent.parent
 HOT_SYSCALL = "getppid"
-HOT_SYMBOL = "__x64_sys_getppid"
+COLD_SYSCALL = "reboot"  # the cold probe's default: this syscall's entry (the loop never calls it)
 TOLERANCE = 0.005  # plugin count vs the loop's own count
 PHASES = ("untraced", "gdb-probe hot", "gdb-probe cold", "tracer, no probe", "gdb-stub raw hot",
           "bare client hot", "plugin counter", "plugin counter+log")
 HOT_PHASES = ("gdb-probe hot", "gdb-stub raw hot", "bare client hot")  # host clock, one loop per round
-NOP5 = bytes.fromhex("0f1f440000")
-ENDBR64 = bytes.fromhex("f30f1efa")
+HEAD = 16  # bytes of a function's head read to find where its probe breaks (arm64: bti, mov, nop)
 
 
+@dataclass
+class StubPc:
+    """The program counter as the GDB stub and the bare client see it."""
+
+    name: str  # in aradia's register names (``rip``, ``pc``)
+    regnum: int  # in the stub's target description (what ``p``/``P`` take)
+    size: int  # bytes
+    byteorder: Literal["little", "big"]
 
 
 @dataclass
@@ -121,17 +138,26 @@ def run_loops(guest: Guest, calls: int, reps: int = 1, timeout: float = 600) -> 
     return Loops(calls, [n / 1e9 for n in ns])
 
 
-def retarget(shm: PluginShm, gdb_address: str, vaddr: int | None, *, log: bool = False) -> None:
-    """Point the plugin's slot 0 at ``vaddr`` (None: clear) and force re-translation of what changed."""
-    changed = shm.set_target(0, vaddr, log=log)
-    if not changed:
-        return
-    gdb = GdbClient(gdb_address, was_running=True)
-    try:
-        gdb.restore_run_state()
-        missed = force_retranslation(gdb, changed)
-    finally:
-        gdb.close()
+def retarget(shm: PluginShm, gdb_address: str, vaddr: int | None, *, log: bool = False,
+             attempts: int = 50) -> None:
+    """Point the plugin's slot 0 at ``vaddr`` (None: clear) and force re-translation of what changed.
+
+    The stub reaches kernel text through the stopped vCPU's page tables, which on an arm64 guest with
+    KPTI map none of it while the vCPU is at EL0: an address missed that way is tried again on a later
+    stop (``attempts`` stops at most, 20 ms apart), most of which land in the kernel.
+    """
+    missed = sorted(shm.set_target(0, vaddr, log=log))
+    for attempt in range(attempts):
+        if not missed:
+            return
+        if attempt:
+            time.sleep(0.02)
+        gdb = GdbClient(gdb_address, was_running=True)
+        try:
+            gdb.restore_run_state()
+            missed = force_retranslation(gdb, missed)
+        finally:
+            gdb.close()
     if missed:
         raise BenchError(f"could not force re-translation at {', '.join(hex(a) for a in missed)}")
 
@@ -199,15 +225,14 @@ def phase_gdb_hot(vm: VM, guest: Guest, calls: int, ph: Phase) -> int:
     return len(mine)
 
 
-def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Phase) -> None:
-    """A bare stub breakpoint on the hot syscall: per hit, RIP past the entry NOP (or one step), continue."""
+def phase_gdb_raw(guest: Guest, gdb_address: str, pc: str, addr: int, skip_len: int, calls: int,
+                  ph: Phase) -> None:
+    """A bare stub breakpoint at ``addr`` on the hot syscall's entry: per hit, the PC (register ``pc``)
+    ``skip_len`` bytes on past the entry NOP (0: one step), continue."""
     gdb = GdbClient(gdb_address, was_running=True)
     hits: list[float] = []
     try:
         gdb.restore_run_state()
-        head = gdb.read_memory(entry, 9)
-        addr, skip = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
-        skip_len = 5 if skip[:5] == NOP5 else 0
         gdb.set_breakpoint(addr, BP_SOFTWARE)
         loops = BackgroundLoops(guest, calls)
         while loops.running() or gdb.running:
@@ -218,7 +243,7 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
                 continue
             hits.append(time.monotonic())
             if skip_len:
-                gdb.resume({"rip": addr + skip_len}, ev.thread)
+                gdb.resume({pc: addr + skip_len}, ev.thread)
             else:
                 gdb.step(ev.thread, until_pc_changes=True)
                 gdb.cont()
@@ -229,7 +254,7 @@ def phase_gdb_raw(guest: Guest, gdb_address: str, entry: int, calls: int, ph: Ph
     ph.rates.append(rate)
     ph.events.append(rate)
     ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; "
-                    f"{'RIP moved past the entry NOP' if skip_len else 'single-stepped'}")
+                    f"{f'{pc.upper()} moved past the entry NOP' if skip_len else 'single-stepped'}")
 
 
 def hot_rate(hits: list[float], calls: int) -> float:
@@ -242,9 +267,9 @@ def hot_rate(hits: list[float], calls: int) -> float:
     return (calls - 1) / span
 
 
-def phase_bare(guest: Guest, addr: int, skip: int, calls: int, ph: Phase) -> None:
-    """The independent client (``bare_rsp.py``): per hit the stop reply, ``P`` RIP past the NOP, ``c``."""
-    client = BareRsp("127.0.0.1", guest.gdb_port or 0)
+def phase_bare(guest: Guest, pc: StubPc, addr: int, skip: int, calls: int, ph: Phase) -> None:
+    """The independent client (``bare_rsp.py``): per hit the stop reply, ``P`` the PC past the NOP, ``c``."""
+    client = BareRsp("127.0.0.1", guest.gdb_port or 0, pc=pc.regnum, pc_size=pc.size, byteorder=pc.byteorder)
     try:
         loops = BackgroundLoops(guest, calls)
         hits = client.hits(addr, skip, lambda: not loops.running())
@@ -254,17 +279,32 @@ def phase_bare(guest: Guest, addr: int, skip: int, calls: int, ph: Phase) -> Non
     rate = hot_rate(hits, calls)
     ph.rates.append(rate)
     ph.events.append(rate)
-    ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; RIP moved past the "
-                    "entry NOP")
+    ph.notes.append(f"{len(hits)} hits for the loop's {calls} calls and the shell's own; {pc.name.upper()} "
+                    "moved past the entry NOP")
 
 
-def entry_breakpoint(vm: VM, entry: int) -> tuple[int, int]:
-    """Where a probe on the function at ``entry`` breaks and how many bytes of NOP it skips there."""
-    head = vm.read_virt(entry, 9)
-    addr, rest = (entry + 4, head[4:]) if head[:4] == ENDBR64 else (entry, head)
-    if rest[:5] != NOP5:
-        raise BenchError(f"no 5-byte NOP at {addr:#x}: the bare client cannot step, it only moves RIP")
-    return addr, 5
+def entry_breakpoint(vm: VM, abi: KernelABI, entry: int) -> tuple[int, int]:
+    """Where a probe on the function at ``entry`` breaks and how many bytes of NOP it skips there
+    (the architecture's entry layout: :meth:`~aradia.trace.abi.KernelABI.kernel_entry`)."""
+    at, skip = abi.kernel_entry(vm.read_virt(entry, HEAD))
+    if not skip:
+        raise BenchError(f"no entry NOP at {entry + at:#x}: the bare client cannot step, it only moves "
+                         f"{abi.pc.upper()}")
+    return entry + at, skip
+
+
+def stub_pc(gdb_address: str, name: str) -> StubPc:
+    """Register ``name`` (the PC) as the stub at ``gdb_address`` describes it."""
+    gdb = GdbClient(gdb_address, was_running=True)
+    try:
+        gdb.restore_run_state()
+        reg = next((r for r in gdb.register_map if r.name == name), None)
+        order = gdb.byteorder
+    finally:
+        gdb.close()
+    if reg is None or order not in ("little", "big"):
+        raise BenchError(f"the stub's target description has no register {name!r}")
+    return StubPc(name, reg.regnum, reg.size, "big" if order == "big" else "little")
 
 
 def phase_gdb_idle(vm: VM, guest: Guest, calls: int, reps: int, cold: str | None, ph: Phase) -> None:
@@ -387,6 +427,7 @@ def main() -> int:
     """Run the benchmark and print one line per phase, ratios last."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", default="6.1")
+    ap.add_argument("--arch", default="x86_64", choices=("x86_64", "arm64"), help="the guest's architecture")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every phase")
     ap.add_argument("--reps", type=int, default=5, help="loop runs per phase and round (hot probes: 1)")
@@ -395,7 +436,9 @@ def main() -> int:
                     help="runs of each hot phase (tracer, raw client, bare client) per round, back to back")
     ap.add_argument("--hot-calls", type=int, default=400,
                     help="getppid calls per loop run under the hot GDB probe")
-    ap.add_argument("--cold", default="__x64_sys_reboot", help="kernel function for the cold probe")
+    ap.add_argument("--cold", default=None,
+                    help="kernel function for the cold probe (default: the reboot syscall's entry, "
+                         "__x64_sys_reboot / __arm64_sys_reboot)")
     ap.add_argument("--quick", action="store_true",
                     help="3 rounds, 4 reps, 100,000 / 200 calls (under 1 min)")
     args = ap.parse_args()
@@ -403,29 +446,38 @@ def main() -> int:
         args.rounds, args.reps, args.calls, args.hot_calls = 3, 4, 100_000, 200
     started = time.monotonic()
 
-    image = build_guest(args.kernel)
+    image = build_guest(args.kernel, arch=args.arch)
     so = build_plugin()
     programs = guest_programs()
     with tempfile.TemporaryDirectory(prefix="aradia-bench-") as tmp:
-        loop = programs.build_loop(Path(tmp))
+        if args.arch == "arm64":  # the same loop and output line, arm64's syscall numbers
+            loop = programs.build_a64loop(Path(tmp), image.guest_arch.gcc)
+        else:
+            loop = programs.build_loop(Path(tmp))
+    boot_timeout = 60 if args.arch == "x86_64" else 180  # TCG boots an arm64 kernel in ~1-2 min
     ph = {n: Phase(n) for n in PHASES}
     checks: list[tuple[int, int]] = []
     hot_seen: list[int] = []
     with PluginShm(max_vcpus=1, ring_entries=1 << 18) as shm, \
             launch(image, smp=1, memory=args.memory, gdb=True, shared_memory=True,
-                   plugins=[shm.plugin_arg(so)]) as guest, \
+                   plugins=[shm.plugin_arg(so)], boot_timeout=boot_timeout) as guest, \
             attach(f"qmp:{guest.qmp_path}") as vm:
         gdb_address = f"127.0.0.1:{guest.gdb_port}"
-        programs.install_program(guest, "loop", loop)
+        programs.install_program(guest, "loop", loop)  # as /tmp/loop on both: its comm is "loop"
         vm.load_kernel()
-        target = vm.linux.profile.symbol(HOT_SYMBOL)
+        abi = kernel_abi(vm.arch, vm.linux.profile.symbol)
+        hot_symbol = abi.syscall_symbols(HOT_SYSCALL)[0]
+        target = vm.linux.profile.symbol(hot_symbol)
         if target is None:
-            raise BenchError(f"no {HOT_SYMBOL} in this kernel")
-        bare_at, bare_skip = entry_breakpoint(vm, target)
+            raise BenchError(f"no {hot_symbol} in this kernel")
+        bare_at, bare_skip = entry_breakpoint(vm, abi, target)
+        pc = stub_pc(gdb_address, abi.pc)
+        if args.cold is None:
+            args.cold = abi.syscall_symbols(COLD_SYSCALL)[0]
         if vm.linux.profile.symbol(args.cold) is None:
             raise BenchError(f"no kernel symbol {args.cold!r} for the cold probe")
         print(f"guest: Linux {image.release}, 1 vCPU, {args.memory}, TCG, plugin loaded (no target unless "
-              f"measured); hot: {HOT_SYSCALL} ({HOT_SYMBOL}), cold: {args.cold}; {args.rounds} rounds x "
+              f"measured); hot: {HOT_SYSCALL} ({hot_symbol}), cold: {args.cold}; {args.rounds} rounds x "
               f"{args.reps} loops of {args.calls:,} calls (hot probes: {args.hot_reps} x 1 x "
               f"{args.hot_calls:,}); setup {time.monotonic() - started:.1f} s", flush=True)
         print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
@@ -441,8 +493,9 @@ def main() -> int:
         ]
         hot: list[Callable[[], object]] = [
             lambda: hot_seen.append(phase_gdb_hot(vm, guest, args.hot_calls, ph["gdb-probe hot"])),
-            lambda: phase_gdb_raw(guest, gdb_address, target, args.hot_calls, ph["gdb-stub raw hot"]),
-            lambda: phase_bare(guest, bare_at, bare_skip, args.hot_calls, ph["bare client hot"]),
+            lambda: phase_gdb_raw(guest, gdb_address, abi.pc, bare_at, bare_skip, args.hot_calls,
+                                  ph["gdb-stub raw hot"]),
+            lambda: phase_bare(guest, pc, bare_at, bare_skip, args.hot_calls, ph["bare client hot"]),
         ]
         turn = [0]
 

@@ -7,7 +7,8 @@ the part; its comm is the name it is installed as, so the same bytes serve as ``
 ``aradia-decoy``) and ``opener`` a dynamic one calling the guest's libc (for user-space probes).
 :func:`install_program` copies a program into the guest; ``tests/guest_workload.py`` starts them.
 
-(``bench/trace.py`` imports this file by its path for ``loop``: it imports nothing from ``tests/``.)
+(``bench/trace.py`` imports this file by its path for ``loop`` and ``a64loop``: it imports nothing from
+``tests/``.)
 """
 
 from __future__ import annotations
@@ -679,13 +680,20 @@ static char *put(char *p, const char *s) { while (*s) *p++ = *s++; return p; }
 """
 
 A64_LOOP_C = A64_SYS_C + r"""
-/* a64loop N [NR]: N syscalls number NR (default 173, getppid) with zero arguments, then "calls N". */
+/* a64loop N [NR]: N syscalls number NR (default 173, getppid) with zero arguments, then "calls N ns T"
+ * with T from CLOCK_MONOTONIC (clock_gettime as a syscall: the same line as the x86-64 loop). */
+struct ts { long sec, nsec; };
+static u64 now(void) { struct ts t; sys3(113, 1, (long)&t, 0); return (u64)t.sec * 1000000000ul + (u64)t.nsec; }
 void cmain(long *sp) {
     long argc = sp[0]; char **argv = (char **)(sp + 1);
     u64 n = argc > 1 ? num(argv[1]) : 0, nr = argc > 2 ? num(argv[2]) : 173;
+    u64 t0 = now();
     for (u64 i = 0; i < n; i++) sys3((long)nr, 0, 0, 0);
-    char out[64], *p = put(out, "calls ");
+    u64 t1 = now();
+    char out[80], *p = put(out, "calls ");
     p = fmt(p, (long)n);
+    p = put(p, " ns ");
+    p = fmt(p, (long)(t1 - t0));
     *p++ = '\n';
     sys3(64, 1, (long)out, p - out);
     sys3(93, 0, 0, 0);
