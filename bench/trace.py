@@ -67,7 +67,7 @@ from aradia.lab.plugin_build import build_plugin
 from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.abi import KernelABI, kernel_abi
 from aradia.trace.events import Event
-from aradia.trace.pluginload import force_retranslation
+from aradia.trace.pluginload import retranslate_at
 from aradia.trace.pluginshm import PluginShm
 from aradia.trace.tracer import Tracer
 from aradia.vm import VM, attach
@@ -138,26 +138,11 @@ def run_loops(guest: Guest, calls: int, reps: int = 1, timeout: float = 600) -> 
     return Loops(calls, [n / 1e9 for n in ns])
 
 
-def retarget(shm: PluginShm, gdb_address: str, vaddr: int | None, *, log: bool = False,
-             attempts: int = 50) -> None:
-    """Point the plugin's slot 0 at ``vaddr`` (None: clear) and force re-translation of what changed.
-
-    The stub reaches kernel text through the stopped vCPU's page tables, which on an arm64 guest with
-    KPTI map none of it while the vCPU is at EL0: an address missed that way is tried again on a later
-    stop (``attempts`` stops at most, 20 ms apart), most of which land in the kernel.
-    """
-    missed = sorted(shm.set_target(0, vaddr, log=log))
-    for attempt in range(attempts):
-        if not missed:
-            return
-        if attempt:
-            time.sleep(0.02)
-        gdb = GdbClient(gdb_address, was_running=True)
-        try:
-            gdb.restore_run_state()
-            missed = force_retranslation(gdb, missed)
-        finally:
-            gdb.close()
+def retarget(shm: PluginShm, gdb_address: str, vaddr: int | None, *, log: bool = False) -> None:
+    """Point the plugin's slot 0 at ``vaddr`` (None: clear) and force re-translation of what changed
+    (:func:`~aradia.trace.pluginload.retranslate_at`, which retries where an arm64 vCPU stopped at EL0
+    cannot reach kernel text)."""
+    missed = retranslate_at(gdb_address, shm.set_target(0, vaddr, log=log))
     if missed:
         raise BenchError(f"could not force re-translation at {', '.join(hex(a) for a in missed)}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,22 +129,45 @@ def force_retranslation(gdb: GdbClient, vaddrs: Iterable[int]) -> list[int]:
     return missed
 
 
-def retranslate(qemu: Qemu, addresses: Iterable[int]) -> None:
-    """Make ``qemu`` re-translate the code at ``addresses`` (after a target change) through its GDB
-    stub; AradiaError naming the addresses it could not reach."""
+RETRANSLATE_ATTEMPTS = 50
+"""Stops :func:`retranslate_at` tries at most for addresses the stopped vCPU could not reach."""
+
+
+def retranslate_at(gdb_address: str, addresses: Iterable[int], *, was_running: bool = True,
+                   attempts: int = RETRANSLATE_ATTEMPTS) -> list[int]:
+    """Make the QEMU whose GDB stub is at ``gdb_address`` re-translate the code at ``addresses``; the
+    addresses it still could not reach.
+
+    The stub reaches memory through the stopped vCPU's page tables. An arm64 kernel with KPTI
+    (``CONFIG_UNMAP_KERNEL_AT_EL0``, Debian's) maps none of its text while the vCPU is at EL0, so an
+    address missed that way is tried again on a later stop of a running guest (``attempts`` stops at
+    most, 20 ms apart: most of them land in the kernel). A paused guest is tried once.
+    """
     from aradia.proto.gdbrsp import GdbClient
 
-    addresses = set(addresses)
-    if not addresses:
-        return
-    client = GdbClient(qemu.gdb_address(), was_running=qemu.status() == "running")
-    try:
-        missed = force_retranslation(client, addresses)
-    finally:
-        client.close()
+    missed = sorted(set(addresses))
+    for attempt in range(attempts if was_running else 1):
+        if not missed:
+            break
+        if attempt:
+            time.sleep(0.02)
+        client = GdbClient(gdb_address, was_running=was_running)
+        try:
+            client.restore_run_state()
+            missed = force_retranslation(client, missed)
+        finally:
+            client.close()
+    return missed
+
+
+def retranslate(qemu: Qemu, addresses: Iterable[int]) -> None:
+    """Make ``qemu`` re-translate the code at ``addresses`` (after a target change) through its GDB
+    stub (:func:`retranslate_at`); AradiaError naming the addresses it could not reach."""
+    missed = retranslate_at(qemu.gdb_address(), addresses, was_running=qemu.status() == "running")
     if missed:
         raise AradiaError(f"could not re-translate {', '.join(hex(a) for a in missed)}")
 
 
 __all__ = ["SOURCE", "SO_PATTERN", "PluginCapabilities", "PluginError", "force_retranslation", "plugin_args",
-           "plugin_capabilities", "plugin_shm_from_cmdline", "plugin_shm_path", "retranslate"]
+           "plugin_capabilities", "plugin_shm_from_cmdline", "plugin_shm_path", "retranslate",
+           "retranslate_at"]
