@@ -9,7 +9,6 @@ and failed opens.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +27,6 @@ from aradia.machine.qemu import Qemu
 from aradia.proto.gdbrsp import BP_SOFTWARE, GdbClient
 from aradia.trace.tracer import Tracer
 from aradia.vm import attach
-from cli_runner import cli_argv
 from guest_programs import (
     A64_NOISY_SYMBOL,
     A64_QUIET_NR,
@@ -38,7 +37,7 @@ from guest_programs import (
 )
 from guest_workload import ssh_typed
 from test_guardian import TRACER, _gone
-from test_trace import N_EXEC, WORK, check_lifecycle_exact, check_syscalls_exact, run_traced
+from test_trace import N_EXEC, check_lifecycle_exact, check_syscalls_exact, cli_trace_work, run_traced
 from tracing import trace_while
 
 MASK64 = (1 << 64) - 1
@@ -218,31 +217,13 @@ def test_kill_9_of_the_tracer_leaves_the_guest_running(guest: Guest, tmp_path: P
         guest.run("pkill -f 'a64loop 100000000'; true", check=False, timeout=60)
 
 
-def _cli_work(guest: Guest, *args: str) -> list[dict[str, object]]:
-    """``aradia trace --vm ... --json ARGS`` while the guest runs the work script, ended with Ctrl-C:
-    the event records it printed (it must exit 0 having said only its ready line)."""
-    guest.run(f"cat > /tmp/work.sh <<'EOF'\n{WORK}\nEOF")
-    p = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "--json", "--duration", "120", *args),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stderr is not None
-        ready = p.stderr.readline()
-        assert ready.startswith("tracing ") and f"qmp:{guest.qmp_path}" in ready, ready
-        marker = len(guest.console_text())
-        guest.send_console(b"bash /tmp/work.sh\n")
-        deadline = time.monotonic() + 100
-        while "WORK-DONE" not in guest.console_text()[marker:] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "WORK-DONE" in guest.console_text()[marker:], "the script did not finish while traced"
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 0 and err == "", (p.returncode, err)
+def _cli_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
+    """``aradia trace --vm ... --json ARGS`` while the guest runs the work script
+    (:func:`test_trace.cli_trace_work`): the event records; the guest still answers afterwards."""
+    ready, events = cli_trace_work(guest, "--json", "--duration", "120", *args, wait=100)
+    assert ready.startswith("tracing ") and f"qmp:{guest.qmp_path}" in ready, ready
     assert guest.run("echo still-alive").strip() == "still-alive"
-    return [json.loads(x) for x in out.splitlines()]
+    return events
 
 
 @pytest.mark.timeout(240)

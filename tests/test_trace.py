@@ -161,23 +161,19 @@ def test_kernel_function_entry_and_return(guest: Guest) -> None:
     assert sum(1 for e in rets if e.args["ret"] == 3) >= 5
 
 
-def _cli_trace_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
-    """``aradia trace --vm ... --json ARGS`` while the guest runs the work script, ended with Ctrl-C
-    (SIGINT) once the script is done: the events it printed. It must exit 0 having said only its
-    ready line on stderr."""
+def cli_trace_work(guest: Guest, *args: str, wait: float = 60) -> tuple[str, list[dict[str, Any]]]:
+    """``aradia trace --vm ... ARGS`` while the guest runs the work script (``wait`` seconds at most),
+    ended with Ctrl-C (SIGINT) once the script is done: its ready line (stderr) and the JSON lines it
+    printed. It must exit 0 having said nothing else on stderr."""
     guest.run(f"cat > /tmp/work.sh <<'EOF'\n{WORK}\nEOF")
     p = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", *args),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stderr is not None
         ready = p.stderr.readline()  # printed once the probes are armed
-        # the path is named: this guest's QEMU runs no plugin, so the stop path, and why
-        assert re.fullmatch(rf"tracing syscalls on qmp:{re.escape(str(guest.qmp_path))} via gdb \(every event "
-                            r"stops the VM; no plugin path: this QEMU was started without aradia's plugin "
-                            r"\(-plugin …/counter-\*\.so,shm=…\)\), for 60 s\n", ready), ready + p.stderr.read()
         marker = len(guest.console_text())
         guest.send_console(b"bash /tmp/work.sh\n")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + wait
         while "WORK-DONE" not in guest.console_text()[marker:] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "WORK-DONE" in guest.console_text()[marker:], "the script did not finish while traced"
@@ -187,8 +183,18 @@ def _cli_trace_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 0 and err == "", (p.returncode, err)
-    return [json.loads(x) for x in out.splitlines()]
+    assert p.returncode == 0 and err == "", (p.returncode, ready, err)
+    return ready, [json.loads(x) for x in out.splitlines()]
+
+
+def _cli_trace_work(guest: Guest, *args: str) -> list[dict[str, Any]]:
+    """:func:`cli_trace_work` on a guest whose QEMU runs no plugin: the ready line names the stop
+    path and why."""
+    ready, events = cli_trace_work(guest, *args)
+    assert re.fullmatch(rf"tracing syscalls on qmp:{re.escape(str(guest.qmp_path))} via gdb \(every event "
+                        r"stops the VM; no plugin path: this QEMU was started without aradia's plugin "
+                        r"\(-plugin …/counter-\*\.so,shm=…\)\), for 60 s\n", ready), ready
+    return events
 
 
 @pytest.mark.timeout(300)
