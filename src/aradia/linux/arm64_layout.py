@@ -103,12 +103,17 @@ def _maps(vm: VMHandle, arch: Arm64, root: int, vaddr: int, paddr: int) -> bool 
 def kallsyms(vm: VMHandle, layout: Arm64Layout) -> ks.SymbolTable:
     """The kernel's kallsyms (vmlinux part, as ``/proc/kallsyms`` lists it), read from RAM through the
     tables VMCOREINFO names (kernel 6.0 and later)."""
+    return kallsyms_with_tables(vm, layout)[1]
+
+
+def kallsyms_with_tables(vm: VMHandle, layout: Arm64Layout) -> tuple[ks.KallsymsTables, ks.SymbolTable]:
+    """:func:`kallsyms` and the kallsyms tables (kernel virtual addresses) it was read from."""
     def read(vaddr: int, size: int) -> bytes:
         return vm.memory.read(layout.phys(vaddr), size)
 
     tables = ks.tables_from_symbols(read, layout.sym)
     names = ks.decode_names(read, tables)
-    return ks.SymbolTable(ks.read_addresses(read, tables), names.types, names.names)
+    return tables, ks.SymbolTable(ks.read_addresses(read, tables), names.types, names.names)
 
 
-__all__ = ["Arm64Layout", "find_layout", "kallsyms", "layout_from_vmcoreinfo"]
+__all__ = ["Arm64Layout", "find_layout", "kallsyms", "kallsyms_with_tables", "layout_from_vmcoreinfo"]

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import time
-from collections.abc import Callable
+from typing import NamedTuple
 
 import drgn
 
 from aradia.errors import AradiaError, GuestDataCorrupt, UnsupportedKernel
-from aradia.linux import kallsyms as ks
-from aradia.linux.arm64_layout import Arm64Layout, find_layout, kallsyms
+from aradia.linux.arm64_layout import Arm64Layout, find_layout, kallsyms_with_tables
 from aradia.linux.btf import Btf, BtfError, DrgnTypes
 from aradia.linux.kernel_profile import KernelProfile
 from aradia.linux.profile_cache import PROFILE_FORMAT, ProfileCache, valid_build_id
@@ -45,7 +43,7 @@ from aradia.machine.arch import Arm64
 from aradia.machine.arch.base import MASK64
 from aradia.machine.handle import VMHandle
 from aradia.machine.paging import mappings
-from aradia.progress import Progress
+from aradia.progress import Progress, StepTimer
 
 MAX_IMAGE = 512 << 20  # no arm64 kernel image is larger; bounds the extent walk
 MAX_IMAGE_GAP = 64 << 20  # the init sections, unmapped once freed (4.5 MiB on Debian's 6.1)
@@ -57,8 +55,6 @@ MAX_MODULE_CANDIDATES = 1 << 14
 
 RECOVERED = ("init_task", "init_pid_ns", "init_struct_pid", "init_nsproxy", "init_net", "init_ipc_ns",
              "init_mm", "init_user_ns", "init_cred", "modules")
-# init_mm: the mm_struct in the data whose pgd is swapper_pg_dir (init_task's active_mm is whatever
-# mm the idle task borrowed last)
 """Data symbols an arm64 profile recovers from RAM (the others of VMCOREINFO are taken as it states)."""
 
 # (not mem_section: VMCOREINFO prints that pointer's value, not its address)
@@ -72,12 +68,20 @@ def platform_aarch64() -> drgn.Platform:
                          drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
 
 
+class Area(NamedTuple):
+    """Bytes of the kernel image read once (``.rodata``, or the data after ``__init_begin``) and the
+    kernel virtual address they start at."""
+
+    start: int
+    data: bytes
+
+
 class KernelMemory:
     """Reads of arm64 kernel virtual memory: the image and the linear map physically, the rest (module
     area, vmalloc) through ``swapper_pg_dir``."""
 
-    def __init__(self, vm: VMHandle, layout: Arm64Layout, arch: Arm64, image: tuple[int, int]) -> None:
-        self.vm, self.layout, self.arch = vm, layout, arch
+    def __init__(self, vm: VMHandle, layout: Arm64Layout, image: tuple[int, int]) -> None:
+        self.vm, self.layout = vm, layout
         self.image = image
         self.page_offset = page_offset(layout.va_bits)
         self.root = layout.kernel_root
@@ -102,6 +106,10 @@ class KernelMemory:
         """One little-endian u64."""
         return int.from_bytes(self.read(vaddr, 8), "little")
 
+    def area(self, start: int, stop: int) -> Area:
+        """``[start, stop)`` of the image, read once for the scans that look at it."""
+        return Area(start, self.read(start, stop - start))
+
 
 def page_offset(va_bits: int) -> int:
     """The first linear-map address of a kernel with ``va_bits`` of VA (arm64 ``PAGE_OFFSET``)."""
@@ -124,9 +132,9 @@ def image_extent(vm: VMHandle, layout: Arm64Layout, arch: Arm64, stext: int) -> 
     return stext, end
 
 
-def find_btf(mem: KernelMemory, start: int, stop: int) -> tuple[int, bytes] | None:
-    """``(address, blob)`` of the vmlinux BTF in ``[start, stop)`` (``.rodata``), or None."""
-    area = mem.read(start, stop - start)
+def find_btf(rodata: Area) -> tuple[int, bytes] | None:
+    """``(address, blob)`` of the vmlinux BTF in ``.rodata``, or None."""
+    start, area = rodata
     best: tuple[int, bytes] | None = None
     at = area.find(BTF_PREFIX)
     while at >= 0:
@@ -152,8 +160,8 @@ class _Offsets:
         return int(drgn.offsetof(self.prog.type(f"struct {struct_name}"), member))
 
 
-def recover_symbols(mem: KernelMemory, btf: Btf, data: tuple[int, int]) -> dict[str, int]:
-    """The :data:`RECOVERED` data symbols found in ``[data)`` (the image after ``__init_begin``) and
+def recover_symbols(mem: KernelMemory, btf: Btf, data: Area) -> dict[str, int]:
+    """The :data:`RECOVERED` data symbols found in ``data`` (the image after ``__init_begin``) and
     through ``init_task``; raises GuestDataCorrupt when no ``init_task`` holds together."""
     off = _Offsets(btf)
     out: dict[str, int] = {}
@@ -183,35 +191,33 @@ def recover_symbols(mem: KernelMemory, btf: Btf, data: tuple[int, int]) -> dict[
     return out
 
 
-def _init_task(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> int:
+def _init_task(mem: KernelMemory, off: _Offsets, data: Area) -> int:
     comm, tasks, pid = off("task_struct", "comm"), off("task_struct", "tasks"), off("task_struct", "pid")
-    area = mem.read(data[0], data[1] - data[0])
-    at = area.find(SWAPPER_COMM)
+    at = data.data.find(SWAPPER_COMM)
     tried = 0
     while at >= 0 and tried < 64:
         tried += 1
-        task = data[0] + at - comm
+        task = data.start + at - comm
         with contextlib.suppress(AradiaError):
             if (task & 7) == 0 and _links_back(mem, task + tasks) and \
                     int.from_bytes(mem.read(task + pid, 4), "little") == 0:
                 return task
-        at = area.find(SWAPPER_COMM, at + 1)
+        at = data.data.find(SWAPPER_COMM, at + 1)
     raise GuestDataCorrupt(f"no init_task (a task called swapper/0 whose task list links back to it) "
                            f"in the kernel's data ({tried} candidates)")
 
 
-def _init_mm(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> int | None:
+def _init_mm(mem: KernelMemory, off: _Offsets, data: Area) -> int | None:
     """``init_mm``: the ``mm_struct`` in the image's data whose ``pgd`` is ``swapper_pg_dir`` and whose
-    ``mmap_lock`` ... no: whose ``mm_users`` and ``mm_count`` are positive (idle tasks borrow other
-    mms lazily, so ``init_task.active_mm`` is not it)."""
+    ``mm_users`` is positive and below 2**20 (idle tasks borrow other mms lazily, so
+    ``init_task.active_mm`` is not it)."""
     pgd = mem.layout.sym("swapper_pg_dir")
     if pgd is None:
         return None
-    area = mem.read(data[0], data[1] - data[0])
     pgd_off = off("mm_struct", "pgd")
     users = off("mm_struct", "mm_users")
-    for at in _aligned_hits(area, pgd, 64):
-        mm = data[0] + at - pgd_off
+    for at in _aligned_hits(data.data, pgd, 64):
+        mm = data.start + at - pgd_off
         with contextlib.suppress(AradiaError):
             if 0 < int.from_bytes(mem.read(mm + users, 4), "little") < 1 << 20:
                 return mm
@@ -231,7 +237,7 @@ def _links_back(mem: KernelMemory, head: int) -> bool:
     return False
 
 
-def _modules_head(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> int | None:
+def _modules_head(mem: KernelMemory, off: _Offsets, data: Area) -> int | None:
     """The ``modules`` list head: in the image's data, its next and prev in the module or vmalloc
     area (with KASLR, arm64 places modules near the kernel image, not only in ``MODULES_VADDR``..),
     each a ``struct module`` (state 0-3, a printable name) on a list that links back to the head."""
@@ -242,7 +248,7 @@ def _modules_head(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> in
     except (KeyError, ValueError):
         return None
     list_off, name_off = off("module", "list"), off("module", "name")
-    words = memoryview(mem.read(data[0], (data[1] - data[0]) & ~7)).cast("Q")
+    words = memoryview(data.data)[:len(data.data) & ~7].cast("Q")
     img_lo, img_hi = mem.image
     tried = 0
     prev_inside = False
@@ -252,7 +258,7 @@ def _modules_head(mem: KernelMemory, off: _Offsets, data: tuple[int, int]) -> in
             tried += 1
             if tried > MAX_MODULE_CANDIDATES:
                 break
-            head = data[0] + (i - 1) * 8
+            head = data.start + (i - 1) * 8
             with contextlib.suppress(AradiaError):
                 if _is_module(mem, words[i - 1] - list_off, name_off) and _links_back(mem, head):
                     return head
@@ -273,41 +279,38 @@ def find_arm64_profile(vm: VMHandle, progress: Progress | None = None, *,
     docstring; :func:`~aradia.linux.profile.find_profile` comes here for arm64 VMs). Only the BTF
     index is cached (kallsyms decodes in a tenth of a second). Raises KernelNotFound,
     GuestDataCorrupt or UnsupportedKernel."""
-    say: Callable[[str], None] = progress or (lambda _m: None)
-    timings: dict[str, float] = {}
-    t0 = t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = round(now - t, 4)
-        t = now
-
-    say("looking for the arm64 VMCOREINFO")
+    tm = StepTimer(progress)
+    tm.say("looking for the arm64 VMCOREINFO")
     layout = find_layout(vm)
     arch = vm.arch if isinstance(vm.arch, Arm64) else Arm64()
     if arch.va_bits != layout.va_bits:
         raise UnsupportedKernel(f"the kernel's VMCOREINFO says VA_BITS={layout.va_bits} but the VM is "
                                 f"walked with {arch.va_bits} bits")
-    lap("vmcoreinfo")
-    say("reading kallsyms")
-    symtab = kallsyms(vm, layout)
-    lap("kallsyms")
+    tm.lap("vmcoreinfo")
+    tm.say("reading kallsyms")
+    tables, symtab = kallsyms_with_tables(vm, layout)
+    tm.lap("kallsyms")
     stext = symtab.address("_stext") or layout.sym("_stext")
     etext, init = symtab.address("_etext"), symtab.address("__init_begin")
     if stext is None or etext is None or init is None or not stext < etext < init:
         raise GuestDataCorrupt("arm64 kallsyms lacks _stext < _etext < __init_begin")
     image = image_extent(vm, layout, arch, stext)
-    mem = KernelMemory(vm, layout, arch, image)
-    lap("layout")
+    mem = KernelMemory(vm, layout, image)
+    try:
+        rodata = mem.area(etext, init)
+    except AradiaError:
+        if with_btf:
+            raise
+        rodata = Area(etext, b"")  # then only the banner is missing
+    tm.lap("layout")
     build_id = layout.info.get("BUILD-ID", "").lower()
     store = ProfileCache() if cache is True else (cache or None)
     btf: Btf | None = None
     recovered: dict[str, int] = {}
     cached_btf = False
     if with_btf:
-        say("looking for BTF in the kernel's rodata")
-        found = find_btf(mem, etext, init)
+        tm.say("looking for BTF in the kernel's rodata")
+        found = find_btf(rodata)
         if found is None:
             raise UnsupportedKernel("the arm64 kernel has no BTF in its image (CONFIG_DEBUG_INFO_BTF)")
         index = store.load_btf_index(build_id) if store and valid_build_id(build_id) else None
@@ -316,10 +319,10 @@ def find_arm64_profile(vm: VMHandle, progress: Progress | None = None, *,
         if store and valid_build_id(build_id) and not cached_btf:
             store.store(build_id, {"format": PROFILE_FORMAT, "arch": "arm64", "release": layout.info.get(
                 "OSRELEASE", ""), "build_id": build_id, "btf_digest": btf.digest}, None, btf)
-        lap("btf")
-        say("recovering init_task and the module list")
-        recovered = recover_symbols(mem, btf, (init, image[1]))
-        states = _task_state_array(mem, etext, init)
+        tm.lap("btf")
+        tm.say("recovering init_task and the module list")
+        recovered = recover_symbols(mem, btf, mem.area(init, image[1]))
+        states = _task_state_array(rodata)
         if states is not None:
             recovered["task_state_array"] = states
         recovered["__start_BTF"], recovered["__stop_BTF"] = found[0], found[0] + len(found[1])
@@ -328,22 +331,21 @@ def find_arm64_profile(vm: VMHandle, progress: Progress | None = None, *,
         if addr is not None:
             recovered.setdefault(name, addr)
     recovered["_end"] = image[1]
-    lap("symbols")
-    timings["total"] = round(time.perf_counter() - t0, 4)
+    tm.lap("symbols")
     release = layout.info.get("OSRELEASE", "")
     return KernelProfile(
-        release=release, build_id=build_id, banner=_banner(mem, etext, init, release),
+        release=release, build_id=build_id, banner=_banner(rodata, release),
         kaslr_offset=layout.kaslr_offset, phys_base=layout.phys_offset, la57=False,
         page_offset_base=mem.page_offset, kernel_root=layout.kernel_root, symbols=symtab,
-        kallsyms_tables=ks.tables_from_symbols(lambda v, n: vm.memory.read(layout.phys(v), n), layout.sym),
-        btf=btf, vmcoreinfo=layout.text, source="vmcoreinfo", cached={"btf": cached_btf},
-        timings=timings, arch="arm64", kimage_voffset=layout.kimage_voffset, recovered=recovered)
+        kallsyms_tables=tables, btf=btf, vmcoreinfo=layout.text, source="vmcoreinfo",
+        cached={"btf": cached_btf}, timings=tm.total(), arch="arm64", kimage_voffset=layout.kimage_voffset,
+        recovered=recovered)
 
 
-def _task_state_array(mem: KernelMemory, start: int, stop: int) -> int | None:
+def _task_state_array(rodata: Area) -> int | None:
     """``task_state_array`` in ``.rodata``: the pointer array whose first entry is ``"R (running)"``
     and whose second is ``"S (sleeping)"``."""
-    area = mem.read(start, stop - start)
+    start, area = rodata
     at = area.find(b"R (running)\0")
     while at >= 0:
         for ptr in _aligned_hits(area, start + at, 16):
@@ -366,12 +368,11 @@ def _aligned_hits(area: bytes, value: int, limit: int) -> list[int]:
     return out
 
 
-def _banner(mem: KernelMemory, start: int, stop: int, release: str) -> str:
+def _banner(rodata: Area, release: str) -> str:
     """``linux_banner`` in ``.rodata`` (``Linux version <release> ...``), or ""."""
-    with contextlib.suppress(AradiaError):
-        area = mem.read(start, stop - start)
-        at = area.find(f"Linux version {release} ".encode())
-        if at >= 0:
-            return area[at:at + 512].split(b"\0", 1)[0].decode("ascii", "replace").rstrip("\n")
-    return ""
+    area = rodata.data
+    at = area.find(f"Linux version {release} ".encode())
+    if at < 0:
+        return ""
+    return area[at:at + 512].split(b"\0", 1)[0].decode("ascii", "replace").rstrip("\n")
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,34 +60,11 @@ from aradia.linux.profile_cache import PROFILE_FORMAT, ProfileCache, valid_build
 from aradia.linux.vmlinux import read_btf as read_kernel_file_btf
 from aradia.machine.handle import VMHandle
 from aradia.machine.paging import MASK64
-from aradia.progress import Progress
+from aradia.progress import Progress, StepTimer
 from aradia.sources.base import PhysicalMemory
 
 DIRECT_MAP_4L = 0xFFFF_8880_0000_0000
 DIRECT_MAP_5L = 0xFF11_0000_0000_0000
-
-
-class _Timer:
-    """Progress lines and the time each step of :func:`find_profile` took."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.t = time.perf_counter()
-        self.start = self.t
-        self.out: dict[str, float] = {}
-        self.progress = progress
-
-    def say(self, msg: str) -> None:
-        if self.progress:
-            self.progress(msg)
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.out[name] = round(now - self.t, 4)
-        self.t = now
-
-    def total(self) -> dict[str, float]:
-        self.out["total"] = round(time.perf_counter() - self.start, 4)
-        return self.out
 
 
 # --- finding the profile ------------------------------------------------------------------------------
@@ -113,7 +89,7 @@ def find_profile(vm: VMHandle, progress: Progress | None = None, *, cache: Profi
         return find_arm64_profile(vm, progress, cache=cache, with_btf=with_btf)
     mem: PhysicalMemory = vm.memory
     store = ProfileCache() if cache is True else (cache or None)
-    tm = _Timer(progress)
+    tm = StepTimer(progress)
     found = _Found(store)
     tm.say("looking for VMCOREINFO")
     anchor = _anchor_by_vmcoreinfo(vm, mem) if use_vmcoreinfo else None
@@ -163,7 +139,7 @@ def _anchor_by_vmcoreinfo(vm: VMHandle, mem: PhysicalMemory) -> Anchor | None:
 
 
 def _locate_kallsyms(vm: Any, mem: PhysicalMemory, anchor: Anchor | None, found: _Found,
-                     tm: _Timer) -> tuple[ks.KallsymsTables, ks.KallsymsTables | None, ks.Reader]:
+                     tm: StepTimer) -> tuple[ks.KallsymsTables, ks.KallsymsTables | None, ks.Reader]:
     """The kallsyms tables and a reader for their addresses.
 
     With a VMCOREINFO ``anchor``: kernel virtual addresses, from the cached layout, the symbols
@@ -194,7 +170,7 @@ def _locate_kallsyms(vm: Any, mem: PhysicalMemory, anchor: Anchor | None, found:
 
 
 def _read_kallsyms(reader: ks.Reader, tables: ks.KallsymsTables, found: _Found,
-                   tm: _Timer) -> tuple[ks.NameTable, ks.SymbolTable]:
+                   tm: StepTimer) -> tuple[ks.NameTable, ks.SymbolTable]:
     """Names and types (from the cache when their bytes' digest matches) and this boot's addresses.
 
     A kernel found without a build ID is looked up in the cache by its kallsyms digest.
@@ -268,7 +244,7 @@ def _identity(mem: PhysicalMemory, anchor: Anchor, symtab: ks.SymbolTable, found
 
 
 def _load_btf(mem: PhysicalMemory, anchor: Anchor, symtab: ks.SymbolTable, found: _Found,
-              btf_source: str | os.PathLike[str] | None, tm: _Timer) -> Btf | None:
+              btf_source: str | os.PathLike[str] | None, tm: StepTimer) -> Btf | None:
     """The kernel's BTF from ``btf_source`` or from RAM (``__start_BTF``..``__stop_BTF``), with its
     index from the cache when it matches; None when the kernel has none."""
     start, stop = symtab.address("__start_BTF"), symtab.address("__stop_BTF")
