@@ -76,7 +76,7 @@ case "$target" in
     installed=$(qemu-system-x86_64 --version | head -1)
     other=$("$other_qemu" --version | head -1)
     echo "=== run 1: the whole suite on the installed QEMU: $installed ==="
-    rc1=0; .venv/bin/python -m pytest "$@" || rc1=$?
+    rc1=0; .venv/bin/python -m pytest --durations=25 "$@" || rc1=$?
     echo "=== run 2: tracing, attach and plugin tests on the other release's QEMU: $other ($other_qemu) ==="
     # arguments (a selection of tests) are run on both QEMUs; none: the whole suite, then the set above
     [ $# -gt 0 ] && OTHER_QEMU_TESTS=("$@")

@@ -41,6 +41,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BOOT_TIMES: list[tuple[str, float]] = []
+BOOT_RETRIES: list[tuple[str, str]] = []  # (guest, why a boot was given up and started again)
 BUILD_TIMES: list[tuple[str, float]] = []
 BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
 
@@ -81,6 +82,7 @@ def boot_guest(guest_image: Callable[..., GuestImage]) -> BootGuest:
     def boot(series: str = "6.1", arch: str = "x86_64", **kwargs: Any) -> Iterator[Guest]:
         guest = launch(guest_image(series, arch), **kwargs)
         BOOT_TIMES.append((_label(series, arch), guest.boot_seconds))
+        BOOT_RETRIES.extend((_label(series, arch), why) for why in guest.boot_retries)
         try:
             yield guest
         finally:
@@ -144,3 +146,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"build {series:>5}: {seconds:6.2f} s")
     for series, seconds in BOOT_TIMES:
         terminalreporter.write_line(f"boot  {series:>5}: {seconds:6.2f} s")
+    for series, why in BOOT_RETRIES:
+        terminalreporter.write_line(f"retry {series:>5}: {why}")

@@ -41,7 +41,8 @@ from test_trace import N_EXEC, check_lifecycle_exact, check_syscalls_exact, cli_
 from tracing import trace_while
 
 MASK64 = (1 << 64) - 1
-GUESTS = [("6.1", 1), ("6.1", 2), ("6.12", 1), ("6.12", 2)]
+# 6.12 on one vCPU adds nothing 6.1 on one vCPU and 6.12 on two do not cover (and ~2 min of TCG guest time)
+GUESTS = [("6.1", 1), ("6.1", 2), ("6.12", 2)]
 
 
 @dataclass

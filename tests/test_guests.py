@@ -231,3 +231,44 @@ def test_failed_boot_leaves_no_qemu(guest_image: Callable[[str], GuestImage], tm
     assert _processes_mentioning(str(workdir)) == []
     assert workdir.exists()  # a caller's workdir is left, with the logs
     assert (workdir / "qemu.log").exists()
+
+
+@pytest.mark.timeout(120)
+def test_boot_panic_is_retried_then_reported(guest_image: Callable[[str], GuestImage], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that panics before init says ready is booted again (three tries in all), then the
+    error names the panic; a boot that works records no retry."""
+    from aradia.lab import launcher
+
+    attempts: list[int] = []
+    real = launcher._launch_once
+
+    def counted(*args: object, **kwargs: object) -> Guest:
+        attempts.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(launcher, "_launch_once", counted)
+    workdir = tmp_path / "vm"
+    with pytest.raises(GuestError, match=r"panicked while booting: .*Kernel panic - not syncing: VFS"):
+        launch(guest_image("6.1"), workdir=workdir, ssh=False, append="rdinit=/nonexistent")
+    assert len(attempts) == 3
+    assert _processes_mentioning(str(workdir)) == []
+    guest = launch(guest_image("6.1"), ssh=False)
+    try:
+        assert len(attempts) == 4
+        assert guest.boot_retries == []
+    finally:
+        guest.stop()
+
+
+def test_panic_summary_names_the_oops() -> None:
+    """The summary of the panic CI met once (6.12 x86, TCG): the oops's RIP and the panic line."""
+    console = ("[    1.539867] RIP: 0010:sched_clock_cpu+0x9/0x1d0\n"
+               "[    1.539881] Code: 00 e9 b8 fe ff ff 66\n"
+               "[    1.540053] Kernel panic - not syncing: Fatal exception in interrupt\n"
+               "[    1.540716] Kernel Offset: 0x25000000 from 0xffffffff81000000\n")
+    from aradia.lab.launcher import panic_summary
+
+    assert panic_summary(console) == ("RIP: 0010:sched_clock_cpu+0x9/0x1d0; "
+                                      "Kernel panic - not syncing: Fatal exception in interrupt")
+    assert panic_summary("[ 1.0] all well\n") == "kernel panic"

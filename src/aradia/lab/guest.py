@@ -109,6 +109,7 @@ class Guest:
         self.shm_path: Path | None = res.shm_path
         self.memory_size = 0
         self.boot_seconds = 0.0
+        self.boot_retries: list[str] = []  # why earlier boots of this guest were given up
         self.args: list[str] = []
         self._res = res
         self._run_lock = threading.Lock()
