@@ -398,8 +398,21 @@ static int threads(int argc, char **argv) {
     for (;;) pause();
 }
 
+/* mapfile PATH...: map each file's first page from offset 0 (as a loader maps a library's headers),
+ * print "ready PID", then wait. */
+static int mapfile(int argc, char **argv) {
+    for (int i = 2; i < argc; i++) {
+        int fd = open(argv[i], O_RDONLY);
+        if (fd < 0 || mmap(0, 4096, PROT_READ, MAP_PRIVATE, fd, 0) == MAP_FAILED) { perror(argv[i]); return 1; }
+    }
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    for (;;) pause();
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
+    if (!strcmp(argv[1], "mapfile")) return mapfile(argc, argv);
     if (!strcmp(argv[1], "ticker")) return ticker(argc, argv);
     if (!strcmp(argv[1], "actor")) return actor(argc, argv);
     if (!strcmp(argv[1], "twins")) return twins();

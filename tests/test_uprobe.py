@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from aradia.lab.launcher import Guest
 from aradia.linux.elfsyms import DynamicSymbols
 from aradia.trace.tracer import Tracer
 from cli_runner import cli_argv
+from guest_programs import install_cli_programs
 from guest_workload import ssh_typed
 from tracing import trace_while
+from waiting import wait_until
 
 GUEST_SERIES = "6.1"
 GUEST_OPTIONS = {"smp": 2}
@@ -170,3 +173,89 @@ def test_cli_uprobe_json_until_ctrl_c(guest: Guest) -> None:
     assert [(x["kind"], x["comm"], x["args"]["phrase"]) for x in lines] == [
         ("uprobe", "dropbear", guest.image.root_password)], (lines, stderr)
     assert guest.run("echo still-running").strip() == "still-running"
+
+
+# --- a library that is mapped but cannot be read ----------------------------------------------------
+FAKE_LIB = "/tmp/libfake.so.1"
+CRYPT_LIB = "/lib/x86_64-linux-gnu/libcrypt.so.1"
+
+
+def _start_mapfile(guest: Guest) -> int:
+    """Start ``multi mapfile`` on the fake and the real library in the guest; its pid once it mapped both."""
+    guest.run(f"printf 'not an ELF file\\n' > {FAKE_LIB} && rm -f /tmp/mapfile.out")
+    guest.run(f"/tmp/multi mapfile {FAKE_LIB} {CRYPT_LIB} > /tmp/mapfile.out 2>&1 &")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = guest.run("cat /tmp/mapfile.out")
+        if out.startswith("ready "):
+            return int(out.split()[1])
+        time.sleep(0.2)
+    raise AssertionError(f"mapfile did not start: {out!r}")
+
+
+@pytest.fixture(scope="module")
+def with_multi(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """The module's guest with the multi-call test program as ``/tmp/multi``."""
+    install_cli_programs(guest, tmp_path_factory.mktemp("programs"))
+    return guest
+
+
+@pytest.mark.timeout(180)
+def test_unreadable_library_is_reported_not_silently_skipped(with_multi: Guest) -> None:
+    """A process maps a file named like the probed library that has no symbols (not an ELF file)
+    and the real libcrypt: the tracer arms crypt there and says, once, why it armed nothing in the
+    fake one."""
+    guest = with_multi
+    seen: dict[str, object] = {}
+
+    def arm(tracer: Tracer) -> None:
+        seen["tracer"] = tracer
+        seen["fake"] = tracer.add_uprobe("libfake.so.1:foo")
+        seen["crypt"] = tracer.add_uprobe("libcrypt.so.1:crypt", process="multi")
+
+    def act() -> None:
+        pid = _start_mapfile(guest)
+        tracer = seen["tracer"]
+        assert isinstance(tracer, Tracer)
+        seen["pid"], seen["warnings"] = pid, list(tracer.warnings)
+        seen["armed"] = {a: set(mms) for a, mms in seen["crypt"].addresses.items()}  # type: ignore[attr-defined]
+        seen["fake_armed"] = dict(seen["fake"].addresses)  # type: ignore[attr-defined]
+
+    try:
+        trace_while(guest, arm, act)
+    finally:
+        guest.run("pkill -f 'multi mapfile'", check=False)
+    assert seen["fake_armed"] == {}
+    assert len(seen["armed"]) == 1, seen["armed"]  # type: ignore[arg-type]
+    warnings = seen["warnings"]
+    assert isinstance(warnings, list) and len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{FAKE_LIB}: symbols unreadable, user-space probes on it not armed there: "
+                                  "no dynamic symbols"), warnings
+
+
+@pytest.mark.timeout(180)
+def test_cli_warns_of_an_unreadable_library(with_multi: Guest) -> None:
+    guest = with_multi
+    proc = subprocess.Popen(cli_argv("trace", "--vm", f"qmp:{guest.qmp_path}", "uprobe",
+                                     "libfake.so.1:foo", "libcrypt.so.1:crypt"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        ready = proc.stderr.readline()
+        assert ready.startswith("tracing uprobe"), ready + proc.stderr.read()
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        _start_mapfile(guest)
+        # printed within a quarter second of the mapping; 30 s leaves room for a loaded host
+        wait_until(lambda: lines, 30, "a warning from aradia trace", step=0.1)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(10)
+    finally:
+        proc.kill()
+        guest.run("pkill -f 'multi mapfile'", check=False)
+    assert lines[0].startswith(f"aradia: warning: {FAKE_LIB}: symbols unreadable"), lines
+    assert proc.returncode == 0 and len(lines) == 1, lines

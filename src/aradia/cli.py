@@ -608,8 +608,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
             _arm(tracer, args)
             via = f" via gdb (every event stops the VM{why})" if args.what == "syscalls" else ""
             print(f"tracing {args.what} on {args.vm}{via}, {until}", file=sys.stderr, flush=True)
+            warned: set[str] = set()
+
+            def warn_new() -> bool:  # checked between events, at least four times a second
+                for line in tracer.warnings:
+                    if line not in warned:
+                        warned.add(line)
+                        print(f"aradia: warning: {line}", file=sys.stderr, flush=True)
+                return False
+
+            warn_new()
             try:
-                for ev in tracer.events(duration=args.duration):
+                for ev in tracer.events(duration=args.duration, until=warn_new):
                     _print_event(ev, args)
             except KeyboardInterrupt:
                 pass  # closing the tracer disarms everything and lets the guest run

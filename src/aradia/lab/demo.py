@@ -127,6 +127,8 @@ def run_demo(kernel: str = "6.1", accel: str = "tcg", arch: str = "x86_64") -> i
                 for ev in tracer.events(duration=60, until=lambda: not worker.is_alive()):
                     print("  " + ev.line()[:150])
                 worker.join()
+                for line in tracer.warnings:
+                    print(f"  warning: {line}")
             print(f"  the ssh client saw: {login.get('out', '').strip()}")
 
             _step("a consistent ELF dump with VMCOREINFO, opened again like any VM")

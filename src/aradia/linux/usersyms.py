@@ -103,8 +103,11 @@ class UserSymbols:
 
     prog: drgn.Program
     warnings: Warnings = field(default_factory=Warnings)
+    #: path -> why: files that are a looked-up library by name but whose symbols could not be read
+    unreadable: dict[str, str] = field(default_factory=dict)
     _files: dict[tuple[int, int, int, int], tuple[FileReader, DynamicSymbols | None]] = field(
         default_factory=dict)
+    _why: dict[tuple[int, int, int, int], str] = field(default_factory=dict)
 
     def mapped_files(self, mm: drgn.Object) -> list[tuple[drgn.Object, LoadedFile]]:
         """The ``(vma, file)`` of every mapping of a file from offset 0 in ``mm``."""
@@ -139,11 +142,13 @@ class UserSymbols:
             # Pages neither cached nor mapped in yet (a disk-backed binary just started): not kept,
             # so a later process (or this one, once it ran there) gets the file parsed again.
             name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
-            self.warnings.add(f"{name}: dynamic symbols not in memory yet ({e})")
+            self._why[key] = f"dynamic symbols not in memory yet ({e})"
+            self.warnings.add(f"{name}: {self._why[key]}")
             return None
         except GUEST_ERRORS as e:
             name = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
-            self.warnings.add(f"{name}: no dynamic symbols ({e})")
+            self._why[key] = f"no dynamic symbols ({e})"
+            self.warnings.add(f"{name}: {self._why[key]}")
             syms = None
         self._files[key] = (reader, syms)
         return syms
@@ -160,11 +165,21 @@ class UserSymbols:
     def lookup(self, vma: drgn.Object, path: str, lib: str,
                symbol: str) -> tuple[DynamicSymbols, ElfSymbol | None] | None:
         """``(its symbols, symbol)`` when ``vma`` maps ``lib`` (the symbol None if ``lib`` has none of
-        that name); None when it maps another file, or one whose symbols cannot be read."""
+        that name); None when it maps another file, or one whose symbols cannot be read (that file
+        is then in :attr:`unreadable`)."""
         if not self.file_matches(vma, path, lib):
             return None
         elf = self.elf(vma)
-        return None if elf is None else (elf, elf.lookup(symbol))
+        if elf is None:
+            self.unreadable[path] = self._why.get(file_key(vma.vm_file.f_inode.read_()), "unreadable")
+            return None
+        try:
+            sym = elf.lookup(symbol)
+        except GUEST_ERRORS as e:
+            self.unreadable[path] = f"symbol table unreadable ({e})"
+            raise
+        self.unreadable.pop(path, None)  # readable now (its pages came into memory)
+        return elf, sym
 
     def resolve(self, mm: drgn.Object, lib: str, symbol: str) -> list[UserSymbol]:
         """Addresses of ``lib``'s ``symbol`` in address space ``mm`` (one per mapping of ``lib``)."""

@@ -147,6 +147,15 @@ class Tracer:
             self._abi = kernel_abi(self.vm.arch, self.vm.linux.profile.symbol)
         return self._abi
 
+    @property
+    def warnings(self) -> list[str]:
+        """Where a user-space probe is not armed though its library is mapped: one line per library
+        file whose symbols could not be read (not yet paged in, not an ELF file, corrupt), with why."""
+        if self._userspace is None:
+            return []
+        return [f"{path}: symbols unreadable, user-space probes on it not armed there: {why}"
+                for path, why in self._userspace.syms.unreadable.items()]
+
     def _on_qmp_event(self, ev: Any) -> None:
         self._gone = gone_reason(ev) or self._gone
 
