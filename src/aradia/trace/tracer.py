@@ -154,7 +154,7 @@ class Tracer:
         if self._userspace is None:
             return []
         return [f"{path}: symbols unreadable, user-space probes on it not armed there: {why}"
-                for path, why in self._userspace.syms.unreadable.items()]
+                for path, why in dict(self._userspace.syms.unreadable).items()]  # a copy: hits add to it
 
     def _on_qmp_event(self, ev: Any) -> None:
         self._gone = gone_reason(ev) or self._gone
