@@ -148,8 +148,9 @@ class _StuckSerial(GuestError):
 
 class _BootPanic(GuestError):
     """The guest kernel panicked before its init reported ready, before aradia touched it: seen once
-    in ~200 boots of Debian's 6.12 x86 kernel with 2 vCPUs under TCG (an oops in an interrupt at
-    ``sched_clock_cpu+0x9`` during the initcalls, QEMU 7.2). Such a boot is a fault of the emulated
+    in some fifteen full test runs (each boots ~95 guests, Debian's 6.12 x86 kernel ~8 times): 6.12
+    with 2 vCPUs under TCG, an oops in an interrupt at ``sched_clock_cpu+0x9`` during the initcalls,
+    QEMU 7.2. Such a boot is a fault of the emulated
     machine, not of what a test checks, so it is booted again; the retry is named in the test run's
     guest summary."""
 
