@@ -150,9 +150,8 @@ class _BootPanic(GuestError):
     """The guest kernel panicked before its init reported ready, before aradia touched it: seen once
     in some fifteen full test runs (each boots ~95 guests, Debian's 6.12 x86 kernel ~8 times): 6.12
     with 2 vCPUs under TCG, an oops in an interrupt at ``sched_clock_cpu+0x9`` during the initcalls,
-    QEMU 7.2. Such a boot is a fault of the emulated
-    machine, not of what a test checks, so it is booted again; the retry is named in the test run's
-    guest summary."""
+    QEMU 7.2. Such a boot is a fault of the emulated machine, not of what a test checks, so it is
+    booted again; the retry is named in the test run's guest summary."""
 
 
 _OOPS_LINE = re.compile(r"\]\s+((?:BUG|Oops|general protection fault|Kernel panic|Internal error"
