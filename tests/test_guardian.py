@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -262,3 +263,55 @@ def test_qemu_exiting_mid_trace_is_a_clear_error(boot_guest: Callable[..., conte
         with pytest.raises(NotAttached, match="QEMU exited"):
             tracer.stub.cont()  # later calls say the same, at once
     assert not guest.alive
+
+
+@pytest.mark.timeout(120)
+def test_qemu_killed_while_the_tracer_idles_ends_the_guardian(
+        boot_guest: Callable[..., contextlib.AbstractContextManager[Guest]]) -> None:
+    """The watchdog ends with its QEMU even when the tracer asks the stub nothing (CI once saw it
+    outlive QEMU when the tracer learnt of the exit from QMP, between two reads of the stub)."""
+    with boot_guest("6.1", gdb=True) as guest, attach(f"qmp:{guest.qmp_path}") as vm, Tracer.open(vm) as tracer:
+        tracer.add_syscall("getppid")
+        guardian = tracer.stub.guardian_pid
+        assert not _gone(guardian, 1)  # with QEMU alive it stays
+        os.kill(guest.pid, signal.SIGKILL)
+        assert _gone(guardian, 5), "the guardian outlived QEMU"
+        with pytest.raises(NotAttached, match="QEMU exited"):
+            for _ in tracer.events(duration=10):
+                pass
+
+
+@pytest.mark.timeout(30)
+def test_watchdog_ends_on_done_or_when_the_stub_closes() -> None:
+    """:func:`watchdog.watch` on socket pairs: ``done`` ends it; the stub's peer closing ends it
+    though the tracer's side stays open; a note alone does not."""
+    from aradia.trace.watchdog import watch
+
+    ctl, tracer_end = socket.socketpair()
+    stub, qemu_end = socket.socketpair()
+    result: list[str] = []
+    th = threading.Thread(target=lambda: result.append(watch(ctl, stub)), daemon=True)
+    th.start()
+    tracer_end.sendall(b'{"op": "break", "bp": [4096, 0, 1]}\n')
+    th.join(0.5)
+    assert th.is_alive()  # a note does not end it
+    qemu_end.close()
+    th.join(5)
+    assert result == ["QEMU closed the stub connection: nothing left to clean"]
+    for s in (ctl, tracer_end, stub):
+        s.close()
+
+    ctl, tracer_end = socket.socketpair()
+    stub, qemu_end = socket.socketpair()
+    tracer_end.sendall(b'{"op": "break", "bp": [4096, 0, 1]}\n{"op": "do')
+    th = threading.Thread(target=lambda: result.append(watch(ctl, stub)), daemon=True)
+    th.start()
+    th.join(0.3)
+    assert th.is_alive()
+    tracer_end.sendall(b'ne", "bp": []}\n')  # a note split across reads
+    th.join(5)
+    assert result[1:] == ["the tracer left the stub clean"]
+    with pytest.raises(BlockingIOError):  # after done nothing went to the stub (no rescue)
+        qemu_end.recv(100, socket.MSG_DONTWAIT)
+    for s in (ctl, tracer_end, stub, qemu_end):
+        s.close()

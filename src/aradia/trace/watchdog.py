@@ -25,6 +25,7 @@ import binascii
 import contextlib
 import json
 import os
+import select
 import socket
 import time
 
@@ -123,21 +124,41 @@ def rescue(sock: socket.socket, breakpoints: list[tuple[int, int, int]],
 
 
 def watch(ctl: socket.socket, stub: socket.socket) -> str:
-    """Serve the tracer's notes on ``ctl`` until ``done`` or end-of-file (then :func:`rescue`)."""
+    """Serve the tracer's notes on ``ctl`` until ``done`` or end-of-file (then :func:`rescue`), or
+    until QEMU closes the stub connection (it exited: nothing is left to clean, and a watchdog that
+    outlived its QEMU would only wait for the tracer's end)."""
     armed: dict[tuple[int, int, int], int] = {}
-    reader = ctl.makefile("rb")
-    try:
-        for line in reader:
-            note = json.loads(line)
-            key = tuple(note.get("bp", ()))
-            if note.get("op") == "done":
-                return "the tracer left the stub clean"
-            if note.get("op") == "break" and len(key) == 3:
-                armed[key] = armed.get(key, 0) + 1  # type: ignore[index]
-            elif note.get("op") == "unbreak" and armed.get(key, 0) > 0:  # type: ignore[call-overload]
-                armed[key] -= 1  # type: ignore[index]
-    except (OSError, ValueError):
-        pass
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    # never read here (the tracer reads the stub): only the peer's close is watched
+    poller.register(stub, select.POLLRDHUP)
+    buf = b""
+    while True:
+        ready = dict(poller.poll())
+        if ready.get(stub.fileno(), 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            return "QEMU closed the stub connection: nothing left to clean"
+        if not ready.get(ctl.fileno()):
+            continue
+        try:
+            data = ctl.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            break  # the tracer ended without a word: rescue
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        try:
+            for line in lines:
+                note = json.loads(line)
+                key = tuple(note.get("bp", ()))
+                if note.get("op") == "done":
+                    return "the tracer left the stub clean"
+                if note.get("op") == "break" and len(key) == 3:
+                    armed[key] = armed.get(key, 0) + 1  # type: ignore[index]
+                elif note.get("op") == "unbreak" and armed.get(key, 0) > 0:  # type: ignore[call-overload]
+                    armed[key] -= 1  # type: ignore[index]
+        except (ValueError, AttributeError):
+            break  # a garbled note: the tracer's state is unknown, rescue
     try:
         return rescue(stub, [k for k, n in armed.items() if n > 0])  # type: ignore[misc]
     except (OSError, ConnectionError) as e:
