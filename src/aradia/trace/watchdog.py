@@ -3,7 +3,8 @@ connection and cleans up when the tracer ends without leaving the stub clean.
 
 QEMU keeps breakpoints armed after an abrupt client disconnect and freezes the guest at the next hit.
 The tracer talks to the stub itself (no process hop per breakpoint hit); this process inherits the
-same connected socket and a private socketpair to the tracer, and sleeps on that socketpair. The
+same connected socket and a private socketpair to the tracer, and sleeps on that socketpair (and on
+the stub connection's close: when QEMU exits there is nothing left to clean, so it exits too). The
 tracer notes each breakpoint before it arms it and says ``done`` once it left the stub clean itself
 (breakpoints removed, detached or closed); the watchdog then closes its descriptor (QEMU sees the
 client leave once both are closed) and exits. If the socketpair reaches end-of-file without
