@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,8 +322,8 @@ def test_elf_registers_equal_the_stub_at_dump_time(dumps: Dumps, kind: str) -> N
 
 @pytest.mark.parametrize("kind", ["elf", "qemu_elf"])
 def test_drgn_reads_the_release(dumps: Dumps, kind: str) -> None:
-    drgn = shutil.which("drgn") or "/work/main/.venv/bin/drgn"
-    r = subprocess.run([drgn, "-c", str(getattr(dumps, kind)), "--no-default-symbols", "-e",
+    drgn = Path(sys.executable).with_name("drgn")  # the project's environment's, as test_views runs it
+    r = subprocess.run([str(drgn), "-c", str(getattr(dumps, kind)), "--no-default-symbols", "-e",
                         "print(prog['UTS_RELEASE'].string_().decode())"],
                        capture_output=True, text=True, timeout=60)
     if kind == "elf":
