@@ -28,6 +28,9 @@ import aradia
 
 SRC = Path(aradia.__file__).resolve().parent.parent
 MAIN = "import sys; from aradia.cli import main; sys.exit(main())"
+#: ``drgn`` of the environment these tests run in (where aradia's drgn plugin is installed), never one
+#: found on ``PATH`` or under some checkout
+DRGN = str(Path(sys.executable).with_name("drgn"))
 
 
 # --- one command line -----------------------------------------------------------------------------------

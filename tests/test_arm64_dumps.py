@@ -14,7 +14,6 @@ import contextlib
 import json
 import struct
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from aradia.sources.dumpwrite import write_elf
 from aradia.sources.elfcore import ElfCore, parse_aradia_regs, parse_prstatus
 from aradia.vm import VM, arch_from_vmcoreinfo, attach, open_dump
 from bytes_memory import BytesMemory
-from cli_runner import assert_one_line_error, run_cli
+from cli_runner import DRGN, assert_one_line_error, run_cli
 
 BootGuest = Callable[..., contextlib.AbstractContextManager[Guest]]
 
@@ -322,8 +321,7 @@ def test_elf_registers_equal_the_stub_at_dump_time(dumps: Dumps, kind: str) -> N
 
 @pytest.mark.parametrize("kind", ["elf", "qemu_elf"])
 def test_drgn_reads_the_release(dumps: Dumps, kind: str) -> None:
-    drgn = Path(sys.executable).with_name("drgn")  # the project's environment's, as test_views runs it
-    r = subprocess.run([str(drgn), "-c", str(getattr(dumps, kind)), "--no-default-symbols", "-e",
+    r = subprocess.run([DRGN, "-c", str(getattr(dumps, kind)), "--no-default-symbols", "-e",
                         "print(prog['UTS_RELEASE'].string_().decode())"],
                        capture_output=True, text=True, timeout=60)
     if kind == "elf":

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from aradia.vm import attach
-from cli_runner import assert_one_line_error, cli_argv, run_cli
+from cli_runner import DRGN, assert_one_line_error, cli_argv, run_cli
 from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_tcp
 
 GiB = 1 << 30
@@ -97,8 +96,7 @@ def test_reads_above_the_4g_split(big: Guest) -> None:
 @pytest.mark.timeout(120)
 def test_drgn_identifies_kernel_in_our_elf_dump(big: Guest, elf_dump: Path) -> None:
     release = big.run("uname -r").strip()
-    drgn = Path(sys.executable).with_name("drgn")
-    r = subprocess.run([str(drgn), "-q", "-c", str(elf_dump), "--no-default-symbols", "-e",
+    r = subprocess.run([DRGN, "-q", "-c", str(elf_dump), "--no-default-symbols", "-e",
                         "print(prog.flags); print(prog['UTS_RELEASE'].string_().decode())"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

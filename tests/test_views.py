@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from aradia.lab.launcher import Guest
 from aradia.vm import VM, attach, open_dump
+from cli_runner import DRGN
 from guest_programs import build_unixpair, install_program
 from guest_truth import proc_fds, proc_maps, proc_modules, proc_mounts, proc_processes, proc_tcp
 
@@ -214,15 +214,14 @@ def test_drgn_lists_the_dumps_tasks(env: Env) -> None:
     kallsyms and BTF, and it lists every process aradia lists, with the guest's names."""
     code = ("for t in for_each_task(prog):\n"
             "    if t.pid == t.tgid: print(int(t.pid), t.comm.string_().decode())")
-    drgn = Path(sys.executable).with_name("drgn")
-    r = subprocess.run([str(drgn), "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
+    r = subprocess.run([DRGN, "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stderr
     listed = {int(pid): comm for pid, comm in (line.split(" ", 1) for line in r.stdout.splitlines())}
     assert listed == {p.pid: p.comm for p in env.dump.linux.processes()}
     stable = [pid for pid, t in env.truth.items() if t.ppid in (0, 1, 2) or pid in env.workers.values()]
     assert len(stable) > 30 and all(env.truth[pid].comm.startswith(listed[pid]) for pid in stable)
-    off = subprocess.run([str(drgn), "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
+    off = subprocess.run([DRGN, "-q", "-c", str(env.dump_path), "--no-default-symbols", "-e", code],
                          capture_output=True, text=True, timeout=150, env={**os.environ, "ARADIA_DRGN_PLUGIN": "0"})
     assert off.returncode != 0 and not off.stdout  # drgn alone has no types for this kernel
 
